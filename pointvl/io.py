@@ -1,0 +1,81 @@
+"""Atomic, fsspec-backed file output shared by every stage.
+
+Finished means the final file exists: every writer here writes to a temporary name beside the
+target and renames it into place, so a killed process never leaves a half-written final file.
+Paths may be local folders or any fsspec URL (``s3://bucket/run``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def join(root: str, *parts: str) -> str:
+    """Join path parts with ``/``, for local paths and URLs alike."""
+    return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``path`` and the path as that filesystem spells it."""
+    fs, _, paths = fsspec.get_fs_token_paths(path)
+    return fs, paths[0]
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.exists(p)
+
+
+def _atomic(path: str, write: Callable[[Any], None]) -> None:
+    fs, p = filesystem(path)
+    parent = p.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{p.rsplit('/', 1)[-1]}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            write(f)
+            if hasattr(f, "fileno"):  # local files: make the bytes durable before the rename
+                f.flush()
+                os.fsync(f.fileno())
+        fs.mv(tmp, p)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    _atomic(path, lambda f: f.write(data))
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON atomically (stable bytes for stable input)."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str) -> Any:
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as f:
+        return json.load(f)
+
+
+def write_table(path: str, table: pa.Table) -> None:
+    """Write a Parquet table atomically (zstd, no pandas metadata, deterministic bytes)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", store_schema=False)
+    write_bytes(path, buf.getvalue())
+
+
+def read_table(path: str) -> pa.Table:
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f)

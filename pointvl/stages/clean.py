@@ -1,0 +1,248 @@
+"""Stage `clean`: ShapeNetCore v2 folder → the models the benchmark keeps, and why the rest went.
+
+Paper §4.1.1: merge semantically overlapping categories (hyponyms), drop categories with poor
+generation quality, and drop broken models. Every model found on disk gets one row in the cleaning
+report (`reports/cleaning.csv`): kept, or dropped with a reason. The train/test split is made here,
+by model, so no model (and none of its views) is in both splits.
+
+Drop reasons:
+- ``category_dropped``: its category is listed under ``dropped`` in the category config.
+- ``missing_obj``: the model folder has no ``models/model_normalized.obj`` (empty or texture-only).
+- ``unreadable`` / ``no_faces`` / ``no_vertices`` / ``degenerate``: the mesh could not be used
+  (:class:`pointvl.mesh.MeshError` reasons).
+- ``model_in_two_categories``: the same model id sits under two synsets whose categories differ
+  after merging; its label is ambiguous, so every copy is dropped.
+- ``duplicate_model``: the same model id again under a synset merged into the same category; the
+  first copy (sorted by synset id) is kept.
+- ``duplicate_geometry``: byte-identical geometry to an earlier kept model (sorted by synset id,
+  model id); dropped so a shape cannot leak across splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import yaml
+
+from pointvl import io
+from pointvl.mesh import MeshError, load_mesh
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CATEGORY_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "categories.yaml")
+OBJ_RELPATH = "models/model_normalized.obj"
+
+
+class InputError(ValueError):
+    """The input folder or config is unusable; the message says what to fix."""
+
+
+@dataclass
+class CleanConfig:
+    """Category cleaning and the train/test split (paper §4.1.1, §4.1.2).
+
+    Args:
+        category_config: YAML with ``merges`` (hyponym synset → target synset) and ``dropped``
+            (synset → reason). Defaults to the checked-in ``pointvl/configs/categories.yaml``.
+        categories: keep only these categories (synset ids or names, after merging); empty = all.
+        train_size: training models: an int count, or a float fraction of the kept models, or
+            ``None`` for all models not in the test split. Paper: 11,347.
+        test_size: test models: an int count or a float fraction. Paper: 1,000. When fewer models
+            exist than the counts ask for, both are scaled down in proportion (with a warning).
+        seed: seeds the split.
+    """
+
+    category_config: str = DEFAULT_CATEGORY_CONFIG
+    categories: list[str] = field(default_factory=list)
+    train_size: int | float | None = 11_347
+    test_size: int | float = 1_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("train_size", "test_size"):
+            value = getattr(self, name)
+            if value is None and name == "train_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"clean.{name} must be an int count or a float fraction, got {value!r}")
+            if isinstance(value, float) and not 0.0 < value < 1.0:
+                raise ValueError(f"clean.{name} as a fraction must be in (0, 1), got {value}")
+            if isinstance(value, int) and value < 0:
+                raise ValueError(f"clean.{name} must be >= 0, got {value}")
+        if not Path(self.category_config).is_file():
+            raise ValueError(f"clean.category_config: no such file {self.category_config!r}")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    synset_id: str
+    model_id: str
+    category: str
+    split: str
+    obj_path: str
+
+
+def read_taxonomy(shapenet_dir: str) -> dict[str, dict]:
+    """``taxonomy.json`` as ``{synset_id: entry}``; raises :class:`InputError` when unusable."""
+    root = Path(shapenet_dir)
+    if not root.is_dir():
+        raise InputError(f"ShapeNet folder not found: {shapenet_dir}")
+    path = root / "taxonomy.json"
+    if not path.is_file():
+        raise InputError(
+            f"{shapenet_dir} has no taxonomy.json: point --shapenet at the ShapeNetCore.v2 folder "
+            "(the one holding taxonomy.json and the <synset_id>/ folders)"
+        )
+    try:
+        entries = io.read_json(str(path))
+        return {e["synsetId"]: e for e in entries}
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{path} is not a ShapeNet taxonomy (a JSON list of {{synsetId, name}}): {err}") from err
+
+
+def category_name(entry: dict) -> str:
+    """ShapeNet names are comma-separated synonyms ("car,auto,automobile"): the first one."""
+    return entry["name"].split(",")[0].strip()
+
+
+def geometry_hash(vertices: np.ndarray, faces: np.ndarray) -> str:
+    """Hash of the exact geometry (vertex coordinates and face indices), ignoring materials."""
+    h = hashlib.sha256(np.ascontiguousarray(vertices, dtype=np.float64).tobytes())
+    h.update(np.ascontiguousarray(faces, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _split_counts(n: int, cfg: CleanConfig) -> tuple[int, int]:
+    def count(size: int | float) -> int:
+        return round(size * n) if isinstance(size, float) else size
+
+    n_test = count(cfg.test_size)
+    n_train = n - n_test if cfg.train_size is None else count(cfg.train_size)
+    if n_train + n_test > n:
+        scale = n / (n_train + n_test)
+        logger.warning(
+            "asked for %d train + %d test models but %d are kept: scaling both by %.3f", n_train, n_test, n, scale
+        )
+        n_test = max(1, round(n_test * scale)) if n > 1 else 0
+        n_train = n - n_test
+    return n_train, n_test
+
+
+def _split_key(seed: int, model_id: str) -> str:
+    return hashlib.sha256(f"{seed}:{model_id}".encode()).hexdigest()
+
+
+class Clean:
+    """Scan a ShapeNetCore v2 folder, apply the category config, drop bad models, split by model."""
+
+    def __init__(self, config: CleanConfig) -> None:
+        self.config = config
+        with open(config.category_config) as f:
+            spec = yaml.safe_load(f) or {}
+        self.merges: dict[str, str] = {str(k): str(v) for k, v in (spec.get("merges") or {}).items()}
+        self.dropped: dict[str, str] = {str(k): str(v) for k, v in (spec.get("dropped") or {}).items()}
+
+    def resolve_categories(self, taxonomy: dict[str, dict]) -> dict[str, str]:
+        """Synset id → category name after merges, for every synset present in the taxonomy."""
+        for src, dst in self.merges.items():
+            if dst not in taxonomy:
+                raise InputError(f"category config merges {src} into {dst}, which is not in taxonomy.json")
+        names = {sid: category_name(taxonomy[self.merges.get(sid, sid)]) for sid in taxonomy}
+        unknown = [c for c in self.config.categories if c not in names and c not in names.values()]
+        if unknown:
+            raise InputError(
+                f"unknown categories in config: {unknown}; known: {sorted(set(names.values()))}"
+            )
+        return names
+
+    def run(self, shapenet_dir: str, report_path: str) -> list[ModelEntry]:
+        """Return the kept models with their split; write the cleaning report atomically."""
+        taxonomy = read_taxonomy(shapenet_dir)
+        names = self.resolve_categories(taxonomy)
+        wanted = set(self.config.categories)
+        root = Path(shapenet_dir)
+        rows: list[dict] = []
+        candidates: list[tuple[str, str, str, str]] = []  # synset, model, category, obj path
+        for synset in sorted(p.name for p in root.iterdir() if p.is_dir()):
+            if synset not in names:
+                logger.warning("folder %s is not in taxonomy.json: skipped", synset)
+                continue
+            category = names[synset]
+            for model in sorted(p.name for p in (root / synset).iterdir() if p.is_dir()):
+                row = {"synset_id": synset, "model_id": model, "category": category}
+                if synset in self.dropped or self.merges.get(synset) in self.dropped:
+                    rows.append({**row, "status": "dropped", "reason": "category_dropped"})
+                elif wanted and category not in wanted and synset not in wanted:
+                    rows.append({**row, "status": "dropped", "reason": "category_not_selected"})
+                else:
+                    candidates.append((synset, model, category, str(root / synset / model / OBJ_RELPATH)))
+
+        kept = self._check_models(candidates, rows)
+        n_train, n_test = _split_counts(len(kept), self.config)
+        order = sorted(kept, key=lambda c: _split_key(self.config.seed, c[1]))
+        split_of = {c[1]: "test" for c in order[:n_test]}
+        split_of.update({c[1]: "train" for c in order[n_test : n_test + n_train]})
+        entries = []
+        for synset, model, category, obj in kept:
+            split = split_of.get(model)
+            if split is None:
+                rows.append(self._row(synset, model, category, "dropped", "over_split_size"))
+                continue
+            rows.append(self._row(synset, model, category, "kept", "", split))
+            entries.append(ModelEntry(synset, model, category, split, os.path.abspath(obj)))
+        self._write_report(rows, report_path)
+        logger.info("clean: %d models kept (%d train, %d test), %d dropped",
+                    len(entries), n_train, n_test, len(rows) - len(entries))
+        return entries
+
+    @staticmethod
+    def _row(synset: str, model: str, category: str, status: str, reason: str, split: str = "") -> dict:
+        return {"synset_id": synset, "model_id": model, "category": category, "status": status,
+                "reason": reason, "split": split}
+
+    def _check_models(self, candidates: list[tuple[str, str, str, str]], rows: list[dict]) -> list:
+        by_model: dict[str, list] = {}
+        for c in candidates:
+            by_model.setdefault(c[1], []).append(c)
+        unique = []
+        for model, copies in by_model.items():
+            if len({c[2] for c in copies}) > 1:
+                rows.extend(self._row(s, m, cat, "dropped", "model_in_two_categories") for s, m, cat, _ in copies)
+                continue
+            unique.append(copies[0])
+            rows.extend(self._row(s, m, cat, "dropped", "duplicate_model") for s, m, cat, _ in copies[1:])
+
+        kept, seen = [], {}
+        for synset, model, category, obj in sorted(unique):
+            if not Path(obj).is_file():
+                rows.append(self._row(synset, model, category, "dropped", "missing_obj"))
+                continue
+            try:
+                mesh = load_mesh(obj)
+            except MeshError as err:
+                rows.append(self._row(synset, model, category, "dropped", err.reason))
+                continue
+            digest = geometry_hash(mesh.vertices, mesh.faces)
+            if digest in seen:
+                rows.append(self._row(synset, model, category, "dropped", "duplicate_geometry"))
+                logger.info("%s/%s duplicates the geometry of %s", synset, model, seen[digest])
+                continue
+            seen[digest] = f"{synset}/{model}"
+            kept.append((synset, model, category, obj))
+        return kept
+
+    @staticmethod
+    def _write_report(rows: list[dict], path: str) -> None:
+        columns = ["synset_id", "model_id", "category", "status", "reason", "split"]
+        rows = sorted(rows, key=lambda r: (r["synset_id"], r["model_id"]))
+        table = pa.table({c: [r.get(c, "") for r in rows] for c in columns})
+        buf = pa.BufferOutputStream()
+        pacsv.write_csv(table, buf)
+        io.write_bytes(path, buf.getvalue().to_pybytes())
