@@ -3,13 +3,14 @@
 ``write_fixture`` writes ``taxonomy.json`` and ``<synset>/<model>/models/model_normalized.obj|.mtl|.json``
 for nine real ShapeNet categories, each model a few trimesh primitives in ShapeNet's frame (+Y up,
 front −Z, bbox centred, bbox diagonal 1), one named material per part. It also plants the faults real
-ShapeNet has, so the cleaning stage can be tested against a known answer (``FixtureManifest.faults``):
+ShapeNet has, so the cleaning stage can be tested against a known answer: ``FixtureManifest.faults``
+lists each faulty model folder with the reason ``pointvl.stages.clean`` writes in its report.
 
-- ``multi_synset``: one model id under chair and table (different meshes; the label is ambiguous,
-  so both entries are faulty);
-- ``empty_folder``: a mug model folder with no files;
+- ``model_in_two_categories``: one model id under chair and table (different meshes; the label is
+  ambiguous, so both entries are faulty);
+- ``missing_obj``: a mug model folder with no files;
 - ``no_faces``: an airplane OBJ with vertices but no faces;
-- ``corrupt_obj``: a lamp OBJ cut off mid-file, with garbage and faces past the last vertex;
+- ``unreadable``: a lamp OBJ cut off mid-file, with binary junk and a face past the last vertex;
 - ``duplicate_geometry``: a car whose OBJ and MTL are byte-identical to another car's; the copy's id
   sorts after the original's, so keeping the first in (synset, model) order keeps the original;
 - cellphone (02992529) is a hyponym of telephone (04401088), as in the real taxonomy: both hold good
@@ -20,17 +21,18 @@ One bottle is textured (``map_Kd ../images/texture0.png`` and ``vt`` per vertex,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io as _io
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import trimesh
 from PIL import Image
 
 from pointvl import io
+from pointvl.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +42,17 @@ MODELS_PER_SYNSET = 4
 HYPONYMS = {"02992529": "04401088"}  # child synset -> parent, as in ShapeNet's taxonomy.json
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Fault:
-    """A model folder the cleaning stage must drop, and why."""
+    """A model folder the cleaning stage must drop, with the reason its report gives."""
 
     synset_id: str
     model_id: str
-    fault: str  # multi_synset | empty_folder | no_faces | corrupt_obj | duplicate_geometry
-    related: str = ""  # "<synset>/<model>" of the other entry involved (multi_synset, duplicate_geometry)
+    reason: str  # model_in_two_categories | missing_obj | no_faces | unreadable | duplicate_geometry
+    related: str = ""  # "<synset>/<model>" of the other entry involved (two categories, duplicate geometry)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class FixtureManifest:
     """What ``write_fixture`` wrote."""
 
@@ -58,7 +60,7 @@ class FixtureManifest:
     seed: int
     models: dict[str, tuple[str, ...]]  # synset id -> every model folder under it, sorted
     faults: tuple[Fault, ...]
-    hyponyms: dict[str, str] = field(default_factory=lambda: dict(HYPONYMS))
+    hyponyms: dict[str, str] = dataclasses.field(default_factory=lambda: dict(HYPONYMS))
     textured: tuple[str, ...] = ()  # "<synset>/<model>" of models with a texture image
 
     @property
@@ -89,12 +91,11 @@ def _place(mesh: trimesh.Trimesh, center: tuple[float, float, float], axis: str 
 
 
 def _box(extents: tuple[float, float, float], center: tuple[float, float, float]) -> trimesh.Trimesh:
-    return _place(trimesh.creation.box(extents=extents), center)
+    # subdivided once: 48 faces instead of 12, so box-built models are not unrealistically coarse
+    return _place(trimesh.creation.box(extents=extents).subdivide(), center)
 
 
-def _cyl(
-    r: float, h: float, center: tuple[float, float, float], axis: str = "y", n: int = 24
-) -> trimesh.Trimesh:
+def _cyl(r: float, h: float, center: tuple[float, float, float], axis: str = "y", n: int = 24) -> trimesh.Trimesh:
     return _place(trimesh.creation.cylinder(radius=r, height=h, sections=n), center, axis)
 
 
@@ -144,11 +145,7 @@ def _chair(rng: np.random.Generator) -> list[Part]:
     w, d, hs = rng.uniform(0.45, 0.6), rng.uniform(0.45, 0.6), rng.uniform(0.42, 0.5)
     t, leg, back_h = 0.06, 0.05, rng.uniform(0.4, 0.6)
     seat = _box((w, t, d), (0, hs + t / 2, 0))
-    legs = [
-        _box((leg, hs, leg), (sx * (w - leg) / 2, hs / 2, sz * (d - leg) / 2))
-        for sx in (-1, 1)
-        for sz in (-1, 1)
-    ]
+    legs = [_box((leg, hs, leg), (sx * (w - leg) / 2, hs / 2, sz * (d - leg) / 2)) for sx in (-1, 1) for sz in (-1, 1)]
     if rng.random() < 0.5:  # armrests on some chairs
         legs += [_box((0.05, 0.04, d * 0.8), (sx * (w - 0.05) / 2, hs + t + 0.2, 0)) for sx in (-1, 1)]
         legs += [_box((0.04, 0.2, 0.04), (sx * (w - 0.05) / 2, hs + t + 0.1, -d * 0.3)) for sx in (-1, 1)]
@@ -177,15 +174,11 @@ def _table(rng: np.random.Generator) -> list[Part]:
 
 def _mug(rng: np.random.Generator) -> list[Part]:
     r, h, wall = rng.uniform(0.35, 0.45), rng.uniform(0.8, 1.1), 0.04
-    walls = _place(
-        trimesh.creation.annulus(r_min=r - wall, r_max=r, height=h, sections=32), (0, h / 2, 0), "y"
-    )
+    walls = _place(trimesh.creation.annulus(r_min=r - wall, r_max=r, height=h, sections=32), (0, h / 2, 0), "y")
     bottom = _cyl(r - wall / 2, wall, (0, wall / 2, 0), n=32)
     big, small = h * rng.uniform(0.24, 0.3), 0.05
     # the ring lies in the XY plane on the +X side; its inner edge sits inside the wall, not the cavity
-    handle = trimesh.creation.torus(
-        major_radius=big, minor_radius=small, major_sections=24, minor_sections=10
-    )
+    handle = trimesh.creation.torus(major_radius=big, minor_radius=small, major_sections=24, minor_sections=10)
     handle.apply_translation((r + big + small - wall / 2, h / 2, 0))
     return [("body", trimesh.util.concatenate([walls, bottom])), ("handle", handle)]
 
@@ -289,7 +282,7 @@ AIRPLANE, BOTTLE, CAR, CHAIR, LAMP, MUG, TABLE = (
 # 3. ShapeNet-style files
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Model:
     obj: bytes
     mtl: bytes
@@ -345,13 +338,13 @@ def _build(synset: str, model_id: str, rng: np.random.Generator, textured: bool 
         if textured and material == "body":
             mtl.append("map_Kd ../images/texture0.png")
         mtl.append("")
-    # like real ShapeNet, the json's bounds are in the source frame, not the OBJ's
+    # like real ShapeNet, the json's bounds are in the source frame, not the OBJ's (+ 0.0 drops -0.0)
     info = {
         "id": model_id,
         "numVertices": len(raw),
-        "min": lo.round(6).tolist(),
-        "max": hi.round(6).tolist(),
-        "centroid": raw.mean(0).round(6).tolist(),
+        "min": (lo.round(6) + 0.0).tolist(),
+        "max": (hi.round(6) + 0.0).tolist(),
+        "centroid": (raw.mean(0).round(6) + 0.0).tolist(),
     }
     return _Model(
         obj=("\n".join(lines) + "\n").encode(),
@@ -370,6 +363,10 @@ def _write(root: str, synset: str, model_id: str, model: _Model) -> None:
         io.write_bytes(io.join(folder, "images", "texture0.png"), model.texture)
 
 
+def _strip_faces(obj: bytes) -> bytes:
+    return b"\n".join(line for line in obj.split(b"\n") if not line.startswith(b"f "))
+
+
 def _corrupt(obj: bytes) -> bytes:
     """Cut the OBJ mid-file, add binary junk and a face that points past the last vertex."""
     head = obj[: len(obj) // 3]
@@ -383,19 +380,28 @@ def write_fixture(out_dir: str, seed: int = 0) -> FixtureManifest:
     """Write the mini ShapeNetCore v2 to ``out_dir`` (local path or fsspec URL) and describe it.
 
     Every random choice follows ``seed``: the same seed gives byte-identical files.
-    Raises ``ValueError`` if ``out_dir`` already holds files (stale models would mix in).
+    Raises ``InputError`` if ``out_dir`` already holds files (stale models would mix in).
     """
     fs, path = io.filesystem(out_dir)
     if fs.exists(path) and fs.ls(path):
-        raise ValueError(f"{out_dir} is not empty: give write_fixture a new or empty folder")
+        raise InputError(f"{out_dir} is not empty: give write_fixture a new or empty folder")
     models: dict[str, list[str]] = {s: [] for s in CATEGORIES}
     faults: list[Fault] = []
     textured: list[str] = []
     good: dict[tuple[str, str], _Model] = {}
 
-    def add(synset: str, key: str, model_id: str | None = None, **kw: bool) -> tuple[str, _Model]:
+    def add(
+        synset: str,
+        key: str,
+        model_id: str | None = None,
+        textured: bool = False,
+        damage: Callable[[bytes], bytes] | None = None,
+    ) -> tuple[str, _Model]:
         model_id = model_id or _model_id(seed, synset, key)
-        model = _build(synset, model_id, np.random.default_rng(int(_model_id(seed, synset, key), 16)), **kw)
+        rng = np.random.default_rng(int(_model_id(seed, synset, key), 16))
+        model = _build(synset, model_id, rng, textured)
+        if damage is not None:
+            model = dataclasses.replace(model, obj=damage(model.obj))
         _write(out_dir, synset, model_id, model)
         models[synset].append(model_id)
         return model_id, model
@@ -414,26 +420,23 @@ def write_fixture(out_dir: str, seed: int = 0) -> FixtureManifest:
     add(CHAIR, "multi", shared)
     add(TABLE, "multi", shared)
     faults += [
-        Fault(CHAIR, shared, "multi_synset", f"{TABLE}/{shared}"),
-        Fault(TABLE, shared, "multi_synset", f"{CHAIR}/{shared}"),
+        Fault(CHAIR, shared, "model_in_two_categories", f"{TABLE}/{shared}"),
+        Fault(TABLE, shared, "model_in_two_categories", f"{CHAIR}/{shared}"),
     ]
 
     # 3. an empty model folder
     empty = _model_id(seed, MUG, "empty")
     fs.makedirs(io.filesystem(io.join(out_dir, MUG, empty))[1], exist_ok=True)
     models[MUG].append(empty)
-    faults.append(Fault(MUG, empty, "empty_folder"))
+    faults.append(Fault(MUG, empty, "missing_obj"))
 
     # 4. vertices but no faces
-    bare_id, bare = add(AIRPLANE, "no_faces")
-    no_faces = b"\n".join(ln for ln in bare.obj.split(b"\n") if not ln.startswith(b"f ")) + b"\n"
-    io.write_bytes(io.join(out_dir, AIRPLANE, bare_id, "models", "model_normalized.obj"), no_faces)
+    bare_id, _ = add(AIRPLANE, "no_faces", damage=_strip_faces)
     faults.append(Fault(AIRPLANE, bare_id, "no_faces"))
 
     # 5. a corrupt OBJ
-    bad_id, bad = add(LAMP, "corrupt")
-    io.write_bytes(io.join(out_dir, LAMP, bad_id, "models", "model_normalized.obj"), _corrupt(bad.obj))
-    faults.append(Fault(LAMP, bad_id, "corrupt_obj"))
+    bad_id, _ = add(LAMP, "corrupt", damage=_corrupt)
+    faults.append(Fault(LAMP, bad_id, "unreadable"))
 
     # 6. an exact copy of the first car, under an id that sorts after it
     original = min(models[CAR])

@@ -69,9 +69,9 @@ def read_json(path: str) -> Any:
 
 
 def write_table(path: str, table: pa.Table) -> None:
-    """Write a Parquet table atomically (zstd, no pandas metadata, deterministic bytes)."""
+    """Write a Parquet table atomically (zstd; the same table gives the same bytes)."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", store_schema=False)
+    pq.write_table(table, buf, compression="zstd")
     write_bytes(path, buf.getvalue())
 
 

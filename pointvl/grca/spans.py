@@ -32,7 +32,9 @@ BACKGROUND: int = -1
 """Field id of background tokens; ids ``0..3`` index :data:`GEOMETRIC_FIELDS`."""
 
 
-def offsets_from_decode(token_ids: Sequence[int], decode: Callable[[list[int]], str]) -> list[tuple[int, int]]:
+def offsets_from_decode(
+    token_ids: Sequence[int], decode: Callable[[list[int]], str]
+) -> list[tuple[int, int]]:
     """Character offsets of generated tokens from cumulative decoded lengths.
 
     ``decode`` maps a list of ids to text, exactly as the text given to ``parse_output`` was made

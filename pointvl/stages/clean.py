@@ -32,16 +32,13 @@ import pyarrow.csv as pacsv
 import yaml
 
 from pointvl import io
+from pointvl.errors import InputError
 from pointvl.mesh import MeshError, load_mesh
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CATEGORY_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "categories.yaml")
 OBJ_RELPATH = "models/model_normalized.obj"
-
-
-class InputError(ValueError):
-    """The input folder or config is unusable; the message says what to fix."""
 
 
 @dataclass
@@ -212,7 +209,7 @@ class Clean:
         for c in candidates:
             by_model.setdefault(c[1], []).append(c)
         unique = []
-        for model, copies in by_model.items():
+        for copies in by_model.values():
             if len({c[2] for c in copies}) > 1:
                 rows.extend(self._row(s, m, cat, "dropped", "model_in_two_categories") for s, m, cat, _ in copies)
                 continue

@@ -1,0 +1,55 @@
+"""The benchmark build, read as the DAG (DESIGN.md):
+
+    clean ─► sample_points ─► geometry ────────────┐
+       └───► render ─► kpts2d ─────────────────────┼─► refine (GPU) ─► synthesize (GPU) ─► annotate ─► write_shards
+
+Every task takes a run folder and a shard index; data moves by path. Finished shards are skipped,
+so re-running the same build after a failure only does what is left.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.futures import wait
+
+from flows.gpu_stages import run_gpu_stage
+from pointvl.config import BuildConfig
+from pointvl.stages.write_shards import WriteShardsConfig
+from pointvl.summary import summarize
+from tasks.annotate import annotate
+from tasks.clean import clean
+from tasks.geometry import geometry
+from tasks.kpts2d import kpts2d
+from tasks.render import render
+from tasks.sample_points import sample_points
+from tasks.summary import publish_summary
+from tasks.write_shards import write_shards
+
+
+@flow(name="build-benchmark", description="ShapeNetCore v2 → Generative-Refined 3D-VL benchmark shards")
+def build_benchmark(shapenet: str, out: str, config: dict | None = None) -> dict:
+    """Build (or resume) the benchmark from the ShapeNetCore v2 folder ``shapenet`` into ``out``."""
+    cfg = BuildConfig.from_dict(config)
+    shards = range(clean(shapenet, out, cfg))
+
+    points = [sample_points.submit(out, i, cfg.sample_points) for i in shards]
+    boxes = [geometry.submit(out, i, cfg.geometry, wait_for=[points[i]]) for i in shards]
+    renders = [render.submit(out, i, cfg.render) for i in shards]
+    masks = [kpts2d.submit(out, i, cfg.kpts2d, wait_for=[renders[i]]) for i in shards]
+    wait(boxes + masks)
+    for future in boxes + masks:
+        future.result()  # a failed CPU stage stops the build here, before any GPU time is spent
+
+    run_gpu_stage("refine", out, list(shards), cfg.gpu_deployments.get("refine"), cfg.refine)
+    run_gpu_stage("synthesize", out, list(shards), cfg.gpu_deployments.get("synthesize"), cfg.synthesize)
+
+    labels = [annotate.submit(out, i, cfg.annotate) for i in shards]
+    finals = [
+        write_shards.submit(out, i, WriteShardsConfig(cfg.geometry.num_keypoints), wait_for=[labels[i]])
+        for i in shards
+    ]
+    for future in finals:
+        future.result()
+    summary = summarize(out)
+    publish_summary(out, summary)
+    return summary

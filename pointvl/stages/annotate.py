@@ -1,0 +1,798 @@
+"""Stage `annotate`: attribute QA, a geometric description and a 2D grounding box per instance.
+
+Paper §4.1.3: GPT-5 writes fine-grained attribute QA pairs and geometric descriptions; a Qwen VLM
+at temperature 0 boxes the most prominent instance. Two backends:
+
+- ``offline`` (the default; no keys, fully deterministic): template QA and a description from the
+  category, the measured 3D box size and the dominant colours under the mask; ``bbox2d`` is the
+  mask box. Provenance says ``"backend": "offline"``.
+- ``openai``: an LLM (``llm_model``, any OpenAI-compatible ``llm_base_url``) answers with structured
+  output validated against ``schemas/annotation.schema.json`` plus semantic checks (the category
+  question's answer is the known category, every answer is among its choices); a VLM behind an
+  OpenAI-compatible endpoint (vLLM) is asked for the box of the most prominent instance, the model
+  family's coordinate convention is undone and the box clamped to the image. ``vlm_agreement`` is
+  its IoU with the mask box; below ``agreement_threshold`` the item is flagged for review.
+
+Retries, re-asks, rate limiting, the response cache and the Batch API live in :mod:`pointvl.llm`.
+An item whose call fails for good is written with ``annotate_status = "failed"`` and the reason;
+the shard goes on. Inputs are the stage tables ``render``, ``geometry``, ``kpts2d`` and, when it
+exists, ``synthesize`` (its ``image`` is what the models see; otherwise the render).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+from pydantic import SecretStr
+
+from pointvl import io
+from pointvl.geometry import iou_2d
+from pointvl.images import decode_mask, decode_rgb
+from pointvl.llm import (
+    CallFailed,
+    ChatClient,
+    InvalidReply,
+    RateLimiter,
+    ResponseCache,
+    parse_json_reply,
+    request_key,
+    resolve_api_key,
+    run_batch,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Annotate",
+    "AnnotateConfig",
+    "category_choices",
+    "check_annotation",
+    "dominant_colours",
+    "parse_grounding",
+    "smart_resize",
+    "template_annotation",
+    "vlm_box_to_pixels",
+]
+
+_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_PROMPTS_DIR = str(_ROOT / "prompts" / "annotate")
+DEFAULT_SCHEMA = str(_ROOT / "schemas" / "annotation.schema.json")
+COORDINATES = ("qwen2.5-vl", "qwen3-vl", "absolute", "relative1000")
+# Named colours for the dominant-colour facts (nearest in RGB).
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "black": (20, 20, 20),
+    "white": (240, 240, 240),
+    "grey": (128, 128, 128),
+    "red": (200, 30, 30),
+    "orange": (240, 140, 20),
+    "yellow": (235, 215, 40),
+    "green": (40, 150, 60),
+    "blue": (40, 80, 200),
+    "purple": (130, 50, 170),
+    "pink": (240, 150, 190),
+    "brown": (120, 75, 40),
+}
+AXES = ("left-right (width)", "up-down (height)", "front-back (depth)")
+
+
+@dataclass
+class AnnotateConfig:
+    """LLM/VLM annotation (paper §4.1.3).
+
+    Args:
+        backend: ``"offline"`` (template annotator, no keys; the default) or ``"openai"``.
+        llm_model: the QA/description model. Paper: GPT-5 (no temperature is sent to it).
+        llm_base_url: any OpenAI-compatible endpoint; ``None`` = the SDK default (api.openai.com).
+        llm_api_key_env: environment variable holding the LLM key.
+        llm_temperature: sampling temperature for the LLM; ``None`` sends none (GPT-5 accepts only 1).
+        vlm_model: the grounding checkpoint. The paper's "Qwen2.5-VL-30B-Instruct" does not exist
+            (3B/7B/32B/72B; 30B-A3B is Qwen3-VL); the default is the nearest size, 32B.
+        vlm_base_url: the VLM's OpenAI-compatible endpoint (e.g. ``vllm serve`` on port 8000).
+        vlm_api_key_env: variable holding the VLM key; unset = a placeholder (vLLM without auth).
+        vlm_coordinates: how the VLM writes boxes: ``"qwen2.5-vl"`` (absolute pixels of its resized
+            input, sides multiples of 28), ``"qwen3-vl"``/``"relative1000"`` (0–1000 relative),
+            ``"absolute"`` (pixels of the image sent).
+        vlm_min_pixels, vlm_max_pixels: the Qwen2.5-VL processor's resize bounds (its defaults).
+        bbox2d_source: which box becomes ``bbox2d``: ``"mask"`` or ``"vlm"``.
+        agreement_threshold: IoU(VLM box, mask box) below this flags the item for review.
+        n_attribute_qa: attribute questions asked of the LLM (3–8; the category question is extra).
+        n_category_choices: choices of the category question (the true category + distractors).
+        timeout_s, max_retries: per-request timeout and the SDK's transport retries (429, 5xx,
+            timeouts, connection errors; exponential backoff with jitter).
+        max_reasks: re-asks after invalid JSON or a schema violation, then the item fails.
+        backoff_initial_s, backoff_max_s: jittered exponential backoff between re-asks.
+        requests_per_minute, concurrency: the rate limit, per endpoint.
+        cache_dir: response cache; ``""`` = ``RUN/cache/annotate``.
+        prompt_version: selects ``prompts_dir/qa_{version}.txt`` and ``ground_{version}.txt``.
+        prompts_dir, schema_path: the prompt templates and the LLM output schema.
+        batch: send the QA requests through the OpenAI Batch API (resumable); grounding stays live.
+        batch_poll_interval_s, batch_max_wait_s: batch polling; past the wait the shard raises
+            :class:`pointvl.llm.BatchPending` and a re-run picks the batch up.
+        redo_failed: re-run a finished shard that has failed items (cached replies cost nothing).
+        api_key_secret_block, vlm_api_key_secret_block: Prefect Secret blocks the task reads the keys
+            from (used by ``tasks/annotate.py`` only; the library reads the environment).
+    """
+
+    backend: str = "offline"
+    llm_model: str = "gpt-5"
+    llm_base_url: str | None = None
+    llm_api_key_env: str = "OPENAI_API_KEY"
+    llm_temperature: float | None = None
+    vlm_model: str = "Qwen/Qwen2.5-VL-32B-Instruct"
+    vlm_base_url: str = "http://127.0.0.1:8000/v1"
+    vlm_api_key_env: str = "VLM_API_KEY"
+    vlm_coordinates: str = "qwen2.5-vl"
+    vlm_min_pixels: int = 4 * 28 * 28
+    vlm_max_pixels: int = 16384 * 28 * 28
+    bbox2d_source: str = "mask"
+    agreement_threshold: float = 0.5
+    n_attribute_qa: int = 4
+    n_category_choices: int = 4
+    timeout_s: float = 120.0
+    max_retries: int = 5
+    max_reasks: int = 2
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    requests_per_minute: float = 60.0
+    concurrency: int = 4
+    cache_dir: str = ""
+    prompt_version: str = "v1"
+    prompts_dir: str = DEFAULT_PROMPTS_DIR
+    schema_path: str = DEFAULT_SCHEMA
+    batch: bool = False
+    batch_poll_interval_s: float = 30.0
+    batch_max_wait_s: float = 3600.0
+    redo_failed: bool = False
+    api_key_secret_block: str = ""
+    vlm_api_key_secret_block: str = ""
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("offline", "openai"):
+            raise ValueError(f"annotate.backend must be 'offline' or 'openai', got {self.backend!r}")
+        if self.vlm_coordinates not in COORDINATES:
+            raise ValueError(
+                f"annotate.vlm_coordinates must be one of {COORDINATES}, got {self.vlm_coordinates!r}"
+            )
+        if self.bbox2d_source not in ("mask", "vlm"):
+            raise ValueError(f"annotate.bbox2d_source must be 'mask' or 'vlm', got {self.bbox2d_source!r}")
+        if self.backend == "offline" and self.bbox2d_source == "vlm":
+            raise ValueError(
+                "the offline backend has no VLM: set annotate.bbox2d_source='mask' or backend='openai'"
+            )
+        if self.llm_model.startswith("gpt-5") and self.llm_temperature not in (None, 1, 1.0):
+            raise ValueError("GPT-5 rejects any temperature but 1: set annotate.llm_temperature=None")
+        if not 0.0 <= self.agreement_threshold <= 1.0:
+            raise ValueError(
+                f"annotate.agreement_threshold is an IoU in [0, 1], got {self.agreement_threshold}"
+            )
+        if not 3 <= self.n_attribute_qa <= 8:
+            raise ValueError(
+                f"annotate.n_attribute_qa must be in [3, 8] (the schema's bounds), got {self.n_attribute_qa}"
+            )
+        if not 2 <= self.n_category_choices <= 8:
+            raise ValueError(f"annotate.n_category_choices must be in [2, 8], got {self.n_category_choices}")
+        for name in ("timeout_s", "backoff_initial_s", "backoff_max_s", "batch_poll_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"annotate.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_retries", "max_reasks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"annotate.{name} must be >= 0, got {getattr(self, name)}")
+        if self.concurrency < 1:
+            raise ValueError(f"annotate.concurrency must be >= 1, got {self.concurrency}")
+        if self.requests_per_minute < 0:
+            raise ValueError("annotate.requests_per_minute must be >= 0 (0 = no spacing)")
+        for kind in ("qa", "ground"):
+            p = Path(self.prompts_dir) / f"{kind}_{self.prompt_version}.txt"
+            if not p.is_file():
+                raise ValueError(f"annotate.prompt_version {self.prompt_version!r}: no prompt file {p}")
+        if not Path(self.schema_path).is_file():
+            raise ValueError(f"annotate.schema_path: no such file {self.schema_path!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Facts, coordinates and templates (pure functions)
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 12845056
+) -> tuple[int, int]:
+    """The size Qwen2.5-VL's processor resizes an image to (sides multiples of ``factor``)."""
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = math.floor(height / beta / factor) * factor
+        w = math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def vlm_box_to_pixels(
+    box: list[float],
+    convention: str,
+    width: int,
+    height: int,
+    min_pixels: int = 3136,
+    max_pixels: int = 12845056,
+) -> list[float]:
+    """A VLM box in its family's convention -> ``[x1, y1, x2, y2]`` pixels of a ``width x height``
+    image, clamped to ``[0, W] x [0, H]``. Raises :class:`InvalidReply` if nothing is left."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if convention == "qwen2.5-vl":
+        rh, rw = smart_resize(height, width, 28, min_pixels, max_pixels)
+        sx, sy = width / rw, height / rh
+    elif convention in ("qwen3-vl", "relative1000"):
+        sx, sy = width / 1000.0, height / 1000.0
+    else:
+        sx = sy = 1.0
+    out = [
+        min(max(x1 * sx, 0.0), width),
+        min(max(y1 * sy, 0.0), height),
+        min(max(x2 * sx, 0.0), width),
+        min(max(y2 * sy, 0.0), height),
+    ]
+    if not (out[2] > out[0] and out[3] > out[1]):
+        raise InvalidReply(
+            f"the box {box} is empty inside the {width}x{height} image (need x1 < x2, y1 < y2)"
+        )
+    return out
+
+
+def dominant_colours(rgb: np.ndarray, mask: np.ndarray, top: int = 3, min_share: float = 0.1) -> list[dict]:
+    """Named colours covering at least ``min_share`` of the masked pixels, largest first."""
+    pixels = rgb[mask].reshape(-1, 3).astype(np.float32)
+    if len(pixels) == 0:
+        return []
+    names = list(PALETTE)
+    ref = np.asarray([PALETTE[n] for n in names], dtype=np.float32)
+    nearest = np.argmin(((pixels[:, None, :] - ref[None]) ** 2).sum(-1), axis=1)
+    share = np.bincount(nearest, minlength=len(names)) / len(pixels)
+    order = np.argsort(-share, kind="stable")
+    return [
+        {"name": names[i], "share": round(float(share[i]), 3)} for i in order[:top] if share[i] >= min_share
+    ]
+
+
+def _rng(instance_id: str) -> np.random.Generator:
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(instance_id.encode()).digest()[:8], "little"))
+
+
+def category_choices(category: str, categories: list[str], n: int, instance_id: str) -> list[str]:
+    """The true category plus ``n - 1`` distractors from ``categories``, in a per-instance order."""
+    rng = _rng(instance_id)
+    others = sorted(c for c in set(categories) if c != category)
+    picked = [others[i] for i in rng.permutation(len(others))[: n - 1]]
+    choices = [category, *picked]
+    return [choices[i] for i in rng.permutation(len(choices))]
+
+
+def template_annotation(facts: dict[str, Any], choices: list[str], instance_id: str) -> dict[str, Any]:
+    """The offline annotator: QA and a description from the measured facts only (deterministic)."""
+    rng = _rng(instance_id + "/template")
+    category, size = facts["category"], facts["size"]
+    dims = [size["width_x"], size["height_y"], size["depth_z"]]
+    colours = [c["name"] for c in facts["dominant_colours"]] or ["grey"]
+    others = [c for c in PALETTE if c != colours[0]]
+    colour_choices = [colours[0], *[others[i] for i in rng.permutation(len(others))[:3]]]
+    colour_choices = [colour_choices[i] for i in rng.permutation(4)]
+    longest = AXES[int(np.argmax(dims))]
+    qa = [
+        {
+            "question": "Which category does the object in the image belong to?",
+            "choices": choices,
+            "answer": category,
+        },
+        {
+            "question": "What is the dominant colour of the object?",
+            "choices": colour_choices,
+            "answer": colours[0],
+        },
+        {"question": "Along which axis is the object longest?", "choices": list(AXES), "answer": longest},
+        {
+            "question": "Is the object taller than it is wide?",
+            "choices": ["yes", "no"],
+            "answer": "yes" if dims[1] > dims[0] else "no",
+        },
+        {
+            "question": "Is the object deeper from front to back than it is wide?",
+            "choices": ["yes", "no"],
+            "answer": "yes" if dims[2] > dims[0] else "no",
+        },
+    ]
+    colour_text = colours[0] if len(colours) == 1 else f"{', '.join(colours[:-1])} and {colours[-1]}"
+    description = (
+        f"A {category}, mostly {colour_text}. Its axis-aligned bounding box measures {dims[0]:.2f} wide, "
+        f"{dims[1]:.2f} tall and {dims[2]:.2f} deep in normalized model units, so it is longest "
+        f"{longest.split(' ')[0]}."
+    )
+    return {"qa": qa, "description": description}
+
+
+def check_annotation(obj: Any, schema: dict, category: str, categories: list[str]) -> dict[str, Any]:
+    """Validate the LLM's object against ``schema`` and the facts; -> ``{"qa": [...], "description"}``."""
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(obj), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        raise InvalidReply(f"schema violation at /{'/'.join(map(str, e.path))}: {e.message}")
+    cq = obj["category_question"]
+    if cq["answer"] != category:
+        raise InvalidReply(f"the category question's answer must be {category!r}, got {cq['answer']!r}")
+    unknown = [c for c in cq["choices"] if c not in categories]
+    if unknown:
+        raise InvalidReply(f"category choices {unknown} are not categories of the benchmark")
+    qa = [cq, *obj["attribute_qa"]]
+    for i, q in enumerate(qa):
+        if q["answer"] not in q["choices"]:
+            raise InvalidReply(
+                f"question {i}: the answer {q['answer']!r} is not among its choices {q['choices']}"
+            )
+        if len(set(q["choices"])) != len(q["choices"]):
+            raise InvalidReply(f"question {i}: repeated choices {q['choices']}")
+    return {"qa": qa, "description": obj["description"]}
+
+
+def parse_grounding(
+    content: str, convention: str, width: int, height: int, cfg: AnnotateConfig
+) -> list[float]:
+    """A grounding reply (``{"bbox_2d": [...]}`` or a list of them, fenced or not) -> pixel box."""
+    obj = parse_json_reply(content)
+    if isinstance(obj, list):
+        if not obj:
+            raise InvalidReply("the reply is an empty list: no box")
+        obj = obj[0]
+    box = obj.get("bbox_2d", obj.get("bbox")) if isinstance(obj, dict) else None
+    if not (
+        isinstance(box, list)
+        and len(box) == 4
+        and all(isinstance(v, int | float) for v in box)
+        and all(math.isfinite(v) for v in box)
+    ):
+        raise InvalidReply('expected {"bbox_2d": [x1, y1, x2, y2]} with 4 numbers')
+    return vlm_box_to_pixels(box, convention, width, height, cfg.vlm_min_pixels, cfg.vlm_max_pixels)
+
+
+def _strict_schema(schema: dict) -> dict:
+    """The schema as sent for OpenAI strict structured outputs (keywords it does not accept removed;
+    the full schema is still checked locally)."""
+    if isinstance(schema, dict):
+        return {
+            k: _strict_schema(v)
+            for k, v in schema.items()
+            if k not in ("$schema", "$id", "minLength", "maxLength")
+        }
+    if isinstance(schema, list):
+        return [_strict_schema(v) for v in schema]
+    return schema
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class _Item:
+    instance_id: str
+    category: str
+    image_png: bytes
+    width: int
+    height: int
+    mask_box: list[float]
+    facts: dict[str, Any]
+    choices: list[str]
+
+
+class Annotate:
+    """Annotate one work shard: ``Annotate(config, categories).run_shard(run_dir, shard_index)``.
+
+    ``categories`` is the benchmark's category list (the category question's choices come from it).
+    Keys: pass ``api_key``/``vlm_api_key`` (e.g. from a Prefect Secret block), else they are read
+    from the environment variables named in the config when the first shard runs.
+    """
+
+    def __init__(
+        self,
+        config: AnnotateConfig,
+        categories: list[str],
+        *,
+        api_key: SecretStr | None = None,
+        vlm_api_key: SecretStr | None = None,
+    ) -> None:
+        if len(set(categories)) < 2:
+            raise ValueError("annotate needs the benchmark's category list (at least 2 categories)")
+        self.config = config
+        self.categories = sorted(set(categories))
+        self._api_key = api_key
+        self._vlm_api_key = vlm_api_key
+        self._schema = json.loads(Path(config.schema_path).read_text())
+        self._prompts = {
+            k: (Path(config.prompts_dir) / f"{k}_{config.prompt_version}.txt").read_text()
+            for k in ("qa", "ground")
+        }
+
+    # 1. inputs -------------------------------------------------------------------------------
+    def _load(self, run_dir: str, shard_index: int) -> list[_Item]:
+        name = f"shard-{shard_index:05d}.parquet"
+        tables = {}
+        for stage in ("render", "geometry", "kpts2d"):
+            path = io.join(run_dir, "stages", stage, name)
+            if not io.exists(path):
+                raise FileNotFoundError(
+                    f"{path} is missing: run the {stage} stage for shard {shard_index} first"
+                )
+            tables[stage] = io.read_table(path).to_pylist()
+        synth = io.join(run_dir, "stages", "synthesize", name)
+        images = (
+            {r["instance_id"]: r["image"] for r in io.read_table(synth).to_pylist()}
+            if io.exists(synth)
+            else {}
+        )
+        bbox3d = {r["instance_id"]: r["bbox3d"] for r in tables["geometry"]}
+        bbox2d = {r["instance_id"]: r["bbox2d"] for r in tables["kpts2d"]}
+        items = []
+        for r in tables["render"]:
+            iid = r["instance_id"]
+            if iid not in bbox3d or iid not in bbox2d:
+                raise ValueError(
+                    f"{iid} has no geometry/kpts2d row: re-run those stages for shard {shard_index}"
+                )
+            if r["category"] not in self.categories:
+                raise ValueError(
+                    f"{iid}: category {r['category']!r} is not in the categories given to Annotate"
+                )
+            png = images.get(iid, r["render"])
+            rgb = decode_rgb(png)
+            mask = decode_mask(r["mask"])
+            if mask.shape != rgb.shape[:2]:
+                mask = np.asarray(Image.fromarray(mask).resize(rgb.shape[1::-1], Image.NEAREST))
+            b = [float(v) for v in bbox3d[iid]]
+            facts = {
+                "category": r["category"],
+                "size": {
+                    "width_x": round(b[3] - b[0], 3),
+                    "height_y": round(b[4] - b[1], 3),
+                    "depth_z": round(b[5] - b[2], 3),
+                    "units": "normalized ShapeNet model units",
+                },
+                "dominant_colours": dominant_colours(rgb, mask),
+            }
+            items.append(
+                _Item(
+                    iid,
+                    r["category"],
+                    png,
+                    int(r["width"]),
+                    int(r["height"]),
+                    [float(v) for v in bbox2d[iid]],
+                    facts,
+                    category_choices(r["category"], self.categories, self.config.n_category_choices, iid),
+                )
+            )
+        return items
+
+    # 2. requests -----------------------------------------------------------------------------
+    def _qa_schema(self, item: _Item) -> dict:
+        schema = copy.deepcopy(self._schema)
+        cq = schema["properties"]["category_question"]["properties"]
+        cq["choices"] = {
+            "type": "array",
+            "items": {"type": "string", "enum": item.choices},
+            "minItems": len(item.choices),
+            "maxItems": len(item.choices),
+        }
+        cq["answer"] = {"type": "string", "enum": [item.category]}
+        return schema
+
+    def _qa_body(self, item: _Item) -> dict[str, Any]:
+        from string import Template
+
+        text = Template(self._prompts["qa"]).substitute(
+            facts=json.dumps(item.facts, indent=2),
+            choices=json.dumps(item.choices),
+            category=item.category,
+            n_attribute_qa=self.config.n_attribute_qa,
+        )
+        body: dict[str, Any] = {
+            "model": self.config.llm_model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": text},
+                        {"type": "image_url", "image_url": {"url": _data_url(item.image_png)}},
+                    ],
+                }
+            ],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "annotation",
+                    "strict": True,
+                    "schema": _strict_schema(self._qa_schema(item)),
+                },
+            },
+        }
+        if self.config.llm_temperature is not None:
+            body["temperature"] = self.config.llm_temperature
+        return body
+
+    def _ground_body(self, item: _Item) -> dict[str, Any]:
+        from string import Template
+
+        text = Template(self._prompts["ground"]).substitute(category=item.category)
+        return {
+            "model": self.config.vlm_model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": _data_url(item.image_png)}},
+                        {"type": "text", "text": text},
+                    ],
+                }
+            ],
+            "temperature": 0.0,
+            "max_completion_tokens": 256,
+        }
+
+    def _qa_validator(self, item: _Item) -> Callable[[str], dict[str, Any]]:
+        schema = self._qa_schema(item)
+        return lambda content: check_annotation(
+            parse_json_reply(content), schema, item.category, self.categories
+        )
+
+    def _ground_validator(self, item: _Item) -> Callable[[str], list[float]]:
+        def validate(content: str) -> list[float]:
+            with Image.open(BytesIO(item.image_png)) as im:
+                w, h = im.size
+            box = parse_grounding(content, self.config.vlm_coordinates, w, h, self.config)
+            sx, sy = item.width / w, item.height / h  # the record's frame, if the image was resized
+            return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+
+        return validate
+
+    # 3. per item -----------------------------------------------------------------------------
+    def _offline(self, item: _Item) -> dict[str, Any]:
+        ann = template_annotation(item.facts, item.choices, item.instance_id)
+        return {
+            "qa": ann["qa"],
+            "description": ann["description"],
+            "bbox2d": item.mask_box,
+            "bbox2d_vlm": None,
+            "vlm_agreement": None,
+            "flagged": False,
+            "failures": [],
+        }
+
+    def _online(self, item: _Item, llm: ChatClient, vlm: ChatClient) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "qa": None,
+            "description": None,
+            "bbox2d_vlm": None,
+            "vlm_agreement": None,
+            "flagged": False,
+            "failures": [],
+        }
+        try:
+            ann = llm.complete(self._qa_body(item), self._qa_validator(item)).value
+            out["qa"], out["description"] = ann["qa"], ann["description"]
+        except CallFailed as e:
+            out["failures"].append(f"qa: {e.reason}")
+        try:
+            box = vlm.complete(self._ground_body(item), self._ground_validator(item)).value
+            out["bbox2d_vlm"] = box
+            out["vlm_agreement"] = iou_2d(box, item.mask_box)
+            out["flagged"] = out["vlm_agreement"] < self.config.agreement_threshold
+        except CallFailed as e:
+            out["failures"].append(f"vlm: {e.reason}")
+        out["bbox2d"] = item.mask_box if self.config.bbox2d_source == "mask" else out["bbox2d_vlm"]
+        return out
+
+    # 4. the shard ----------------------------------------------------------------------------
+    def _clients(self, cache: ResponseCache) -> tuple[ChatClient, ChatClient]:
+        c = self.config
+        key = self._api_key or resolve_api_key(c.llm_api_key_env)
+        if key is None:
+            raise ValueError(
+                f"the openai backend needs an LLM key: set ${c.llm_api_key_env} or a Prefect "
+                "Secret block (annotate.api_key_secret_block)"
+            )
+        vlm_key = self._vlm_api_key or resolve_api_key(c.vlm_api_key_env) or SecretStr("EMPTY")
+        common = {
+            "timeout_s": c.timeout_s,
+            "max_retries": c.max_retries,
+            "max_reasks": c.max_reasks,
+            "backoff_initial_s": c.backoff_initial_s,
+            "backoff_max_s": c.backoff_max_s,
+            "cache": cache,
+        }
+        llm = ChatClient(
+            c.llm_base_url, key, limiter=RateLimiter(c.requests_per_minute, c.concurrency), **common
+        )
+        vlm = ChatClient(
+            c.vlm_base_url, vlm_key, limiter=RateLimiter(c.requests_per_minute, c.concurrency), **common
+        )
+        return llm, vlm
+
+    def _provenance(self) -> str:
+        c = self.config
+        if c.backend == "offline":
+            prov: dict[str, Any] = {"backend": "offline", "annotator": "template", "bbox2d_source": "mask"}
+        else:
+            prov = {
+                "backend": "openai",
+                "llm_model": c.llm_model,
+                "vlm_model": c.vlm_model,
+                "vlm_coordinates": c.vlm_coordinates,
+                "bbox2d_source": c.bbox2d_source,
+                "prompt_version": c.prompt_version,
+                "batch": c.batch,
+                "prompt_sha256": {
+                    k: hashlib.sha256(v.encode()).hexdigest()[:16] for k, v in self._prompts.items()
+                },
+                "schema_sha256": hashlib.sha256(
+                    json.dumps(self._schema, sort_keys=True).encode()
+                ).hexdigest()[:16],
+            }
+        return json.dumps(prov, sort_keys=True)
+
+    def run_shard(self, run_dir: str, shard_index: int) -> dict[str, Any]:
+        """Annotate work shard ``shard_index`` of ``run_dir``; -> stats (also written beside the table).
+
+        A shard whose table exists is skipped (unless ``redo_failed`` and it has failed items).
+        Raises :class:`pointvl.llm.FatalAPIError` when the endpoint refuses the key/model/URL and
+        :class:`pointvl.llm.BatchPending` when a batch outlives ``batch_max_wait_s``.
+        """
+        c = self.config
+        out_path = io.join(run_dir, "stages", "annotate", f"shard-{shard_index:05d}.parquet")
+        stats_path = out_path.replace(".parquet", ".stats.json")
+        if io.exists(out_path):
+            failed = sum(s == "failed" for s in io.read_table(out_path).column("annotate_status").to_pylist())
+            if not (c.redo_failed and failed):
+                logger.info("annotate shard %05d: already done (%d failed), skipping", shard_index, failed)
+                stats = io.read_json(stats_path) if io.exists(stats_path) else {}
+                return {**stats, "skipped": True}
+        t0 = time.monotonic()
+        # 1. check and load inputs (before any API call)
+        items = self._load(run_dir, shard_index)
+        stats: dict[str, Any] = {
+            "shard": shard_index,
+            "backend": c.backend,
+            "n": len(items),
+            "skipped": False,
+        }
+        # 2. annotate
+        if c.backend == "offline":
+            results = [self._offline(it) for it in items]
+        else:
+            cache = ResponseCache(c.cache_dir or io.join(run_dir, "cache", "annotate"))
+            llm, vlm = self._clients(cache)
+            if c.batch:
+                self._run_batch(
+                    llm, cache, items, io.join(cache.root, "batches", f"shard-{shard_index:05d}.json")
+                )
+            done = [0]
+
+            def work(it: _Item) -> dict[str, Any]:
+                r = self._online(it, llm, vlm)
+                done[0] += 1
+                logger.info(
+                    "annotate shard %05d: %d/%d %s%s",
+                    shard_index,
+                    done[0],
+                    len(items),
+                    it.instance_id,
+                    " FAILED" if r["failures"] else "",
+                )
+                return r
+
+            with ThreadPoolExecutor(max_workers=c.concurrency) as pool:
+                results = list(pool.map(work, items))
+            for k in ("api_calls", "cache_hits", "reasks"):
+                stats[k] = llm.stats[k] + vlm.stats[k]
+        # 3. write
+        table = _table(items, results, self._provenance())
+        io.write_table(out_path, table)
+        status = table.column("annotate_status").to_pylist()
+        stats.update(
+            ok=status.count("ok"),
+            failed=status.count("failed"),
+            flagged=sum(table.column("annotate_flagged").to_pylist()),
+            seconds=round(time.monotonic() - t0, 3),
+        )
+        for r in results:
+            for f in r["failures"]:
+                stats[f"failed_{f.split(':')[0]}"] = stats.get(f"failed_{f.split(':')[0]}", 0) + 1
+        io.write_json(stats_path, stats)
+        logger.info(
+            "annotate shard %05d: %d ok, %d failed, %d flagged",
+            shard_index,
+            stats["ok"],
+            stats["failed"],
+            stats["flagged"],
+        )
+        return stats
+
+    def _run_batch(self, llm: ChatClient, cache: ResponseCache, items: list[_Item], state_path: str) -> None:
+        """QA requests not yet cached go through the Batch API; valid replies land in the cache."""
+        bodies, validators = {}, {}
+        for it in items:
+            body = self._qa_body(it)
+            key = request_key(body)
+            if cache.get(key) is None:
+                bodies[key], validators[key] = body, self._qa_validator(it)
+
+        def store(key: str, content: str) -> None:
+            if key not in validators:
+                return
+            try:
+                validators[key](content)
+            except ValueError as e:
+                logger.info("batch reply %s… invalid (%s); it will be asked again live", key[:12], e)
+                return
+            cache.put(key, content, self.config.llm_model)
+
+        failures = run_batch(
+            llm,
+            state_path,
+            bodies,
+            store,
+            poll_interval_s=self.config.batch_poll_interval_s,
+            max_wait_s=self.config.batch_max_wait_s,
+        )
+        if failures:
+            logger.info("%d batch lines failed; asking them live", len(failures))
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _table(items: list[_Item], results: list[dict[str, Any]], provenance: str) -> pa.Table:
+    box = pa.list_(pa.float32())
+    rows = {
+        "instance_id": [it.instance_id for it in items],
+        "qa": [json.dumps(r["qa"], ensure_ascii=False) if r["qa"] is not None else None for r in results],
+        "description": [r["description"] for r in results],
+        "bbox2d": [r["bbox2d"] for r in results],
+        "bbox2d_vlm": [r["bbox2d_vlm"] for r in results],
+        "vlm_agreement": [r["vlm_agreement"] for r in results],
+        "annotate_flagged": [bool(r["flagged"]) for r in results],
+        "annotate_status": ["failed" if r["failures"] else "ok" for r in results],
+        "annotate_failure_reason": ["; ".join(r["failures"]) or None for r in results],
+        "annotate_provenance": [provenance] * len(items),
+    }
+    schema = pa.schema(
+        [
+            ("instance_id", pa.string()),
+            ("qa", pa.string()),
+            ("description", pa.string()),
+            ("bbox2d", box),
+            ("bbox2d_vlm", box),
+            ("vlm_agreement", pa.float64()),
+            ("annotate_flagged", pa.bool_()),
+            ("annotate_status", pa.string()),
+            ("annotate_failure_reason", pa.string()),
+            ("annotate_provenance", pa.string()),
+        ]
+    )
+    return pa.Table.from_pydict(rows, schema=schema)

@@ -1,0 +1,113 @@
+"""What the two GPU stages (refine, synthesize) share: per-item resume, prompts, seeds.
+
+Per-item resume. A GPU shard is slow, so its unit of restart is the item, not the shard:
+
+```
+RUN/stages/<stage>/shard-{i:05d}.items/<instance_id>.parquet   one finished item (one-row table)
+RUN/stages/<stage>/shard-{i:05d}.stats.json                    counts, seconds
+RUN/stages/<stage>/shard-{i:05d}.parquet                       the shard: written last, all items
+```
+
+Each item file is written atomically as soon as its item is done. A shard stopped after k of n
+items resumes at item k+1; finished items are read back, never regenerated. The shard table
+appears (atomically) only when every item is done, and then the ``.items/`` folder is removed
+(``keep_items`` keeps it). A shard whose table exists is skipped entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+
+from pointvl import io
+from pointvl.plan import stage_table_path
+from pointvl.stages.base import finished, read_stats, write_stage_table
+
+logger = logging.getLogger(__name__)
+
+PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
+
+
+def instance_seed(seed: int, stage: str, instance_id: str) -> int:
+    """A stable 63-bit seed for one item: sha256 of ``"{seed}:{stage}:{instance_id}"``."""
+    digest = hashlib.sha256(f"{seed}:{stage}:{instance_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def load_prompt(stage: str, version: str, prompts_dir: str | None = None) -> tuple[str, str | None, str]:
+    """``(prompt, negative prompt or None, "stage/version")`` from ``prompts/<stage>/<version>[.negative].txt``."""
+    root = Path(prompts_dir) if prompts_dir else PROMPTS_DIR
+    path = root / stage / f"{version}.txt"
+    if not path.is_file():
+        raise ValueError(f"prompt {path} not found; set prompt_version to one of "
+                         f"{sorted(p.stem for p in (root / stage).glob('v*.txt') if '.' not in p.stem)}")
+    negative = root / stage / f"{version}.negative.txt"
+    neg = negative.read_text().strip() if negative.is_file() else None
+    return path.read_text().strip(), neg, f"{stage}/{version}"
+
+
+def items_dir(run_dir: str, stage: str, shard_index: int) -> str:
+    return stage_table_path(run_dir, stage, shard_index).removesuffix(".parquet") + ".items"
+
+
+def run_items(
+    run_dir: str,
+    stage: str,
+    shard_index: int,
+    inputs: pa.Table,
+    process: Callable[[list[dict]], list[dict]],
+    schema: pa.Schema,
+    batch_size: int = 1,
+    keep_items: bool = False,
+    extra_stats: Callable[[pa.Table], dict] | None = None,
+) -> dict:
+    """Run ``process`` over the rows of ``inputs`` not finished yet, in batches; write the shard.
+
+    ``process`` takes input rows (dicts) and returns one output row per input row, each with
+    ``instance_id`` and the columns of ``schema``. ``extra_stats(table)`` adds entries to the stats
+    from the assembled table. Returns the shard's stats.
+    """
+    if finished(run_dir, stage, shard_index):
+        logger.info("%s shard %05d: finished, skipped", stage, shard_index)
+        return read_stats(run_dir, stage, shard_index) | {"skipped": True}
+    t0 = time.perf_counter()
+    folder = items_dir(run_dir, stage, shard_index)
+    ids = inputs.column("instance_id").to_pylist()
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{stage} shard {shard_index:05d}: duplicate instance_id in the input table")
+    fs, local = io.filesystem(folder)
+    present = {p.rsplit("/", 1)[-1] for p in fs.glob(f"{local}/*.parquet")} if fs.exists(local) else set()
+    done = {i for i in ids if f"{i}.parquet" in present}
+    todo = [row for row in inputs.to_pylist() if row["instance_id"] not in done]
+    if done:
+        logger.info("%s shard %05d: resuming, %d/%d items already done", stage, shard_index, len(done), len(ids))
+    n_done = len(done)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        outputs = process(batch)
+        if [o["instance_id"] for o in outputs] != [r["instance_id"] for r in batch]:
+            raise RuntimeError(f"{stage}: process returned rows out of order or missing")
+        for out in outputs:
+            io.write_table(io.join(folder, f"{out['instance_id']}.parquet"), pa.Table.from_pylist([out], schema))
+        n_done += len(batch)
+        logger.info("%s shard %05d: %d/%d", stage, shard_index, n_done, len(ids))
+    # Assemble in input order; every item is read back from its file, fresh or resumed alike.
+    parts = [io.read_table(io.join(folder, f"{i}.parquet")) for i in ids]
+    table = (pa.concat_tables(parts) if parts else schema.empty_table()).cast(schema)
+    stats = {
+        "stage": stage,
+        "shard_index": shard_index,
+        "items": len(ids),
+        "generated": len(todo),
+        "resumed": len(done),
+        "seconds": round(time.perf_counter() - t0, 4),
+    } | (extra_stats(table) if extra_stats else {})
+    write_stage_table(run_dir, stage, shard_index, table, stats)
+    if not keep_items and fs.exists(local):
+        fs.rm(local, recursive=True)
+    return stats

@@ -1,0 +1,214 @@
+"""refine: Qwen-Image-Edit as a "semantic low-pass filter" over each render (paper §4.1.2).
+
+Input: the render stage table (``render`` RGB PNG). Output per instance: ``refined`` (RGB PNG at the
+render's size) and ``refine_provenance`` (JSON: backend, model ids, seed, prompt version, settings).
+The prompt is versioned text in ``prompts/refine/<version>.txt`` (negative prompt beside it).
+
+Backends (see :mod:`pointvl.models`): ``diffusers`` runs ``QwenImageEditPipeline``; ``passthrough``
+carries the render forward byte for byte. Items are resumable one by one
+(:mod:`pointvl.stages.gpu_common`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pointvl import images
+from pointvl.models import BACKENDS, load_pipeline, resolve_backend, resolve_device, resolve_dtype
+from pointvl.plan import stage_table_path
+from pointvl.stages.base import finished, read_stage_table, read_stats
+from pointvl.stages.gpu_common import instance_seed, load_prompt, run_items
+
+logger = logging.getLogger(__name__)
+
+STAGE = "refine"
+INPUT_COLUMNS = ("instance_id", "render")
+SCHEMA = pa.schema([("instance_id", pa.string()), ("refined", pa.binary()), ("refine_provenance", pa.string())])
+
+PromptEncoder = Callable[[list[str]], dict[str, Any]]
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("pointvl", "diffusers", "torch"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+@dataclass
+class RefineConfig:
+    """Qwen-Image-Edit refinement of the renders (paper §4.1.2).
+
+    Args:
+        backend: ``auto`` (diffusers with CUDA and local weights, else passthrough), ``diffusers`` or
+            ``passthrough``.
+        model: Hub id or local folder of the Qwen-Image-Edit pipeline (paper: Qwen-Image-Edit).
+        num_inference_steps: denoising steps (not in the paper; the model card's 50).
+        true_cfg_scale: true classifier-free guidance scale; CFG runs only when > 1, with the negative
+            prompt (not in the paper; the model card's 4.0).
+        prompt_version: ``prompts/refine/<version>.txt`` (+ ``.negative.txt``); stored in provenance.
+        prompts_dir: folder holding ``refine/``; ``None`` = the repository's ``prompts/``.
+        seed: base seed; each item's seed is ``sha256(seed:refine:instance_id)``.
+        device: ``auto`` (cuda if present), ``cuda``, ``cuda:N`` or ``cpu``.
+        dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), or a torch dtype name.
+        cpu_offload: ``enable_model_cpu_offload`` for GPUs that cannot hold the 20B model.
+        batch_size: images per pipeline call.
+        keep_items: keep the per-item files after the shard table is written.
+    """
+
+    backend: str = "auto"
+    model: str = "Qwen/Qwen-Image-Edit"
+    num_inference_steps: int = 50
+    true_cfg_scale: float = 4.0
+    prompt_version: str = "v1"
+    prompts_dir: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    cpu_offload: bool = False
+    batch_size: int = 1
+    keep_items: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"refine.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"refine.num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.true_cfg_scale < 0:
+            raise ValueError(f"refine.true_cfg_scale must be >= 0 (<= 1 disables CFG), got {self.true_cfg_scale}")
+        if self.batch_size < 1:
+            raise ValueError(f"refine.batch_size must be >= 1, got {self.batch_size}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"refine.dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        load_prompt(STAGE, self.prompt_version, self.prompts_dir)  # raises when the prompt file is missing
+
+    def model_ids(self) -> dict[str, str]:
+        return {"model": self.model}
+
+
+class Refine:
+    """Refine one shard of renders. ``pipeline``: a ready ``QwenImageEditPipeline`` (else loaded once per
+    process from ``config.model``). ``encode_prompt``: maps prompt strings to the pipeline's embedding
+    keywords, for pipelines built without a text encoder (tests, benchmarks)."""
+
+    def __init__(self, config: RefineConfig, pipeline: Any = None, encode_prompt: PromptEncoder | None = None):
+        self.config = config
+        self.pipeline = pipeline
+        self.encode_prompt = encode_prompt
+        self.model_seconds = 0.0
+
+    def run_shard(self, run_dir: str, shard_index: int) -> dict:
+        cfg = self.config
+        # 1. check inputs and the backend before any model work; a finished shard loads nothing
+        if finished(run_dir, STAGE, shard_index):
+            return read_stats(run_dir, STAGE, shard_index) | {"skipped": True}
+        source = stage_table_path(run_dir, "render", shard_index)
+        renders = read_stage_table(run_dir, "render", shard_index)
+        missing = [c for c in INPUT_COLUMNS if c not in renders.column_names]
+        if missing:
+            raise ValueError(f"{source} lacks columns {missing}; re-run the render stage")
+        backend = resolve_backend(cfg, STAGE, pipeline_given=self.pipeline is not None)
+        prompt, negative, version = load_prompt(STAGE, cfg.prompt_version, cfg.prompts_dir)
+        # 2. load the model once per process (resident across shards)
+        pipe = None
+        if backend == "diffusers":
+            pipe = self.pipeline if self.pipeline is not None else load_pipeline(STAGE, cfg)
+            if pipe.text_encoder is None and self.encode_prompt is None:
+                raise ValueError("the refine pipeline has no text encoder: pass encode_prompt=")
+        device = resolve_device(cfg.device)
+        base = {
+            "stage": STAGE,
+            "backend": backend,
+            "models": cfg.model_ids() if backend == "diffusers" else {},
+            "prompt_version": version,
+            "versions": package_versions(),
+        }
+        if backend == "diffusers":
+            base |= {
+                "num_inference_steps": cfg.num_inference_steps,
+                "true_cfg_scale": cfg.true_cfg_scale,
+                "negative_prompt": cfg.true_cfg_scale > 1 and negative is not None,
+                "dtype": resolve_dtype(cfg.dtype, device),
+                "device": device,
+            }
+        self.model_seconds = 0.0
+
+        # 3. per item: seed, edit, resize check, provenance
+        def process(rows: list[dict]) -> list[dict]:
+            seeds = [instance_seed(cfg.seed, STAGE, r["instance_id"]) for r in rows]
+            if pipe is None:
+                outs = [r["render"] for r in rows]
+            else:
+                outs = self._edit(pipe, [images.decode_rgb(r["render"]) for r in rows], seeds, prompt, negative)
+            return [
+                {
+                    "instance_id": r["instance_id"],
+                    "refined": out,
+                    "refine_provenance": json.dumps(base | {"seed": s}, sort_keys=True),
+                }
+                for r, out, s in zip(rows, outs, seeds, strict=True)
+            ]
+
+        # 4. run the items not finished yet, then write the shard atomically
+        return run_items(
+            run_dir, STAGE, shard_index, renders.select(list(INPUT_COLUMNS)), process, SCHEMA,
+            batch_size=cfg.batch_size, keep_items=cfg.keep_items,
+            extra_stats=lambda table: {"backend": backend, "model_seconds": round(self.model_seconds, 4)},
+        )
+
+    def _edit(self, pipe: Any, rgbs: list[np.ndarray], seeds: list[int], prompt: str,
+              negative: str | None) -> list[bytes]:
+        import time
+
+        import torch
+        from PIL import Image
+
+        cfg = self.config
+        h, w = rgbs[0].shape[:2]
+        if any(x.shape[:2] != (h, w) for x in rgbs):
+            return [b for x, s in zip(rgbs, seeds, strict=True) for b in self._edit(pipe, [x], [s], prompt, negative)]
+        multiple = pipe.vae_scale_factor * 2
+        th, tw = h // multiple * multiple, w // multiple * multiple
+        if th == 0 or tw == 0:
+            raise ValueError(f"render {w}x{h} is smaller than the pipeline's {multiple}-pixel multiple")
+        n = len(rgbs)
+        use_neg = cfg.true_cfg_scale > 1 and negative is not None
+        if self.encode_prompt is None:
+            text: dict[str, Any] = {"prompt": [prompt] * n}
+            if use_neg:
+                text["negative_prompt"] = [negative] * n
+        else:
+            text = dict(self.encode_prompt([prompt] * n))
+            if use_neg:
+                text |= {f"negative_{k}": v for k, v in self.encode_prompt([negative] * n).items()}
+        pil = [Image.fromarray(x) for x in rgbs]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        t0 = time.perf_counter()
+        result = pipe(
+            image=pil if n > 1 else pil[0],
+            true_cfg_scale=cfg.true_cfg_scale,
+            height=th,
+            width=tw,
+            num_inference_steps=cfg.num_inference_steps,
+            generator=generators if n > 1 else generators[0],
+            output_type="pil",
+            **text,
+        ).images
+        self.model_seconds += time.perf_counter() - t0
+        out = []
+        for im in result:
+            if im.size != (w, h):
+                im = im.resize((w, h), Image.Resampling.LANCZOS)  # back to the render's size (contract)
+            out.append(images.encode_rgb(np.asarray(im.convert("RGB"), dtype=np.uint8)))
+        return out

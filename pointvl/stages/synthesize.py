@@ -1,0 +1,288 @@
+"""synthesize: FLUX.1-Krea-dev + ControlNet-Union-Pro photoreal images (paper §4.1.2).
+
+Input: the refine table (``refined``) joined with the render table (``category``, ``mask``,
+``depth``, ``depth_scale``) on ``instance_id``. Control images come from the refined render: its
+Canny edges (Union mode 0) and the render's depth (Union mode 2), either or both; one Union net
+takes them all through ``FluxMultiControlNetModel``. Control Guidance Termination: the ControlNet
+acts only in the first ``control_guidance_end`` = 80% of steps (diffusers still calls it after
+that, at scale 0). The prompt is ``prompts/synthesize/<version>.txt`` with ``{category}`` filled.
+
+Output per instance: ``image`` (RGB PNG at the render's size), ``drift`` and ``drift_flagged``
+(:mod:`pointvl.stages.drift`, for the review gate), ``synthesize_provenance`` (JSON). Seeded per
+instance, so a re-run reproduces the image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pointvl import images
+from pointvl.models import BACKENDS, load_pipeline, resolve_backend, resolve_device, resolve_dtype
+from pointvl.plan import stage_table_path
+from pointvl.stages.base import finished, read_stage_table, read_stats
+from pointvl.stages.drift import canny_control, depth_control, drift_score
+from pointvl.stages.gpu_common import instance_seed, load_prompt, run_items
+from pointvl.stages.refine import package_versions
+
+logger = logging.getLogger(__name__)
+
+STAGE = "synthesize"
+CONTROL_MODES = {"canny": 0, "depth": 2}  # ControlNet-Union-Pro's mode ids (notes/FACTS.md)
+RENDER_COLUMNS = ("instance_id", "category", "mask", "depth", "depth_scale")
+SCHEMA = pa.schema([
+    ("instance_id", pa.string()),
+    ("image", pa.binary()),
+    ("drift", pa.float64()),
+    ("drift_flagged", pa.bool_()),
+    ("synthesize_provenance", pa.string()),
+])
+
+PromptEncoder = Callable[[list[str]], dict[str, Any]]
+
+
+@dataclass
+class SynthesizeConfig:
+    """FLUX + ControlNet-Union-Pro synthesis from the refined renders (paper §4.1.2).
+
+    Args:
+        backend: ``auto`` (diffusers with CUDA and local weights, else passthrough), ``diffusers`` or
+            ``passthrough`` (the refined image is carried forward).
+        model: Hub id or local folder of the base FLUX pipeline (paper: FLUX.1-Krea-dev).
+        controlnet_model: Hub id or local folder of the Union ControlNet (paper: ControlNet-Union-Pro;
+            its modes: canny 0, tile 1, depth 2, blur 3, pose 4, gray 5, low quality 6).
+        controls: control images, any of ``depth`` (from the render's depth) and ``canny`` (edges of
+            the refined image); ``control_mode`` is set from these.
+        conditioning_scales: ControlNet scale per control, same order (not in the paper).
+        control_guidance_end: fraction of steps with control (paper: first 80% -> 0.8).
+        num_inference_steps: denoising steps (not in the paper; FLUX.1-Krea-dev's card: 28).
+        guidance_scale: FLUX distilled guidance (not in the paper; the Krea-dev card: 4.5).
+        true_cfg_scale: > 1 runs true CFG with the negative prompt (twice the cost); default off.
+        canny_sigma, canny_low, canny_high: Canny parameters for the control and the drift score.
+        drift_tolerance_px: silhouette-to-edge distance still counted as agreement.
+        drift_threshold: items with drift above it are flagged for review.
+        prompt_version, prompts_dir, seed, device, dtype, cpu_offload, batch_size, keep_items: as in
+            :class:`pointvl.stages.refine.RefineConfig`.
+    """
+
+    backend: str = "auto"
+    model: str = "black-forest-labs/FLUX.1-Krea-dev"
+    controlnet_model: str = "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro"
+    controls: tuple[str, ...] = ("depth", "canny")
+    conditioning_scales: tuple[float, ...] = (0.6, 0.4)
+    control_guidance_end: float = 0.8
+    num_inference_steps: int = 28
+    guidance_scale: float = 4.5
+    true_cfg_scale: float = 1.0
+    canny_sigma: float = 1.0
+    canny_low: float = 0.1
+    canny_high: float = 0.2
+    drift_tolerance_px: float = 3.0
+    drift_threshold: float = 0.5
+    prompt_version: str = "v1"
+    prompts_dir: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    cpu_offload: bool = False
+    batch_size: int = 1
+    keep_items: bool = False
+
+    def __post_init__(self) -> None:
+        self.controls = tuple(self.controls)  # YAML/JSON give lists
+        self.conditioning_scales = tuple(float(s) for s in self.conditioning_scales)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"synthesize.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not self.controls or any(c not in CONTROL_MODES for c in self.controls) or len(
+                set(self.controls)) != len(self.controls):
+            raise ValueError(f"synthesize.controls must be distinct names from {sorted(CONTROL_MODES)}, "
+                             f"got {self.controls}")
+        if len(self.conditioning_scales) != len(self.controls):
+            raise ValueError(f"synthesize.conditioning_scales needs one scale per control {self.controls}, "
+                             f"got {self.conditioning_scales}")
+        if not 0.0 < self.control_guidance_end <= 1.0:
+            raise ValueError(f"synthesize.control_guidance_end must be in (0, 1], got {self.control_guidance_end}")
+        if self.num_inference_steps < 1 or self.batch_size < 1:
+            raise ValueError("synthesize.num_inference_steps and batch_size must be >= 1")
+        if not 0.0 <= self.canny_low <= self.canny_high:
+            raise ValueError(f"synthesize: need 0 <= canny_low <= canny_high, got {self.canny_low}, {self.canny_high}")
+        if not 0.0 <= self.drift_threshold <= 1.0 or self.drift_tolerance_px < 0:
+            raise ValueError("synthesize.drift_threshold must be in [0, 1] and drift_tolerance_px >= 0")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"synthesize.dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        prompt, _, _ = load_prompt(STAGE, self.prompt_version, self.prompts_dir)
+        if "{category}" not in prompt:
+            raise ValueError(f"prompts/synthesize/{self.prompt_version}.txt must contain a {{category}} placeholder")
+
+    def model_ids(self) -> dict[str, str]:
+        return {"model": self.model, "controlnet": self.controlnet_model}
+
+
+def category_name(category: str) -> str:
+    """ShapeNet names list synonyms (``"car,auto,automobile"``): the prompt uses the first."""
+    return category.split(",")[0].strip()
+
+
+class Synthesize:
+    """Synthesize one shard. ``pipeline``: a ready ``FluxControlNetPipeline`` whose ``controlnet`` is a
+    ``FluxMultiControlNetModel`` (else loaded once per process). ``encode_prompt``: as in
+    :class:`pointvl.stages.refine.Refine`."""
+
+    def __init__(self, config: SynthesizeConfig, pipeline: Any = None, encode_prompt: PromptEncoder | None = None):
+        self.config = config
+        self.pipeline = pipeline
+        self.encode_prompt = encode_prompt
+        self.model_seconds = 0.0
+
+    def run_shard(self, run_dir: str, shard_index: int) -> dict:
+        cfg = self.config
+        # 1. check inputs and the backend before any model work; a finished shard loads nothing
+        if finished(run_dir, STAGE, shard_index):
+            return read_stats(run_dir, STAGE, shard_index) | {"skipped": True}
+        refined = read_stage_table(run_dir, "refine", shard_index)
+        renders = read_stage_table(run_dir, "render", shard_index)
+        missing = [c for c in RENDER_COLUMNS if c not in renders.column_names]
+        if missing:
+            raise ValueError(f"{stage_table_path(run_dir, 'render', shard_index)} lacks {missing}; re-run render")
+        by_id = {r["instance_id"]: r for r in renders.select(list(RENDER_COLUMNS)).to_pylist()}
+        lost = [i for i in refined.column("instance_id").to_pylist() if i not in by_id]
+        if lost:
+            raise ValueError(f"refine shard {shard_index:05d} has ids missing from render: {lost[:3]}")
+        inputs = pa.Table.from_pylist(
+            [r | by_id[r["instance_id"]] for r in refined.select(["instance_id", "refined"]).to_pylist()])
+        backend = resolve_backend(cfg, STAGE, pipeline_given=self.pipeline is not None)
+        template, negative, version = load_prompt(STAGE, cfg.prompt_version, cfg.prompts_dir)
+        # 2. load the model once per process (resident across shards)
+        pipe = None
+        if backend == "diffusers":
+            pipe = self.pipeline if self.pipeline is not None else load_pipeline(STAGE, cfg)
+            if pipe.text_encoder is None and self.encode_prompt is None:
+                raise ValueError("the synthesize pipeline has no text encoder: pass encode_prompt=")
+            if len(pipe.controlnet.nets) != 1:
+                raise ValueError("expected one Union ControlNet inside FluxMultiControlNetModel")
+        device = resolve_device(cfg.device)
+        base: dict[str, Any] = {
+            "stage": STAGE,
+            "backend": backend,
+            "models": cfg.model_ids() if backend == "diffusers" else {},
+            "prompt_version": version,
+            "versions": package_versions(),
+            "drift_threshold": cfg.drift_threshold,
+        }
+        if backend == "diffusers":
+            base |= {
+                "controls": list(cfg.controls),
+                "control_mode": [CONTROL_MODES[c] for c in cfg.controls],
+                "conditioning_scales": list(cfg.conditioning_scales),
+                "control_guidance_end": cfg.control_guidance_end,
+                "num_inference_steps": cfg.num_inference_steps,
+                "guidance_scale": cfg.guidance_scale,
+                "true_cfg_scale": cfg.true_cfg_scale,
+                "dtype": resolve_dtype(cfg.dtype, device),
+                "device": device,
+            }
+        self.model_seconds = 0.0
+
+        # 3. per item: control images, seeded generation, drift score, provenance
+        def process(rows: list[dict]) -> list[dict]:
+            seeds = [instance_seed(cfg.seed, STAGE, r["instance_id"]) for r in rows]
+            prompts = [template.format(category=category_name(r["category"])) for r in rows]
+            if pipe is None:
+                outs = [r["refined"] for r in rows]
+            else:
+                outs = self._generate(pipe, rows, seeds, prompts, negative)
+            result = []
+            for r, out, s, p in zip(rows, outs, seeds, prompts, strict=True):
+                drift = drift_score(images.decode_rgb(out), images.decode_mask(r["mask"]), cfg.drift_tolerance_px,
+                                    cfg.canny_sigma, cfg.canny_low, cfg.canny_high)
+                result.append({
+                    "instance_id": r["instance_id"],
+                    "image": out,
+                    "drift": drift,
+                    "drift_flagged": drift > cfg.drift_threshold,
+                    "synthesize_provenance": json.dumps(base | {"seed": s, "prompt": p}, sort_keys=True),
+                })
+            return result
+
+        # 4. run the items not finished yet, then write the shard atomically
+        return run_items(
+            run_dir, STAGE, shard_index, inputs, process, SCHEMA, batch_size=cfg.batch_size,
+            keep_items=cfg.keep_items,
+            extra_stats=lambda table: {
+                "backend": backend,
+                "model_seconds": round(self.model_seconds, 4),
+                "drift_flagged": int(sum(table.column("drift_flagged").to_pylist())),
+            },
+        )
+
+    def control_images(self, row: dict) -> list[np.ndarray]:
+        """The control images for one item, in ``config.controls`` order."""
+        cfg = self.config
+        out = []
+        for c in cfg.controls:
+            if c == "depth":
+                out.append(depth_control(images.decode_depth(row["depth"], row["depth_scale"])))
+            else:
+                out.append(canny_control(images.decode_rgb(row["refined"]), cfg.canny_sigma, cfg.canny_low,
+                                         cfg.canny_high))
+        return out
+
+    def _generate(self, pipe: Any, rows: list[dict], seeds: list[int], prompts: list[str],
+                  negative: str | None) -> list[bytes]:
+        import torch
+        from PIL import Image
+
+        cfg = self.config
+        controls = [self.control_images(r) for r in rows]
+        h, w = controls[0][0].shape[:2]
+        if any(c[0].shape[:2] != (h, w) for c in controls):
+            return [b for r, s, p in zip(rows, seeds, prompts, strict=True)
+                    for b in self._generate(pipe, [r], [s], [p], negative)]
+        multiple = pipe.vae_scale_factor * 2
+        th, tw = h // multiple * multiple, w // multiple * multiple
+        if th == 0 or tw == 0:
+            raise ValueError(f"image {w}x{h} is smaller than the pipeline's {multiple}-pixel multiple")
+        n = len(rows)
+        k = len(cfg.controls)
+        use_neg = cfg.true_cfg_scale > 1 and negative is not None
+        if self.encode_prompt is None:
+            text: dict[str, Any] = {"prompt": prompts}
+            if use_neg:
+                text["negative_prompt"] = [negative] * n
+        else:
+            text = dict(self.encode_prompt(prompts))
+            if use_neg:
+                text |= {f"negative_{key}": v for key, v in self.encode_prompt([negative] * n).items()}
+        # FluxMultiControlNetModel: one list per control, each over the batch
+        control_image = [[Image.fromarray(c[j]) for c in controls] for j in range(k)]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        t0 = time.perf_counter()
+        result = pipe(
+            control_image=[ci if n > 1 else ci[0] for ci in control_image],
+            control_mode=[CONTROL_MODES[c] for c in cfg.controls],
+            controlnet_conditioning_scale=list(cfg.conditioning_scales),
+            control_guidance_start=[0.0] * k,
+            control_guidance_end=[cfg.control_guidance_end] * k,  # one per control, or the zip drops controls
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            true_cfg_scale=cfg.true_cfg_scale,
+            height=th,
+            width=tw,
+            generator=generators if n > 1 else generators[0],
+            output_type="pil",
+            **text,
+        ).images
+        self.model_seconds += time.perf_counter() - t0
+        out = []
+        for im in result:
+            if im.size != (w, h):
+                im = im.resize((w, h), Image.Resampling.LANCZOS)  # back to the render's size (contract)
+            out.append(images.encode_rgb(np.asarray(im.convert("RGB"), dtype=np.uint8)))
+        return out

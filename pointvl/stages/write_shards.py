@@ -1,0 +1,126 @@
+"""Stage `write_shards`: join a work shard's stage tables into benchmark records (one Parquet file).
+
+The record contract is ``schemas/record.schema.json`` / :func:`pointvl.record.record_features`.
+Required inputs: ``sample_points``, ``geometry``, ``render``, ``kpts2d``. Optional inputs, when
+their stage ran: ``refine`` (else ``refined`` is the render), ``synthesize`` (else ``image`` is
+``refined``), ``annotate`` (QA, description, the chosen ``bbox2d``) and ``review`` (rejected
+instances are left out). Items whose annotation failed are left out and counted. Every record's
+``provenance`` says which stage ran with which backend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from pointvl import __version__, io
+from pointvl.plan import Shard, load_plan
+from pointvl.record import IMAGE_COLUMNS, record_features
+from pointvl.stages.base import finished, read_stage_table
+
+logger = logging.getLogger(__name__)
+
+REQUIRED = ("sample_points", "geometry", "render", "kpts2d")
+OPTIONAL = ("refine", "synthesize", "annotate", "review")
+
+
+@dataclass
+class WriteShardsConfig:
+    """Final shard files.
+
+    Args:
+        num_keypoints: keypoints per record (must match geometry and kpts2d; paper: 16).
+    """
+
+    num_keypoints: int = 16
+
+    def __post_init__(self) -> None:
+        if self.num_keypoints < 1:
+            raise ValueError(f"write_shards.num_keypoints must be >= 1, got {self.num_keypoints}")
+
+
+def shards_dir(run_dir: str) -> str:
+    return io.join(run_dir, "shards")
+
+
+class WriteShards:
+    def __init__(self, config: WriteShardsConfig) -> None:
+        self.config = config
+
+    def run_shard(self, run_dir: str, shard_index: int) -> dict:
+        """Write ``shards/{split}-{i:05d}-of-{n:05d}.parquet`` for one work shard; return its stats."""
+        start = time.perf_counter()
+        shard = load_plan(run_dir).shards[shard_index]
+        missing = [s for s in REQUIRED if not finished(run_dir, s, shard_index)]
+        if missing:
+            raise RuntimeError(f"{shard.name}: stages {missing} have not finished; run them first")
+        tables = {s: _rows_by_id(read_stage_table(run_dir, s, shard_index)) for s in REQUIRED}
+        for stage in OPTIONAL:
+            if finished(run_dir, stage, shard_index):
+                tables[stage] = _rows_by_id(read_stage_table(run_dir, stage, shard_index))
+        records, dropped = self._records(shard, tables)
+        features = record_features(self.config.num_keypoints)
+        table = pa.Table.from_pylist(records, schema=features.arrow_schema)
+        io.write_table(io.join(shards_dir(run_dir), shard.final_name), table)
+        stats = {"records": len(records), **dropped, "seconds": round(time.perf_counter() - start, 3)}
+        logger.info("write_shards %s → %s: %d records", shard.name, shard.final_name, len(records))
+        return stats
+
+    def _records(self, shard: Shard, tables: dict[str, dict[str, dict]]) -> tuple[list[dict], Counter]:
+        models = {(m.synset_id, m.model_id): m for m in shard.models}
+        dropped: Counter[str] = Counter()
+        records = []
+        for iid, render in tables["render"].items():
+            review = tables.get("review", {}).get(iid)
+            if review is not None and review["decision"] == "rejected":
+                dropped["dropped_rejected_in_review"] += 1
+                continue
+            annotate = tables.get("annotate", {}).get(iid)
+            if annotate is not None and annotate["annotate_status"] != "ok":
+                dropped["dropped_annotate_failed"] += 1
+                continue
+            refine = tables.get("refine", {}).get(iid)
+            synth = tables.get("synthesize", {}).get(iid)
+            points, geometry, kpts = (tables[s][iid] for s in ("sample_points", "geometry", "kpts2d"))
+            model = models[(render["synset_id"], render["model_id"])]
+            refined = refine["refined"] if refine else render["render"]
+            provenance = {
+                "pipeline_version": __version__,
+                "render": {"backend": render["render_backend"]},
+                "refine": json.loads(refine["refine_provenance"]) if refine else "not run",
+                "synthesize": json.loads(synth["synthesize_provenance"]) if synth else "not run",
+                "annotate": json.loads(annotate["annotate_provenance"]) if annotate else "not run",
+                "review": {k: review[k] for k in review if k != "instance_id"} if review else "not run",
+            }
+            images = {
+                "render": render["render"], "refined": refined, "image": synth["image"] if synth else refined,
+                "mask": render["mask"], "depth": render["depth"], "normal_map": render["normal_map"],
+            }
+            records.append({
+                "instance_id": iid, "synset_id": model.synset_id, "model_id": model.model_id,
+                "category": model.category, "split": model.split, "view_index": render["view_index"],
+                "points": points["points"], "normals": points["normals"],
+                **{k: {"bytes": images[k], "path": None} for k in IMAGE_COLUMNS},
+                "depth_scale": render["depth_scale"],
+                **{k: render[k] for k in ("K", "R", "t", "width", "height", "elevation_deg", "azimuth_deg")},
+                "bbox2d": annotate["bbox2d"] if annotate else kpts["bbox2d"],
+                "bbox3d": geometry["bbox3d"], "kpts2d": kpts["kpts2d"], "kpts3d": geometry["kpts3d"],
+                "qa": annotate["qa"] if annotate else "[]",
+                "description": annotate["description"] if annotate else "",
+                "bbox2d_mask": kpts["bbox2d"],
+                "bbox2d_vlm": annotate["bbox2d_vlm"] if annotate else None,
+                "vlm_agreement": annotate["vlm_agreement"] if annotate else None,
+                "drift": synth["drift"] if synth else None,
+                "flagged": bool((synth and synth["drift_flagged"]) or (annotate and annotate["annotate_flagged"])),
+                "provenance": json.dumps(provenance, sort_keys=True),
+            })
+        return records, dropped
+
+
+def _rows_by_id(table: pa.Table) -> dict[str, dict]:
+    return {row["instance_id"]: row for row in table.to_pylist()}

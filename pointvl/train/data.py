@@ -1,0 +1,181 @@
+"""Training examples from the benchmark's Parquet shards (``schemas/README.md``, DESIGN.md "Record").
+
+One record gives one example:
+
+- **prompt**: the final photoreal ``image``, the ``points`` (resampled to ``num_points``) and the
+  instruction :data:`INSTRUCTION`, which asks the record's first QA question (``qa[0]``, the
+  multiple-choice category question) with its choices and the six-field JSON answer;
+- **target**: the canonical quantized JSON (:func:`pointvl.grca.parse.format_output`) with
+  ``answer = qa[0].answer``, the record's ``description`` and its four geometric targets.
+
+Shards are read one at a time (``{split}-{i:05d}-of-{n:05d}.parquet`` in file-name order), so a
+split of any size streams with one shard in memory. The same helpers give the evaluation its
+targets and cameras, so training and scoring read a record the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from pointvl import io as pio
+from pointvl.geometry import QuantConfig
+from pointvl.grca.parse import format_output
+
+logger = logging.getLogger(__name__)
+
+INSTRUCTION = (
+    "Look at the object in the image and its point cloud. {question} Choices: {choices}.\n"
+    "Reply with one JSON object with keys answer, description, bbox2d, bbox3d, kpts2d, kpts3d "
+    "(coordinates as integer bins)."
+)
+"""Instruction template (version 1); ``{question}`` and ``{choices}`` come from ``qa[0]``."""
+
+
+def list_shards(shards_dir: str, split: str) -> list[str]:
+    """Paths of ``{split}-*-of-*.parquet`` under ``shards_dir``, sorted; ValueError if there are none."""
+    fs, root = pio.filesystem(shards_dir)
+    paths = sorted(fs.glob(f"{root.rstrip('/')}/{split}-*-of-*.parquet"))
+    if not paths:
+        raise ValueError(f"no {split}-*-of-*.parquet shards under {shards_dir}; run `pointvl build` first")
+    return [fs.unstrip_protocol(p) if "://" in shards_dir else p for p in paths]
+
+
+def iter_records(shards_dir: str, split: str) -> Iterator[dict[str, Any]]:
+    """Records of ``split`` as dicts (one shard in memory at a time), in shard and row order."""
+    for path in list_shards(shards_dir, split):
+        yield from pio.read_table(path).to_pylist()
+
+
+def first_qa(record: dict[str, Any]) -> dict[str, Any]:
+    """``qa[0]`` of a record (``qa`` is a JSON string list of ``{question, choices, answer}``)."""
+    qa = json.loads(record["qa"]) if isinstance(record["qa"], str) else record["qa"]
+    if not qa:
+        raise ValueError(f"record {record['instance_id']} has no QA pair; the annotate stage writes >= 1")
+    return qa[0]
+
+
+def record_target(record: dict[str, Any]) -> dict[str, Any]:
+    """Continuous targets of a record: ``bbox2d`` (px), ``bbox3d`` (world), ``answer``, ``description``."""
+    return {
+        "bbox2d": np.asarray(record["bbox2d"], dtype=np.float64).reshape(4),
+        "bbox3d": np.asarray(record["bbox3d"], dtype=np.float64).reshape(6),
+        "answer": str(first_qa(record)["answer"]),
+        "description": str(record["description"]),
+    }
+
+
+def record_camera(record: dict[str, Any]) -> dict[str, Any]:
+    """``K`` (3, 3), ``R`` (3, 3), ``t`` (3,), ``width``, ``height`` of a record."""
+    return {
+        "K": np.asarray(record["K"], dtype=np.float64).reshape(3, 3),
+        "R": np.asarray(record["R"], dtype=np.float64).reshape(3, 3),
+        "t": np.asarray(record["t"], dtype=np.float64).reshape(3),
+        "width": int(record["width"]),
+        "height": int(record["height"]),
+    }
+
+
+def instruction(record: dict[str, Any]) -> str:
+    qa = first_qa(record)
+    return INSTRUCTION.format(question=qa["question"], choices=", ".join(map(str, qa["choices"])))
+
+
+def target_text(record: dict[str, Any], quant: QuantConfig) -> str:
+    """The SFT target: the canonical quantized output JSON of a record."""
+    t = record_target(record)
+    return format_output(
+        answer=t["answer"],
+        description=t["description"],
+        bbox2d=t["bbox2d"],
+        bbox3d=t["bbox3d"],
+        kpts2d=np.asarray(record["kpts2d"], dtype=np.float64).reshape(-1, 2),
+        kpts3d=np.asarray(record["kpts3d"], dtype=np.float64).reshape(-1, 3),
+        width=int(record["width"]),
+        height=int(record["height"]),
+        quant=quant,
+    )
+
+
+def resample_points(points: NDArray, num_points: int, seed: int) -> NDArray[np.float32]:
+    """``num_points`` rows of ``points`` (N, 3): a seeded subset when N >= num_points, else with repeats."""
+    p = np.asarray(points, dtype=np.float32).reshape(-1, 3)
+    if len(p) == 0:
+        raise ValueError("a record has an empty point cloud; the sample_points stage writes N > 0")
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(p), size=num_points, replace=len(p) < num_points)
+    return p[np.sort(idx)]
+
+
+@dataclass
+class Example:
+    """One prompt with its target and what the rewards need."""
+
+    instance_id: str
+    image: Any  # PIL.Image.Image, RGB
+    points: NDArray[np.float32]  # (num_points, 3)
+    instruction: str
+    target: str
+    reward_target: dict[str, Any]
+    camera: dict[str, Any]
+
+
+def make_example(record: dict[str, Any], num_points: int, quant: QuantConfig) -> Example:
+    from PIL import Image
+
+    seed = zlib.crc32(record["instance_id"].encode())
+    return Example(
+        instance_id=record["instance_id"],
+        image=Image.open(io.BytesIO(record["image"])).convert("RGB"),
+        points=resample_points(record["points"], num_points, seed),
+        instruction=instruction(record),
+        target=target_text(record, quant),
+        reward_target=record_target(record),
+        camera=record_camera(record),
+    )
+
+
+class ShardExamples:
+    """Iterable over the :class:`Example` s of one split, shard by shard.
+
+    ``shuffle`` permutes the shard order and the rows inside each shard with ``seed + epoch``
+    (set :attr:`epoch` before each pass); the whole split is never held in memory.
+    """
+
+    def __init__(
+        self, shards_dir: str, split: str, num_points: int, quant: QuantConfig, shuffle: bool, seed: int = 0
+    ) -> None:
+        self.paths = list_shards(shards_dir, split)
+        self.num_points, self.quant, self.shuffle, self.seed = num_points, quant, shuffle, seed
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[Example]:
+        rng = random.Random(self.seed + self.epoch)
+        paths = list(self.paths)
+        if self.shuffle:
+            rng.shuffle(paths)
+        for path in paths:
+            rows = pio.read_table(path).to_pylist()
+            if self.shuffle:
+                rng.shuffle(rows)
+            for row in rows:
+                yield make_example(row, self.num_points, self.quant)
+
+    def __len__(self) -> int:
+        import pyarrow.parquet as pq
+
+        total = 0
+        for path in self.paths:
+            fs, p = pio.filesystem(path)
+            with fs.open(p, "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        return total

@@ -1,0 +1,26 @@
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from pointvl import io
+from pointvl.summary import dataset_card
+
+
+@task(name="publish_summary", cache_policy=NO_CACHE)
+def publish_summary(run_dir: str, summary: dict) -> None:
+    """Write the dataset card beside the shards and publish the build's counts as artifacts."""
+    io.write_bytes(io.join(summary["shards_dir"], "README.md"), dataset_card(summary).encode())
+    create_table_artifact(
+        key="build-counts",
+        table=[{"split/category": k, "records": v} for k, v in summary["per_split_category"].items()],
+        description=f"Records per split and category ({summary['records']} in all)",
+    )
+    create_markdown_artifact(
+        key="build-summary",
+        markdown="\n".join(
+            ["# Build summary", f"Run folder: `{run_dir}`", "", "| dropped (stage:reason) | n |", "|---|---|"]
+            + [f"| {k} | {v} |" for k, v in summary["dropped"].items()]
+            + ["", "| backend | records |", "|---|---|"]
+            + [f"| {k} | {v} |" for k, v in summary["backends"].items()]
+        ),
+    )
