@@ -19,6 +19,7 @@ Quantization (DESIGN.md, one formula everywhere): with ``B`` bins on ``[lo, hi]`
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,12 +52,16 @@ def _box(box: ArrayLike, dim: int) -> NDArray[np.float64]:
 
 def _volume(b: NDArray[np.float64], dim: int) -> float:
     """Extent product of a box, 0 when any side is <= 0 or any coordinate is non-finite."""
-    if not np.all(np.isfinite(b)):
+    vals = b.tolist()
+    if not all(math.isfinite(v) for v in vals):
         return 0.0
-    sides = b[dim:] - b[:dim]
-    if np.any(sides <= 0):
-        return 0.0
-    return float(np.prod(sides))
+    vol = 1.0
+    for k in range(dim):
+        side = vals[dim + k] - vals[k]
+        if side <= 0:
+            return 0.0
+        vol *= side
+    return vol
 
 
 def _iou(a: ArrayLike, b: ArrayLike, dim: int) -> float:
@@ -64,9 +69,10 @@ def _iou(a: ArrayLike, b: ArrayLike, dim: int) -> float:
     va, vb = _volume(ba, dim), _volume(bb, dim)
     if va == 0.0 or vb == 0.0:
         return 0.0
-    lo = np.maximum(ba[:dim], bb[:dim])
-    hi = np.minimum(ba[dim:], bb[dim:])
-    inter = float(np.prod(np.clip(hi - lo, 0.0, None)))
+    la, lb = ba.tolist(), bb.tolist()
+    inter = 1.0
+    for k in range(dim):
+        inter *= max(0.0, min(la[dim + k], lb[dim + k]) - max(la[k], lb[k]))
     return inter / (va + vb - inter)
 
 

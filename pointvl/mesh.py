@@ -110,7 +110,8 @@ def load_mesh(obj_path: str) -> trimesh.Trimesh:
             ),  # ShapeNet: ../images/
             process=False,
         )
-        parts = scene.dump(concatenate=False)
+        # an OBJ scene is flat (every transform is the identity); dump() would drop file normals
+        parts = list(scene.geometry.values())
     except Exception as err:  # trimesh's parser fails with many exception types on corrupt input
         raise MeshError("unreadable", f"{obj_path}: {type(err).__name__}: {err}") from err
 

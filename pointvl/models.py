@@ -85,9 +85,16 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def is_local(model: str) -> bool:
+    """A local folder (existing, or spelled as a path) rather than a Hub ``namespace/name`` id."""
+    return Path(model).exists() or model.startswith(("/", ".", "~")) or model.count("/") != 1
+
+
 def _model_index(model: str) -> Path | None:
     """The ``model_index.json`` or ``config.json`` of a local folder or a cached Hub repo, if present."""
-    if Path(model).is_dir():
+    if is_local(model):
+        if not Path(model).is_dir():
+            return None
         for name in ("model_index.json", "config.json"):
             if (Path(model) / name).is_file():
                 return Path(model) / name
@@ -135,7 +142,7 @@ def resolve_backend(config: ModelConfig, stage: Stage, pipeline_given: bool = Fa
     _require_diffusers()
     resolve_device(config.device)
     missing = [m for m in ids.values() if not weights_present(m)]
-    if missing and (hub_offline() or any(Path(m).is_absolute() or m.startswith(".") for m in missing)):
+    if missing and (hub_offline() or any(is_local(m) for m in missing)):
         raise ValueError(
             f"{stage}: backend='diffusers' but weights are not available: {missing} "
             f"({'HF_HUB_OFFLINE is set; ' if hub_offline() else ''}download them with "
@@ -178,15 +185,15 @@ def load_pipeline(stage: Stage, config: ModelConfig) -> Any:
     if stage == "refine":
         from diffusers import QwenImageEditPipeline
 
-        pipe = QwenImageEditPipeline.from_pretrained(config.model, torch_dtype=torch_dtype, **absent)
+        pipe = QwenImageEditPipeline.from_pretrained(config.model, dtype=torch_dtype, **absent)
     elif stage == "synthesize":
         from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxMultiControlNetModel
 
-        controlnet = FluxControlNetModel.from_pretrained(config.model_ids()["controlnet"], torch_dtype=torch_dtype)
+        controlnet = FluxControlNetModel.from_pretrained(config.model_ids()["controlnet"], dtype=torch_dtype)
         pipe = FluxControlNetPipeline.from_pretrained(
             config.model,
             controlnet=FluxMultiControlNetModel([controlnet]),
-            torch_dtype=torch_dtype,
+            dtype=torch_dtype,
             **absent,
         )
     else:

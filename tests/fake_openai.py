@@ -38,8 +38,9 @@ from PIL import Image
 MAX_BODY = 64 * 1024 * 1024
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 3136,
-                 max_pixels: int = 12845056) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 12845056
+) -> tuple[int, int]:
     """Qwen2.5-VL's processor resize (transformers ``smart_resize``), restated for the fake model."""
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
@@ -93,8 +94,13 @@ class Record:
 class FakeOpenAI:
     """Start with ``with FakeOpenAI(api_key="sk-test") as srv:``; ``srv.base_url`` is the ``/v1`` URL."""
 
-    def __init__(self, api_key: str = "sk-test-key", vlm_convention: str = "qwen2.5-vl",
-                 timeout_sleep_s: float = 1.0, batch_polls_to_complete: int = 1) -> None:
+    def __init__(
+        self,
+        api_key: str = "sk-test-key",
+        vlm_convention: str = "qwen2.5-vl",
+        timeout_sleep_s: float = 1.0,
+        batch_polls_to_complete: int = 1,
+    ) -> None:
         self.api_key = api_key
         self.vlm_convention = vlm_convention
         self.timeout_sleep_s = timeout_sleep_s
@@ -155,18 +161,29 @@ class FakeOpenAI:
         if rf.get("type") == "json_schema":
             props = rf["json_schema"]["schema"]["properties"]["category_question"]["properties"]
             choices, answer = props["choices"]["items"]["enum"], props["answer"]["enum"][0]
-            return json.dumps({
-                "category_question": {"question": "Which category does this object belong to?",
-                                      "choices": choices, "answer": answer},
-                "attribute_qa": [
-                    {"question": "Does the object have visible legs?", "choices": ["yes", "no"], "answer": "no"},
-                    {"question": "What is the overall shape?", "choices": ["boxy", "round", "thin"],
-                     "answer": "boxy"},
-                    {"question": "Is the surface glossy or matte?", "choices": ["glossy", "matte"],
-                     "answer": "matte"},
-                ],
-                "description": f"A compact {answer} with a blocky silhouette and flat faces.",
-            })
+            return json.dumps(
+                {
+                    "category_question": {
+                        "question": "Which category does this object belong to?",
+                        "choices": choices,
+                        "answer": answer,
+                    },
+                    "attribute_qa": [
+                        {"question": "Does the object have visible legs?", "choices": ["yes", "no"], "answer": "no"},
+                        {
+                            "question": "What is the overall shape?",
+                            "choices": ["boxy", "round", "thin"],
+                            "answer": "boxy",
+                        },
+                        {
+                            "question": "Is the surface glossy or matte?",
+                            "choices": ["glossy", "matte"],
+                            "answer": "matte",
+                        },
+                    ],
+                    "description": f"A compact {answer} with a blocky silhouette and flat faces.",
+                }
+            )
         png = first_image(body)
         assert png is not None, "a grounding request must carry an image"
         rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
@@ -185,10 +202,17 @@ class FakeOpenAI:
 
     def completion(self, body: dict[str, Any], content: str) -> dict[str, Any]:
         return {
-            "id": self._next_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+            "id": self._next_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": int(time.time()),
             "model": body.get("model", ""),
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": content, "refusal": None}}],
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": content, "refusal": None},
+                }
+            ],
             "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20},
         }
 
@@ -219,24 +243,47 @@ class FakeOpenAI:
             req = json.loads(line)
             status, reply, _ = self.answer(req["body"])
             with self._lock:
-                self.records.append(Record("batch-line", "POST", request_kind(req["body"]),
-                                           image_sha(req["body"]), status or 599, True, req["body"]))
+                self.records.append(
+                    Record(
+                        "batch-line",
+                        "POST",
+                        request_kind(req["body"]),
+                        image_sha(req["body"]),
+                        status or 599,
+                        True,
+                        req["body"],
+                    )
+                )
             rid = self._next_id("batch_req")
             if status == 200:
-                out.append({"id": rid, "custom_id": req["custom_id"], "error": None,
-                            "response": {"status_code": 200, "request_id": rid, "body": reply}})
+                out.append(
+                    {
+                        "id": rid,
+                        "custom_id": req["custom_id"],
+                        "error": None,
+                        "response": {"status_code": 200, "request_id": rid, "body": reply},
+                    }
+                )
             else:
-                err.append({"id": rid, "custom_id": req["custom_id"], "response": {
-                    "status_code": status or 500, "request_id": rid, "body": reply or {}},
-                    "error": {"code": "server_error", "message": f"status {status}"}})
+                err.append(
+                    {
+                        "id": rid,
+                        "custom_id": req["custom_id"],
+                        "response": {"status_code": status or 500, "request_id": rid, "body": reply or {}},
+                        "error": {"code": "server_error", "message": f"status {status}"},
+                    }
+                )
         for key, lines in (("output_file_id", out), ("error_file_id", err)):
             if lines:
                 fid = self._next_id("file")
                 data = ("\n".join(json.dumps(x) for x in lines) + "\n").encode()
                 self.files[fid] = {"data": data, "filename": f"{key}.jsonl", "purpose": "batch_output"}
                 batch[key] = fid
-        batch.update(status="completed", completed_at=int(time.time()),
-                     request_counts={"total": len(out) + len(err), "completed": len(out), "failed": len(err)})
+        batch.update(
+            status="completed",
+            completed_at=int(time.time()),
+            request_counts={"total": len(out) + len(err), "completed": len(out), "failed": len(err)},
+        )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -278,12 +325,14 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self._authorized()
         if path == "/v1/chat/completions":
             body = json.loads(raw)
+            record = Record(path, "POST", request_kind(body), image_sha(body), 0, auth, body)
+            with fake._lock:  # recorded on arrival, so a request still being answered is counted
+                fake.records.append(record)
             if not auth:
                 status, reply, headers = 401, {"error": {"message": "bad key"}}, {}
             else:
                 status, reply, headers = fake.answer(body)
-            with fake._lock:
-                fake.records.append(Record(path, "POST", request_kind(body), image_sha(body), status, auth, body))
+            record.status = status
             if reply is None:  # disconnect: close without a reply
                 self.close_connection = True
                 self.connection.shutdown(2)
@@ -291,21 +340,41 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(status, reply, headers)
         elif path == "/v1/files":
             msg = email.parser.BytesParser().parsebytes(
-                b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + raw)
+                b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + raw
+            )
             parts = {p.get_param("name", header="content-disposition"): p for p in msg.get_payload()}
             fid = fake._next_id("file")
             data = parts["file"].get_payload(decode=True)
-            fake.files[fid] = {"data": data, "filename": parts["file"].get_filename(),
-                               "purpose": parts["purpose"].get_payload()}
+            fake.files[fid] = {
+                "data": data,
+                "filename": parts["file"].get_filename(),
+                "purpose": parts["purpose"].get_payload(),
+            }
             fake.records.append(Record(path, "POST", None, None, 200, auth))
-            self._send(200, {"id": fid, "object": "file", "bytes": len(data), "created_at": int(time.time()),
-                             "filename": fake.files[fid]["filename"], "purpose": "batch", "status": "processed"})
+            self._send(
+                200,
+                {
+                    "id": fid,
+                    "object": "file",
+                    "bytes": len(data),
+                    "created_at": int(time.time()),
+                    "filename": fake.files[fid]["filename"],
+                    "purpose": "batch",
+                    "status": "processed",
+                },
+            )
         elif path == "/v1/batches":
             req = json.loads(raw)
             bid = fake._next_id("batch")
-            fake.batches[bid] = {"id": bid, "object": "batch", "endpoint": req["endpoint"],
-                                 "input_file_id": req["input_file_id"], "completion_window": req["completion_window"],
-                                 "status": "validating", "created_at": int(time.time())}
+            fake.batches[bid] = {
+                "id": bid,
+                "object": "batch",
+                "endpoint": req["endpoint"],
+                "input_file_id": req["input_file_id"],
+                "completion_window": req["completion_window"],
+                "status": "validating",
+                "created_at": int(time.time()),
+            }
             fake._polls[bid] = 0
             fake.records.append(Record(path, "POST", None, None, 200, auth))
             self._send(200, fake.batches[bid])

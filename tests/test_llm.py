@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_openai import FakeOpenAI
+from fake_openai import FakeOpenAI  # noqa: E402
 from pydantic import SecretStr
 
 from pointvl.llm import (
@@ -27,16 +27,31 @@ from pointvl.llm import (
 KEY = "sk-test-SECRET-0123456789"
 SCHEMA_BODY = {
     "type": "json_schema",
-    "json_schema": {"name": "annotation", "strict": True, "schema": {"type": "object", "properties": {
-        "category_question": {"type": "object", "properties": {
-            "choices": {"type": "array", "items": {"type": "string", "enum": ["chair", "table"]}},
-            "answer": {"type": "string", "enum": ["chair"]}}}}}},
+    "json_schema": {
+        "name": "annotation",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {
+                "category_question": {
+                    "type": "object",
+                    "properties": {
+                        "choices": {"type": "array", "items": {"type": "string", "enum": ["chair", "table"]}},
+                        "answer": {"type": "string", "enum": ["chair"]},
+                    },
+                }
+            },
+        },
+    },
 }
 
 
 def body(n: int = 0) -> dict:
-    return {"model": "gpt-5", "response_format": SCHEMA_BODY,
-            "messages": [{"role": "user", "content": f"annotate item {n}"}]}
+    return {
+        "model": "gpt-5",
+        "response_format": SCHEMA_BODY,
+        "messages": [{"role": "user", "content": f"annotate item {n}"}],
+    }
 
 
 def validate(content: str) -> dict:
@@ -101,10 +116,12 @@ def test_persistent_failures_raise_call_failed_with_reason_and_cache_nothing(tmp
         srv.inject("schema", times=10)
         with pytest.raises(CallFailed, match="invalid reply after 3 attempts: missing category_question"):
             client(srv, tmp_path).complete(body(), validate)
+        srv.faults.clear()
         srv.inject("500", times=10)
         with pytest.raises(CallFailed, match="InternalServerError"):
             client(srv, tmp_path, max_retries=1).complete(body(7), validate)
-    assert not list((tmp_path / "cache").rglob("*.json")) if (tmp_path / "cache").exists() else True
+        assert len(srv.chat_records()) == 3 + 2  # 3 asks, then 1 try + 1 SDK retry
+    assert not list(tmp_path.rglob("*.json"))
 
 
 def test_bad_key_is_fatal_and_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

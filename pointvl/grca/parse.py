@@ -151,12 +151,11 @@ def _find_object(text: str) -> _Candidate | None:
 
 
 def _coords(values: list[Any], bins: int, where: str) -> str | None:
-    """None when every entry is an integer bin, else why not."""
+    """None when every entry is an integer bin, else why not (the first bad entry)."""
     for j, v in enumerate(values):
-        if not isinstance(v, int) or isinstance(v, bool):
+        if type(v) is not int:  # bool is a subclass of int: excluded on purpose
             return f"malformed: {where}[{j}] is {json.dumps(v)[:20]}, not an integer bin"
-    for j, v in enumerate(values):
-        if not 0 <= v <= bins - 1:
+        if not 0 <= v < bins:
             return f"out of range: {where}[{j}] = {v} is outside [0, {bins - 1}]"
     return None
 

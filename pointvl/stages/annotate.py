@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from string import Template
 from typing import Any
 
 import numpy as np
@@ -54,6 +56,7 @@ from pointvl.llm import (
     resolve_api_key,
     run_batch,
 )
+from pointvl.stages.base import finished, read_stage_table, read_stats, stats_path, write_stage_table
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ __all__ = [
     "vlm_box_to_pixels",
 ]
 
+STAGE = "annotate"
 _ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPTS_DIR = str(_ROOT / "prompts" / "annotate")
 DEFAULT_SCHEMA = str(_ROOT / "schemas" / "annotation.schema.json")
@@ -165,21 +169,15 @@ class AnnotateConfig:
         if self.backend not in ("offline", "openai"):
             raise ValueError(f"annotate.backend must be 'offline' or 'openai', got {self.backend!r}")
         if self.vlm_coordinates not in COORDINATES:
-            raise ValueError(
-                f"annotate.vlm_coordinates must be one of {COORDINATES}, got {self.vlm_coordinates!r}"
-            )
+            raise ValueError(f"annotate.vlm_coordinates must be one of {COORDINATES}, got {self.vlm_coordinates!r}")
         if self.bbox2d_source not in ("mask", "vlm"):
             raise ValueError(f"annotate.bbox2d_source must be 'mask' or 'vlm', got {self.bbox2d_source!r}")
         if self.backend == "offline" and self.bbox2d_source == "vlm":
-            raise ValueError(
-                "the offline backend has no VLM: set annotate.bbox2d_source='mask' or backend='openai'"
-            )
+            raise ValueError("the offline backend has no VLM: set annotate.bbox2d_source='mask' or backend='openai'")
         if self.llm_model.startswith("gpt-5") and self.llm_temperature not in (None, 1, 1.0):
             raise ValueError("GPT-5 rejects any temperature but 1: set annotate.llm_temperature=None")
         if not 0.0 <= self.agreement_threshold <= 1.0:
-            raise ValueError(
-                f"annotate.agreement_threshold is an IoU in [0, 1], got {self.agreement_threshold}"
-            )
+            raise ValueError(f"annotate.agreement_threshold is an IoU in [0, 1], got {self.agreement_threshold}")
         if not 3 <= self.n_attribute_qa <= 8:
             raise ValueError(
                 f"annotate.n_attribute_qa must be in [3, 8] (the schema's bounds), got {self.n_attribute_qa}"
@@ -250,9 +248,7 @@ def vlm_box_to_pixels(
         min(max(y2 * sy, 0.0), height),
     ]
     if not (out[2] > out[0] and out[3] > out[1]):
-        raise InvalidReply(
-            f"the box {box} is empty inside the {width}x{height} image (need x1 < x2, y1 < y2)"
-        )
+        raise InvalidReply(f"the box {box} is empty inside the {width}x{height} image (need x1 < x2, y1 < y2)")
     return out
 
 
@@ -266,9 +262,7 @@ def dominant_colours(rgb: np.ndarray, mask: np.ndarray, top: int = 3, min_share:
     nearest = np.argmin(((pixels[:, None, :] - ref[None]) ** 2).sum(-1), axis=1)
     share = np.bincount(nearest, minlength=len(names)) / len(pixels)
     order = np.argsort(-share, kind="stable")
-    return [
-        {"name": names[i], "share": round(float(share[i]), 3)} for i in order[:top] if share[i] >= min_share
-    ]
+    return [{"name": names[i], "share": round(float(share[i]), 3)} for i in order[:top] if share[i] >= min_share]
 
 
 def _rng(instance_id: str) -> np.random.Generator:
@@ -343,17 +337,13 @@ def check_annotation(obj: Any, schema: dict, category: str, categories: list[str
     qa = [cq, *obj["attribute_qa"]]
     for i, q in enumerate(qa):
         if q["answer"] not in q["choices"]:
-            raise InvalidReply(
-                f"question {i}: the answer {q['answer']!r} is not among its choices {q['choices']}"
-            )
+            raise InvalidReply(f"question {i}: the answer {q['answer']!r} is not among its choices {q['choices']}")
         if len(set(q["choices"])) != len(q["choices"]):
             raise InvalidReply(f"question {i}: repeated choices {q['choices']}")
     return {"qa": qa, "description": obj["description"]}
 
 
-def parse_grounding(
-    content: str, convention: str, width: int, height: int, cfg: AnnotateConfig
-) -> list[float]:
+def parse_grounding(content: str, convention: str, width: int, height: int, cfg: AnnotateConfig) -> list[float]:
     """A grounding reply (``{"bbox_2d": [...]}`` or a list of them, fenced or not) -> pixel box."""
     obj = parse_json_reply(content)
     if isinstance(obj, list):
@@ -376,9 +366,7 @@ def _strict_schema(schema: dict) -> dict:
     the full schema is still checked locally)."""
     if isinstance(schema, dict):
         return {
-            k: _strict_schema(v)
-            for k, v in schema.items()
-            if k not in ("$schema", "$id", "minLength", "maxLength")
+            k: _strict_schema(v) for k, v in schema.items() if k not in ("$schema", "$id", "minLength", "maxLength")
         }
     if isinstance(schema, list):
         return [_strict_schema(v) for v in schema]
@@ -425,8 +413,7 @@ class Annotate:
         self._vlm_api_key = vlm_api_key
         self._schema = json.loads(Path(config.schema_path).read_text())
         self._prompts = {
-            k: (Path(config.prompts_dir) / f"{k}_{config.prompt_version}.txt").read_text()
-            for k in ("qa", "ground")
+            k: (Path(config.prompts_dir) / f"{k}_{config.prompt_version}.txt").read_text() for k in ("qa", "ground")
         }
 
     # 1. inputs -------------------------------------------------------------------------------
@@ -436,29 +423,19 @@ class Annotate:
         for stage in ("render", "geometry", "kpts2d"):
             path = io.join(run_dir, "stages", stage, name)
             if not io.exists(path):
-                raise FileNotFoundError(
-                    f"{path} is missing: run the {stage} stage for shard {shard_index} first"
-                )
+                raise FileNotFoundError(f"{path} is missing: run the {stage} stage for shard {shard_index} first")
             tables[stage] = io.read_table(path).to_pylist()
         synth = io.join(run_dir, "stages", "synthesize", name)
-        images = (
-            {r["instance_id"]: r["image"] for r in io.read_table(synth).to_pylist()}
-            if io.exists(synth)
-            else {}
-        )
+        images = {r["instance_id"]: r["image"] for r in io.read_table(synth).to_pylist()} if io.exists(synth) else {}
         bbox3d = {r["instance_id"]: r["bbox3d"] for r in tables["geometry"]}
         bbox2d = {r["instance_id"]: r["bbox2d"] for r in tables["kpts2d"]}
         items = []
         for r in tables["render"]:
             iid = r["instance_id"]
             if iid not in bbox3d or iid not in bbox2d:
-                raise ValueError(
-                    f"{iid} has no geometry/kpts2d row: re-run those stages for shard {shard_index}"
-                )
+                raise ValueError(f"{iid} has no geometry/kpts2d row: re-run those stages for shard {shard_index}")
             if r["category"] not in self.categories:
-                raise ValueError(
-                    f"{iid}: category {r['category']!r} is not in the categories given to Annotate"
-                )
+                raise ValueError(f"{iid}: category {r['category']!r} is not in the categories given to Annotate")
             png = images.get(iid, r["render"])
             rgb = decode_rgb(png)
             mask = decode_mask(r["mask"])
@@ -503,8 +480,6 @@ class Annotate:
         return schema
 
     def _qa_body(self, item: _Item) -> dict[str, Any]:
-        from string import Template
-
         text = Template(self._prompts["qa"]).substitute(
             facts=json.dumps(item.facts, indent=2),
             choices=json.dumps(item.choices),
@@ -536,8 +511,6 @@ class Annotate:
         return body
 
     def _ground_body(self, item: _Item) -> dict[str, Any]:
-        from string import Template
-
         text = Template(self._prompts["ground"]).substitute(category=item.category)
         return {
             "model": self.config.vlm_model,
@@ -556,9 +529,7 @@ class Annotate:
 
     def _qa_validator(self, item: _Item) -> Callable[[str], dict[str, Any]]:
         schema = self._qa_schema(item)
-        return lambda content: check_annotation(
-            parse_json_reply(content), schema, item.category, self.categories
-        )
+        return lambda content: check_annotation(parse_json_reply(content), schema, item.category, self.categories)
 
     def _ground_validator(self, item: _Item) -> Callable[[str], list[float]]:
         def validate(content: str) -> list[float]:
@@ -625,12 +596,8 @@ class Annotate:
             "backoff_max_s": c.backoff_max_s,
             "cache": cache,
         }
-        llm = ChatClient(
-            c.llm_base_url, key, limiter=RateLimiter(c.requests_per_minute, c.concurrency), **common
-        )
-        vlm = ChatClient(
-            c.vlm_base_url, vlm_key, limiter=RateLimiter(c.requests_per_minute, c.concurrency), **common
-        )
+        llm = ChatClient(c.llm_base_url, key, limiter=RateLimiter(c.requests_per_minute, c.concurrency), **common)
+        vlm = ChatClient(c.vlm_base_url, vlm_key, limiter=RateLimiter(c.requests_per_minute, c.concurrency), **common)
         return llm, vlm
 
     def _provenance(self) -> str:
@@ -646,12 +613,8 @@ class Annotate:
                 "bbox2d_source": c.bbox2d_source,
                 "prompt_version": c.prompt_version,
                 "batch": c.batch,
-                "prompt_sha256": {
-                    k: hashlib.sha256(v.encode()).hexdigest()[:16] for k, v in self._prompts.items()
-                },
-                "schema_sha256": hashlib.sha256(
-                    json.dumps(self._schema, sort_keys=True).encode()
-                ).hexdigest()[:16],
+                "prompt_sha256": {k: hashlib.sha256(v.encode()).hexdigest()[:16] for k, v in self._prompts.items()},
+                "schema_sha256": hashlib.sha256(json.dumps(self._schema, sort_keys=True).encode()).hexdigest()[:16],
             }
         return json.dumps(prov, sort_keys=True)
 
@@ -663,13 +626,15 @@ class Annotate:
         :class:`pointvl.llm.BatchPending` when a batch outlives ``batch_max_wait_s``.
         """
         c = self.config
-        out_path = io.join(run_dir, "stages", "annotate", f"shard-{shard_index:05d}.parquet")
-        stats_path = out_path.replace(".parquet", ".stats.json")
-        if io.exists(out_path):
-            failed = sum(s == "failed" for s in io.read_table(out_path).column("annotate_status").to_pylist())
-            if not (c.redo_failed and failed):
-                logger.info("annotate shard %05d: already done (%d failed), skipping", shard_index, failed)
-                stats = io.read_json(stats_path) if io.exists(stats_path) else {}
+        if finished(run_dir, STAGE, shard_index):
+            done = read_stage_table(run_dir, STAGE, shard_index).column("annotate_status").to_pylist()
+            if not (c.redo_failed and "failed" in done):
+                logger.info("annotate shard %05d: finished (%d failed), skipped", shard_index, done.count("failed"))
+                stats = (
+                    read_stats(run_dir, STAGE, shard_index)
+                    if io.exists(stats_path(run_dir, STAGE, shard_index))
+                    else {}
+                )
                 return {**stats, "skipped": True}
         t0 = time.monotonic()
         # 1. check and load inputs (before any API call)
@@ -687,31 +652,32 @@ class Annotate:
             cache = ResponseCache(c.cache_dir or io.join(run_dir, "cache", "annotate"))
             llm, vlm = self._clients(cache)
             if c.batch:
-                self._run_batch(
-                    llm, cache, items, io.join(cache.root, "batches", f"shard-{shard_index:05d}.json")
-                )
-            done = [0]
+                self._run_batch(llm, cache, items, io.join(cache.root, "batches", f"shard-{shard_index:05d}.json"))
+            counter = itertools.count(1)
 
             def work(it: _Item) -> dict[str, Any]:
                 r = self._online(it, llm, vlm)
-                done[0] += 1
                 logger.info(
                     "annotate shard %05d: %d/%d %s%s",
                     shard_index,
-                    done[0],
+                    next(counter),
                     len(items),
                     it.instance_id,
                     " FAILED" if r["failures"] else "",
                 )
                 return r
 
-            with ThreadPoolExecutor(max_workers=c.concurrency) as pool:
+            pool = ThreadPoolExecutor(max_workers=c.concurrency)
+            try:
                 results = list(pool.map(work, items))
+            except BaseException:  # FatalAPIError or an interrupt: start no more items, keep the cache
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            pool.shutdown()
             for k in ("api_calls", "cache_hits", "reasks"):
                 stats[k] = llm.stats[k] + vlm.stats[k]
         # 3. write
         table = _table(items, results, self._provenance())
-        io.write_table(out_path, table)
         status = table.column("annotate_status").to_pylist()
         stats.update(
             ok=status.count("ok"),
@@ -722,7 +688,7 @@ class Annotate:
         for r in results:
             for f in r["failures"]:
                 stats[f"failed_{f.split(':')[0]}"] = stats.get(f"failed_{f.split(':')[0]}", 0) + 1
-        io.write_json(stats_path, stats)
+        write_stage_table(run_dir, STAGE, shard_index, table, stats)  # stats first, the table last
         logger.info(
             "annotate shard %05d: %d ok, %d failed, %d flagged",
             shard_index,

@@ -281,14 +281,10 @@ class RenderOutput:
     normals: NDArray[np.float32]
 
 
-def _pixel_rays(camera: Camera) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Camera centre (3,) and world directions (H, W, 3) through pixel centres, camera-frame z = 1."""
-    u = np.arange(camera.width) + 0.5
-    v = np.arange(camera.height) + 0.5
-    uu, vv = np.meshgrid(u, v)
-    pix = np.stack([uu, vv, np.ones_like(uu)], axis=-1)
-    cam_dirs = pix @ np.linalg.inv(camera.K).T
-    return camera.center, cam_dirs @ camera.R
+def _ray_directions(camera: Camera, cols: NDArray, rows: NDArray) -> NDArray[np.float64]:
+    """World directions (..., 3) through the centres of pixels ``(cols, rows)``, camera-frame z = 1."""
+    pix = np.stack([cols + 0.5, rows + 0.5, np.ones(np.shape(cols))], axis=-1)
+    return pix @ (camera.R.T @ np.linalg.inv(camera.K)).T
 
 
 class Renderer(ABC):
@@ -322,8 +318,8 @@ class Renderer(ABC):
     ) -> RenderOutput:
         cfg = self.config
         mask = face_ids >= 0
-        _, dirs = _pixel_rays(camera)
-        d = dirs[mask]
+        rows, cols = np.nonzero(mask)
+        d = _ray_directions(camera, cols, rows)
         d /= np.linalg.norm(d, axis=1, keepdims=True)
         faces = face_ids[mask]
         n = np.asarray(mesh.face_normals, dtype=np.float64)[faces]
@@ -358,8 +354,10 @@ class Open3DRenderer(Renderer):
         )
         out = []
         for cam in cameras:
-            origin, dirs = _pixel_rays(cam)
-            rays = np.concatenate([np.broadcast_to(origin, dirs.shape), dirs], axis=-1).astype(np.float32)
+            rows, cols = np.mgrid[: cam.height, : cam.width]
+            rays = np.empty((cam.height, cam.width, 6), dtype=np.float32)
+            rays[..., :3] = cam.center
+            rays[..., 3:] = _ray_directions(cam, cols, rows)
             hit = scene.cast_rays(o3d.core.Tensor(rays))
             depth = hit["t_hit"].numpy().astype(np.float64)  # ray parameter = camera z, as dirs have z = 1
             miss = ~np.isfinite(depth)

@@ -29,7 +29,7 @@ class ModelConfig:
 
     Attributes:
         checkpoint: Qwen2.5-VL checkpoint (hub id or folder) used when ``architecture="checkpoint"``.
-        architecture: ``"checkpoint"`` (the checkpoint's config and tokenizer), ``"tiny"`` (a ~0.3M
+        architecture: ``"checkpoint"`` (the checkpoint's config and tokenizer), ``"tiny"`` (a ~0.5M
             parameter Qwen2.5-VL-shaped model and a character tokenizer built in code, for CPU tests) or
             ``"3b"`` (Qwen2.5-VL-3B's shapes built in code, random weights: benchmarks without downloads).
         random_init: with ``"checkpoint"``, build the architecture with random weights (no weights read).

@@ -179,3 +179,49 @@ class ShardExamples:
             with fs.open(p, "rb") as f:
                 total += pq.ParquetFile(f).metadata.num_rows
         return total
+
+
+class Collator:
+    """Batches :class:`Example` s into model inputs.
+
+    ``input_ids`` = tokenized chat prompt (:func:`pointvl.train.model.build_prompt`), then, with
+    ``with_targets``, the target JSON and ``<|im_end|>``; right padding. ``labels`` copy the target and
+    ``<|im_end|>`` tokens and are -100 elsewhere (SFT loss on the answer tokens only, eq. 5). The prompt
+    and the target are tokenized separately, so the label boundary is exact for any tokenizer.
+    """
+
+    def __init__(self, tokenizer: Any, image_processor: Any, num_point_tokens: int, with_targets: bool) -> None:
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.num_point_tokens, self.with_targets = num_point_tokens, with_targets
+
+    def __call__(self, examples: list[Example]) -> dict[str, Any]:
+        import torch
+
+        from pointvl.train.model import build_prompt
+
+        tok = self.tokenizer
+        rows, labels = [], []
+        for e in examples:
+            prompt = tok(build_prompt(e.instruction, self.num_point_tokens), add_special_tokens=False).input_ids
+            answer = tok(e.target + tok.eos_token, add_special_tokens=False).input_ids if self.with_targets else []
+            rows.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        label_t = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            attention[i, : len(r)] = 1
+            label_t[i, : len(r)] = torch.tensor(lab)
+        pixels = self.image_processor(images=[e.image for e in examples], return_tensors="pt")
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "points": torch.from_numpy(np.stack([e.points for e in examples])),
+            "pixel_values": pixels["pixel_values"],
+            "image_grid_thw": pixels["image_grid_thw"],
+        }
+        if self.with_targets:
+            batch["labels"] = label_t
+        return batch

@@ -143,7 +143,7 @@ def build_prompt(instruction: str, num_point_tokens: int) -> str:
 
 
 def tiny_qwen_config(vocab_size: int, special_ids: dict[str, int], text_ids: dict[str, int]):
-    """A ~0.3M-parameter Qwen2.5-VL config (FACTS.md: mrope sections sum to head_dim / 2, ...)."""
+    """A ~0.5M-parameter Qwen2.5-VL config (FACTS.md: mrope sections sum to head_dim / 2, ...)."""
     tf = _transformers()
     return tf.Qwen2_5_VLConfig(
         text_config={
@@ -233,3 +233,23 @@ def build_model(config: ModelConfig, tokenizer) -> PointVL3D:
     logger.info("PointVL-3D (%s): %d trainable parameters, %d point tokens",
                 config.architecture, n_train, model.num_point_tokens)
     return model
+
+
+def save_policy(state_dict: dict[str, torch.Tensor], folder: str) -> None:
+    """Write a policy state dict to ``folder/model.pt`` atomically (finished = the file exists)."""
+    import io
+
+    from pointvl import io as pio
+
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    pio.write_bytes(pio.join(folder, "model.pt"), buf.getvalue())
+
+
+def load_policy(model: PointVL3D, folder: str) -> None:
+    """Load ``folder/model.pt`` into ``model`` (strict: same architecture as saved)."""
+    from pointvl import io as pio
+
+    fs, p = pio.filesystem(pio.join(folder, "model.pt"))
+    with fs.open(p, "rb") as f:
+        model.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))

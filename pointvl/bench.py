@@ -1,0 +1,101 @@
+"""`make bench`: throughput of the build's CPU stages, the render backends, GRCA scoring, the GPU
+stages' per-item overhead, and the Prefect orchestration overhead. Prints JSON lines and a table.
+
+Targets (issue 2): points + geometry + one 512² view ≤ 0.5 s per instance for an 80k-face mesh on
+two cores; flow vs plain-loop overhead ratio ≤ 1.10.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+import trimesh
+
+logger = logging.getLogger(__name__)
+
+
+def shapenet_sized_mesh(faces: int, seed: int = 0) -> trimesh.Trimesh:
+    """A lumpy, coloured, unit-normalized closed mesh with about ``faces`` faces."""
+    subdivisions = int(np.ceil(np.log(faces / 20) / np.log(4)))
+    mesh = trimesh.creation.icosphere(subdivisions=subdivisions)
+    rng = np.random.default_rng(seed)
+    directions = mesh.vertices / np.linalg.norm(mesh.vertices, axis=1, keepdims=True)
+    bumps = sum(np.sin(directions @ rng.normal(size=3) * f) for f in (3, 7, 13)) * 0.05
+    mesh.vertices = directions * (1 + bumps)[:, None] * np.array([0.5, 0.3, 0.8])
+    mesh.vertices -= mesh.bounds.mean(axis=0)
+    mesh.vertices /= np.linalg.norm(mesh.extents)
+    mesh.visual.face_colors = rng.integers(0, 255, size=(len(mesh.faces), 4), dtype=np.uint8)
+    return mesh
+
+
+def cpu_stages_per_instance(faces: int, repeats: int = 2) -> dict[str, float]:
+    """Seconds per instance of sample_points (8192) + geometry + one 512² Open3D view."""
+    from pointvl.stages.geometry import Geometry, GeometryConfig
+    from pointvl.stages.render import Render, RenderConfig
+    from pointvl.stages.sample_points import SamplePoints, SamplePointsConfig
+
+    mesh = shapenet_sized_mesh(faces)
+    sampler, geometry = SamplePoints(SamplePointsConfig()), Geometry(GeometryConfig())
+    render = Render(RenderConfig(width=512, height=512, backend="open3d"))
+    timings: dict[str, list[float]] = {"sample_points": [], "geometry": [], "render": []}
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        points, _ = sampler.run_mesh(mesh, f"m{i}")
+        t1 = time.perf_counter()
+        geometry.run_points(points)
+        t2 = time.perf_counter()
+        render.run_model(mesh, "02958343", f"m{i}")
+        t3 = time.perf_counter()
+        for key, value in zip(timings, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            timings[key].append(value)
+    result = {f"{k}_s": float(np.median(v)) for k, v in timings.items()}
+    result["total_s"] = sum(result.values())
+    result["faces"] = len(mesh.faces)
+    return result
+
+
+def orchestration_overhead(shapenet: str, config: dict, work: str) -> dict[str, float]:
+    """The same stages over the same shards: the Prefect flow vs a plain Python loop."""
+    from flows.build import build_benchmark
+    from pointvl.config import BuildConfig
+    from pointvl.local import build_in_process
+
+    cfg = BuildConfig.from_dict(config)
+    t0 = time.perf_counter()
+    build_in_process(shapenet, os.path.join(work, "plain"), cfg)
+    plain = time.perf_counter() - t0
+    build_benchmark(shapenet=shapenet, out=os.path.join(work, "warmup"), config={**config, "clean": {
+        **config.get("clean", {}), "categories": ["mug"]}})  # starts the embedded server
+    t0 = time.perf_counter()
+    build_benchmark(shapenet=shapenet, out=os.path.join(work, "flow"), config=config)
+    flow = time.perf_counter() - t0
+    return {"plain_loop_s": plain, "flow_s": flow, "overhead_ratio": flow / plain}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from pointvl.fixture import write_fixture
+
+    results: dict[str, object] = {}
+    for faces in (20_000, 80_000, 100_000):
+        results[f"cpu_stages_{faces // 1000}k_faces"] = cpu_stages_per_instance(faces)
+        print(json.dumps({f"cpu_stages_{faces // 1000}k_faces": results[f"cpu_stages_{faces // 1000}k_faces"]}))
+    with tempfile.TemporaryDirectory() as work:
+        shapenet = write_fixture(os.path.join(work, "shapenet")).root
+        config = {"shard_size": 8, "clean": {"test_size": 0.25, "train_size": None}}
+        results["orchestration"] = orchestration_overhead(shapenet, config, work)
+        print(json.dumps({"orchestration": results["orchestration"]}))
+    for name in ("bench_render", "bench_grca", "bench_gpu"):
+        module = __import__(f"pointvl.{name}", fromlist=["run"])
+        results[name] = module.run()
+        print(json.dumps({name: results[name]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Prefect task for stage `annotate`: one work shard, keys from the environment or Secret blocks."""
+
+from __future__ import annotations
+
+from prefect import Task, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.logging import get_run_logger
+from prefect.states import State
+from pydantic import SecretStr
+
+from pointvl.llm import FatalAPIError
+from pointvl.plan import load_plan
+from pointvl.stages.annotate import Annotate, AnnotateConfig
+
+
+def _secret(block_name: str) -> SecretStr | None:
+    """The value of Prefect Secret block ``block_name`` (``None`` when no block is named)."""
+    if not block_name:
+        return None
+    from prefect.blocks.system import Secret
+
+    return SecretStr(str(Secret.load(block_name).get()))
+
+
+def _retry_unless_fatal(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry transient failures (a batch still running, a dropped connection); a rejected key or model
+    or an invalid config will not fix itself."""
+    try:
+        state.result()
+    except (FatalAPIError, ValueError, FileNotFoundError):
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(
+    name="annotate",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[30, 300, 1800],
+    retry_condition_fn=_retry_unless_fatal,
+    task_run_name="annotate-{shard_index:05d}",
+)
+def annotate(run_dir: str, shard_index: int, config: AnnotateConfig) -> dict:
+    """QA, descriptions and 2D grounding for one shard (skipped when finished; a retry pays for no reply
+    twice: replies are cached under ``RUN/cache/annotate`` and a running batch is picked up again).
+
+    Keys come from the Secret blocks named in ``config`` when set, else from the environment variables
+    it names. Categories are those of the run's plan.
+    """
+    logger = get_run_logger()
+    categories = sorted({m.category for s in load_plan(run_dir).shards for m in s.models})
+    stage = Annotate(
+        config,
+        categories,
+        api_key=_secret(config.api_key_secret_block),
+        vlm_api_key=_secret(config.vlm_api_key_secret_block),
+    )
+    stats = stage.run_shard(run_dir, shard_index)
+    logger.info("annotate shard-%05d: %s", shard_index, stats)
+    if not stats.get("skipped"):
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats.items()) if k.startswith("failed_")) or "none"
+        create_markdown_artifact(
+            key=f"annotate-shard-{shard_index:05d}",
+            markdown=f"annotate shard {shard_index:05d} (`{stats['backend']}`): {stats['ok']} ok, "
+            f"{stats['failed']} failed ({reasons}), {stats['flagged']} flagged for review, "
+            f"{stats.get('api_calls', 0)} API calls, {stats.get('cache_hits', 0)} cache hits, "
+            f"{stats['seconds']:.1f} s",
+            description="annotate stage stats",
+        )
+    return stats
