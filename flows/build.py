@@ -1,25 +1,29 @@
 """The benchmark build, read as the DAG (DESIGN.md):
 
     clean ─► sample_points ─► geometry ────────────┐
-       └───► render ─► kpts2d ─────────────────────┼─► refine (GPU) ─► synthesize (GPU) ─► annotate ─► write_shards
+       └───► render ─► kpts2d ─────────────────────┼─► refine (GPU) ─► synthesize (GPU) ─► annotate ─► review ─►
+                                                                          write_shards ─► [train deployment]
 
 Every task takes a run folder and a shard index; data moves by path. Finished shards are skipped,
-so re-running the same build after a failure only does what is left.
+so re-running the same build after a failure only does what is left. ``review`` pauses for a person
+in deployed builds (``flows/review.py``); each stage publishes a ``progress-<stage>`` artifact.
 """
 
 from __future__ import annotations
 
 from prefect import flow
-from prefect.futures import wait
 
 from flows.gpu_stages import run_gpu_stage
+from flows.review import review_gate
 from pointvl.config import BuildConfig
 from pointvl.stages.write_shards import WriteShardsConfig
 from pointvl.summary import summarize
 from tasks.annotate import annotate
 from tasks.clean import clean
 from tasks.geometry import geometry
+from tasks.handoff import start_training
 from tasks.kpts2d import kpts2d
+from tasks.progress import publish_progress, wait_with_progress
 from tasks.render import render
 from tasks.sample_points import sample_points
 from tasks.summary import publish_summary
@@ -36,20 +40,20 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None) -> dict
     boxes = [geometry.submit(out, i, cfg.geometry, wait_for=[points[i]]) for i in shards]
     renders = [render.submit(out, i, cfg.render) for i in shards]
     masks = [kpts2d.submit(out, i, cfg.kpts2d, wait_for=[renders[i]]) for i in shards]
-    wait(boxes + masks)
-    for future in boxes + masks:
-        future.result()  # a failed CPU stage stops the build here, before any GPU time is spent
+    for stage, futures in (("sample_points", points), ("geometry", boxes), ("render", renders), ("kpts2d", masks)):
+        wait_with_progress(stage, futures)  # a failed CPU stage stops the build here, before any GPU time is spent
 
     run_gpu_stage("refine", out, list(shards), cfg.gpu_deployments.get("refine"), cfg.refine)
+    publish_progress(out, "refine", list(shards))
     run_gpu_stage("synthesize", out, list(shards), cfg.gpu_deployments.get("synthesize"), cfg.synthesize)
+    publish_progress(out, "synthesize", list(shards))
 
-    labels = [annotate.submit(out, i, cfg.annotate) for i in shards]
-    finals = [
-        write_shards.submit(out, i, WriteShardsConfig(cfg.geometry.num_keypoints), wait_for=[labels[i]])
-        for i in shards
-    ]
-    for future in finals:
-        future.result()
+    wait_with_progress("annotate", [annotate.submit(out, i, cfg.annotate) for i in shards])
+    review_gate(out, list(shards), cfg.review)
+    finals = [write_shards.submit(out, i, WriteShardsConfig(cfg.geometry.num_keypoints)) for i in shards]
+    wait_with_progress("write_shards", finals)
     summary = summarize(out)
     publish_summary(out, summary)
+    if cfg.handoff.train:
+        start_training(out, cfg.handoff)
     return summary

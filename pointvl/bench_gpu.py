@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import tempfile
@@ -163,6 +164,7 @@ def stage_throughput(stage: str, device: str, side: int, steps: int, step_pair: 
     configs = configs or {}
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
+    gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -209,6 +211,7 @@ def stage_throughput(stage: str, device: str, side: int, steps: int, step_pair: 
     if device.startswith("cuda"):
         out[f"{stage}_gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del pipe
+    gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {k: round(v, 4) for k, v in out.items()}

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from pointvl.cli_ops import add_ops_commands
 from pointvl.errors import InputError
 from pointvl.fixture import write_fixture
 
@@ -55,6 +56,36 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(preset: str, variant: str, run_config: str | None):
+    from pointvl import io as pio
+    from pointvl.train.config import TrainConfig, paper_preset, tiny_preset
+
+    if run_config:
+        return TrainConfig(**pio.read_json(run_config))
+    return {"paper": paper_preset, "tiny": tiny_preset}[preset](variant)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pointvl.train.pipeline import load
+    from pointvl.train.predict import predict
+
+    cfg = _train_config(args.preset, "sft", args.config)
+    tokenizer, images, model = load(cfg, args.checkpoint)
+    n = predict(model, tokenizer, images, args.shards, args.out, split=args.split,
+                max_new_tokens=cfg.eval_max_new_tokens)
+    print(f"wrote {n} predictions to {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pointvl.evaluate import format_table
+    from pointvl.train.pipeline import run_pipeline
+
+    metrics = run_pipeline(_train_config(args.preset, args.variant, None), args.shards, args.run)
+    print(format_table(metrics, name=args.variant))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pointvl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +116,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", help="the split to score (default test)")
     evaluate.add_argument("--name", default="model", help="the row label in the printed table")
     evaluate.set_defaults(run=_evaluate)
+
+    predict = commands.add_parser("predict", help="write a predictions JSONL for a checkpoint (greedy decoding)")
+    predict.add_argument("--shards", required=True, help="the folder of {split}-*-of-*.parquet shards")
+    predict.add_argument("--checkpoint", help="a stage folder holding model.pt (omit: untrained weights)")
+    predict.add_argument("--config", help="the run's config.json (default: the --preset)")
+    predict.add_argument("--preset", choices=["paper", "tiny"], default="paper")
+    predict.add_argument("--split", default="test")
+    predict.add_argument("--out", required=True, help="the JSONL to write")
+    predict.set_defaults(run=_predict)
+
+    train = commands.add_parser("train", help="SFT -> routed GRPO -> evaluate into a run folder (resumes)")
+    train.add_argument("--shards", required=True, help="the folder of {split}-*-of-*.parquet shards")
+    train.add_argument("--run", required=True, help="the run folder (checkpoints, metrics, curves)")
+    train.add_argument("--preset", choices=["paper", "tiny"], default="paper")
+    train.add_argument(
+        "--variant", default="grca_rpc",
+        choices=["sft", "sft_budget_matched", "broadcast", "grca", "grca_rpc"], help="the Table 3 row",
+    )
+    train.set_defaults(run=_train)
+    add_ops_commands(commands)
     return parser
 
 

@@ -21,12 +21,14 @@ from typing import Any
 import yaml
 
 from pointvl.errors import InputError
+from pointvl.handoff import HandoffConfig
 from pointvl.stages.annotate import AnnotateConfig
 from pointvl.stages.clean import CleanConfig
 from pointvl.stages.geometry import GeometryConfig
 from pointvl.stages.kpts2d import Kpts2DConfig
 from pointvl.stages.refine import RefineConfig
 from pointvl.stages.render import RenderConfig
+from pointvl.stages.review import ReviewConfig
 from pointvl.stages.sample_points import SamplePointsConfig
 from pointvl.stages.synthesize import SynthesizeConfig
 
@@ -43,6 +45,8 @@ class BuildConfig:
         shard_size: instances per work shard (DESIGN: 64–512). Fixed once a run is planned.
         gpu_deployments: stage name (``refine``, ``synthesize``) → Prefect deployment that runs it
             on a GPU work pool; stages not listed run in-process.
+        review: the human review gate before the shards (off for local builds, on for deployed ones).
+        handoff: start the ``train`` deployment when the build completes.
     """
 
     shard_size: int = 256
@@ -54,6 +58,8 @@ class BuildConfig:
     refine: RefineConfig = field(default_factory=RefineConfig)
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
+    handoff: HandoffConfig = field(default_factory=HandoffConfig)
     gpu_deployments: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -57,6 +57,12 @@ def write_bytes(path: str, data: bytes) -> None:
     _atomic(path, lambda f: f.write(data))
 
 
+def read_bytes(path: str) -> bytes:
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as f:
+        return f.read()
+
+
 def write_json(path: str, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON atomically (stable bytes for stable input)."""
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

@@ -18,6 +18,7 @@ from pointvl.stages.geometry import Geometry
 from pointvl.stages.kpts2d import Kpts2D
 from pointvl.stages.refine import Refine
 from pointvl.stages.render import Render
+from pointvl.stages.review import apply_decisions, policy_decisions
 from pointvl.stages.sample_points import SamplePoints
 from pointvl.stages.synthesize import Synthesize
 from pointvl.stages.write_shards import WriteShards, WriteShardsConfig, shards_dir
@@ -63,6 +64,9 @@ def build_in_process(shapenet: str, run_dir: str, config: BuildConfig) -> dict:
         for name, run in stages:
             if not finished(run_dir, name, shard.index):
                 run(run_dir, shard.index)
+        if not finished(run_dir, "review", shard.index):  # no one to ask here: the review policy applies
+            decisions = policy_decisions(run_dir, [shard.index], config.review.timeout_policy, "gate off")
+            apply_decisions(run_dir, shard.index, decisions[shard.index])
         if not io.exists(io.join(shards_dir(run_dir), shard.final_name)):
             writer.run_shard(run_dir, shard.index)
     summary = summarize(run_dir)

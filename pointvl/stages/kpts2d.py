@@ -17,13 +17,17 @@ The paper generates 2D keypoints "via morphological foreground mask processing".
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from numpy.typing import NDArray
 from scipy import ndimage
 
 from pointvl import images
+from pointvl.stages.base import matrix_column, read_stage_table, vector_column, write_stage_table
 
 logger = logging.getLogger(__name__)
 
@@ -115,3 +119,23 @@ class Kpts2D:
         mask = images.decode_mask(mask_png)
         kpts = keypoints_from_mask(mask, k=cfg.k, seed=cfg.seed, erode_px=cfg.erode_px)
         return {"bbox2d": bbox_from_mask(mask), "kpts2d": kpts.tolist()}
+
+    def run_shard(self, run_dir: str, shard_index: int) -> dict:
+        """Boxes and keypoints from every mask of the shard's render table."""
+        start = time.perf_counter()
+        renders = read_stage_table(run_dir, "render", shard_index).select(["instance_id", "mask"]).to_pylist()
+        rows, dropped = [], Counter()
+        for row in renders:
+            try:
+                rows.append({"instance_id": row["instance_id"], **self.run_mask(row["mask"])})
+            except ValueError as err:  # an empty mask: the object is not in the view
+                logger.warning("%s dropped: %s", row["instance_id"], err)
+                dropped["dropped_empty_mask"] += 1
+        table = pa.table({
+            "instance_id": pa.array([r["instance_id"] for r in rows], pa.string()),
+            "bbox2d": vector_column([np.asarray(r["bbox2d"]) for r in rows], 4),
+            "kpts2d": matrix_column([np.asarray(r["kpts2d"]) for r in rows], 2),
+        })
+        stats = {"instances": len(rows), **dropped, "seconds": round(time.perf_counter() - start, 3)}
+        write_stage_table(run_dir, "kpts2d", shard_index, table, stats)
+        return stats

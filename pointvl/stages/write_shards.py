@@ -76,6 +76,9 @@ class WriteShards:
         dropped: Counter[str] = Counter()
         records = []
         for iid, render in tables["render"].items():
+            missing = [s for s in REQUIRED if iid not in tables[s]]
+            if missing:  # dropped by an earlier stage (e.g. an empty mask), counted there
+                continue
             review = tables.get("review", {}).get(iid)
             if review is not None and review["decision"] == "rejected":
                 dropped["dropped_rejected_in_review"] += 1
@@ -95,7 +98,8 @@ class WriteShards:
                 "refine": json.loads(refine["refine_provenance"]) if refine else "not run",
                 "synthesize": json.loads(synth["synthesize_provenance"]) if synth else "not run",
                 "annotate": json.loads(annotate["annotate_provenance"]) if annotate else "not run",
-                "review": {k: review[k] for k in review if k != "instance_id"} if review else "not run",
+                # the decision, not its time: the review log keeps when, and shards stay reproducible
+                "review": {k: review[k] for k in ("decision", "reason", "reviewer")} if review else "not run",
             }
             images = {
                 "render": render["render"], "refined": refined, "image": synth["image"] if synth else refined,

@@ -149,7 +149,8 @@ class GRPOTrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.grca, dict):
-            self.grca = GRCAConfig(**self.grca)
+            quant = self.grca.get("quant", {})
+            self.grca = GRCAConfig(**{**self.grca, "quant": QuantConfig(**quant) if isinstance(quant, dict) else quant})
         if self.mode not in ("broadcast", "grca", "grca_rpc"):
             raise ValueError(f"GRPOTrainConfig.mode must be broadcast, grca or grca_rpc, got {self.mode!r}")
         if self.num_generations < 2:
@@ -183,6 +184,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.variant in ("broadcast", "grca", "grca_rpc") and self.grpo.mode != self.variant:
             raise ValueError(f"variant {self.variant!r} runs GRPO in that mode: set grpo.mode={self.variant!r}")
+        if self.grpo.grca.quant != self.model.quant:
+            raise ValueError("grpo.grca.quant must equal model.quant: rewards must read the bins the model writes")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -209,7 +212,8 @@ def tiny_preset(variant: str = "grca_rpc") -> TrainConfig:
             gradient_checkpointing=False,
             dtype="float32",
         ),
-        sft=SFTConfig(epochs=30, batch_size=4, per_device_batch_size=4, learning_rate=3e-3, warmup_ratio=0.05),
+        sft=SFTConfig(epochs=100, batch_size=4, per_device_batch_size=4, learning_rate=3e-3, warmup_ratio=0.05,
+                      max_steps=150),
         grpo=GRPOTrainConfig(mode=mode, num_generations=4, learning_rate=1e-4, max_new_tokens=700, max_steps=4),
         eval_max_new_tokens=700,
     )

@@ -20,7 +20,7 @@ from pointvl.images import encode_rgb
 CATEGORIES = ("chair", "table", "car", "lamp")
 
 
-def make_record(i: int, split: str, size: int = 56, n_points: int = 300) -> dict:
+def make_record(i: int, split: str, size: int = 56, n_points: int = 300, n_kpts: int = 16) -> dict:
     rng = np.random.default_rng(i)
     half = rng.uniform(0.2, 0.5, size=3)
     bbox3d = np.concatenate([-half, half])
@@ -29,7 +29,7 @@ def make_record(i: int, split: str, size: int = 56, n_points: int = 300) -> dict
     R = np.eye(3)
     t = np.array([0.0, 0.0, 2.5])
     bbox2d = project_box3d(bbox3d, K, R, t)
-    kpts3d = box3d_corners(bbox3d)[np.arange(16) % 8] * 0.9
+    kpts3d = box3d_corners(bbox3d)[np.arange(n_kpts) % 8] * 0.9
     kpts2d = project_points(kpts3d, K, R, t)
     category = CATEGORIES[i % len(CATEGORIES)]
     image = np.zeros((size, size, 3), dtype=np.uint8)
@@ -64,7 +64,7 @@ def make_record(i: int, split: str, size: int = 56, n_points: int = 300) -> dict
     }
 
 
-def write_shards(root: Path, counts: dict[str, int], per_shard: int = 4) -> str:
+def write_shards(root: Path, counts: dict[str, int], per_shard: int = 4, n_kpts: int = 16) -> str:
     """Write ``{split}-{i:05d}-of-{n:05d}.parquet`` files with ``counts[split]`` records each split."""
     out = str(root / "shards")
     start = 0
@@ -72,7 +72,7 @@ def write_shards(root: Path, counts: dict[str, int], per_shard: int = 4) -> str:
         n = -(-count // per_shard)
         for s in range(n):
             ids = range(start + s * per_shard, start + min(count, (s + 1) * per_shard))
-            rows = [make_record(j, split) for j in ids]
+            rows = [make_record(j, split, n_kpts=n_kpts) for j in ids]
             pio.write_table(pio.join(out, f"{split}-{s:05d}-of-{n:05d}.parquet"), pa.Table.from_pylist(rows))
         start += count
     return out
@@ -81,3 +81,9 @@ def write_shards(root: Path, counts: dict[str, int], per_shard: int = 4) -> str:
 @pytest.fixture(scope="session")
 def shards_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return write_shards(tmp_path_factory.mktemp("bench"), {"train": 8, "test": 4})
+
+
+@pytest.fixture(scope="session")
+def short_shards_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Records with 4 keypoints instead of 16: shorter targets, so the tiny model learns them in seconds."""
+    return write_shards(tmp_path_factory.mktemp("short"), {"train": 4, "test": 2}, n_kpts=4)

@@ -1,0 +1,158 @@
+"""Operations commands of the ``pointvl`` CLI: ``review``, ``resume``, ``preview``.
+
+- ``pointvl review RUN_DIR|FLOW_RUN_ID [--approve-all | --reject ID:REASON ...] [--reviewer NAME]``
+  answers the review form of a build paused for review (the same form as the Prefect UI's); with
+  no answer it lists the items waiting and the contact sheets.
+- ``pointvl resume RUN_DIR|FLOW_RUN_ID`` re-runs a failed or stopped build with its original input
+  and config: finished shards of every stage, and finished items of a GPU shard, are reused.
+  A flow run of a deployment is resumed as a new run of that deployment (on its workers).
+- ``pointvl preview RUN_DIR`` serves ``RUN_DIR/previews`` (the contact sheets) until Ctrl-C.
+
+Prefect is imported inside the commands that talk to the server, as in ``pointvl build``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import time
+import uuid
+from typing import Any
+
+from pointvl import io
+from pointvl.errors import InputError
+
+
+def _flow_run_id(target: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(target)
+    except ValueError:
+        return None
+
+
+def _pending(run_dir: str) -> dict:
+    from pointvl.stages.review import pending_path
+
+    if not io.exists(pending_path(run_dir)):
+        raise InputError(f"{run_dir} has no build waiting for review ({pending_path(run_dir)} does not exist)")
+    return io.read_json(pending_path(run_dir))
+
+
+def _parse_rejections(values: list[str]) -> dict[str, str]:
+    rejected = {}
+    for value in values:
+        iid, sep, reason = value.partition(":")
+        if not sep or not iid.strip() or not reason.strip():
+            raise InputError(f"--reject takes INSTANCE_ID:REASON, got {value!r}")
+        rejected[iid.strip()] = reason.strip()
+    return rejected
+
+
+def _review(args: argparse.Namespace) -> int:
+    from pointvl.stages.review import form_decisions, items
+
+    rejected = _parse_rejections(args.reject)
+    run_id = _flow_run_id(args.target)
+    if run_id is None:
+        pending = _pending(args.target)
+        run_id = uuid.UUID(pending["flow_run_id"])
+        if not args.approve_all and not rejected:
+            for shard in pending["shards"]:
+                print(f"shard {shard:05d}: {pending['sheets'][str(shard)]}")
+                for item in items(args.target, shard):
+                    print(f"  {item.instance_id}{'  FLAGGED' if item.flagged else ''}")
+            print(f"answer with: pointvl review {args.target} --approve-all | --reject ID:REASON ...")
+            return 0
+        try:  # check the ids here, before the paused build sees them
+            form_decisions(args.target, pending["shards"], args.approve_all, rejected, args.reviewer, "cli")
+        except ValueError as err:
+            raise InputError(str(err)) from err
+    elif not args.approve_all and not rejected:
+        raise InputError("give --approve-all or at least one --reject ID:REASON")
+    from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import NotPausedError, resume_flow_run
+
+    run_input = {
+        "approve_all": args.approve_all,
+        "rejected": [{"instance_id": i, "reason": r} for i, r in rejected.items()],
+        "reviewer": args.reviewer,
+    }
+    try:
+        resume_flow_run(run_id, run_input=run_input)
+    except (NotPausedError, FlowPauseTimeout) as err:
+        raise InputError(f"flow run {run_id} is not waiting for review: {err}") from err
+    print(f"answered the review of flow run {run_id}: "
+          f"{'approve all' if args.approve_all else f'{len(rejected)} rejected'} (reviewer {args.reviewer})")
+    return 0
+
+
+def _build_parameters(target: str) -> tuple[dict[str, Any], uuid.UUID | None]:
+    """The build's parameters, and its deployment id when it ran from one."""
+    run_id = _flow_run_id(target)
+    if run_id is None:
+        path = io.join(target, "config.json")
+        if not io.exists(path):
+            raise InputError(f"{target} is not a run folder with a plan (no config.json): use `pointvl build`")
+        config = io.read_json(path)
+        shapenet = config.pop("shapenet")
+        return {"shapenet": shapenet, "out": target, "config": config}, None
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+    return dict(run.parameters), run.deployment_id
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from pointvl.summary import format_summary
+
+    params, deployment_id = _build_parameters(args.target)
+    if deployment_id is not None:
+        from prefect.deployments import run_deployment
+
+        run = run_deployment(name=deployment_id, parameters=params, timeout=0,
+                             flow_run_name=f"resume-{str(args.target)[:8]}", tags=["resume"])
+        print(f"resumed as flow run {run.id} of deployment {deployment_id}; finished work is reused")
+        return 0
+    from flows.build import build_benchmark
+
+    summary = build_benchmark(**params)
+    print(format_summary(summary))
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from pointvl.preview import PreviewServer
+    from pointvl.stages.review import previews_dir
+
+    with PreviewServer(previews_dir(os.path.abspath(args.run_dir)), args.host, args.port) as server:
+        print(f"serving {previews_dir(args.run_dir)} at {server.url} (Ctrl-C stops)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+
+
+def add_ops_commands(commands: Any) -> None:
+    """Add ``review``, ``resume`` and ``preview`` to the ``pointvl`` subcommands."""
+    review = commands.add_parser("review", help="answer the review form of a build paused for review")
+    review.add_argument("target", metavar="RUN_DIR|FLOW_RUN_ID", help="the run folder, or the paused flow run's id")
+    review.add_argument("--approve-all", action="store_true", help="approve every item under review")
+    review.add_argument("--reject", action="append", default=[], metavar="ID:REASON",
+                        help="leave instance ID out of the shards, with REASON (repeat for more)")
+    review.add_argument("--reviewer", default=getpass.getuser(), help="your name for the log (default: $USER)")
+    review.set_defaults(run=_review)
+
+    resume = commands.add_parser(
+        "resume", help="re-run a failed build with its input and config, reusing everything finished"
+    )
+    resume.add_argument("target", metavar="RUN_DIR|FLOW_RUN_ID", help="the run folder, or the failed flow run's id")
+    resume.set_defaults(run=_resume)
+
+    preview = commands.add_parser("preview", help="serve RUN_DIR/previews (the contact sheets) over HTTP")
+    preview.add_argument("run_dir", metavar="RUN_DIR")
+    preview.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    preview.add_argument("--port", type=int, default=8765, help="port (default 8765, 0 = any free one)")
+    preview.set_defaults(run=_preview)

@@ -1,0 +1,42 @@
+import pytest
+
+from pointvl.config import BuildConfig, ConfigError
+
+
+def test_defaults_are_the_papers():
+    cfg = BuildConfig()
+    assert (cfg.clean.train_size, cfg.clean.test_size) == (11_347, 1_000)
+    assert cfg.sample_points.init_factor == 5
+    assert cfg.geometry.num_keypoints == 16
+
+
+def test_file_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("shard_size: 4\nrender: {width: 128, height: 96}\nclean: {test_size: 0.5, train_size: null}\n")
+    cfg = BuildConfig.from_file(str(path))
+    assert (cfg.shard_size, cfg.render.width, cfg.render.height, cfg.clean.test_size) == (4, 128, 96, 0.5)
+    assert BuildConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("shard_size: 0", "shard_size"),
+        ("renderr: {}", "unknown config keys"),
+        ("render: {widht: 3}", "unknown keys in 'render'"),
+        ("render: 5", "must be a mapping"),
+        ("clean: {test_size: 2.5}", "fraction"),
+        ("- a list", "mapping"),
+        ("{unclosed", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_problem(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        BuildConfig.from_file(str(path))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        BuildConfig.from_file("/nonexistent/c.yaml")
