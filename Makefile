@@ -33,3 +33,38 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check pointvl tasks flows tests
+
+# SFT -> routed GRPO -> evaluate with the tiny CPU preset on the demo's shards (run `make demo` first).
+train-demo: $(STAMP)
+	test -d $(DEMO_DIR)/build/shards || $(MAKE) demo
+	$(PY) -m flows.train --shards $(DEMO_DIR)/build/shards --run $(DEMO_DIR)/train --preset tiny --variant grca_rpc
+
+# Operations (README "Operations"): a Prefect server, the deployments of prefect.yaml, workers.
+PREFECT := $(VENV)/bin/prefect
+PREFECT_HOST ?= 127.0.0.1
+PREFECT_PORT ?= 4200
+GPU ?= 0
+POINTVL_BUILD_CRON ?= 0 3 * * *
+POINTVL_SHAPENET ?= $(CURDIR)/$(DEMO_DIR)/shapenet
+POINTVL_OUT ?= $(CURDIR)/$(DEMO_DIR)/scheduled
+server deploy worker-cpu worker-gpu: export PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
+deploy worker-cpu worker-gpu: export POINTVL_ROOT := $(CURDIR)
+deploy: export POINTVL_BUILD_CRON := $(POINTVL_BUILD_CRON)
+deploy: export POINTVL_SHAPENET := $(POINTVL_SHAPENET)
+deploy: export POINTVL_OUT := $(POINTVL_OUT)
+
+server: $(STAMP)
+	PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED=events,flow_runs \
+		$(PREFECT) server start --host $(PREFECT_HOST) --port $(PREFECT_PORT)
+
+deploy: $(STAMP)
+	$(PREFECT) work-pool create cpu --type process --overwrite
+	$(PREFECT) work-pool create gpu --type process --overwrite
+	$(PREFECT) --no-prompt deploy --all
+
+worker-cpu: $(STAMP)
+	PREFECT_LOGGING_EXTRA_LOGGERS=pointvl $(PREFECT) worker start --pool cpu
+
+worker-gpu: $(STAMP)
+	CUDA_VISIBLE_DEVICES=$(GPU) PREFECT_LOGGING_EXTRA_LOGGERS=pointvl \
+		$(PREFECT) worker start --pool gpu --work-queue gpu --limit 1 --name gpu-$(GPU)

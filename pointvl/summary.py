@@ -25,10 +25,13 @@ def summarize(run_dir: str) -> dict:
         report = pacsv.read_csv(f).to_pylist()
     dropped = Counter(f"clean:{r['reason']}" for r in report if r["status"] == "dropped")
     backends: Counter[str] = Counter()
+    review: Counter[str] = Counter()
     for shard in plan.shards:
         for stage in (*REQUIRED, *OPTIONAL):
             if finished(run_dir, stage, shard.index):
                 stats = read_stats(run_dir, stage, shard.index)
+                if stage == "review":
+                    review.update({k: stats[k] for k in ("approved", "rejected")})
                 dropped.update({f"{stage}:{k.removeprefix('dropped_')}": v for k, v in stats.items()
                                 if k.startswith("dropped_")})
     counts: Counter[tuple[str, str]] = Counter()
@@ -61,6 +64,7 @@ def summarize(run_dir: str) -> dict:
         "per_split_category": {f"{s}/{c}": n for (s, c), n in sorted(counts.items())},
         "dropped": dict(sorted(dropped.items())),
         "flagged": flagged,
+        "review": {"approved": review["approved"], "rejected": review["rejected"]},
         "backends": dict(sorted(backends.items())),
     }
 
@@ -73,7 +77,8 @@ def format_summary(summary: dict) -> str:
     lines += [f"  {key:<28} {n}" for key, n in summary["per_split_category"].items()]
     lines.append("dropped (stage:reason):")
     lines += [f"  {key:<40} {n}" for key, n in summary["dropped"].items()] or ["  none"]
-    lines.append(f"flagged for review: {summary['flagged']}")
+    lines.append(f"flagged for review: {summary['flagged']}; review: {summary['review']['approved']} approved, "
+                 f"{summary['review']['rejected']} rejected (RUN/reports/review_log.jsonl)")
     lines.append("backends: " + ", ".join(f"{k} ×{v}" for k, v in summary["backends"].items()))
     lines.append(f"shards: {summary['shards_dir']}")
     return "\n".join(lines)

@@ -18,7 +18,10 @@ def publish_summary(run_dir: str, summary: dict) -> None:
     create_markdown_artifact(
         key="build-summary",
         markdown="\n".join(
-            ["# Build summary", f"Run folder: `{run_dir}`", "", "| dropped (stage:reason) | n |", "|---|---|"]
+            ["# Build summary", f"Run folder: `{run_dir}`",
+             f"Flagged for review: {summary['flagged']}; reviewed: {summary['review']['approved']} approved, "
+             f"{summary['review']['rejected']} rejected (decisions: `reports/review_log.jsonl`)",
+             "", "| dropped (stage:reason) | n |", "|---|---|"]
             + [f"| {k} | {v} |" for k, v in summary["dropped"].items()]
             + ["", "| backend | records |", "|---|---|"]
             + [f"| {k} | {v} |" for k, v in summary["backends"].items()]

@@ -7,11 +7,20 @@ written first and the table last, so a shard is finished exactly when its table 
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+from collections.abc import Iterator
+
 import numpy as np
 import pyarrow as pa
+import trimesh
 
 from pointvl import io
-from pointvl.plan import stage_table_path
+from pointvl.mesh import MeshError, load_mesh
+from pointvl.plan import Shard, stage_table_path
+from pointvl.stages.clean import ModelEntry
+
+logger = logging.getLogger(__name__)
 
 
 def finished(run_dir: str, stage: str, shard_index: int) -> bool:
@@ -53,3 +62,16 @@ def vector_column(arrays: list[np.ndarray], width: int) -> pa.Array:
 def to_numpy_matrix(value: list) -> np.ndarray:
     """One cell of a matrix column (a list of lists) back to a float32 array."""
     return np.asarray(value, dtype=np.float32)
+
+
+def shard_meshes(shard: Shard, stage: str, dropped: Counter[str]) -> Iterator[tuple[ModelEntry, trimesh.Trimesh]]:
+    """Each model of the shard with its mesh; a mesh that fails to load is counted in ``dropped``."""
+    for i, model in enumerate(shard.models, 1):
+        try:
+            mesh = load_mesh(model.obj_path)
+        except MeshError as err:
+            logger.warning("%s/%s dropped: %s", model.synset_id, model.model_id, err)
+            dropped[f"dropped_{err.reason}"] += 1
+            continue
+        yield model, mesh
+        logger.debug("%s %s %d/%d", stage, shard.name, i, len(shard.models))

@@ -39,9 +39,9 @@ import yaml
 from numpy.typing import NDArray
 
 from pointvl import images
-from pointvl.mesh import MeshError, load_mesh, surface_colors
+from pointvl.mesh import surface_colors
 from pointvl.plan import load_plan
-from pointvl.stages.base import write_stage_table
+from pointvl.stages.base import shard_meshes, write_stage_table
 
 logger = logging.getLogger(__name__)
 
@@ -497,16 +497,9 @@ class Render:
         start = time.perf_counter()
         rows: list[dict] = []
         dropped: Counter[str] = Counter()
-        for i, model in enumerate(shard.models, 1):
-            try:
-                mesh = load_mesh(model.obj_path)
-            except MeshError as err:
-                logger.warning("%s/%s dropped: %s", model.synset_id, model.model_id, err)
-                dropped[f"dropped_{err.reason}"] += 1
-                continue
+        for model, mesh in shard_meshes(shard, "render", dropped):
             ids = {"synset_id": model.synset_id, "model_id": model.model_id, "category": model.category}
             rows.extend({**row, **ids} for row in self.run_model(mesh, model.synset_id, model.model_id))
-            logger.debug("render %s %d/%d", shard.name, i, len(shard.models))
         stats = {"instances": len(rows), **dropped, "backend": self.renderer.name,
                  "seconds": round(time.perf_counter() - start, 3)}
         write_stage_table(run_dir, "render", shard_index, pa.Table.from_pylist(rows), stats)

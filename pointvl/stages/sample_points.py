@@ -20,9 +20,8 @@ import open3d as o3d
 import pyarrow as pa
 import trimesh
 
-from pointvl.mesh import MeshError, load_mesh
 from pointvl.plan import instance_id, load_plan
-from pointvl.stages.base import matrix_column, write_stage_table
+from pointvl.stages.base import matrix_column, shard_meshes, write_stage_table
 
 logger = logging.getLogger(__name__)
 
@@ -94,19 +93,12 @@ class SamplePoints:
         start = time.perf_counter()
         ids, points, normals = [], [], []
         dropped: Counter[str] = Counter()
-        for i, model in enumerate(shard.models, 1):
-            try:
-                mesh = load_mesh(model.obj_path)
-            except MeshError as err:
-                logger.warning("%s/%s dropped: %s", model.synset_id, model.model_id, err)
-                dropped[f"dropped_{err.reason}"] += 1
-                continue
+        for model, mesh in shard_meshes(shard, "sample_points", dropped):
             pts, nrm = self.run_mesh(mesh, model.model_id)
             for view in range(shard.views_per_model):
                 ids.append(instance_id(model.synset_id, model.model_id, view))
                 points.append(pts)
                 normals.append(nrm)
-            logger.debug("sample_points %s %d/%d", shard.name, i, len(shard.models))
         table = pa.table({
             "instance_id": pa.array(ids, pa.string()),
             "points": matrix_column(points, 3),

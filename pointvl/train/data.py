@@ -129,13 +129,18 @@ class Example:
     camera: dict[str, Any]
 
 
+def image_bytes(value: bytes | dict[str, Any]) -> bytes:
+    """PNG bytes of an image column: plain bytes, or the ``datasets`` Image struct ``{bytes, path}``."""
+    return value["bytes"] if isinstance(value, dict) else value
+
+
 def make_example(record: dict[str, Any], num_points: int, quant: QuantConfig) -> Example:
     from PIL import Image
 
     seed = zlib.crc32(record["instance_id"].encode())
     return Example(
         instance_id=record["instance_id"],
-        image=Image.open(io.BytesIO(record["image"])).convert("RGB"),
+        image=Image.open(io.BytesIO(image_bytes(record["image"]))).convert("RGB"),
         points=resample_points(record["points"], num_points, seed),
         instruction=instruction(record),
         target=target_text(record, quant),

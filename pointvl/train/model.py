@@ -44,12 +44,15 @@ def _transformers():
 class PointVL3D(nn.Module):
     """The hybrid point-image policy. Components are built by :func:`build_model`."""
 
-    def __init__(self, lm: nn.Module, point_encoder: PointBERT, point_token_id: int, config: ModelConfig) -> None:
+    def __init__(
+        self, lm: nn.Module, point_encoder: PointBERT, point_token_ids: list[int], config: ModelConfig
+    ) -> None:
         super().__init__()
         self.config = config
         self.lm = lm
         self.point_encoder = point_encoder.requires_grad_(False).eval()
-        self.point_token_id = point_token_id
+        self.point_token_ids = point_token_ids  # start, end, pad
+        self.point_token_id = point_token_ids[2]
         hidden = lm.config.text_config.hidden_size
         dim = point_encoder.config.trans_dim
         self.cross_norm = nn.LayerNorm(dim)
@@ -128,9 +131,15 @@ class PointVL3D(nn.Module):
         image_grid_thw: torch.Tensor,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
-        """Generated token ids only (the prompt is not repeated); kwargs go to ``transformers`` ``generate``."""
+        """Generated token ids only (the prompt is not repeated); kwargs go to ``transformers`` ``generate``.
+
+        The point placeholder tokens are suppressed: the policy never writes them.
+        """
         embeds = self.embed(input_ids, points, pixel_values, image_grid_thw)
-        return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        return self.lm.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, suppress_tokens=self.point_token_ids,
+            **generate_kwargs,
+        )
 
 
 def build_prompt(instruction: str, num_point_tokens: int) -> str:
@@ -225,7 +234,7 @@ def build_model(config: ModelConfig, tokenizer) -> PointVL3D:
     point_encoder = PointBERT(config.point_bert)
     if config.point_bert.checkpoint:
         point_encoder.load_checkpoint(config.point_bert.checkpoint)
-    model = PointVL3D(lm, point_encoder, ids(POINT_PAD), config)
+    model = PointVL3D(lm, point_encoder, [ids(t) for t in POINT_TOKENS], config)
     model.cross_norm.to(dtype), model.cross_attn.to(dtype), model.projector.to(dtype)
     if config.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

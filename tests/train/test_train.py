@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from pointvl.grca import GRCAConfig, parse_output
+from pointvl.grca import parse_output
 from pointvl.train.config import SFTConfig, tiny_preset
 from pointvl.train.data import Collator, ShardExamples
 from pointvl.train.grpo import run_grpo
@@ -27,7 +27,7 @@ def _valid_fields(model, tok, images, shards) -> int:
     batch = Collator(tok, images, model.num_point_tokens, with_targets=False)
     total = 0
     for e in examples:
-        ids = model.generate(**batch([e]), do_sample=False, max_new_tokens=400)
+        ids = model.generate(**batch([e]), do_sample=False, max_new_tokens=300)
         parsed = parse_output(tok.decode(ids[0], skip_special_tokens=True))
         total += sum(f.valid for f in parsed.values())
     return total
@@ -37,7 +37,7 @@ def _valid_fields(model, tok, images, shards) -> int:
 def trained(short_shards_dir):
     tok, images, model = _policy()
     before = _valid_fields(model, tok, images, short_shards_dir)
-    sft = SFTConfig(epochs=100, batch_size=2, per_device_batch_size=2, learning_rate=3e-3, max_steps=120)
+    sft = SFTConfig(epochs=1000, batch_size=1, per_device_batch_size=1, learning_rate=3e-3, max_steps=150)
     history = run_sft(model, tok, images, short_shards_dir, sft)
     return tok, images, model, history, before
 
@@ -71,10 +71,8 @@ def test_grpo_step_changes_trainable_weights(trained, short_shards_dir, tmp_path
     load_policy(policy, str(tmp_path))
     before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in policy.point_encoder.named_parameters()}
-    grpo = dataclasses.replace(
-        CFG.grpo, mode="grca_rpc", max_steps=1, prompts_per_step=2, max_new_tokens=300,
-        grca=GRCAConfig(background="format_answer"),
-    )
+    # temperature 0.7: the samples differ in a few digits, so the group's field rewards differ
+    grpo = dataclasses.replace(CFG.grpo, mode="grca_rpc", max_steps=1, temperature=0.7, max_new_tokens=300)
     history = run_grpo(policy, tok, images, short_shards_dir, grpo)
     assert len(history) == 1 and history[0]["seconds_generate"] > 0
     changed = [n for n, p in policy.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]

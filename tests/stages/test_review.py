@@ -1,0 +1,89 @@
+"""The review stage's library side: decisions, policies, the log, contact sheets (no Prefect)."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pointvl.config import BuildConfig
+from pointvl.local import build_in_process
+from pointvl.stages.base import read_stage_table, write_stage_table
+from pointvl.stages.review import (
+    HELD_REASON,
+    MASK_BOX,
+    ReviewConfig,
+    apply_decisions,
+    contact_sheet,
+    form_decisions,
+    items,
+    policy_decisions,
+    read_log,
+)
+
+CONFIG = {"shard_size": 16, "clean": {"test_size": 0.25, "train_size": None},
+          "sample_points": {"num_points": 256}, "render": {"width": 64, "height": 64}}
+
+
+@pytest.fixture(scope="module")
+def run(shapenet, tmp_path_factory) -> str:
+    """A finished local build whose synthesize shard 0 has its first item flagged for pose drift."""
+    out = str(tmp_path_factory.mktemp("review") / "run")
+    build_in_process(shapenet.root, out, BuildConfig.from_dict(CONFIG))
+    table = read_stage_table(out, "synthesize", 0)
+    flags = [True] + [False] * (table.num_rows - 1)
+    flagged = table.set_column(table.schema.get_field_index("drift_flagged"), "drift_flagged", pa.array(flags))
+    write_stage_table(out, "synthesize", 0, flagged, {"drift_flagged": 1})
+    return out
+
+
+def test_policies_hold_only_flagged_items(run):
+    first = items(run, 0)[0]
+    assert first.flagged and not any(it.flagged for it in items(run, 0)[1:])
+    held = policy_decisions(run, [0], "accept_unflagged", "timeout")[0]
+    assert [(d["decision"], d["reason"]) for d in held if d["instance_id"] == first.instance_id] == [
+        ("rejected", HELD_REASON)]
+    assert all(d["decision"] == "approved" for d in held if d["instance_id"] != first.instance_id)
+    assert {d["decision"] for d in policy_decisions(run, [0], "accept_all", "timeout")[0]} == {"approved"}
+
+
+def test_form_answers_are_checked(run):
+    iid = items(run, 1)[0].instance_id
+    with pytest.raises(ValueError, match="not in the shards"):
+        form_decisions(run, [0], False, {iid: "bad"}, "bo", "cli")  # an id of another shard
+    with pytest.raises(ValueError, match="not both"):
+        form_decisions(run, [1], True, {iid: "bad"}, "bo", "cli")
+    with pytest.raises(ValueError, match="reviewer"):
+        form_decisions(run, [1], True, {}, " ", "cli")
+
+
+def test_decisions_are_logged_and_cover_the_shard(run):
+    iid = items(run, 1)[0].instance_id
+    before = len(read_log(run))
+    decisions = form_decisions(run, [1], False, {iid: "blurry"}, "bo", "cli")[1]
+    with pytest.raises(ValueError, match="cover exactly"):
+        apply_decisions(run, 1, decisions[1:])
+    stats = apply_decisions(run, 1, decisions)
+    assert stats["rejected"] == 1 and stats["approved"] == len(decisions) - 1
+    log = read_log(run)[before:]
+    assert len(log) == len(decisions)
+    assert {(e["instance_id"], e["reason"]) for e in log if e["decision"] == "rejected"} == {(iid, "blurry")}
+    assert read_stage_table(run, "review", 1).column("decision").to_pylist().count("rejected") == 1
+
+
+def test_contact_sheet_draws_every_item_with_its_mask_box(run):
+    cfg = ReviewConfig(thumb_px=64, sheet_columns=2)
+    sheet = Image.open(BytesIO(contact_sheet(run, 0, cfg))).convert("RGB")
+    n = len(items(run, 0))
+    assert sheet.width > 2 * 3 * 64 and sheet.height > (n // 2) * 64
+    green = sum(1 for p in sheet.getdata() if p == MASK_BOX)
+    assert green > n * 4 * 20  # a box outline per item
+
+
+@pytest.mark.parametrize("kwargs", [{"gate": "sometimes"}, {"timeout_policy": "maybe"}, {"timeout_s": 0},
+                                    {"preview_port": 70000}, {"thumb_px": 8}])
+def test_config_refuses_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        ReviewConfig(**kwargs)
