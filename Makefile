@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/pointvl fixture $(DEMO_DIR)/shapenet
-	$(VENV)/bin/pointvl build --shapenet $(DEMO_DIR)/shapenet --out $(DEMO_DIR)/build
+	test -f $(DEMO_DIR)/shapenet/taxonomy.json || $(VENV)/bin/pointvl fixture $(DEMO_DIR)/shapenet
+	$(VENV)/bin/pointvl build --shapenet $(DEMO_DIR)/shapenet --out $(DEMO_DIR)/build --config pointvl/configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m ruff check pointvl tasks flows tests

@@ -86,12 +86,14 @@ def iou_3d(a: ArrayLike, b: ArrayLike) -> float:
     return _iou(a, b, 3)
 
 
-def keypoint_containment(kpts: ArrayLike, box: ArrayLike) -> float:
+def keypoint_containment(kpts: ArrayLike, box: ArrayLike, tolerance: ArrayLike = 0.0) -> float:
     """Fraction of keypoints inside ``box`` (boundary included): the paper's eq. (8), KPA.
 
     ``kpts`` is ``(K, D)`` with ``D`` = 2 (``box`` = ``[x1, y1, x2, y2]``) or 3 (``box`` = a bbox3d).
-    A degenerate box, or no keypoints, gives 0; a keypoint with a non-finite coordinate counts as
-    outside.
+    ``tolerance`` (scalar or per axis) widens the box on every side: rewards and metrics pass half a
+    quantization bin, so a keypoint on the box's face (FPS picks extreme points) still counts after
+    rounding to a bin. A degenerate box, or no keypoints, gives 0; a keypoint with a non-finite
+    coordinate counts as outside.
     """
     p = np.asarray(kpts, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] not in (2, 3):
@@ -100,7 +102,8 @@ def keypoint_containment(kpts: ArrayLike, box: ArrayLike) -> float:
     b = _box(box, dim)
     if p.shape[0] == 0 or _volume(b, dim) == 0.0:
         return 0.0
-    inside = np.all((p >= b[:dim]) & (p <= b[dim:]), axis=1)
+    tol = np.broadcast_to(np.asarray(tolerance, dtype=np.float64), (dim,))
+    inside = np.all((p >= b[:dim] - tol) & (p <= b[dim:] + tol), axis=1)
     return float(np.mean(inside))
 
 

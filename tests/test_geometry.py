@@ -179,3 +179,17 @@ def test_quant_config_2d_uses_width_for_x_and_height_for_y() -> None:
 def test_quant_config_validation(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="QuantConfig"):
         QuantConfig(**kwargs)
+
+
+def test_containment_tolerance_admits_keypoints_rounded_off_the_box_face():
+    from pointvl.geometry import QuantConfig, keypoint_containment
+
+    quant = QuantConfig()
+    box = np.array([-0.3, -0.2, -0.1, 0.3005, 0.2, 0.1])
+    face_point = np.array([[0.3005, 0.0, 0.0]])  # an FPS keypoint on the +x face
+    rounded = quant.dequantize_3d(quant.quantize_3d(face_point))
+    assert rounded[0, 0] > box[3]  # rounding to a bin pushed it out
+    assert keypoint_containment(rounded, box) == 0.0
+    half_bin = (quant.hi3d - quant.lo3d) / (quant.bins - 1) / 2
+    assert keypoint_containment(rounded, box, half_bin) == 1.0
+    assert keypoint_containment(rounded + [[2 * half_bin, 0, 0]], box, half_bin) == 0.0

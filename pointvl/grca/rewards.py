@@ -7,6 +7,8 @@ All rewards lie in [0, 1] and are computed on de-quantized coordinates (pixels, 
 - ``kpts2d``: fraction of predicted 2D keypoints inside the *target* bbox2d (eq. 8; containment,
   not matching to target keypoints).
 - ``kpts3d``: fraction of predicted 3D keypoints inside the target bbox3d.
+  Both containment tests widen the target box by half a quantization bin per side: the policy can
+  only name bin centres, and target keypoints lie on the box's faces.
 - ``rpc``: IoU of the predicted bbox2d with the 2D box enclosing the projected corners of the
   predicted bbox3d (eq. 11-13); 0 when a corner is at or behind the camera.
 - ``format``: 1 when all six fields are valid, else 0.
@@ -73,9 +75,11 @@ def output_rewards(
     if b3 is not None:
         r["bbox3d"] = iou_3d(b3, gt3)
     if ok["kpts2d"]:
-        r["kpts2d"] = keypoint_containment(quant.dequantize_2d(parsed["kpts2d"].value, w, h), gt2)
+        half_bin = np.array([w, h]) / (quant.bins - 1) / 2
+        r["kpts2d"] = keypoint_containment(quant.dequantize_2d(parsed["kpts2d"].value, w, h), gt2, half_bin)
     if ok["kpts3d"]:
-        r["kpts3d"] = keypoint_containment(quant.dequantize_3d(parsed["kpts3d"].value), gt3)
+        half_bin = (quant.hi3d - quant.lo3d) / (quant.bins - 1) / 2
+        r["kpts3d"] = keypoint_containment(quant.dequantize_3d(parsed["kpts3d"].value), gt3, half_bin)
     if b2 is not None and b3 is not None:
         projected = project_box3d(b3, camera["K"], camera["R"], camera["t"])
         r["rpc"] = iou_2d(projected, b2) if projected is not None else 0.0

@@ -3,7 +3,7 @@
 Cross-entropy on the answer tokens only (the prompt and the point placeholders are masked), AdamW,
 linear warm-up then a cosine decay to ``learning_rate * min_lr_ratio``, gradient clipping, gradient
 accumulation up to the global batch. Runs on one CPU, one GPU or many GPUs through ``accelerate``
-(``accelerate launch --config_file configs/train/zero3.yaml``: DeepSpeed ZeRO-3, the paper's setup);
+(``accelerate launch --config_file pointvl/configs/train/zero3.yaml``: DeepSpeed ZeRO-3, the paper's setup);
 each process takes every ``num_processes``-th micro-batch. The same loop runs the SFT budget-matched
 baseline (Table 3): more SFT passes from the SFT checkpoint.
 """
