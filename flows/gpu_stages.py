@@ -14,8 +14,8 @@ gpu <n_gpus>``): at most one shard runs per GPU at a time. Each worker process l
 and keeps it resident for every shard it runs (:func:`pointvl.models.load_pipeline`).
 
 :func:`run_gpu_stage` is what the build flow calls: with a deployment name it starts one flow run
-per shard on the pool and waits for all of them; without, it runs the shards in-process, one after
-another (one GPU, one job at a time).
+per shard on the pool and waits for all of them; without, it runs the shards in-process as tasks, one
+after another (one GPU, one job at a time).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def synthesize_shard(run_dir: str, shard_index: int, config: dict | None = None)
 
 
 FLOWS = {"refine": refine_shard, "synthesize": synthesize_shard}
+TASKS = {"refine": refine, "synthesize": synthesize}
 
 
 def run_gpu_stage(
@@ -68,7 +69,9 @@ def run_gpu_stage(
         config = CONFIGS[stage](**(config or {}))  # validate here, before any GPU job starts
     params = dataclasses.asdict(config)
     if not deployment:
-        return [FLOWS[stage](run_dir, i, params) for i in shard_indices]
+        # one shard after another (one GPU, one job), as tasks of the calling flow: a sub-flow per
+        # shard would only add orchestration time
+        return [TASKS[stage](run_dir, i, config) for i in shard_indices]
 
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment

@@ -61,6 +61,8 @@ def cpu_stages_per_instance(faces: int, repeats: int = 2) -> dict[str, float]:
 
 def orchestration_overhead(shapenet: str, config: dict, work: str) -> dict[str, float]:
     """The same stages over the same shards: the Prefect flow vs a plain Python loop."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
     from flows.build import build_benchmark
     from pointvl.config import BuildConfig
     from pointvl.local import build_in_process
@@ -74,7 +76,13 @@ def orchestration_overhead(shapenet: str, config: dict, work: str) -> dict[str, 
     t0 = time.perf_counter()
     build_benchmark(shapenet=shapenet, out=os.path.join(work, "flow"), config=config)
     flow = time.perf_counter() - t0
-    return {"plain_loop_s": plain, "flow_s": flow, "overhead_ratio": flow / plain}
+    # one task at a time: the orchestration cost alone, without the flow's concurrency gain
+    serial_flow = build_benchmark.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))
+    t0 = time.perf_counter()
+    serial_flow(shapenet=shapenet, out=os.path.join(work, "flow_serial"), config=config)
+    serial = time.perf_counter() - t0
+    return {"plain_loop_s": plain, "flow_s": flow, "overhead_ratio": flow / plain,
+            "flow_one_task_at_a_time_s": serial, "overhead_ratio_one_task_at_a_time": serial / plain}
 
 
 def main() -> None:
