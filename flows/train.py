@@ -51,4 +51,6 @@ if __name__ == "__main__":
     parser.add_argument("--preset", default="paper", choices=["paper", "tiny"])
     parser.add_argument("--variant", default="grca_rpc")
     args = parser.parse_args()
-    train(args.shards, args.run, preset=args.preset, variant=args.variant)
+    from pointvl.evaluate import format_table
+
+    print(format_table(train(args.shards, args.run, preset=args.preset, variant=args.variant), name=args.variant))

@@ -35,7 +35,7 @@ def _build(args: argparse.Namespace) -> int:
     Clean(config.clean).resolve_categories(read_taxonomy(args.shapenet))
     shapenet = os.path.abspath(args.shapenet)
     out = args.out if "://" in args.out else os.path.abspath(args.out)
-    if io.exists(plan_path(out)) and load_plan(out).fingerprint != fingerprint(shapenet, config.to_dict()):
+    if io.exists(plan_path(out)) and load_plan(out).fingerprint != fingerprint(shapenet, config.output_dict()):
         raise InputError(
             f"{out} holds a build of another input or config; use a new --out folder, or the original "
             "--shapenet and --config to resume it"
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     # Library log lines show in Prefect's run logs; nothing is sent home from an offline machine.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pointvl")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

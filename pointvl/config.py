@@ -37,6 +37,9 @@ class ConfigError(InputError):
     """A config file or value is unusable; the message names the key and the fix."""
 
 
+OPERATIONAL_SECTIONS = ("gpu_deployments", "review", "handoff")
+
+
 @dataclass
 class BuildConfig:
     """Everything one benchmark build needs besides its input and output folders.
@@ -103,6 +106,11 @@ class BuildConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def output_dict(self) -> dict[str, Any]:
+        """The sections that decide what the build writes; operational ones (where GPU stages run,
+        the review gate, the training hand-off) can change between a run and its resume."""
+        return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_SECTIONS}
 
 
 def _section(name: str, cls: type, value: Any) -> Any:

@@ -37,7 +37,7 @@ def plan_run(shapenet: str, run_dir: str, config: BuildConfig) -> Plan:
     A run folder keeps the plan it started with (same input, same config), so a resumed build
     processes exactly the shards it started with; another input or config is refused.
     """
-    key = fingerprint(shapenet, config.to_dict())
+    key = fingerprint(shapenet, config.output_dict())
     if io.exists(plan_path(run_dir)) and load_plan(run_dir).fingerprint == key:
         logger.info("plan exists: cleaning skipped")
         return load_plan(run_dir)

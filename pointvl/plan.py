@@ -2,12 +2,15 @@
 
 Work is planned in shards of models (all views of a model stay in one shard). A shard holds one
 split only; shard ``i`` of split ``s`` becomes the final file ``{s}-{i:05d}-of-{n:05d}.parquet``.
+An incremental build (:func:`extend_plan`) changes a plan only by updating shards' model lists and
+appending shards, so every finished shard keeps its index.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from pointvl import io
@@ -73,37 +76,72 @@ def stage_table_path(run_dir: str, stage: str, shard_index: int) -> str:
 
 def make_plan(models: list[ModelEntry], shard_size: int, views_per_model: int, fingerprint: str) -> Plan:
     """Chunk each split's models (in their given order) into shards of ``shard_size`` instances."""
+    return extend_plan(Plan(()), models, shard_size, views_per_model, fingerprint)
+
+
+def extend_plan(
+    old: Plan, models: list[ModelEntry], shard_size: int, views_per_model: int, fingerprint: str
+) -> Plan:
+    """``old`` brought up to date with ``models`` (the current cleaning result) without moving finished work.
+
+    A planned model still kept in the same split stays in its shard, as its current entry (so a changed
+    mesh changes the shard's model list); a model dropped, removed or moved to the other split leaves
+    its shard, which keeps its index (possibly empty). Models not planned yet are chunked, per split in
+    their given order, into new shards after the existing ones. Only ``split_count`` (the ``-of-{n}``
+    of final names) changes for existing shards.
+    """
+    current = {(m.synset_id, m.model_id): m for m in models}
+    layout: list[tuple[str, int, tuple[ModelEntry, ...]]] = []  # split, split index, models
+    for shard in old.shards:
+        ids = [(m.synset_id, m.model_id) for m in shard.models]
+        still = tuple(current[k] for k in ids if k in current and current[k].split == shard.split)
+        layout.append((shard.split, shard.split_index, still))
+    placed = {(m.synset_id, m.model_id) for _, _, ms in layout for m in ms}
     models_per_shard = max(1, shard_size // views_per_model)
-    shards: list[Shard] = []
     for split in SPLITS:
-        in_split = [m for m in models if m.split == split]
-        chunks = [in_split[i : i + models_per_shard] for i in range(0, len(in_split), models_per_shard)]
-        for j, chunk in enumerate(chunks):
-            shards.append(Shard(len(shards), split, j, len(chunks), tuple(chunk), views_per_model))
-    return Plan(tuple(shards), fingerprint)
+        new = [m for m in models if m.split == split and (m.synset_id, m.model_id) not in placed]
+        first = sum(s == split for s, _, _ in layout)
+        for j in range(0, len(new), models_per_shard):
+            layout.append((split, first + j // models_per_shard, tuple(new[j : j + models_per_shard])))
+    counts = Counter(split for split, _, _ in layout)
+    shards = tuple(
+        Shard(i, split, j, counts[split], ms, views_per_model) for i, (split, j, ms) in enumerate(layout)
+    )
+    return Plan(shards, fingerprint)
 
 
 def load_plan(run_dir: str) -> Plan:
     return Plan.from_json(io.read_json(plan_path(run_dir)))
 
 
+def existing_plan(run_dir: str, fingerprint: str) -> Plan | None:
+    """The run's plan, or ``None`` for a new run folder; a plan of another fingerprint is refused.
+
+    Checked before cleaning, so a refused run keeps its cleaning report as its plan was made.
+    """
+    if not io.exists(plan_path(run_dir)):
+        return None
+    existing = load_plan(run_dir)
+    if existing.fingerprint != fingerprint:
+        raise PlanMismatchError(
+            f"{run_dir} was built from another input or config (plan fingerprint "
+            f"{existing.fingerprint[:12]} != {fingerprint[:12]}); use a new --out folder, "
+            "the original input and config to resume, or an incremental build"
+        )
+    return existing
+
+
 def save_or_check_plan(run_dir: str, plan: Plan) -> Plan:
     """Write ``plan`` unless the run already has one; an existing plan must have the same fingerprint.
 
     Re-planning a half-written run would shuffle instances between shard files, so a run folder
-    keeps the plan it started with; a changed input or config needs a new output folder.
+    keeps the plan it started with; a changed input or config needs a new output folder (or an
+    incremental build, which extends the plan instead).
     """
-    path = plan_path(run_dir)
-    if io.exists(path):
-        existing = load_plan(run_dir)
-        if existing.fingerprint != plan.fingerprint:
-            raise PlanMismatchError(
-                f"{run_dir} was built from another input or config (plan fingerprint "
-                f"{existing.fingerprint[:12]} != {plan.fingerprint[:12]}); use a new --out folder, "
-                "or the original input and config to resume"
-            )
+    existing = existing_plan(run_dir, plan.fingerprint)
+    if existing is not None:
         return existing
-    io.write_json(path, plan.to_json())
+    io.write_json(plan_path(run_dir), plan.to_json())
     return plan
 
 

@@ -40,3 +40,9 @@ def test_bad_config_names_the_problem(tmp_path, text, message):
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         BuildConfig.from_file("/nonexistent/c.yaml")
+
+
+def test_operational_sections_do_not_decide_outputs():
+    a = BuildConfig.from_dict({"review": {"timeout_s": 60}, "gpu_deployments": {"refine": "refine-shard/refine"}})
+    assert a.output_dict() == BuildConfig().output_dict()
+    assert BuildConfig.from_dict({"render": {"width": 64}}).output_dict() != BuildConfig().output_dict()

@@ -79,11 +79,15 @@ class CleanConfig:
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """One kept model. ``geometry`` is its :func:`geometry_hash`, so an incremental build sees a changed
+    mesh under the same id (empty in plans written before it was recorded)."""
+
     synset_id: str
     model_id: str
     category: str
     split: str
     obj_path: str
+    geometry: str = ""
 
 
 def read_taxonomy(shapenet_dir: str) -> dict[str, dict]:
@@ -187,13 +191,13 @@ class Clean:
         split_of = {c[1]: "test" for c in order[:n_test]}
         split_of.update({c[1]: "train" for c in order[n_test : n_test + n_train]})
         entries = []
-        for synset, model, category, obj in kept:
+        for synset, model, category, obj, digest in kept:
             split = split_of.get(model)
             if split is None:
                 rows.append(self._row(synset, model, category, "dropped", "over_split_size"))
                 continue
             rows.append(self._row(synset, model, category, "kept", "", split))
-            entries.append(ModelEntry(synset, model, category, split, os.path.abspath(obj)))
+            entries.append(ModelEntry(synset, model, category, split, os.path.abspath(obj), digest))
         self._write_report(rows, report_path)
         logger.info("clean: %d models kept (%d train, %d test), %d dropped",
                     len(entries), n_train, n_test, len(rows) - len(entries))
@@ -205,6 +209,7 @@ class Clean:
                 "reason": reason, "split": split}
 
     def _check_models(self, candidates: list[tuple[str, str, str, str]], rows: list[dict]) -> list:
+        """The usable candidates as ``(synset, model, category, obj path, geometry hash)``; a row per drop."""
         by_model: dict[str, list] = {}
         for c in candidates:
             by_model.setdefault(c[1], []).append(c)
@@ -232,7 +237,7 @@ class Clean:
                 logger.info("%s/%s duplicates the geometry of %s", synset, model, seen[digest])
                 continue
             seen[digest] = f"{synset}/{model}"
-            kept.append((synset, model, category, obj))
+            kept.append((synset, model, category, obj, digest))
         return kept
 
     @staticmethod

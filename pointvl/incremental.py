@@ -1,0 +1,119 @@
+"""Incremental builds: which finished outputs still match the plan and config; the stale ones move aside.
+
+A scheduled build reuses one run folder while models are added and the config changes. Every work
+shard's output of every stage gets a key: a hash of what decides that output (the stage's config
+section, the keys of the stages it reads, the shard's models with their geometry hashes, the views
+per model). The key is stored beside the output, ``stages/<stage>/shard-{i:05d}.key`` and
+``shards/.keys/{split}-{i:05d}.key``. :func:`invalidate_stale` moves every output whose stored key
+is not the current one to ``superseded/<time>/`` (nothing is deleted), so the usual skip-what-is-
+finished logic then recomputes exactly the stale part and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from datetime import UTC, datetime
+
+from pointvl import io
+from pointvl.config import BuildConfig
+from pointvl.plan import Plan, Shard, fingerprint, stage_table_path
+from pointvl.stages.base import stats_path
+from pointvl.stages.gpu_common import items_dir
+from pointvl.stages.write_shards import shards_dir
+
+logger = logging.getLogger(__name__)
+
+# The stages each stage reads (flows/build.py's DAG), in an order where inputs come first.
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "sample_points": (),
+    "geometry": ("sample_points",),
+    "render": (),
+    "kpts2d": ("render",),
+    "refine": ("render",),
+    "synthesize": ("refine", "render"),
+    "annotate": ("render", "geometry", "kpts2d", "synthesize"),
+    "review": ("annotate", "synthesize"),
+    "write_shards": ("sample_points", "geometry", "render", "kpts2d", "refine", "synthesize", "annotate", "review"),
+}
+
+
+def stage_keys(shard: Shard, config: BuildConfig, categories: list[str]) -> dict[str, str]:
+    """The current key of each stage's output for ``shard``.
+
+    Only output-deciding config enters a key (``review`` is operational: a stage key must not change
+    when the gate or its timeout does). ``annotate`` also depends on the benchmark's ``categories``:
+    its category question draws its distractors from them.
+    """
+    sections = config.output_dict()
+    models = [(m.synset_id, m.model_id, m.category, m.split, m.geometry) for m in shard.models]
+    keys: dict[str, str] = {}
+    for stage, inputs in STAGE_INPUTS.items():
+        parts = [stage, sections.get(stage), [keys[s] for s in inputs], models, shard.views_per_model]
+        if stage == "annotate":
+            parts.append(sorted(categories))
+        keys[stage] = fingerprint(*parts)
+    return keys
+
+
+def stage_key_path(run_dir: str, stage: str, shard_index: int) -> str:
+    return stage_table_path(run_dir, stage, shard_index).removesuffix(".parquet") + ".key"
+
+
+def final_key_path(run_dir: str, shard: Shard) -> str:
+    """Named without the ``-of-{n}`` part, which changes when shards are added to the split."""
+    return io.join(shards_dir(run_dir), ".keys", f"{shard.split}-{shard.split_index:05d}.key")
+
+
+def invalidate_stale(run_dir: str, plan: Plan, config: BuildConfig) -> dict[str, int]:
+    """Move outputs made for another key to ``RUN/superseded/<time>/``, record the current keys.
+
+    Runs after (re)planning and before any stage, so a stage sees a shard as finished only when it
+    was finished with its current key. A missing key counts as stale: the output's origin is
+    unknown. Final shards whose key is current but whose ``-of-{n}`` is outdated are renamed.
+    Returns the number of superseded shard outputs per stage.
+    """
+    fs, root = io.filesystem(run_dir)
+    aside = f"{root}/superseded/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}"
+    categories = sorted({m.category for s in plan.shards for m in s.models})
+    superseded: Counter[str] = Counter()
+    for shard in plan.shards:
+        keys = stage_keys(shard, config, categories)
+        for stage in STAGE_INPUTS:
+            if stage == "write_shards":
+                continue
+            outputs = [stage_table_path(run_dir, stage, shard.index), stats_path(run_dir, stage, shard.index),
+                       items_dir(run_dir, stage, shard.index)]
+            paths = [io.filesystem(p)[1] for p in outputs]
+            superseded[stage] += _refresh(stage_key_path(run_dir, stage, shard.index), keys[stage], paths, root, aside)
+        finals = fs.glob(f"{io.filesystem(shards_dir(run_dir))[1]}/{shard.split}-{shard.split_index:05d}-of-*.parquet")
+        if _refresh(final_key_path(run_dir, shard), keys["write_shards"], finals, root, aside):
+            superseded["write_shards"] += 1
+        else:
+            for path in finals:
+                renamed = f"{path.rsplit('/', 1)[0]}/{shard.final_name}"
+                if path != renamed:
+                    fs.mv(path, renamed)
+                    logger.info("renamed %s to %s", path.rsplit("/", 1)[1], shard.final_name)
+    counts = {stage: n for stage, n in superseded.items() if n}
+    if counts:
+        logger.info("superseded (moved to %s): %s", aside, counts)
+    return counts
+
+
+def _refresh(key_path: str, key: str, paths: list[str], root: str, aside: str) -> bool:
+    """Store ``key`` at ``key_path``; when it differs from the stored one, first move ``paths`` aside.
+
+    Moving first: a build killed in between finds the outputs gone, never stale outputs under a
+    current key. Returns whether anything was moved.
+    """
+    if io.exists(key_path) and io.read_bytes(key_path).decode() == key:
+        return False
+    fs, _ = io.filesystem(key_path)
+    present = [p for p in paths if fs.exists(p)]
+    for path in present:
+        target = f"{aside}/{path.removeprefix(root + '/')}"
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.mv(path, target, recursive=True)
+    io.write_bytes(key_path, key.encode())
+    return bool(present)
