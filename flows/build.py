@@ -31,25 +31,30 @@ from tasks.write_shards import write_shards
 
 
 @flow(name="build-benchmark", description="ShapeNetCore v2 → Generative-Refined 3D-VL benchmark shards")
-def build_benchmark(shapenet: str, out: str, config: dict | None = None) -> dict:
-    """Build (or resume) the benchmark from the ShapeNetCore v2 folder ``shapenet`` into ``out``."""
+def build_benchmark(shapenet: str, out: str, config: dict | None = None, incremental: bool = False) -> dict:
+    """Build (or resume) the benchmark from the ShapeNetCore v2 folder ``shapenet`` into ``out``.
+
+    ``incremental`` (on in the scheduled deployment, which reuses one run folder): new or changed
+    models and a changed config are built into ``out`` instead of being refused; only the shards and
+    stages they affect are recomputed, and what they replace moves to ``out/superseded/``.
+    """
     cfg = BuildConfig.from_dict(config)
-    shards = range(clean(shapenet, out, cfg))
+    shards = clean(shapenet, out, cfg, incremental)
 
     points = [sample_points.submit(out, i, cfg.sample_points) for i in shards]
-    boxes = [geometry.submit(out, i, cfg.geometry, wait_for=[points[i]]) for i in shards]
+    boxes = [geometry.submit(out, i, cfg.geometry, wait_for=[p]) for i, p in zip(shards, points, strict=True)]
     renders = [render.submit(out, i, cfg.render) for i in shards]
-    masks = [kpts2d.submit(out, i, cfg.kpts2d, wait_for=[renders[i]]) for i in shards]
+    masks = [kpts2d.submit(out, i, cfg.kpts2d, wait_for=[r]) for i, r in zip(shards, renders, strict=True)]
     for stage, futures in (("sample_points", points), ("geometry", boxes), ("render", renders), ("kpts2d", masks)):
         wait_with_progress(stage, futures)  # a failed CPU stage stops the build here, before any GPU time is spent
 
-    run_gpu_stage("refine", out, list(shards), cfg.gpu_deployments.get("refine"), cfg.refine)
-    publish_progress(out, "refine", list(shards))
-    run_gpu_stage("synthesize", out, list(shards), cfg.gpu_deployments.get("synthesize"), cfg.synthesize)
-    publish_progress(out, "synthesize", list(shards))
+    run_gpu_stage("refine", out, shards, cfg.gpu_deployments.get("refine"), cfg.refine)
+    publish_progress(out, "refine", shards)
+    run_gpu_stage("synthesize", out, shards, cfg.gpu_deployments.get("synthesize"), cfg.synthesize)
+    publish_progress(out, "synthesize", shards)
 
     wait_with_progress("annotate", [annotate.submit(out, i, cfg.annotate) for i in shards])
-    review_gate(out, list(shards), cfg.review)
+    review_gate(out, shards, cfg.review)
     finals = [write_shards.submit(out, i, WriteShardsConfig(cfg.geometry.num_keypoints)) for i in shards]
     wait_with_progress("write_shards", finals)
     summary = summarize(out)

@@ -35,15 +35,17 @@ def _build(args: argparse.Namespace) -> int:
     Clean(config.clean).resolve_categories(read_taxonomy(args.shapenet))
     shapenet = os.path.abspath(args.shapenet)
     out = args.out if "://" in args.out else os.path.abspath(args.out)
-    if io.exists(plan_path(out)) and load_plan(out).fingerprint != fingerprint(shapenet, config.output_dict()):
+    if not args.incremental and io.exists(plan_path(out)) and (
+        load_plan(out).fingerprint != fingerprint(shapenet, config.output_dict())
+    ):
         raise InputError(
-            f"{out} holds a build of another input or config; use a new --out folder, or the original "
-            "--shapenet and --config to resume it"
+            f"{out} holds a build of another input or config; use a new --out folder, the original "
+            "--shapenet and --config to resume it, or --incremental to update it"
         )
     # 2. Run the flow: embedded Prefect unless PREFECT_API_URL points at a server.
     from flows.build import build_benchmark
 
-    summary = build_benchmark(shapenet=shapenet, out=out, config=config.to_dict())
+    summary = build_benchmark(shapenet=shapenet, out=out, config=config.to_dict(), incremental=args.incremental)
     print(format_summary(summary))
     return 0
 
@@ -103,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--shapenet", required=True, help="the ShapeNetCore v2 folder (holds taxonomy.json)")
     build.add_argument("--out", required=True, help="the run folder (path or fsspec URL); re-run to resume")
     build.add_argument("--config", help="YAML/JSON config, one section per component (default: the paper's)")
+    build.add_argument(
+        "--incremental", action="store_true",
+        help="update --out to new or changed models and a changed config: only affected shards and stages are "
+             "recomputed; replaced outputs move to OUT/superseded/",
+    )
     build.set_defaults(run=_build)
 
     evaluate = commands.add_parser(

@@ -36,6 +36,8 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "review": ("annotate", "synthesize"),
     "write_shards": ("sample_points", "geometry", "render", "kpts2d", "refine", "synthesize", "annotate", "review"),
 }
+# The stages with a table per work shard; write_shards' output is the final file, named by split.
+TABLE_STAGES = tuple(s for s in STAGE_INPUTS if s != "write_shards")
 
 
 def stage_keys(shard: Shard, config: BuildConfig, categories: list[str]) -> dict[str, str]:
@@ -74,27 +76,25 @@ def invalidate_stale(run_dir: str, plan: Plan, config: BuildConfig) -> dict[str,
     Returns the number of superseded shard outputs per stage.
     """
     fs, root = io.filesystem(run_dir)
+    finals_dir = io.filesystem(shards_dir(run_dir))[1]
     aside = f"{root}/superseded/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}"
     categories = sorted({m.category for s in plan.shards for m in s.models})
     superseded: Counter[str] = Counter()
     for shard in plan.shards:
         keys = stage_keys(shard, config, categories)
-        for stage in STAGE_INPUTS:
-            if stage == "write_shards":
-                continue
+        for stage in TABLE_STAGES:
             outputs = [stage_table_path(run_dir, stage, shard.index), stats_path(run_dir, stage, shard.index),
                        items_dir(run_dir, stage, shard.index)]
             paths = [io.filesystem(p)[1] for p in outputs]
             superseded[stage] += _refresh(stage_key_path(run_dir, stage, shard.index), keys[stage], paths, root, aside)
-        finals = fs.glob(f"{io.filesystem(shards_dir(run_dir))[1]}/{shard.split}-{shard.split_index:05d}-of-*.parquet")
+        finals = fs.glob(f"{finals_dir}/{shard.split}-{shard.split_index:05d}-of-*.parquet")
         if _refresh(final_key_path(run_dir, shard), keys["write_shards"], finals, root, aside):
             superseded["write_shards"] += 1
-        else:
-            for path in finals:
-                renamed = f"{path.rsplit('/', 1)[0]}/{shard.final_name}"
-                if path != renamed:
-                    fs.mv(path, renamed)
-                    logger.info("renamed %s to %s", path.rsplit("/", 1)[1], shard.final_name)
+            continue
+        for path in finals:
+            if path != f"{finals_dir}/{shard.final_name}":
+                fs.mv(path, f"{finals_dir}/{shard.final_name}")
+                logger.info("renamed %s to %s", path.rsplit("/", 1)[1], shard.final_name)
     counts = {stage: n for stage, n in superseded.items() if n}
     if counts:
         logger.info("superseded (moved to %s): %s", aside, counts)

@@ -10,7 +10,17 @@ import logging
 
 from pointvl import io
 from pointvl.config import BuildConfig
-from pointvl.plan import Plan, fingerprint, load_plan, make_plan, plan_path, save_or_check_plan
+from pointvl.incremental import invalidate_stale
+from pointvl.plan import (
+    Plan,
+    existing_plan,
+    extend_plan,
+    fingerprint,
+    load_plan,
+    make_plan,
+    plan_path,
+    save_or_check_plan,
+)
 from pointvl.stages.annotate import Annotate
 from pointvl.stages.base import finished
 from pointvl.stages.clean import Clean
@@ -31,24 +41,38 @@ def cleaning_report_path(run_dir: str) -> str:
     return io.join(run_dir, "reports", "cleaning.csv")
 
 
-def plan_run(shapenet: str, run_dir: str, config: BuildConfig) -> Plan:
+def plan_run(shapenet: str, run_dir: str, config: BuildConfig, incremental: bool = False) -> Plan:
     """The run's shard plan: the existing one when the run folder has it, else clean and plan.
 
     A run folder keeps the plan it started with (same input, same config), so a resumed build
-    processes exactly the shards it started with; another input or config is refused.
+    processes exactly the shards it started with; another input or config is refused. An
+    incremental build cleans again (models may have been added, changed or dropped), extends the
+    plan and moves aside every output made for another config or model list
+    (:mod:`pointvl.incremental`), so the stages then redo exactly those.
     """
     key = fingerprint(shapenet, config.output_dict())
-    if io.exists(plan_path(run_dir)) and load_plan(run_dir).fingerprint == key:
+    if not incremental and (existing := existing_plan(run_dir, key)) is not None:
         logger.info("plan exists: cleaning skipped")
-        return load_plan(run_dir)
+        return existing
     models = Clean(config.clean).run(shapenet, cleaning_report_path(run_dir))
     io.write_json(io.join(run_dir, "config.json"), {"shapenet": shapenet, **config.to_dict()})
-    return save_or_check_plan(run_dir, make_plan(models, config.shard_size, config.render.views_per_model, key))
+    views = config.render.views_per_model
+    if not incremental:
+        return save_or_check_plan(run_dir, make_plan(models, config.shard_size, views, key))
+    old = load_plan(run_dir) if io.exists(plan_path(run_dir)) else Plan(())
+    plan = extend_plan(old, models, config.shard_size, views, key)
+    if plan != old:  # an unchanged run folder stays byte for byte (and mtime for mtime) as it was
+        io.write_json(plan_path(run_dir), plan.to_json())
+    invalidate_stale(run_dir, plan, config)
+    return plan
 
 
-def build_in_process(shapenet: str, run_dir: str, config: BuildConfig) -> dict:
-    """Build (or resume) the benchmark in this process; returns the summary."""
-    plan = plan_run(shapenet, run_dir, config)
+def build_in_process(shapenet: str, run_dir: str, config: BuildConfig, incremental: bool = False) -> dict:
+    """Build (or resume) the benchmark in this process; returns the summary.
+
+    ``incremental``: reuse a run folder of another config or input (see :func:`plan_run`).
+    """
+    plan = plan_run(shapenet, run_dir, config, incremental)
     categories = sorted({m.category for s in plan.shards for m in s.models})
     stages = [
         ("sample_points", SamplePoints(config.sample_points).run_shard),
@@ -60,7 +84,7 @@ def build_in_process(shapenet: str, run_dir: str, config: BuildConfig) -> dict:
         ("annotate", Annotate(config.annotate, categories).run_shard),
     ]
     writer = WriteShards(WriteShardsConfig(config.geometry.num_keypoints))
-    for shard in plan.shards:
+    for shard in (s for s in plan.shards if s.models):  # an emptied shard (incremental) has nothing to build
         for name, run in stages:
             if not finished(run_dir, name, shard.index):
                 run(run_dir, shard.index)

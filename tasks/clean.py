@@ -8,11 +8,18 @@ from pointvl.local import cleaning_report_path, plan_run
 
 
 @task(name="clean", cache_policy=NO_CACHE)
-def clean(shapenet: str, run_dir: str, config: BuildConfig) -> int:
-    """Clean the taxonomy and models, split by model, and fix the shard plan; returns the shard count."""
-    plan = plan_run(shapenet, run_dir, config)
+def clean(shapenet: str, run_dir: str, config: BuildConfig, incremental: bool = False) -> list[int]:
+    """Clean the taxonomy and models, split by model, and fix the shard plan; returns the shards to build.
+
+    A shard whose models all left in an incremental build keeps its index but is not built (no
+    stage handles an empty shard, and it has no records).
+
+    ``incremental``: extend the run folder's plan to the current input and config, and move outputs
+    made for another config or model list aside (:func:`pointvl.local.plan_run`).
+    """
+    plan = plan_run(shapenet, run_dir, config, incremental)
     create_link_artifact(
         key="cleaning-report", link=cleaning_report_path(run_dir), description="Kept and dropped models, with reasons"
     )
     get_run_logger().info("%d shards planned", len(plan.shards))
-    return len(plan.shards)
+    return [s.index for s in plan.shards if s.models]
