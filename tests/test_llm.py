@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_openai import FakeOpenAI  # noqa: E402
+from fake_openai import FakeOpenAI
 from pydantic import SecretStr
 
 from pointvl.llm import (

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from gpu_inputs import write_render_shard
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.gpu_stages import run_gpu_stage
 from pointvl.stages.base import read_stage_table
 from pointvl.stages.refine import RefineConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))  # --import-mode=importlib
-from gpu_inputs import write_render_shard  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fake_openai import FakeOpenAI, image_sha  # noqa: E402
+from fake_openai import FakeOpenAI, image_sha
 from pydantic import SecretStr
 
 from pointvl import io

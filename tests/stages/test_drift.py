@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
+from gpu_inputs import disk
 
 from pointvl.stages.drift import canny, contour, depth_control, drift_score
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/stages (--import-mode=importlib)
-from gpu_inputs import disk  # noqa: E402
 
 
 def test_canny_finds_the_disk_outline():

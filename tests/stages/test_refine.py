@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from gpu_inputs import write_render_shard
 
 from pointvl import images, io, models
 from pointvl.stages.base import read_stage_table, read_stats
 from pointvl.stages.gpu_common import instance_seed, items_dir
 from pointvl.stages.refine import Refine, RefineConfig
 from pointvl.tiny import HashPromptEncoder, save_tiny_models, tiny_refine_pipeline
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/stages (--import-mode=importlib)
-from gpu_inputs import write_render_shard  # noqa: E402
 
 STEPS = 2
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from gpu_inputs import write_render_shard
 
 from pointvl import images, io, models
 from pointvl.stages.base import read_stage_table
@@ -14,9 +13,6 @@ from pointvl.stages.gpu_common import instance_seed, items_dir
 from pointvl.stages.refine import Refine, RefineConfig
 from pointvl.stages.synthesize import Synthesize, SynthesizeConfig
 from pointvl.tiny import HashPromptEncoder, save_tiny_models, tiny_synthesize_pipeline
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/stages (--import-mode=importlib)
-from gpu_inputs import write_render_shard  # noqa: E402
 
 STEPS = 5
 

@@ -1,0 +1,57 @@
+"""The GPU stage as a deployment: `run_gpu_stage` starts one flow run per shard with `run_deployment`,
+and a served deployment (the stand-in for a GPU worker) runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import pyarrow.parquet as pq
+from gpu_inputs import write_render_shard
+
+SERVE = textwrap.dedent("""
+    from flows.gpu_stages import refine_shard
+    refine_shard.serve(name="refine", limit=1)
+""")
+
+START = textwrap.dedent("""
+    import sys
+    from flows.gpu_stages import run_gpu_stage
+    from pointvl.stages.refine import RefineConfig
+    run_gpu_stage("refine", sys.argv[1], [0, 1], "refine-shard/refine", RefineConfig(backend="passthrough"),
+                  poll_seconds=1)
+""")
+
+
+def test_run_gpu_stage_runs_each_shard_as_a_deployment_flow_run(prefect_server, tmp_path):
+    run_dir = str(tmp_path / "run")
+    ids = {i: write_render_shard(run_dir, i, n=2) for i in (0, 1)}
+    env = {**prefect_server["env"], "PYTHONPATH": os.getcwd()}
+    worker = subprocess.Popen([sys.executable, "-c", SERVE], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        api = prefect_server["api"]
+        deadline = time.monotonic() + 90
+        while httpx.get(f"{api}/deployments/name/refine-shard/refine").status_code != 200:
+            assert worker.poll() is None and time.monotonic() < deadline, "the deployment was not served"
+            time.sleep(0.5)
+        result = subprocess.run([sys.executable, "-c", START, run_dir], env=env, capture_output=True, text=True,
+                                timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=30)
+
+    for i in (0, 1):
+        table = pq.read_table(os.path.join(run_dir, "stages", "refine", f"shard-{i:05d}.parquet"))
+        assert table.column("instance_id").to_pylist() == ids[i]
+        assert {json.loads(p)["backend"] for p in table.column("refine_provenance").to_pylist()} == {"passthrough"}
+    runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"tags": {"all_": ["stage:refine"]}}}).json()
+    assert sorted(r["parameters"]["shard_index"] for r in runs) == [0, 1]
+    assert all(r["state_type"] == "COMPLETED" for r in runs)
