@@ -48,9 +48,10 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
     for stage, futures in (("sample_points", points), ("geometry", boxes), ("render", renders), ("kpts2d", masks)):
         wait_with_progress(stage, futures)  # a failed CPU stage stops the build here, before any GPU time is spent
 
-    run_gpu_stage("refine", out, shards, cfg.gpu_deployments.get("refine"), cfg.refine)
+    run_gpu_stage("refine", out, shards, cfg.gpu_deployments.get("refine"), cfg.refine, workers=cfg.gpu_workers)
     publish_progress(out, "refine", shards)
-    run_gpu_stage("synthesize", out, shards, cfg.gpu_deployments.get("synthesize"), cfg.synthesize)
+    run_gpu_stage("synthesize", out, shards, cfg.gpu_deployments.get("synthesize"), cfg.synthesize,
+                  workers=cfg.gpu_workers)
     publish_progress(out, "synthesize", shards)
 
     wait_with_progress("annotate", [annotate.submit(out, i, cfg.annotate) for i in shards])

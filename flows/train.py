@@ -9,7 +9,7 @@ overrides fields (nested dicts, as in ``TrainConfig``).
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from pointvl.train.config import TrainConfig, paper_preset, tiny_preset
 from pointvl.train.pipeline import check_config, stage_names
@@ -29,8 +29,13 @@ def resolve_config(preset: str, variant: str, overrides: dict | None) -> TrainCo
 
 @flow(name="train-pointvl", description="SFT warm-up → routed GRPO (GRCA + RPC) → evaluation on shards")
 def train(shards: str, run_dir: str, preset: str = "paper", variant: str = "grca_rpc",
-          config: dict | None = None) -> dict:
-    """Train one Table 3 variant on ``shards`` into ``run_dir`` and return its test metrics."""
+          config: dict | None = None, build_id: str = "") -> dict:
+    """Train one Table 3 variant on ``shards`` into ``run_dir`` and return its test metrics.
+
+    ``build_id`` names the benchmark build the shards came from (set by the build's hand-off).
+    """
+    if build_id:
+        get_run_logger().info("training on build %s (%s)", build_id, shards)
     cfg = resolve_config(preset, variant, config)
     check_config(run_dir, cfg)
     stages = stage_names(cfg)

@@ -35,6 +35,8 @@ def _build(args: argparse.Namespace) -> int:
     Clean(config.clean).resolve_categories(read_taxonomy(args.shapenet))
     shapenet = os.path.abspath(args.shapenet)
     out = args.out if "://" in args.out else os.path.abspath(args.out)
+    if io.exists(out) and not io.filesystem(out)[0].isdir(io.filesystem(out)[1]):
+        raise InputError(f"--out {args.out} is a file; give a folder for the build")
     if not args.incremental and io.exists(plan_path(out)) and (
         load_plan(out).fingerprint != fingerprint(shapenet, config.output_dict())
     ):
@@ -68,9 +70,11 @@ def _train_config(preset: str, variant: str, run_config: str | None):
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from pointvl.train.data import list_shards
     from pointvl.train.pipeline import load
     from pointvl.train.predict import predict
 
+    list_shards(args.shards, args.split)  # before any model is built
     cfg = _train_config(args.preset, "sft", args.config)
     tokenizer, images, model = load(cfg, args.checkpoint)
     n = predict(model, tokenizer, images, args.shards, args.out, split=args.split,
@@ -81,8 +85,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from pointvl.evaluate import format_table
+    from pointvl.train.data import list_shards
     from pointvl.train.pipeline import run_pipeline
 
+    list_shards(args.shards, "train")  # before any model is built
     metrics = run_pipeline(_train_config(args.preset, args.variant, None), args.shards, args.run)
     print(format_table(metrics, name=args.variant))
     return 0
@@ -97,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fixture.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder (path or fsspec URL)")
     fixture.add_argument("--seed", type=int, default=0, help="every random choice follows it (default 0)")
-    fixture.set_defaults(run=_fixture)
+    fixture.set_defaults(command_handler=_fixture)
 
     build = commands.add_parser(
         "build", help="build (or resume) the benchmark from a ShapeNetCore v2 folder, as a Prefect flow"
@@ -110,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="update --out to new or changed models and a changed config: only affected shards and stages are "
              "recomputed; replaced outputs move to OUT/superseded/",
     )
-    build.set_defaults(run=_build)
+    build.set_defaults(command_handler=_build)
 
     evaluate = commands.add_parser(
         "evaluate", help="score a predictions JSONL on the test split (IoU, KPA, RPC, QA, BLEU, ROUGE)"
@@ -122,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="where to write the metrics JSON")
     evaluate.add_argument("--split", default="test", help="the split to score (default test)")
     evaluate.add_argument("--name", default="model", help="the row label in the printed table")
-    evaluate.set_defaults(run=_evaluate)
+    evaluate.set_defaults(command_handler=_evaluate)
 
     predict = commands.add_parser("predict", help="write a predictions JSONL for a checkpoint (greedy decoding)")
     predict.add_argument("--shards", required=True, help="the folder of {split}-*-of-*.parquet shards")
@@ -131,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--preset", choices=["paper", "tiny"], default="paper")
     predict.add_argument("--split", default="test")
     predict.add_argument("--out", required=True, help="the JSONL to write")
-    predict.set_defaults(run=_predict)
+    predict.set_defaults(command_handler=_predict)
 
     train = commands.add_parser("train", help="SFT -> routed GRPO -> evaluate into a run folder (resumes)")
     train.add_argument("--shards", required=True, help="the folder of {split}-*-of-*.parquet shards")
@@ -141,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant", default="grca_rpc",
         choices=["sft", "sft_budget_matched", "broadcast", "grca", "grca_rpc"], help="the Table 3 row",
     )
-    train.set_defaults(run=_train)
+    train.set_defaults(command_handler=_train)
     add_ops_commands(commands)
     return parser
 
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pointvl")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
-        return args.run(args)
+        return args.command_handler(args)
     except InputError as err:  # input and config errors: one line, no traceback
         print(f"pointvl {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -143,16 +143,16 @@ def add_ops_commands(commands: Any) -> None:
     review.add_argument("--reject", action="append", default=[], metavar="ID:REASON",
                         help="leave instance ID out of the shards, with REASON (repeat for more)")
     review.add_argument("--reviewer", default=getpass.getuser(), help="your name for the log (default: $USER)")
-    review.set_defaults(run=_review)
+    review.set_defaults(command_handler=_review)
 
     resume = commands.add_parser(
         "resume", help="re-run a failed build with its input and config, reusing everything finished"
     )
     resume.add_argument("target", metavar="RUN_DIR|FLOW_RUN_ID", help="the run folder, or the failed flow run's id")
-    resume.set_defaults(run=_resume)
+    resume.set_defaults(command_handler=_resume)
 
     preview = commands.add_parser("preview", help="serve RUN_DIR/previews (the contact sheets) over HTTP")
     preview.add_argument("run_dir", metavar="RUN_DIR")
     preview.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     preview.add_argument("--port", type=int, default=8765, help="port (default 8765, 0 = any free one)")
-    preview.set_defaults(run=_preview)
+    preview.set_defaults(command_handler=_preview)

@@ -37,7 +37,11 @@ class ConfigError(InputError):
     """A config file or value is unusable; the message names the key and the fix."""
 
 
-OPERATIONAL_SECTIONS = ("gpu_deployments", "review", "handoff")
+OPERATIONAL_SECTIONS = ("gpu_deployments", "gpu_workers", "review", "handoff")
+OPERATIONAL_FIELDS = {
+    "annotate": ("redo_failed", "requests_per_minute", "concurrency", "batch_poll_interval_s", "batch_max_wait_s",
+                 "llm_api_key_env", "vlm_api_key_env", "api_key_secret_block", "vlm_api_key_secret_block"),
+}
 
 
 @dataclass
@@ -48,6 +52,8 @@ class BuildConfig:
         shard_size: instances per work shard (DESIGN: 64–512). Fixed once a run is planned.
         gpu_deployments: stage name (``refine``, ``synthesize``) → Prefect deployment that runs it
             on a GPU work pool; stages not listed run in-process.
+        gpu_workers: GPU workers serving those deployments: a deployed GPU stage starts this many
+            flow runs, each over its share of the shards, so each worker loads the model once.
         review: the human review gate before the shards (off for local builds, on for deployed ones).
         handoff: start the ``train`` deployment when the build completes.
     """
@@ -64,8 +70,12 @@ class BuildConfig:
     review: ReviewConfig = field(default_factory=ReviewConfig)
     handoff: HandoffConfig = field(default_factory=HandoffConfig)
     gpu_deployments: dict[str, str] = field(default_factory=dict)
+    gpu_workers: int = 1
 
     def __post_init__(self) -> None:
+        _check_types(self, "")
+        if self.gpu_workers < 1:
+            raise ConfigError(f"gpu_workers must be >= 1, got {self.gpu_workers}")
         if self.shard_size < 1:
             raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
         unknown = set(self.gpu_deployments) - {"refine", "synthesize"}
@@ -108,9 +118,12 @@ class BuildConfig:
         return dataclasses.asdict(self)
 
     def output_dict(self) -> dict[str, Any]:
-        """The sections that decide what the build writes; operational ones (where GPU stages run,
-        the review gate, the training hand-off) can change between a run and its resume."""
-        return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_SECTIONS}
+        """The settings that decide what the build writes; operational ones (where GPU stages run,
+        the review gate, the training hand-off, API pacing) can change between a run and its resume."""
+        sections = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_SECTIONS}
+        for section, keys in OPERATIONAL_FIELDS.items():
+            sections[section] = {k: v for k, v in sections[section].items() if k not in keys}
+        return sections
 
 
 def _section(name: str, cls: type, value: Any) -> Any:
@@ -121,6 +134,30 @@ def _section(name: str, cls: type, value: Any) -> Any:
     if unknown:
         raise ConfigError(f"unknown keys in {name!r}: {unknown}; known: {sorted(known)}")
     try:
-        return cls(**value)
+        section = cls(**value)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{name}: {err}") from err
+    _check_types(section, f"{name}.")
+    return section
+
+
+_SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+    "int | None": (int, type(None)), "float | None": (int, float, type(None)), "str | None": (str, type(None)),
+    "int | float": (int, float), "int | float | None": (int, float, type(None)),
+}
+
+
+def _check_types(obj: Any, where: str) -> None:
+    """Reject a value of the wrong type for a scalar or list field (``shard_size: 2.5``) before any work.
+
+    Dataclasses do not check their annotations; a YAML typo would otherwise fail deep in a stage.
+    """
+    for f in dataclasses.fields(obj):
+        value, annotation = getattr(obj, f.name), str(f.type)
+        allowed = _SIMPLE_TYPES.get(annotation)
+        wrong_bool = isinstance(value, bool) and bool not in (allowed or ()) and annotation != "bool"
+        if allowed is not None and (not isinstance(value, allowed) or wrong_bool):
+            raise ConfigError(f"{where}{f.name} must be {annotation}, got {value!r}")
+        if annotation.startswith(("list[", "tuple[")) and not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}{f.name} must be a list, got {value!r}")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pointvl import io as pio
+from pointvl.errors import InputError
 from pointvl.geometry import QuantConfig
 from pointvl.grca.parse import FIELDS, parse_output
 from pointvl.grca.rewards import output_rewards
@@ -69,13 +70,18 @@ class EvaluateConfig:
 def read_predictions(path: str) -> dict[str, str]:
     """``{instance_id: output}`` from a JSONL file; a repeated id keeps its last line (with a warning)."""
     fs, p = pio.filesystem(path)
+    if not fs.isfile(p):
+        raise InputError(f"predictions file not found: {path}")
     with fs.open(p, "rt", encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
     out: dict[str, str] = {}
     for k, line in enumerate(lines, 1):
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path} line {k} is not JSON ({err.msg})") from err
         if not isinstance(row, dict) or "instance_id" not in row or "output" not in row:
-            raise ValueError(f"{path} line {k}: expected {{\"instance_id\": ..., \"output\": ...}}")
+            raise InputError(f"{path} line {k}: expected {{\"instance_id\": ..., \"output\": ...}}")
         if row["instance_id"] in out:
             logger.warning("%s: %s appears more than once; the last line is used", path, row["instance_id"])
         out[str(row["instance_id"])] = str(row["output"])
@@ -150,7 +156,7 @@ def evaluate(shards_dir: str, predictions: Mapping[str, str], config: EvaluateCo
         for k in METRIC_KEYS:
             totals[k] += scores[k]
     if n == 0:
-        raise ValueError(f"the {cfg.split} split of {shards_dir} has no records")
+        raise InputError(f"the {cfg.split} split of {shards_dir} has no records")
     extra = sorted(set(predictions) - seen)
     if extra:
         logger.warning("%d predictions are for ids outside the %s split (ignored), e.g. %s",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pointvl import io
-from pointvl.plan import load_plan
+from pointvl.plan import fingerprint, load_plan
 from pointvl.stages.write_shards import shards_dir
 
 
@@ -40,7 +40,9 @@ class HandoffConfig:
 
 
 def build_id(run_dir: str) -> str:
-    return load_plan(run_dir).fingerprint[:12]
+    """Names what was built: the plan's models (with mesh hashes) and config, so an incremental build
+    that adds or changes models gets a new id, and its training run a new folder."""
+    return fingerprint(load_plan(run_dir).to_json())[:12]
 
 
 def train_parameters(run_dir: str, config: HandoffConfig) -> dict:
@@ -48,6 +50,7 @@ def train_parameters(run_dir: str, config: HandoffConfig) -> dict:
     root = config.train_root or io.join(run_dir, "train")
     return {
         "shards": shards_dir(run_dir),
+        "build_id": build_id(run_dir),
         "run_dir": io.join(root, build_id(run_dir)),
         "preset": config.preset,
         "variant": config.variant,

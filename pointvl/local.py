@@ -91,7 +91,7 @@ def build_in_process(shapenet: str, run_dir: str, config: BuildConfig, increment
         if not finished(run_dir, "review", shard.index):  # no one to ask here: the review policy applies
             decisions = policy_decisions(run_dir, [shard.index], config.review.timeout_policy, "gate off")
             apply_decisions(run_dir, shard.index, decisions[shard.index])
-        if not io.exists(io.join(shards_dir(run_dir), shard.final_name)):
+        if not WriteShards.up_to_date(run_dir, shard.index):
             writer.run_shard(run_dir, shard.index)
     summary = summarize(run_dir)
     io.write_bytes(io.join(shards_dir(run_dir), "README.md"), dataset_card(summary).encode())

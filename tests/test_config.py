@@ -46,3 +46,18 @@ def test_operational_sections_do_not_decide_outputs():
     a = BuildConfig.from_dict({"review": {"timeout_s": 60}, "gpu_deployments": {"refine": "refine-shard/refine"}})
     assert a.output_dict() == BuildConfig().output_dict()
     assert BuildConfig.from_dict({"render": {"width": 64}}).output_dict() != BuildConfig().output_dict()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"shard_size": 2.5}, "shard_size must be int"),
+        ({"shard_size": True}, "shard_size must be int"),
+        ({"sample_points": {"num_points": 100.5}}, "sample_points.num_points must be int"),
+        ({"render": {"views_per_model": 2.0}}, "render.views_per_model must be int"),
+        ({"clean": {"categories": "chair"}}, "clean.categories must be a list"),
+    ],
+)
+def test_values_of_the_wrong_type_are_refused_before_any_work(data, message):
+    with pytest.raises(ConfigError, match=message):
+        BuildConfig.from_dict(data)

@@ -313,7 +313,7 @@ def template_annotation(facts: dict[str, Any], choices: list[str], instance_id: 
     ]
     colour_text = colours[0] if len(colours) == 1 else f"{', '.join(colours[:-1])} and {colours[-1]}"
     description = (
-        f"A {category}, mostly {colour_text}. Its axis-aligned bounding box measures {dims[0]:.2f} wide, "
+        f"{'An' if category[:1].lower() in 'aeiou' else 'A'} {category}, mostly {colour_text}. Its axis-aligned bounding box measures {dims[0]:.2f} wide, "
         f"{dims[1]:.2f} tall and {dims[2]:.2f} deep in normalized model units, so it is longest "
         f"{longest.split(' ')[0]}."
     )
@@ -552,6 +552,7 @@ class Annotate:
             "vlm_agreement": None,
             "flagged": False,
             "failures": [],
+            "notes": [],
         }
 
     def _online(self, item: _Item, llm: ChatClient, vlm: ChatClient) -> dict[str, Any]:
@@ -574,7 +575,11 @@ class Annotate:
             out["vlm_agreement"] = iou_2d(box, item.mask_box)
             out["flagged"] = out["vlm_agreement"] < self.config.agreement_threshold
         except CallFailed as e:
-            out["failures"].append(f"vlm: {e.reason}")
+            if self.config.bbox2d_source == "vlm":
+                out["failures"].append(f"vlm: {e.reason}")
+            else:  # the mask box is the target: without the VLM's check the item goes to review
+                out["notes"].append(f"vlm: {e.reason}")
+                out["flagged"] = True
         out["bbox2d"] = item.mask_box if self.config.bbox2d_source == "mask" else out["bbox2d_vlm"]
         return out
 
@@ -744,7 +749,7 @@ def _table(items: list[_Item], results: list[dict[str, Any]], provenance: str) -
         "vlm_agreement": [r["vlm_agreement"] for r in results],
         "annotate_flagged": [bool(r["flagged"]) for r in results],
         "annotate_status": ["failed" if r["failures"] else "ok" for r in results],
-        "annotate_failure_reason": ["; ".join(r["failures"]) or None for r in results],
+        "annotate_failure_reason": ["; ".join(r["failures"] + r.get("notes", [])) or None for r in results],
         "annotate_provenance": [provenance] * len(items),
     }
     schema = pa.schema(

@@ -103,9 +103,14 @@ def read_taxonomy(shapenet_dir: str) -> dict[str, dict]:
         )
     try:
         entries = io.read_json(str(path))
-        return {e["synsetId"]: e for e in entries}
-    except (ValueError, KeyError, TypeError) as err:
-        raise InputError(f"{path} is not a ShapeNet taxonomy (a JSON list of {{synsetId, name}}): {err}") from err
+    except ValueError as err:
+        raise InputError(f"{path} is not JSON: {err}") from err
+    usable = isinstance(entries, list) and all(
+        isinstance(e, dict) and isinstance(e.get("synsetId"), str) and isinstance(e.get("name"), str) for e in entries
+    )
+    if not usable:
+        raise InputError(f"{path} is not a ShapeNet taxonomy: expected a JSON list of {{synsetId, name, ...}} objects")
+    return {e["synsetId"]: e for e in entries}
 
 
 def category_name(entry: dict) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pointvl import __version__, io
-from pointvl.plan import Shard, load_plan
+from pointvl.plan import Shard, load_plan, stage_table_path
 from pointvl.record import IMAGE_COLUMNS, record_features
 from pointvl.stages.base import finished, read_stage_table
 
@@ -51,6 +51,19 @@ def shards_dir(run_dir: str) -> str:
 class WriteShards:
     def __init__(self, config: WriteShardsConfig) -> None:
         self.config = config
+
+    @staticmethod
+    def up_to_date(run_dir: str, shard_index: int) -> bool:
+        """The final file exists and is newer than every stage table it joins (as `make` decides), so a
+        stage re-run after the fact (e.g. annotation of failed items) reaches the shard."""
+        shard = load_plan(run_dir).shards[shard_index]
+        final = io.join(shards_dir(run_dir), shard.final_name)
+        if not io.exists(final):
+            return False
+        fs, _ = io.filesystem(final)
+        built = fs.modified(io.filesystem(final)[1])
+        inputs = [stage_table_path(run_dir, s, shard_index) for s in (*REQUIRED, *OPTIONAL)]
+        return all(fs.modified(io.filesystem(p)[1]) <= built for p in inputs if io.exists(p))
 
     def run_shard(self, run_dir: str, shard_index: int) -> dict:
         """Write ``shards/{split}-{i:05d}-of-{n:05d}.parquet`` for one work shard; return its stats."""

@@ -28,6 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pointvl import io as pio
+from pointvl.errors import InputError
 from pointvl.geometry import QuantConfig
 from pointvl.grca.parse import format_output
 
@@ -42,11 +43,11 @@ INSTRUCTION = (
 
 
 def list_shards(shards_dir: str, split: str) -> list[str]:
-    """Paths of ``{split}-*-of-*.parquet`` under ``shards_dir``, sorted; ValueError if there are none."""
+    """Paths of ``{split}-*-of-*.parquet`` under ``shards_dir``, sorted; InputError if there are none."""
     fs, root = pio.filesystem(shards_dir)
     paths = sorted(fs.glob(f"{root.rstrip('/')}/{split}-*-of-*.parquet"))
     if not paths:
-        raise ValueError(f"no {split}-*-of-*.parquet shards under {shards_dir}; run `pointvl build` first")
+        raise InputError(f"no {split}-*-of-*.parquet shards under {shards_dir}; run `pointvl build` first")
     return [fs.unstrip_protocol(p) if "://" in shards_dir else p for p in paths]
 
 

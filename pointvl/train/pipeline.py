@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pointvl import io as pio
+from pointvl.errors import InputError
 from pointvl.evaluate import EvaluateConfig
 from pointvl.evaluate import run as run_evaluate
 from pointvl.train.config import TrainConfig
@@ -39,7 +40,7 @@ def check_config(run_dir: str, config: TrainConfig) -> None:
     current = json.loads(json.dumps(config.to_dict()))
     if pio.exists(path):
         if pio.read_json(path) != current:
-            raise ValueError(f"{run_dir} holds a run with another config; use a new run folder")
+            raise InputError(f"{run_dir} holds a run with another config; use a new run folder")
         return
     pio.write_json(path, current)
 

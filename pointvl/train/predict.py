@@ -31,6 +31,8 @@ def predict(
 ) -> int:
     """Greedy outputs for ``split`` of ``shards_dir`` written to ``out_path`` (JSONL); returns the count."""
     cfg = model.config
+    if torch.cuda.is_available():  # a freshly loaded policy sits on the CPU; decoding belongs on the GPU
+        model.to("cuda")
     device = next(model.parameters()).device
     collate = Collator(tokenizer, image_processor, model.num_point_tokens, with_targets=False)
     examples = ShardExamples(shards_dir, split, cfg.num_points, cfg.quant, shuffle=False)

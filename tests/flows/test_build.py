@@ -151,6 +151,8 @@ def test_sigkill_mid_build_then_resume_gives_identical_shards(built, shapenet, c
         ("unknown_category", "unknown categories"),
         ("bad_value", "shard_size"),
         ("unknown_key", "unknown keys"),
+        ("wrong_type", "shard_size must be int"),
+        ("out_is_a_file", "is a file"),
     ],
 )
 def test_bad_input_gives_one_clear_line(setup, message, shapenet, tmp_path):
@@ -164,6 +166,10 @@ def test_bad_input_gives_one_clear_line(setup, message, shapenet, tmp_path):
         config.write_text("clean: {categories: [spaceship]}")
     elif setup == "bad_value":
         config.write_text("shard_size: 0")
+    elif setup == "wrong_type":
+        config.write_text("shard_size: 2.5")
+    elif setup == "out_is_a_file":
+        (tmp_path / "o").write_text("not a folder")
     else:
         config.write_text("render: {widht: 64}")
     result = pointvl("build", "--shapenet", shapenet_dir, "--out", str(tmp_path / "o"), "--config", str(config))

@@ -1,5 +1,5 @@
-"""The GPU stage as a deployment: `run_gpu_stage` starts one flow run per shard with `run_deployment`,
-and a served deployment (the stand-in for a GPU worker) runs them."""
+"""The GPU stage as a deployment: `run_gpu_stage` starts one flow run per GPU worker with `run_deployment`,
+each over its share of the shards, and a served deployment (the stand-in for a GPU worker) runs them."""
 
 from __future__ import annotations
 
@@ -16,20 +16,20 @@ import pyarrow.parquet as pq
 from gpu_inputs import write_render_shard
 
 SERVE = textwrap.dedent("""
-    from flows.gpu_stages import refine_shard
-    refine_shard.serve(name="refine", limit=1)
+    from flows.gpu_stages import refine_shards
+    refine_shards.serve(name="refine", limit=1)
 """)
 
 START = textwrap.dedent("""
     import sys
     from flows.gpu_stages import run_gpu_stage
     from pointvl.stages.refine import RefineConfig
-    run_gpu_stage("refine", sys.argv[1], [0, 1], "refine-shard/refine", RefineConfig(backend="passthrough"),
-                  poll_seconds=1)
+    run_gpu_stage("refine", sys.argv[1], [0, 1], "refine-shards/refine", RefineConfig(backend="passthrough"),
+                  poll_seconds=1, workers=1)
 """)
 
 
-def test_run_gpu_stage_runs_each_shard_as_a_deployment_flow_run(prefect_server, tmp_path):
+def test_run_gpu_stage_gives_a_worker_one_flow_run_over_its_shards(prefect_server, tmp_path):
     run_dir = str(tmp_path / "run")
     ids = {i: write_render_shard(run_dir, i, n=2) for i in (0, 1)}
     env = {**prefect_server["env"], "PYTHONPATH": os.getcwd()}
@@ -38,7 +38,7 @@ def test_run_gpu_stage_runs_each_shard_as_a_deployment_flow_run(prefect_server, 
     try:
         api = prefect_server["api"]
         deadline = time.monotonic() + 90
-        while httpx.get(f"{api}/deployments/name/refine-shard/refine").status_code != 200:
+        while httpx.get(f"{api}/deployments/name/refine-shards/refine").status_code != 200:
             assert worker.poll() is None and time.monotonic() < deadline, "the deployment was not served"
             time.sleep(0.5)
         result = subprocess.run([sys.executable, "-c", START, run_dir], env=env, capture_output=True, text=True,
@@ -53,5 +53,7 @@ def test_run_gpu_stage_runs_each_shard_as_a_deployment_flow_run(prefect_server, 
         assert table.column("instance_id").to_pylist() == ids[i]
         assert {json.loads(p)["backend"] for p in table.column("refine_provenance").to_pylist()} == {"passthrough"}
     runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"tags": {"all_": ["stage:refine"]}}}).json()
-    assert sorted(r["parameters"]["shard_index"] for r in runs) == [0, 1]
-    assert all(r["state_type"] == "COMPLETED" for r in runs)
+    # one worker: one flow run (one process, so one model load) covers both shards, in order
+    assert [(r["parameters"]["shard_indices"], r["state_type"]) for r in runs] == [([0, 1], "COMPLETED")]
+    tasks = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [runs[0]["id"]]}}}).json()
+    assert sorted(t["name"] for t in tasks) == ["refine-00000", "refine-00001"]

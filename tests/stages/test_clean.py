@@ -79,3 +79,9 @@ def test_bad_input_raises_input_error(tmp_path, shapenet):
         Clean(CleanConfig(categories=["spaceship"])).run(shapenet.root, str(tmp_path / "r.csv"))
     with pytest.raises(ValueError, match="fraction"):
         CleanConfig(test_size=1.5)
+
+
+def test_a_taxonomy_entry_without_a_name_is_reported(tmp_path):
+    (tmp_path / "taxonomy.json").write_text('[{"synsetId": "02958343", "numInstances": 1}]')
+    with pytest.raises(InputError, match="synsetId, name"):
+        read_taxonomy(str(tmp_path))

@@ -1,0 +1,33 @@
+"""Commands that are not the build: bad input is one line and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def pointvl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pointvl.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def _one_clear_line(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_reports_a_missing_or_malformed_predictions_file(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    out = str(tmp_path / "m.json")
+    _one_clear_line(pointvl("evaluate", "--shards", str(shards), "--predictions", str(tmp_path / "p.jsonl"),
+                            "--out", out), "predictions file not found")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instance_id": "a", "output": "x"}\n{not json\n')
+    _one_clear_line(pointvl("evaluate", "--shards", str(shards), "--predictions", str(bad), "--out", out),
+                    "line 2 is not JSON")
+
+
+def test_train_with_a_run_folder_reaches_the_shards_check(tmp_path):
+    result = pointvl("train", "--shards", str(tmp_path), "--run", str(tmp_path / "run"), "--preset", "tiny")
+    _one_clear_line(result, "no train-*-of-*.parquet shards")
