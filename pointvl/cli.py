@@ -1,4 +1,7 @@
-"""The ``pointvl`` command line: ``pointvl <command> ...`` (see ``pointvl --help``)."""
+"""The ``pointvl`` command line: ``pointvl <command> ...`` (see ``pointvl --help``).
+
+The application around the library: ``build``, ``review`` and ``resume`` start or answer Prefect flows
+and import Prefect inside those commands only, so importing the library never imports it."""
 
 from __future__ import annotations
 

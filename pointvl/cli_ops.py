@@ -50,10 +50,12 @@ def _parse_rejections(values: list[str]) -> dict[str, str]:
 
 
 def _review(args: argparse.Namespace) -> int:
-    from pointvl.stages.review import form_decisions, items
+    from pointvl.stages.review import form_decisions, items, pending_path
 
     rejected = _parse_rejections(args.reject)
     run_id = _flow_run_id(args.target)
+    if run_id is None and not io.exists(pending_path(args.target)):
+        return _review_held(args, rejected)
     if run_id is None:
         pending = _pending(args.target)
         run_id = uuid.UUID(pending["flow_run_id"])
@@ -84,6 +86,31 @@ def _review(args: argparse.Namespace) -> int:
         raise InputError(f"flow run {run_id} is not waiting for review: {err}") from err
     print(f"answered the review of flow run {run_id}: "
           f"{'approve all' if args.approve_all else f'{len(rejected)} rejected'} (reviewer {args.reviewer})")
+    return 0
+
+
+def _review_held(args: argparse.Namespace, rejected: dict[str, str]) -> int:
+    """No build is waiting: answer for the items a timeout policy held back, after the fact."""
+    from pointvl.plan import load_plan, plan_path
+    from pointvl.stages.review import decide_held, held_items
+
+    if not io.exists(plan_path(args.target)):
+        raise InputError(f"{args.target} is neither a build folder nor a flow run id")
+    shards = [s.index for s in load_plan(args.target).shards]
+    held = held_items(args.target, shards)
+    if not held:
+        raise InputError(f"{args.target} has no build waiting for review and no items held for review")
+    if not args.approve_all and not rejected:
+        for shard, ids in held.items():
+            print(f"shard {shard:05d}: held " + ", ".join(ids))
+        print(f"answer with: pointvl review {args.target} --approve-all | --reject ID:REASON ...")
+        return 0
+    try:
+        counts = decide_held(args.target, shards, args.approve_all, rejected, args.reviewer)
+    except ValueError as err:
+        raise InputError(str(err)) from err
+    print(f"held items: {counts['approved']} approved, {counts['rejected']} rejected; "
+          f"`pointvl resume {args.target}` writes them into the shards")
     return 0
 
 

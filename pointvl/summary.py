@@ -31,7 +31,7 @@ def summarize(run_dir: str) -> dict:
             if finished(run_dir, stage, shard.index):
                 stats = read_stats(run_dir, stage, shard.index)
                 if stage == "review":
-                    review.update({k: stats[k] for k in ("approved", "rejected")})
+                    review.update({k: stats.get(k, 0) for k in ("approved", "rejected", "held")})
                 dropped.update({f"{stage}:{k.removeprefix('dropped_')}": v for k, v in stats.items()
                                 if k.startswith("dropped_")})
     counts: Counter[tuple[str, str]] = Counter()
@@ -64,7 +64,7 @@ def summarize(run_dir: str) -> dict:
         "per_split_category": {f"{s}/{c}": n for (s, c), n in sorted(counts.items())},
         "dropped": dict(sorted(dropped.items())),
         "flagged": flagged,
-        "review": {"approved": review["approved"], "rejected": review["rejected"]},
+        "review": {"approved": review["approved"], "rejected": review["rejected"], "held": review["held"]},
         "backends": dict(sorted(backends.items())),
     }
 
@@ -78,7 +78,8 @@ def format_summary(summary: dict) -> str:
     lines.append("dropped (stage:reason):")
     lines += [f"  {key:<40} {n}" for key, n in summary["dropped"].items()] or ["  none"]
     lines.append(f"flagged for review: {summary['flagged']}; review: {summary['review']['approved']} approved, "
-                 f"{summary['review']['rejected']} rejected (RUN/reports/review_log.jsonl)")
+                 f"{summary['review']['rejected']} rejected, {summary['review']['held']} held "
+                 "(RUN/reports/review_log.jsonl)")
     lines.append("backends: " + ", ".join(f"{k} ×{v}" for k, v in summary["backends"].items()))
     lines.append(f"shards: {summary['shards_dir']}")
     return "\n".join(lines)

@@ -20,7 +20,8 @@ def publish_summary(run_dir: str, summary: dict) -> None:
         markdown="\n".join(
             ["# Build summary", f"Run folder: `{run_dir}`",
              f"Flagged for review: {summary['flagged']}; reviewed: {summary['review']['approved']} approved, "
-             f"{summary['review']['rejected']} rejected (decisions: `reports/review_log.jsonl`)",
+             f"{summary['review']['rejected']} rejected, {summary['review']['held']} held "
+             "(decisions: `reports/review_log.jsonl`)",
              "", "| dropped (stage:reason) | n |", "|---|---|"]
             + [f"| {k} | {v} |" for k, v in summary["dropped"].items()]
             + ["", "| backend | records |", "|---|---|"]

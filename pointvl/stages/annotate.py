@@ -313,7 +313,8 @@ def template_annotation(facts: dict[str, Any], choices: list[str], instance_id: 
     ]
     colour_text = colours[0] if len(colours) == 1 else f"{', '.join(colours[:-1])} and {colours[-1]}"
     description = (
-        f"{'An' if category[:1].lower() in 'aeiou' else 'A'} {category}, mostly {colour_text}. Its axis-aligned bounding box measures {dims[0]:.2f} wide, "
+        f"{'An' if category[:1].lower() in 'aeiou' else 'A'} {category}, mostly {colour_text}. "
+        f"Its axis-aligned bounding box measures {dims[0]:.2f} wide, "
         f"{dims[1]:.2f} tall and {dims[2]:.2f} deep in normalized model units, so it is longest "
         f"{longest.split(' ')[0]}."
     )

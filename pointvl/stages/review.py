@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 STAGE = "review"
 GATES = ("auto", "on", "off")
 POLICIES = ("accept_unflagged", "accept_all")
+DECISIONS = ("approved", "rejected", "held")
 HELD_REASON = "held: flagged (pose drift or VLM/mask box disagreement) and not reviewed before the timeout"
 SCHEMA = pa.schema([
     ("instance_id", pa.string()),
@@ -262,7 +263,7 @@ def policy_decisions(run_dir: str, shard_indices: list[int], policy: str, why: s
     for i in shard_indices:
         out[i] = [{
             "instance_id": item.instance_id,
-            "decision": "rejected" if policy == "accept_unflagged" and item.flagged else "approved",
+            "decision": "held" if policy == "accept_unflagged" and item.flagged else "approved",
             "reason": HELD_REASON if policy == "accept_unflagged" and item.flagged else "",
             "reviewer": f"policy:{policy}", "decided_at": at, "flagged": item.flagged, "source": why,
         } for item in items(run_dir, i)]
@@ -276,20 +277,65 @@ def apply_decisions(run_dir: str, shard_index: int, decisions: list[dict]) -> di
     got = [d["instance_id"] for d in decisions]
     if sorted(got) != sorted(expected):
         raise ValueError(f"review shard {shard_index:05d}: decisions must cover exactly its {len(expected)} items")
-    bad = {d["decision"] for d in decisions} - {"approved", "rejected"}
+    bad = {d["decision"] for d in decisions} - set(DECISIONS)
     if bad:
-        raise ValueError(f"review decisions must be 'approved' or 'rejected', got {sorted(bad)}")
+        raise ValueError(f"review decisions must be one of {DECISIONS}, got {sorted(bad)}")
+    _append_log(run_dir, shard_index, decisions)
+    stats = _write_review_table(run_dir, shard_index, decisions, t0)
+    logger.info("review shard %05d: %d approved, %d rejected, %d held", shard_index, stats["approved"],
+                stats["rejected"], stats["held"])
+    return stats
+
+
+def _append_log(run_dir: str, shard_index: int, decisions: list[dict]) -> None:
     lines = "".join(json.dumps({"shard_index": shard_index, **d}, sort_keys=True) + "\n" for d in decisions)
     path = log_path(run_dir)
-    old = io.read_bytes(path) if io.exists(path) else b""
-    io.write_bytes(path, old + lines.encode())
-    table = pa.Table.from_pylist(decisions, schema=SCHEMA)
-    rejected = sum(d["decision"] == "rejected" for d in decisions)
-    stats = {"items": len(decisions), "approved": len(decisions) - rejected, "rejected": rejected,
-             "seconds": round(time.perf_counter() - t0, 4)}
-    write_stage_table(run_dir, STAGE, shard_index, table, stats)
-    logger.info("review shard %05d: %d approved, %d rejected", shard_index, stats["approved"], rejected)
+    io.write_bytes(path, (io.read_bytes(path) if io.exists(path) else b"") + lines.encode())
+
+
+def _write_review_table(run_dir: str, shard_index: int, decisions: list[dict], t0: float) -> dict:
+    counts = {d: sum(row["decision"] == d for row in decisions) for d in DECISIONS}
+    stats = {"items": len(decisions), **counts, "seconds": round(time.perf_counter() - t0, 4)}
+    write_stage_table(run_dir, STAGE, shard_index, pa.Table.from_pylist(decisions, schema=SCHEMA), stats)
     return stats
+
+
+def held_items(run_dir: str, shard_indices: list[int]) -> dict[int, list[str]]:
+    """Per reviewed shard, the ids the timeout policy held back (they wait for a person)."""
+    out = {}
+    for i in shard_indices:
+        if finished(run_dir, STAGE, i):
+            rows = read_stage_table(run_dir, STAGE, i).to_pylist()
+            held = [r["instance_id"] for r in rows if r["decision"] == "held"]
+            if held:
+                out[i] = held
+    return out
+
+
+def decide_held(run_dir: str, shard_indices: list[int], approve_all: bool, rejected: dict[str, str],
+                reviewer: str) -> dict[str, int]:
+    """Answer for held items after the build: approve all of them, or reject the listed ids (the rest are
+    approved). Rewrites the shards' review tables and logs the new decisions; the next build or
+    ``pointvl resume`` rewrites the affected final shards (their review table is newer)."""
+    held = held_items(run_dir, shard_indices)
+    unknown = sorted(set(rejected) - {iid for ids in held.values() for iid in ids})
+    if unknown:
+        raise ValueError(f"ids {unknown} are not held for review; held: {sorted(i for v in held.values() for i in v)}")
+    at, counts = now_iso(), {"approved": 0, "rejected": 0}
+    for i, ids in held.items():
+        t0 = time.perf_counter()
+        rows = read_stage_table(run_dir, STAGE, i).to_pylist()
+        changed = []
+        for row in rows:
+            if row["instance_id"] in ids:
+                reason = rejected.get(row["instance_id"])
+                row.update(decision="rejected" if reason is not None else "approved", reason=reason or "",
+                           reviewer=reviewer, decided_at=at, source="cli (held)")
+                counts[row["decision"]] += 1
+                changed.append(row)
+        _append_log(run_dir, i, changed)
+        _write_review_table(run_dir, i, rows, t0)
+    return counts
 
 
 def read_log(run_dir: str) -> list[dict]:

@@ -93,8 +93,8 @@ class WriteShards:
             if missing:  # dropped by an earlier stage (e.g. an empty mask), counted there
                 continue
             review = tables.get("review", {}).get(iid)
-            if review is not None and review["decision"] == "rejected":
-                dropped["dropped_rejected_in_review"] += 1
+            if review is not None and review["decision"] != "approved":  # rejected, or held for a person
+                dropped[f"dropped_{review['decision']}_in_review"] += 1
                 continue
             annotate = tables.get("annotate", {}).get(iid)
             if annotate is not None and annotate["annotate_status"] != "ok":

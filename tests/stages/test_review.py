@@ -5,6 +5,7 @@ from __future__ import annotations
 from io import BytesIO
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -17,7 +18,9 @@ from pointvl.stages.review import (
     ReviewConfig,
     apply_decisions,
     contact_sheet,
+    decide_held,
     form_decisions,
+    held_items,
     items,
     policy_decisions,
     read_log,
@@ -44,7 +47,7 @@ def test_policies_hold_only_flagged_items(run):
     assert first.flagged and not any(it.flagged for it in items(run, 0)[1:])
     held = policy_decisions(run, [0], "accept_unflagged", "timeout")[0]
     assert [(d["decision"], d["reason"]) for d in held if d["instance_id"] == first.instance_id] == [
-        ("rejected", HELD_REASON)]
+        ("held", HELD_REASON)]
     assert all(d["decision"] == "approved" for d in held if d["instance_id"] != first.instance_id)
     assert {d["decision"] for d in policy_decisions(run, [0], "accept_all", "timeout")[0]} == {"approved"}
 
@@ -87,3 +90,28 @@ def test_contact_sheet_draws_every_item_with_its_mask_box(run):
 def test_config_refuses_bad_values(kwargs):
     with pytest.raises(ValueError):
         ReviewConfig(**kwargs)
+
+
+def test_held_items_stay_out_of_the_shards_until_a_person_approves_them(shapenet, tmp_path):
+    out = str(tmp_path / "run")
+    cfg = BuildConfig.from_dict(CONFIG)
+    build_in_process(shapenet.root, out, cfg)  # the gate is off: the policy applies at once
+    table = read_stage_table(out, "synthesize", 0)
+    flags = [True] + [False] * (table.num_rows - 1)
+    write_stage_table(out, "synthesize", 0, table.set_column(
+        table.schema.get_field_index("drift_flagged"), "drift_flagged", pa.array(flags)), {})
+    first = items(out, 0)[0].instance_id
+    apply_decisions(out, 0, policy_decisions(out, [0], "accept_unflagged", "timeout")[0])
+    build_in_process(shapenet.root, out, cfg)
+    final = next((tmp_path / "run" / "shards").glob("train-00000-*.parquet"))
+    assert first not in pq.read_table(final).column("instance_id").to_pylist()
+    assert held_items(out, [0, 1]) == {0: [first]}
+
+    with pytest.raises(ValueError, match="not held"):
+        decide_held(out, [0, 1], False, {"nope": "x"}, "ana")
+    assert decide_held(out, [0, 1], True, {}, "ana") == {"approved": 1, "rejected": 0}
+    build_in_process(shapenet.root, out, cfg)  # what `pointvl resume` does
+    assert first in pq.read_table(final).column("instance_id").to_pylist()
+    assert held_items(out, [0, 1]) == {}
+    assert read_log(out)[-1] | {"decided_at": ""} == read_log(out)[-1] | {
+        "instance_id": first, "decision": "approved", "reviewer": "ana", "decided_at": ""}
