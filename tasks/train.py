@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from pointvl import io as pio
 from pointvl.evaluate import format_table
 from pointvl.train import pipeline
 from pointvl.train.config import TrainConfig
@@ -31,8 +32,16 @@ def evaluate(config: TrainConfig, shards_dir: str, run_dir: str, checkpoint: str
 
 @task(name="training-curves", cache_policy=NO_CACHE)
 def training_curves(run_dir: str, stages: list[str]) -> str:
-    """Plot the stages' curves to RUN/curves.png and link it as an artifact."""
+    """Plot the stages' curves to RUN/curves.png; publish the curves as a table the UI shows (every
+    k-th step, at most 40 rows a stage) with the plot's path beside it."""
     path = pipeline.plot_curves(run_dir, stages)
-    create_markdown_artifact(key="training-curves", markdown=f"Training curves: `{path}`",
-                             description="loss and mean rewards per optimizer step")
+    rows = []
+    for stage in stages:
+        history = pio.read_json(pio.join(run_dir, stage, "history.json"))
+        every = max(1, len(history) // 40)
+        for entry in history[::every] + ([history[-1]] if (len(history) - 1) % every else []):
+            shown = {k: v for k, v in entry.items() if k == "step" or k.startswith(("loss", "reward_"))}
+            rows.append({"stage": stage, **{k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()}})
+    create_table_artifact(key="training-curves", table=rows,
+                          description=f"Loss and mean rewards per optimizer step; plot: {path}")
     return path
