@@ -43,7 +43,7 @@ def test_missing_file():
 
 
 def test_operational_sections_do_not_decide_outputs():
-    a = BuildConfig.from_dict({"review": {"timeout_s": 60}, "gpu_deployments": {"refine": "refine-shard/refine"}})
+    a = BuildConfig.from_dict({"review": {"timeout_s": 60}, "gpu_deployments": {"refine": "refine-shards/refine"}})
     assert a.output_dict() == BuildConfig().output_dict()
     assert BuildConfig.from_dict({"render": {"width": 64}}).output_dict() != BuildConfig().output_dict()
 

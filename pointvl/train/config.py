@@ -212,8 +212,9 @@ def tiny_preset(variant: str = "grca_rpc") -> TrainConfig:
             gradient_checkpointing=False,
             dtype="float32",
         ),
+        # 600 steps: enough for the tiny model to write parseable JSON on the demo's shards (~3 min here)
         sft=SFTConfig(epochs=100, batch_size=4, per_device_batch_size=4, learning_rate=3e-3, warmup_ratio=0.05,
-                      max_steps=150),
+                      max_steps=600),
         grpo=GRPOTrainConfig(mode=mode, num_generations=4, learning_rate=1e-4, max_new_tokens=700, max_steps=4),
         eval_max_new_tokens=700,
     )
