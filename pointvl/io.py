@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -43,7 +44,7 @@ def _atomic(path: str, write: Callable[[Any], None]) -> None:
     try:
         with fs.open(tmp, "wb") as f:
             write(f)
-            if hasattr(f, "fileno"):  # local files: make the bytes durable before the rename
+            if isinstance(fs, LocalFileSystem):  # make the bytes durable before the rename
                 f.flush()
                 os.fsync(f.fileno())
         fs.mv(tmp, p)
