@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 
 def join(root: str, *parts: str) -> str:
