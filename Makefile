@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	@command -v apt-get >/dev/null && ! ldconfig -p | grep -q libusb-1.0.so.0 && \
 		{ (apt-get update -qq && apt-get install -y -qq libusb-1.0-0) || \
 		  echo "Open3D needs Debian's libusb-1.0-0: install it as root"; } || true
+	@# Chromium lets the review test screenshot the paused run's page in the Prefect UI (skipped without it).
+	@command -v apt-get >/dev/null && ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && \
+		{ (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) || \
+		  echo "chromium not installed: the UI screenshot test will be skipped"; } || true
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all,dev]'
