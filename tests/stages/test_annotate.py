@@ -16,9 +16,10 @@ from fake_openai import FakeOpenAI, image_sha
 from pydantic import SecretStr
 
 from pointvl import io
+from pointvl.annotation import smart_resize, vlm_box_to_pixels
 from pointvl.images import encode_mask, encode_rgb
 from pointvl.llm import BatchPending, FatalAPIError, InvalidReply
-from pointvl.stages.annotate import Annotate, AnnotateConfig, smart_resize, vlm_box_to_pixels
+from pointvl.stages.annotate import Annotate, AnnotateConfig
 
 KEY = "sk-test-SECRET-annotate-42"
 CATEGORIES = ["airplane", "car", "chair", "lamp", "table"]
