@@ -38,7 +38,10 @@ AXES = ("left-right (width)", "up-down (height)", "front-back (depth)")
 def smart_resize(
     height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 12845056
 ) -> tuple[int, int]:
-    """The size Qwen2.5-VL's processor resizes an image to (sides multiples of ``factor``)."""
+    """The size Qwen2.5-VL's processor resizes an image to (sides multiples of ``factor``).
+
+    Restated from transformers' ``qwen2_vl.image_processing_qwen2_vl.smart_resize``: importing that
+    module needs torchvision, which the annotation workers do not otherwise install."""
     h = max(factor, round(height / factor) * factor)
     w = max(factor, round(width / factor) * factor)
     if h * w > max_pixels:
