@@ -20,17 +20,93 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
-from pointvl import io
+from pointvl import images, io
+from pointvl.models import load_pipeline, resolve_backend, resolve_device, resolve_dtype
 from pointvl.plan import stage_table_path
-from pointvl.stages.base import finished, read_stats, write_stage_table
+from pointvl.stages.base import write_stage_table
+
+PromptEncoder = Callable[[list[str]], dict[str, Any]]
 
 logger = logging.getLogger(__name__)
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("pointvl", "diffusers", "torch"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def prepare(stage: str, config: Any, pipeline: Any, encode_prompt: PromptEncoder | None,
+            settings: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+    """``(backend, pipeline or None, provenance base)`` for a GPU stage, before any item runs.
+
+    The pipeline is ``pipeline`` when given, else loaded once per process; ``settings`` (the
+    stage's generation settings) enter the provenance only when a model runs.
+    """
+    backend = resolve_backend(config, stage, pipeline_given=pipeline is not None)
+    pipe = None
+    if backend == "diffusers":
+        pipe = pipeline if pipeline is not None else load_pipeline(stage, config)
+        if pipe.text_encoder is None and encode_prompt is None:
+            raise ValueError(f"the {stage} pipeline has no text encoder: pass encode_prompt=")
+    base: dict[str, Any] = {
+        "stage": stage,
+        "backend": backend,
+        "models": config.model_ids() if backend == "diffusers" else {},
+        "versions": package_versions(),
+    }
+    if backend == "diffusers":
+        device = resolve_device(config.device)
+        base |= settings | {"dtype": resolve_dtype(config.dtype, device), "device": device}
+    return backend, pipe, base
+
+
+def text_inputs(encode_prompt: PromptEncoder | None, prompts: list[str], negative: str | None) -> dict[str, Any]:
+    """The pipeline's prompt keywords: strings, or embeddings from ``encode_prompt`` (pipelines built
+    without a text encoder); ``negative`` (or None: no negative prompt) for true CFG."""
+    if encode_prompt is None:
+        text: dict[str, Any] = {"prompt": prompts}
+        if negative is not None:
+            text["negative_prompt"] = [negative] * len(prompts)
+        return text
+    text = dict(encode_prompt(prompts))
+    if negative is not None:
+        text |= {f"negative_{k}": v for k, v in encode_prompt([negative] * len(prompts)).items()}
+    return text
+
+
+def generation_size(pipe: Any, height: int, width: int) -> tuple[int, int]:
+    """The largest size at most ``height × width`` that the pipeline's latent grid accepts."""
+    multiple = pipe.vae_scale_factor * 2
+    th, tw = height // multiple * multiple, width // multiple * multiple
+    if th == 0 or tw == 0:
+        raise ValueError(f"image {width}x{height} is smaller than the pipeline's {multiple}-pixel multiple")
+    return th, tw
+
+
+def encode_outputs(result: list[Any], height: int, width: int) -> list[bytes]:
+    """Pipeline output images as RGB PNGs at the input's size (the stage table's contract)."""
+    from PIL import Image
+
+    out = []
+    for im in result:
+        if im.size != (width, height):
+            im = im.resize((width, height), Image.Resampling.LANCZOS)
+        out.append(images.encode_rgb(np.asarray(im.convert("RGB"), dtype=np.uint8)))
+    return out
 
 
 def instance_seed(seed: int, stage: str, instance_id: str) -> int:
@@ -67,14 +143,12 @@ def run_items(
     extra_stats: Callable[[pa.Table], dict] | None = None,
 ) -> dict:
     """Run ``process`` over the rows of ``inputs`` not finished yet, in batches; write the shard.
+    (Callers skip a finished shard themselves, before they load a model.)
 
     ``process`` takes input rows (dicts) and returns one output row per input row, each with
     ``instance_id`` and the columns of ``schema``. ``extra_stats(table)`` adds entries to the stats
     from the assembled table. Returns the shard's stats.
     """
-    if finished(run_dir, stage, shard_index):
-        logger.info("%s shard %05d: finished, skipped", stage, shard_index)
-        return read_stats(run_dir, stage, shard_index) | {"skipped": True}
     t0 = time.perf_counter()
     folder = items_dir(run_dir, stage, shard_index)
     ids = inputs.column("instance_id").to_pylist()

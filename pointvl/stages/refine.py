@@ -13,38 +13,32 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from pointvl import images
-from pointvl.models import BACKENDS, load_pipeline, resolve_backend, resolve_device, resolve_dtype
+from pointvl.models import BACKENDS
 from pointvl.plan import stage_table_path
 from pointvl.stages.base import finished, read_stage_table, read_stats
-from pointvl.stages.gpu_common import instance_seed, load_prompt, run_items
+from pointvl.stages.gpu_common import (
+    PromptEncoder,
+    encode_outputs,
+    generation_size,
+    instance_seed,
+    load_prompt,
+    prepare,
+    run_items,
+    text_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
 STAGE = "refine"
 INPUT_COLUMNS = ("instance_id", "render")
 SCHEMA = pa.schema([("instance_id", pa.string()), ("refined", pa.binary()), ("refine_provenance", pa.string())])
-
-PromptEncoder = Callable[[list[str]], dict[str, Any]]
-
-
-def package_versions() -> dict[str, str]:
-    out = {}
-    for name in ("pointvl", "diffusers", "torch"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
 
 @dataclass
 class RefineConfig:
@@ -118,30 +112,15 @@ class Refine:
         missing = [c for c in INPUT_COLUMNS if c not in renders.column_names]
         if missing:
             raise ValueError(f"{source} lacks columns {missing}; re-run the render stage")
-        backend = resolve_backend(cfg, STAGE, pipeline_given=self.pipeline is not None)
         prompt, negative, version = load_prompt(STAGE, cfg.prompt_version, cfg.prompts_dir)
         # 2. load the model once per process (resident across shards)
-        pipe = None
-        if backend == "diffusers":
-            pipe = self.pipeline if self.pipeline is not None else load_pipeline(STAGE, cfg)
-            if pipe.text_encoder is None and self.encode_prompt is None:
-                raise ValueError("the refine pipeline has no text encoder: pass encode_prompt=")
-        device = resolve_device(cfg.device)
-        base = {
-            "stage": STAGE,
-            "backend": backend,
-            "models": cfg.model_ids() if backend == "diffusers" else {},
-            "prompt_version": version,
-            "versions": package_versions(),
+        settings = {
+            "num_inference_steps": cfg.num_inference_steps,
+            "true_cfg_scale": cfg.true_cfg_scale,
+            "negative_prompt": cfg.true_cfg_scale > 1 and negative is not None,
         }
-        if backend == "diffusers":
-            base |= {
-                "num_inference_steps": cfg.num_inference_steps,
-                "true_cfg_scale": cfg.true_cfg_scale,
-                "negative_prompt": cfg.true_cfg_scale > 1 and negative is not None,
-                "dtype": resolve_dtype(cfg.dtype, device),
-                "device": device,
-            }
+        backend, pipe, base = prepare(STAGE, cfg, self.pipeline, self.encode_prompt, settings)
+        base["prompt_version"] = version
         self.model_seconds = 0.0
 
         # 3. per item: seed, edit, resize check, provenance
@@ -178,20 +157,9 @@ class Refine:
         h, w = rgbs[0].shape[:2]
         if any(x.shape[:2] != (h, w) for x in rgbs):
             return [b for x, s in zip(rgbs, seeds, strict=True) for b in self._edit(pipe, [x], [s], prompt, negative)]
-        multiple = pipe.vae_scale_factor * 2
-        th, tw = h // multiple * multiple, w // multiple * multiple
-        if th == 0 or tw == 0:
-            raise ValueError(f"render {w}x{h} is smaller than the pipeline's {multiple}-pixel multiple")
+        th, tw = generation_size(pipe, h, w)
         n = len(rgbs)
-        use_neg = cfg.true_cfg_scale > 1 and negative is not None
-        if self.encode_prompt is None:
-            text: dict[str, Any] = {"prompt": [prompt] * n}
-            if use_neg:
-                text["negative_prompt"] = [negative] * n
-        else:
-            text = dict(self.encode_prompt([prompt] * n))
-            if use_neg:
-                text |= {f"negative_{k}": v for k, v in self.encode_prompt([negative] * n).items()}
+        text = text_inputs(self.encode_prompt, [prompt] * n, negative if cfg.true_cfg_scale > 1 else None)
         pil = [Image.fromarray(x) for x in rgbs]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         t0 = time.perf_counter()
@@ -206,9 +174,4 @@ class Refine:
             **text,
         ).images
         self.model_seconds += time.perf_counter() - t0
-        out = []
-        for im in result:
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.Resampling.LANCZOS)  # back to the render's size (contract)
-            out.append(images.encode_rgb(np.asarray(im.convert("RGB"), dtype=np.uint8)))
-        return out
+        return encode_outputs(result, h, w)

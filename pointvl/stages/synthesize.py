@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,12 +24,20 @@ import numpy as np
 import pyarrow as pa
 
 from pointvl import images
-from pointvl.models import BACKENDS, load_pipeline, resolve_backend, resolve_device, resolve_dtype
+from pointvl.models import BACKENDS
 from pointvl.plan import stage_table_path
 from pointvl.stages.base import finished, read_stage_table, read_stats
 from pointvl.stages.drift import canny_control, depth_control, drift_score
-from pointvl.stages.gpu_common import instance_seed, load_prompt, run_items
-from pointvl.stages.refine import package_versions
+from pointvl.stages.gpu_common import (
+    PromptEncoder,
+    encode_outputs,
+    generation_size,
+    instance_seed,
+    load_prompt,
+    prepare,
+    run_items,
+    text_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +52,6 @@ SCHEMA = pa.schema([
     ("synthesize_provenance", pa.string()),
 ])
 
-PromptEncoder = Callable[[list[str]], dict[str, Any]]
 
 
 @dataclass
@@ -157,37 +163,21 @@ class Synthesize:
             raise ValueError(f"refine shard {shard_index:05d} has ids missing from render: {lost[:3]}")
         inputs = pa.Table.from_pylist(
             [r | by_id[r["instance_id"]] for r in refined.select(["instance_id", "refined"]).to_pylist()])
-        backend = resolve_backend(cfg, STAGE, pipeline_given=self.pipeline is not None)
         template, negative, version = load_prompt(STAGE, cfg.prompt_version, cfg.prompts_dir)
         # 2. load the model once per process (resident across shards)
-        pipe = None
-        if backend == "diffusers":
-            pipe = self.pipeline if self.pipeline is not None else load_pipeline(STAGE, cfg)
-            if pipe.text_encoder is None and self.encode_prompt is None:
-                raise ValueError("the synthesize pipeline has no text encoder: pass encode_prompt=")
-            if len(pipe.controlnet.nets) != 1:
-                raise ValueError("expected one Union ControlNet inside FluxMultiControlNetModel")
-        device = resolve_device(cfg.device)
-        base: dict[str, Any] = {
-            "stage": STAGE,
-            "backend": backend,
-            "models": cfg.model_ids() if backend == "diffusers" else {},
-            "prompt_version": version,
-            "versions": package_versions(),
-            "drift_threshold": cfg.drift_threshold,
+        settings = {
+            "controls": list(cfg.controls),
+            "control_mode": [CONTROL_MODES[c] for c in cfg.controls],
+            "conditioning_scales": list(cfg.conditioning_scales),
+            "control_guidance_end": cfg.control_guidance_end,
+            "num_inference_steps": cfg.num_inference_steps,
+            "guidance_scale": cfg.guidance_scale,
+            "true_cfg_scale": cfg.true_cfg_scale,
         }
-        if backend == "diffusers":
-            base |= {
-                "controls": list(cfg.controls),
-                "control_mode": [CONTROL_MODES[c] for c in cfg.controls],
-                "conditioning_scales": list(cfg.conditioning_scales),
-                "control_guidance_end": cfg.control_guidance_end,
-                "num_inference_steps": cfg.num_inference_steps,
-                "guidance_scale": cfg.guidance_scale,
-                "true_cfg_scale": cfg.true_cfg_scale,
-                "dtype": resolve_dtype(cfg.dtype, device),
-                "device": device,
-            }
+        backend, pipe, base = prepare(STAGE, cfg, self.pipeline, self.encode_prompt, settings)
+        if pipe is not None and len(pipe.controlnet.nets) != 1:
+            raise ValueError("expected one Union ControlNet inside FluxMultiControlNetModel")
+        base |= {"prompt_version": version, "drift_threshold": cfg.drift_threshold}
         self.model_seconds = 0.0
 
         # 3. per item: control images, seeded generation, drift score, provenance
@@ -245,21 +235,10 @@ class Synthesize:
         if any(c[0].shape[:2] != (h, w) for c in controls):
             return [b for r, s, p in zip(rows, seeds, prompts, strict=True)
                     for b in self._generate(pipe, [r], [s], [p], negative)]
-        multiple = pipe.vae_scale_factor * 2
-        th, tw = h // multiple * multiple, w // multiple * multiple
-        if th == 0 or tw == 0:
-            raise ValueError(f"image {w}x{h} is smaller than the pipeline's {multiple}-pixel multiple")
+        th, tw = generation_size(pipe, h, w)
         n = len(rows)
         k = len(cfg.controls)
-        use_neg = cfg.true_cfg_scale > 1 and negative is not None
-        if self.encode_prompt is None:
-            text: dict[str, Any] = {"prompt": prompts}
-            if use_neg:
-                text["negative_prompt"] = [negative] * n
-        else:
-            text = dict(self.encode_prompt(prompts))
-            if use_neg:
-                text |= {f"negative_{key}": v for key, v in self.encode_prompt([negative] * n).items()}
+        text = text_inputs(self.encode_prompt, prompts, negative if cfg.true_cfg_scale > 1 else None)
         # FluxMultiControlNetModel: one list per control, each over the batch
         control_image = [[Image.fromarray(c[j]) for c in controls] for j in range(k)]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -280,9 +259,4 @@ class Synthesize:
             **text,
         ).images
         self.model_seconds += time.perf_counter() - t0
-        out = []
-        for im in result:
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.Resampling.LANCZOS)  # back to the render's size (contract)
-            out.append(images.encode_rgb(np.asarray(im.convert("RGB"), dtype=np.uint8)))
-        return out
+        return encode_outputs(result, h, w)
