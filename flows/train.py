@@ -11,20 +11,9 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from pointvl.train.config import TrainConfig, paper_preset, tiny_preset
+from pointvl.train.config import preset_config
 from pointvl.train.pipeline import check_config, stage_names
 from tasks.train import evaluate, train_stage, training_curves
-
-
-def resolve_config(preset: str, variant: str, overrides: dict | None) -> TrainConfig:
-    """The preset for ``variant`` with ``overrides`` merged one level deep."""
-    presets = {"paper": paper_preset, "tiny": tiny_preset}
-    if preset not in presets:
-        raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}")
-    base = presets[preset](variant).to_dict()
-    for key, value in (overrides or {}).items():
-        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return TrainConfig(**base)
 
 
 @flow(name="train-pointvl", description="SFT warm-up → routed GRPO (GRCA + RPC) → evaluation on shards")
@@ -36,7 +25,7 @@ def train(shards: str, run_dir: str, preset: str = "paper", variant: str = "grca
     """
     if build_id:
         get_run_logger().info("training on build %s (%s)", build_id, shards)
-    cfg = resolve_config(preset, variant, config)
+    cfg = preset_config(preset, variant, config)
     check_config(run_dir, cfg)
     stages = stage_names(cfg)
     checkpoint = None

@@ -65,11 +65,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _train_config(preset: str, variant: str, run_config: str | None):
     from pointvl import io as pio
-    from pointvl.train.config import TrainConfig, paper_preset, tiny_preset
+    from pointvl.train.config import TrainConfig, preset_config
 
     if run_config:
         return TrainConfig(**pio.read_json(run_config))
-    return {"paper": paper_preset, "tiny": tiny_preset}[preset](variant)
+    return preset_config(preset, variant, None)
 
 
 def _predict(args: argparse.Namespace) -> int:

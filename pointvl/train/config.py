@@ -218,3 +218,14 @@ def tiny_preset(variant: str = "grca_rpc") -> TrainConfig:
         grpo=GRPOTrainConfig(mode=mode, num_generations=4, learning_rate=1e-4, max_new_tokens=700, max_steps=4),
         eval_max_new_tokens=700,
     )
+
+
+def preset_config(preset: str, variant: str, overrides: dict | None) -> TrainConfig:
+    """The preset for ``variant`` with ``overrides`` merged one level deep."""
+    presets = {"paper": paper_preset, "tiny": tiny_preset}
+    if preset not in presets:
+        raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}")
+    base = presets[preset](variant).to_dict()
+    for key, value in (overrides or {}).items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return TrainConfig(**base)
