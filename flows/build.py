@@ -5,17 +5,29 @@
                                                                           write_shards ─► [train deployment]
 
 Every task takes a run folder and a shard index; data moves by path. Finished shards are skipped,
-so re-running the same build after a failure only does what is left. ``review`` pauses for a person
-in deployed builds (``flows/review.py``); each stage publishes a ``progress-<stage>`` artifact.
+so re-running the same build after a failure only does what is left. Before any stage, the build
+checks that its training hand-off could start and takes the run folder's lock (one build per
+folder; a second one ends CANCELLED naming the holder). ``review`` suspends for a person in deployed
+builds (``flows/review.py``), keeping the lock; each stage publishes a ``progress-<stage>`` artifact.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Any
+
 from prefect import flow
+from prefect.context import get_run_context
+from prefect.exceptions import Pause
+from prefect.logging import get_run_logger
+from prefect.states import Cancelled, Completed, State
 
 from flows.gpu_stages import run_gpu_stage
+from flows.locking import build_lock, mark_crashed, record_build
 from flows.review import review_gate
 from pointvl.config import BuildConfig
+from pointvl.handoff import build_id, check_can_start
+from pointvl.runlock import RunFolderLocked
 from pointvl.stages.write_shards import WriteShardsConfig
 from pointvl.summary import summarize
 from tasks.annotate import annotate
@@ -30,36 +42,72 @@ from tasks.summary import publish_summary
 from tasks.write_shards import write_shards
 
 
+@contextmanager
+def holding(run_dir: str):
+    """Hold the run folder's lock for the build; a suspended review keeps it (its flow run goes on)."""
+    lock = build_lock(run_dir).acquire()
+    if lock.taken_over is not None:
+        mark_crashed(lock.taken_over)
+    record_build(run_dir, lock)
+    try:
+        yield lock
+    except Pause:
+        lock.keep()
+        raise
+    except BaseException:
+        lock.release()
+        raise
+    lock.release()
+
+
 @flow(name="build-benchmark", description="ShapeNetCore v2 → Generative-Refined 3D-VL benchmark shards")
-def build_benchmark(shapenet: str, out: str, config: dict | None = None, incremental: bool = False) -> dict:
+def build_benchmark(shapenet: str, out: str, config: dict | None = None, incremental: bool = False,
+                    overrides: dict[str, Any] | None = None, handoff: dict[str, Any] | None = None) -> State:
     """Build (or resume) the benchmark from the ShapeNetCore v2 folder ``shapenet`` into ``out``.
 
     ``incremental`` (on in the scheduled deployment, which reuses one run folder): new or changed
     models and a changed config are built into ``out`` instead of being refused; only the shards and
     stages they affect are recomputed, and what they replace moves to ``out/superseded/``.
+    ``overrides`` changes single config values (``{"review.preview_port": 9000}``) and ``handoff``
+    the training hand-off's keys (``{"preset": "tiny"}``), without restating ``config``.
     """
-    cfg = BuildConfig.from_dict(config)
+    cfg = BuildConfig.from_parameters(config, overrides, handoff)
+    if cfg.handoff.train:
+        check_can_start(cfg.handoff)  # seconds, before any stage, GPU second or API call
+    try:
+        with holding(out):
+            summary, message = _build(shapenet, out, cfg, incremental)
+    except RunFolderLocked as err:
+        get_run_logger().error("%s", err)
+        return Cancelled(message=str(err))
+    return Completed(message=message, data=summary)
+
+
+def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool) -> tuple[dict, str]:
     shards = clean(shapenet, out, cfg, incremental)
+    bid = build_id(out)
 
     points = [sample_points.submit(out, i, cfg.sample_points) for i in shards]
     boxes = [geometry.submit(out, i, cfg.geometry, wait_for=[p]) for i, p in zip(shards, points, strict=True)]
     renders = [render.submit(out, i, cfg.render) for i in shards]
     masks = [kpts2d.submit(out, i, cfg.kpts2d, wait_for=[r]) for i, r in zip(shards, renders, strict=True)]
     for stage, futures in (("sample_points", points), ("geometry", boxes), ("render", renders), ("kpts2d", masks)):
-        wait_with_progress(stage, futures)  # a failed CPU stage stops the build here, before any GPU time is spent
+        wait_with_progress(stage, futures, bid)  # a failed CPU stage stops the build here, before any GPU time
 
     run_gpu_stage("refine", out, shards, cfg.gpu_deployments.get("refine"), cfg.refine, workers=cfg.gpu_workers)
-    publish_progress(out, "refine", shards)
+    publish_progress(out, "refine", shards, bid)
     run_gpu_stage("synthesize", out, shards, cfg.gpu_deployments.get("synthesize"), cfg.synthesize,
                   workers=cfg.gpu_workers)
-    publish_progress(out, "synthesize", shards)
+    publish_progress(out, "synthesize", shards, bid)
 
-    wait_with_progress("annotate", [annotate.submit(out, i, cfg.annotate) for i in shards])
-    review_gate(out, shards, cfg.review)
+    wait_with_progress("annotate", [annotate.submit(out, i, cfg.annotate) for i in shards], bid)
+    review_gate(out, shards, cfg.review, bid)
     finals = [write_shards.submit(out, i, WriteShardsConfig(cfg.geometry.num_keypoints)) for i in shards]
-    wait_with_progress("write_shards", finals)
+    wait_with_progress("write_shards", finals, bid)
     summary = summarize(out)
-    publish_summary(out, summary)
+    publish_summary(out, summary, bid)
+    message = f"build {bid}: {summary['records']} records"
     if cfg.handoff.train:
-        start_training(out, cfg.handoff)
-    return summary
+        training = start_training(out, cfg.handoff, str(get_run_context().flow_run.id))
+        message += f"; training run {training}"
+    return summary, message

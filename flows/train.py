@@ -13,15 +13,18 @@ from prefect import flow, get_run_logger
 
 from pointvl.train.config import preset_config
 from pointvl.train.pipeline import check_config, stage_names
+from tasks.handoff import report_to_build
 from tasks.train import evaluate, train_stage, training_curves
 
 
-@flow(name="train-pointvl", description="SFT warm-up → routed GRPO (GRCA + RPC) → evaluation on shards")
+@flow(name="train-pointvl", description="SFT warm-up → routed GRPO (GRCA + RPC) → evaluation on shards",
+      on_failure=[report_to_build], on_crashed=[report_to_build])
 def train(shards: str, run_dir: str, preset: str = "paper", variant: str = "grca_rpc",
-          config: dict | None = None, build_id: str = "") -> dict:
+          config: dict | None = None, build_id: str = "", build_flow_run_id: str = "") -> dict:
     """Train one Table 3 variant on ``shards`` into ``run_dir`` and return its test metrics.
 
-    ``build_id`` names the benchmark build the shards came from (set by the build's hand-off).
+    ``build_id`` and ``build_flow_run_id`` name the benchmark build the shards came from (set by the
+    build's hand-off); a failure is reported on that build's run.
     """
     if build_id:
         get_run_logger().info("training on build %s (%s)", build_id, shards)

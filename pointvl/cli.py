@@ -47,8 +47,11 @@ def _build(args: argparse.Namespace) -> int:
             f"{out} holds a build of another input or config; use a new --out folder, the original "
             "--shapenet and --config to resume it, or --incremental to update it"
         )
-    # 2. Run the flow: embedded Prefect unless PREFECT_API_URL points at a server.
+    # 2. Run the flow: embedded Prefect unless PREFECT_API_URL points at a server; one build per folder.
     from flows.build import build_benchmark
+    from flows.locking import check_unlocked
+
+    check_unlocked(out)
 
     summary = build_benchmark(shapenet=shapenet, out=out, config=config.to_dict(), incremental=args.incremental)
     print(format_summary(summary))
@@ -162,11 +165,36 @@ def main(argv: list[str] | None = None) -> int:
     # Library log lines show in Prefect's run logs; nothing is sent home from an offline machine.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pointvl")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A busy machine starts the embedded server slower than Prefect's 20 s default allows.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     try:
         return args.command_handler(args)
     except InputError as err:  # input and config errors: one line, no traceback
         print(f"pointvl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        hint = orchestrator_hint(err)
+        if hint is None:
+            raise
+        print(f"pointvl {args.command}: error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+              f" ({hint})", file=sys.stderr)
+        return 1
+
+
+def orchestrator_hint(err: Exception) -> str | None:
+    """What to do about an error of Prefect or of the connection to it; None for any other error."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    raised_in = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    module = type(err).__module__ if type(err).__module__ != "builtins" else raised_in
+    if module.startswith(("httpx", "httpcore")):
+        return f"the Prefect API at {os.environ.get('PREFECT_API_URL') or 'the embedded server'} is unreachable: " \
+            "start it (`make server`) or unset PREFECT_API_URL to run embedded"
+    if module.startswith("prefect"):
+        return "an error of the Prefect orchestrator; the run folder is intact: `pointvl resume RUN_DIR` goes on " \
+            "where it stopped"
+    return None
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
   no answer it lists the items waiting and the contact sheets.
 - ``pointvl resume RUN_DIR|FLOW_RUN_ID`` re-runs a failed or stopped build with its original input
   and config: finished shards of every stage, and finished items of a GPU shard, are reused.
-  A flow run of a deployment is resumed as a new run of that deployment (on its workers).
+  A build that ran from a deployment (``RUN/reports/last_build.json`` says so) resumes as a new run of
+  that deployment, on its workers and with its review gate; a local build resumes in this process.
 - ``pointvl preview RUN_DIR`` serves ``RUN_DIR/previews`` (the contact sheets) until Ctrl-C.
 
 Prefect is imported inside the commands that talk to the server, as in ``pointvl build``.
@@ -79,6 +80,7 @@ def _review(args: argparse.Namespace) -> int:
         "approve_all": args.approve_all,
         "rejected": [{"instance_id": i, "reason": r} for i, r in rejected.items()],
         "reviewer": args.reviewer,
+        "source": "cli",
     }
     try:
         resume_flow_run(run_id, run_input=run_input)
@@ -114,38 +116,67 @@ def _review_held(args: argparse.Namespace, rejected: dict[str, str]) -> int:
     return 0
 
 
-def _build_parameters(target: str) -> tuple[dict[str, Any], uuid.UUID | None]:
-    """The build's parameters, and its deployment id when it ran from one."""
+def _local_parameters(run_dir: str) -> dict[str, Any]:
+    path = io.join(run_dir, "config.json")
+    if not io.exists(path):
+        raise InputError(f"{run_dir} is not a run folder with a plan (no config.json): use `pointvl build`")
+    config = io.read_json(path)
+    shapenet = config.pop("shapenet")
+    return {"shapenet": shapenet, "out": run_dir, "config": config}
+
+
+def _deployed_origin(target: str) -> tuple[uuid.UUID, uuid.UUID] | None:
+    """(flow run, deployment) of the build to resume, when it ran from a deployment; None for a local one."""
     run_id = _flow_run_id(target)
     if run_id is None:
-        path = io.join(target, "config.json")
-        if not io.exists(path):
-            raise InputError(f"{target} is not a run folder with a plan (no config.json): use `pointvl build`")
-        config = io.read_json(path)
-        shapenet = config.pop("shapenet")
-        return {"shapenet": shapenet, "out": target, "config": config}, None
+        from flows.locking import api_url, last_build_path
+
+        if not io.exists(last_build_path(target)):
+            return None
+        origin = io.read_json(last_build_path(target))
+        if not origin.get("deployment_id"):
+            return None
+        if origin["api_url"] != api_url():
+            raise InputError(f"{target} was built by deployment {origin['deployment']} of the Prefect API at "
+                             f"{origin['api_url']}; set PREFECT_API_URL={origin['api_url']} to resume it there")
+        run_id = uuid.UUID(origin["flow_run_id"])
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run_id)
-    return dict(run.parameters), run.deployment_id
+    if run.deployment_id is None:
+        raise InputError(f"flow run {run_id} did not run from a deployment: resume its run folder "
+                         f"{run.parameters.get('out')} instead")
+    return run_id, run.deployment_id
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from pointvl.summary import format_summary
+    """A deployed build resumes as a new run of its deployment (on the workers, review gate as deployed);
+    a local one resumes in this process."""
+    from flows.locking import check_unlocked
 
-    params, deployment_id = _build_parameters(args.target)
-    if deployment_id is not None:
-        from prefect.deployments import run_deployment
+    origin = _deployed_origin(args.target)
+    if origin is None:
+        from flows.build import build_benchmark
+        from pointvl.summary import format_summary
 
-        run = run_deployment(name=deployment_id, parameters=params, timeout=0,
-                             flow_run_name=f"resume-{str(args.target)[:8]}", tags=["resume"])
-        print(f"resumed as flow run {run.id} of deployment {deployment_id}; finished work is reused")
+        params = _local_parameters(args.target)
+        check_unlocked(args.target)
+        summary = build_benchmark(**params)
+        print(format_summary(summary))
+        print(f"resumed {args.target} locally: {summary['records']} records; finished work was reused")
         return 0
-    from flows.build import build_benchmark
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
 
-    summary = build_benchmark(**params)
-    print(format_summary(summary))
+    with get_client(sync_client=True) as client:
+        old = client.read_flow_run(origin[0])
+        deployment = client.read_deployment(origin[1])
+    check_unlocked(old.parameters["out"])
+    run = run_deployment(name=origin[1], parameters=old.parameters, timeout=0, as_subflow=False,
+                         flow_run_name=f"resume-{old.name}", tags=["resume"])
+    print(f"resumed {old.parameters['out']} as flow run {run.id} of deployment {deployment.name} on its workers "
+          f"(from {old.name}, {old.state.name if old.state else 'unknown'}); finished work is reused")
     return 0
 
 

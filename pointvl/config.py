@@ -102,6 +102,26 @@ class BuildConfig:
             raise ConfigError(str(err)) from err
 
     @classmethod
+    def from_parameters(cls, config: dict[str, Any] | None, overrides: dict[str, Any] | None = None,
+                        handoff: dict[str, Any] | None = None) -> BuildConfig:
+        """The config of a flow run: ``config``, then ``handoff`` merged key by key into its ``handoff``
+        section, then ``overrides`` (dotted ``section.field`` keys, e.g. ``{"review.preview_port": 9000}``),
+        through the same strict checks as a file. A deployment's run changes one value this way
+        without restating the whole config."""
+        data = json_copy(config or {})
+        if handoff is not None:
+            data["handoff"] = {**data.get("handoff", {}), **_mapping("handoff", handoff)}
+        for key, value in _mapping("overrides", overrides or {}).items():
+            section, dot, name = key.partition(".")
+            if not dot:
+                data[key] = value
+                continue
+            if section not in {f.name for f in dataclasses.fields(cls)}:
+                raise ConfigError(f"overrides: unknown config section {section!r} in {key!r}")
+            data[section] = {**_mapping(section, data.get(section, {})), name: value}
+        return cls.from_dict(data)
+
+    @classmethod
     def from_file(cls, path: str) -> BuildConfig:
         p = Path(path)
         if not p.is_file():
@@ -124,6 +144,17 @@ class BuildConfig:
         for section, keys in OPERATIONAL_FIELDS.items():
             sections[section] = {k: v for k, v in sections[section].items() if k not in keys}
         return sections
+
+
+def json_copy(data: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of plain config data (never mutate a caller's, or a deployment's, parameters)."""
+    return {k: json_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def _mapping(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a mapping, got {value!r}")
+    return value
 
 
 def _section(name: str, cls: type, value: Any) -> Any:

@@ -4,13 +4,21 @@ A build that completes can start the training flow (``flows/train.py:train``) on
 as a deployment run, so training runs on its own (GPU) pool. The build id is the first 12 hex digits
 of the build's plan fingerprint: the same input and config always give the same id, and the
 training run folder is named after it.
+
+Before a build with a hand-off starts, :func:`check_can_start` makes sure the training job could
+start (its weights are on this machine, or the preset needs none), so a doomed training run is
+refused in seconds instead of after the build. Each started training run is recorded in
+``RUN/reports/handoff.json``: a resume that built nothing new (same build id) does not start it again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from typing import Any
 
 from pointvl import io
+from pointvl.errors import InputError
 from pointvl.plan import fingerprint, load_plan
 from pointvl.stages.write_shards import shards_dir
 
@@ -26,6 +34,8 @@ class HandoffConfig:
         train_root: the folder under which each build's training run folder ``<build id>/`` is made
             (default ``RUN/train``).
         preset, variant: the training flow's ``preset`` (``paper`` | ``tiny``) and Table 3 variant.
+        overrides: TrainConfig values to change, as the training flow's ``config`` (nested sections,
+            e.g. ``{"model": {"checkpoint": "/weights/Qwen2.5-VL-3B-Instruct"}}``).
     """
 
     train: bool = False
@@ -33,8 +43,11 @@ class HandoffConfig:
     train_root: str = ""
     preset: str = "paper"
     variant: str = "grca_rpc"
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"handoff.overrides must be a mapping of TrainConfig sections, got {self.overrides!r}")
         if self.train and "/" not in self.deployment:
             raise ValueError(f"handoff.deployment must be '<flow name>/<deployment name>', got {self.deployment!r}")
 
@@ -45,7 +58,7 @@ def build_id(run_dir: str) -> str:
     return fingerprint(load_plan(run_dir).to_json())[:12]
 
 
-def train_parameters(run_dir: str, config: HandoffConfig) -> dict:
+def train_parameters(run_dir: str, config: HandoffConfig, build_flow_run_id: str = "") -> dict:
     """The ``train`` flow's parameters for this build's finished shards."""
     root = config.train_root or io.join(run_dir, "train")
     return {
@@ -54,4 +67,49 @@ def train_parameters(run_dir: str, config: HandoffConfig) -> dict:
         "run_dir": io.join(root, build_id(run_dir)),
         "preset": config.preset,
         "variant": config.variant,
+        "config": config.overrides or None,
+        "build_flow_run_id": build_flow_run_id,
     }
+
+
+def _weights_present(checkpoint: str) -> bool:
+    if os.path.isdir(checkpoint):
+        return os.path.isfile(os.path.join(checkpoint, "config.json"))
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(checkpoint, "config.json"), str)
+
+
+def check_can_start(config: HandoffConfig) -> None:
+    """Raise :class:`InputError` (one line) when the hand-off's training job could not start here."""
+    from pointvl.train.config import preset_config
+
+    try:
+        train = preset_config(config.preset, config.variant, config.overrides)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"handoff: the training config is invalid: {err}") from err
+    model = train.model
+    if model.architecture == "checkpoint" and not model.random_init and not _weights_present(model.checkpoint):
+        raise InputError(
+            f"handoff: training preset {config.preset!r} needs the weights of {model.checkpoint}, which are not on "
+            "this machine (no such folder, not in the Hugging Face cache); download them and set handoff.overrides "
+            "{model: {checkpoint: FOLDER}}, use handoff.preset tiny, or set handoff.train false")
+    if model.point_bert.checkpoint and not io.exists(model.point_bert.checkpoint):
+        raise InputError(f"handoff: the Point-BERT checkpoint {model.point_bert.checkpoint} does not exist")
+
+
+def record_path(run_dir: str) -> str:
+    return io.join(run_dir, "reports", "handoff.json")
+
+
+def started_run(run_dir: str, bid: str) -> str | None:
+    """The training flow run already started for build ``bid``, if any."""
+    if not io.exists(record_path(run_dir)):
+        return None
+    return io.read_json(record_path(run_dir)).get(bid, {}).get("flow_run_id")
+
+
+def record_start(run_dir: str, bid: str, flow_run_id: str, deployment: str) -> None:
+    records = io.read_json(record_path(run_dir)) if io.exists(record_path(run_dir)) else {}
+    records[bid] = {"flow_run_id": flow_run_id, "deployment": deployment}
+    io.write_json(record_path(run_dir), records)

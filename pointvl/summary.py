@@ -32,6 +32,7 @@ def summarize(run_dir: str) -> dict:
                 stats = read_stats(run_dir, stage, shard.index)
                 if stage == "review":
                     review.update({k: stats.get(k, 0) for k in ("approved", "rejected", "held")})
+                    dropped.update({f"review:{k}": stats[k] for k in ("rejected", "held") if stats.get(k)})
                 dropped.update({f"{stage}:{k.removeprefix('dropped_')}": v for k, v in stats.items()
                                 if k.startswith("dropped_")})
     counts: Counter[tuple[str, str]] = Counter()

@@ -4,6 +4,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from pointvl.config import BuildConfig
+from pointvl.handoff import build_id
 from pointvl.local import cleaning_report_path, plan_run
 
 
@@ -18,8 +19,7 @@ def clean(shapenet: str, run_dir: str, config: BuildConfig, incremental: bool = 
     made for another config or model list aside (:func:`pointvl.local.plan_run`).
     """
     plan = plan_run(shapenet, run_dir, config, incremental)
-    create_link_artifact(
-        key="cleaning-report", link=cleaning_report_path(run_dir), description="Kept and dropped models, with reasons"
-    )
+    create_link_artifact(key=f"cleaning-report-{build_id(run_dir)}", link=cleaning_report_path(run_dir),
+                         description="Kept and dropped models, with reasons")
     get_run_logger().info("%d shards planned", len(plan.shards))
     return [s.index for s in plan.shards if s.models]

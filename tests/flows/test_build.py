@@ -112,8 +112,10 @@ def test_rerun_recomputes_nothing(built, shapenet, config_file):
     assert result.returncode == 0, result.stderr[-3000:]
     after = {p: p.stat().st_mtime_ns for p in built.rglob("*") if p.is_file()}
     changed = sorted(str(p.relative_to(built)) for p in after if before.get(p) != after[p])
-    # only the dataset card is rewritten (same content); no stage output or shard is
-    assert changed == ["shards/README.md"], changed
+    # only the dataset card (same content) and the record of where the latest build ran are rewritten;
+    # no stage output or shard is, and the run folder's lock is gone
+    assert changed == ["reports/last_build.json", "shards/README.md"], changed
+    assert not (built / "build.lock").exists()
 
 
 def test_sigkill_mid_build_then_resume_gives_identical_shards(built, shapenet, config_file, tmp_path):
