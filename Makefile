@@ -51,11 +51,13 @@ GPU ?= 0
 POINTVL_BUILD_CRON ?= 0 3 * * *
 POINTVL_SHAPENET ?= $(CURDIR)/$(DEMO_DIR)/shapenet
 POINTVL_OUT ?= $(CURDIR)/$(DEMO_DIR)/scheduled
+POINTVL_TRAIN_PRESET ?= paper
 server deploy worker-cpu worker-gpu: export PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
 deploy worker-cpu worker-gpu: export POINTVL_ROOT := $(CURDIR)
 deploy: export POINTVL_BUILD_CRON := $(POINTVL_BUILD_CRON)
 deploy: export POINTVL_SHAPENET := $(POINTVL_SHAPENET)
 deploy: export POINTVL_OUT := $(POINTVL_OUT)
+deploy: export POINTVL_TRAIN_PRESET := $(POINTVL_TRAIN_PRESET)
 
 server: $(STAMP)
 	PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED=events,flow_runs \

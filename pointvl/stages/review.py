@@ -162,18 +162,19 @@ def contact_sheet(run_dir: str, shard_index: int, config: ReviewConfig) -> bytes
     """The shard's contact sheet as PNG bytes (flagged items first, then render order)."""
     render, others = _inputs(run_dir, shard_index)
     rows = sorted((_item(iid, others) for iid in render), key=lambda it: not it.flagged)
-    t, pad, caption = config.thumb_px, 6, 30
+    # Text at 16 px (the default bitmap font is ~7 px): ids stay readable where the UI scales the sheet down.
+    font = ImageFont.load_default(size=16)
+    t, pad, caption = config.thumb_px, 6, 44
     cell_w, cell_h = 3 * t + 2 * pad, t + caption + pad
     cols = min(config.sheet_columns, max(1, len(rows)))
-    header = 40
+    header = 50
     n_rows = max(1, -(-len(rows) // cols))
     sheet = Image.new("RGB", (cols * (cell_w + pad) + pad, header + n_rows * (cell_h + pad)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
     n_flagged = sum(it.flagged for it in rows)
     draw.text((pad, 4), f"shard {shard_index:05d}: {len(rows)} items, {n_flagged} flagged (red frame, listed first)",
               fill=(0, 0, 0), font=font)
-    draw.text((pad, 20), "render | refined | photoreal;  box: green = mask, red = VLM", fill=(0, 0, 0), font=font)
+    draw.text((pad, 26), "render | refined | photoreal;  box: green = mask, red = VLM", fill=(0, 0, 0), font=font)
     for n, item in enumerate(rows):
         x0 = pad + (n % cols) * (cell_w + pad)
         y0 = header + (n // cols) * (cell_h + pad)
@@ -197,7 +198,7 @@ def contact_sheet(run_dir: str, shard_index: int, config: ReviewConfig) -> bytes
         drift = "n/a" if item.drift is None else f"{item.drift:.2f}"
         iou = "n/a" if item.vlm_agreement is None else f"{item.vlm_agreement:.2f}"
         draw.text((x0, y0 + t + 3), item.instance_id, fill=(0, 0, 0), font=font)
-        draw.text((x0, y0 + t + 16), f"drift {drift}   VLM/mask IoU {iou}" + ("   FLAGGED" if item.flagged else ""),
+        draw.text((x0, y0 + t + 23), f"drift {drift}   VLM/mask IoU {iou}" + ("   FLAGGED" if item.flagged else ""),
                   fill=VLM_BOX if item.flagged else (60, 60, 60), font=font)
     buf = _io.BytesIO()
     sheet.save(buf, format="PNG")

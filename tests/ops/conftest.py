@@ -41,6 +41,9 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_LOGGING_LEVEL": "WARNING",
+        # The deployment concurrency lease's first window at its minimum (30 s instead of 300 s), so a
+        # test that waits past it stays short.
+        "PREFECT_SERVER_CONCURRENCY_INITIAL_DEPLOYMENT_LEASE_DURATION": "30",
     }
     log = open(home / "server.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
@@ -56,7 +59,8 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> dict:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
-        yield {"api": env["PREFECT_API_URL"], "ui": f"http://127.0.0.1:{port}", "env": env, "prefect": PREFECT}
+        yield {"api": env["PREFECT_API_URL"], "ui": f"http://127.0.0.1:{port}", "env": env, "prefect": PREFECT,
+               "log": home / "server.log"}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

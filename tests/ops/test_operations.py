@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from pointvl.config import BuildConfig
+from pointvl.handoff import build_id
 from pointvl.local import plan_run
 from pointvl.plan import load_plan
 from pointvl.stages.base import read_stats
@@ -79,8 +80,9 @@ def test_build_pauses_for_review_and_the_rejected_item_never_reaches_the_shards(
         assert Image.open(BytesIO(response.content)).size[0] > 3 * 160
 
         # ... shown as an image artifact of this run and in the form's description.
+        key = f"review-{build_id(str(out))}-shard-00000"  # keyed per build: another build's sheets stay listed
         artifacts = httpx.post(f"{api}/artifacts/filter", json={
-            "artifacts": {"key": {"any_": ["review-shard-00000"]}, "flow_run_id": {"any_": [run_id]}}}).json()
+            "artifacts": {"key": {"any_": [key]}, "flow_run_id": {"any_": [run_id]}}}).json()
         assert [(a["type"], a["data"]) for a in artifacts] == [("image", url)]
         inputs = httpx.post(f"{api}/flow_runs/{run_id}/input/filter", json={"prefix": "paused", "limit": 20}).json()
         description = next(json.loads(i["value"]) for i in inputs if i["key"].endswith("-description"))
@@ -115,7 +117,8 @@ def test_build_pauses_for_review_and_the_rejected_item_never_reaches_the_shards(
     review = json.loads(records[0]["provenance"])["review"]
     assert (review["reviewer"], review["decision"]) == ("alice", "approved")
     logged = [e for e in read_log(str(out)) if e["instance_id"] == rejected]
-    assert [(e["decision"], e["reason"], e["reviewer"]) for e in logged] == [("rejected", "wrong pose", "alice")]
+    assert [(e["decision"], e["reason"], e["reviewer"], e["source"]) for e in logged] == [
+        ("rejected", "wrong pose", "alice", "cli")]
     assert logged[0]["decided_at"] and not (out / "reports" / "review_pending.json").exists()
     assert httpx.get(f"{api}/flow_runs/{run_id}").json()["state"]["type"] == "COMPLETED"
 
