@@ -23,7 +23,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import Crashed
 
 from pointvl import io
-from pointvl.runlock import RunLock, describe
+from pointvl.runlock import UNKNOWN, RunLock, describe
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +41,12 @@ def last_build_path(run_dir: str) -> str:
 
 
 def holder_state(holder: dict[str, Any]) -> str | None:
-    """The state type of the flow run holding a lock, when it lives on this process's API (else None)."""
-    if not holder.get("flow_run_id") or not holder.get("api_url") or holder["api_url"] != api_url():
+    """The state type of the flow run holding a lock; None for a build outside any server (embedded),
+    ``UNKNOWN`` for a flow run on another API than this process's."""
+    if not holder.get("flow_run_id") or not holder.get("api_url"):
         return None
+    if holder["api_url"] != api_url():
+        return UNKNOWN
     try:
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(uuid.UUID(holder["flow_run_id"]))

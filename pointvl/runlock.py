@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 LIVE_STATES = ("PAUSED", "SCHEDULED", "PENDING", "CANCELLING")
 """Flow-run states in which a build goes on without a process of its own (a suspended review)."""
+UNKNOWN = "UNKNOWN"
+"""The holder's flow run lives on a Prefect API this process does not talk to: assume it goes on."""
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 
 
@@ -50,8 +52,12 @@ class RunFolderLocked(InputError):
 
     def __init__(self, run_dir: str, holder: dict[str, Any], state: str | None) -> None:
         self.holder = holder
-        super().__init__(f"{run_dir} is in use by {describe(holder, state)}; this build did not start "
-                         f"(wait for it, or answer its review with `pointvl review {run_dir}`)")
+        if state == UNKNOWN:
+            what = (f"its flow run lives on the Prefect API at {holder.get('api_url')}: set PREFECT_API_URL to it, "
+                    f"or remove {lock_path(run_dir)} if that build is gone")
+        else:
+            what = f"wait for it, or answer its review with `pointvl review {run_dir}`"
+        super().__init__(f"{run_dir} is in use by {describe(holder, state)}; this build did not start ({what})")
 
 
 def lock_path(run_dir: str) -> str:
@@ -61,7 +67,7 @@ def lock_path(run_dir: str) -> str:
 def describe(holder: dict[str, Any], state: str | None = None) -> str:
     who = f"flow run {holder['flow_run_id']}" if holder.get("flow_run_id") else "a local build"
     where = f" of deployment {holder['deployment']}" if holder.get("deployment") else ""
-    status = f", {state.lower()}" if state else ""
+    status = f", {state.lower()}" if state and state != UNKNOWN else ""
     return f"{who}{where} (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}{status})"
 
 
@@ -91,7 +97,7 @@ def holder_alive(holder: dict[str, Any], state: str | None, stale_after_s: float
     """Whether ``holder`` still owns its build (``state``: its flow run's state type, None if unknown)."""
     if state in FINAL_STATES:
         return False
-    if state in LIVE_STATES:
+    if state in (*LIVE_STATES, UNKNOWN):
         return True
     if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
         return False

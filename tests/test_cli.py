@@ -31,3 +31,15 @@ def test_evaluate_reports_a_missing_or_malformed_predictions_file(tmp_path):
 def test_train_with_a_run_folder_reaches_the_shards_check(tmp_path):
     result = pointvl("train", "--shards", str(tmp_path), "--run", str(tmp_path / "run"), "--preset", "tiny")
     _one_clear_line(result, "no train-*-of-*.parquet shards")
+
+
+def test_orchestrator_errors_get_one_line_and_a_hint_other_errors_keep_their_traceback():
+    import httpx
+
+    from pointvl.cli import orchestrator_hint
+
+    try:
+        httpx.get("http://127.0.0.1:9/api/health", timeout=2)
+    except httpx.TransportError as err:
+        assert "make server" in orchestrator_hint(err)
+    assert orchestrator_hint(KeyError("a bug")) is None

@@ -61,3 +61,18 @@ def test_operational_sections_do_not_decide_outputs():
 def test_values_of_the_wrong_type_are_refused_before_any_work(data, message):
     with pytest.raises(ConfigError, match=message):
         BuildConfig.from_dict(data)
+
+
+def test_flow_parameters_override_single_values_through_the_strict_checks():
+    deployed = {"shard_size": 256, "review": {"gate": "auto", "timeout_s": 86400}}
+    handoff = {"train": True, "preset": "paper"}
+    cfg = BuildConfig.from_parameters(deployed, {"review.preview_port": 9000, "handoff.preset": "tiny",
+                                                 "shard_size": 16}, handoff)
+    assert (cfg.review.preview_port, cfg.review.timeout_s, cfg.review.gate) == (9000, 86400, "auto")
+    assert (cfg.handoff.train, cfg.handoff.preset, cfg.shard_size) == (True, "tiny", 16)
+    assert deployed["review"] == {"gate": "auto", "timeout_s": 86400}  # the deployment's parameters untouched
+    for overrides, message in (({"review.nope": 1}, "unknown keys in 'review'"),
+                               ({"nosection.x": 1}, "unknown config section 'nosection'"),
+                               ({"review": 3}, "must be a mapping")):
+        with pytest.raises(ConfigError, match=message):
+            BuildConfig.from_parameters(deployed, overrides, handoff)

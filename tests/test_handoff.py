@@ -22,3 +22,30 @@ def test_build_id_changes_with_the_models_so_training_gets_a_new_folder(tmp_path
     assert build_id(run) != first
     _write_plan(run, 3, geometry="edited mesh")
     assert build_id(run) != first
+
+
+def test_the_preflight_refuses_a_training_job_without_its_weights_in_one_line():
+    import pytest
+
+    from pointvl.errors import InputError
+    from pointvl.handoff import check_can_start
+
+    check_can_start(HandoffConfig(train=True, preset="tiny"))  # builds its model in code: no weights needed
+    with pytest.raises(InputError) as err:
+        check_can_start(HandoffConfig(train=True, preset="paper"))
+    assert "needs the weights of Qwen/Qwen2.5-VL-3B-Instruct" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(InputError, match="invalid"):
+        check_can_start(HandoffConfig(train=True, preset="tiny", overrides={"model": {"dtype": "fp8"}}))
+
+
+def test_a_training_run_is_recorded_once_per_build(tmp_path):
+    from pointvl.handoff import record_start, started_run
+
+    run = str(tmp_path / "run")
+    _write_plan(run, 3)
+    bid = build_id(run)
+    assert started_run(run, bid) is None
+    record_start(run, bid, "flow-run-1", "train-pointvl/train")
+    assert started_run(run, bid) == "flow-run-1"
+    _write_plan(run, 4)  # new models: a new build id, whose training has not started
+    assert started_run(run, build_id(run)) is None

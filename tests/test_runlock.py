@@ -84,3 +84,10 @@ def test_a_lock_on_an_object_store_serialises_builds():
         with pytest.raises(RunFolderLocked):
             RunLock(run, {"flow_run_id": "b"}).acquire()
     assert read_holder(run) is None and lock_path(run).endswith("build.lock")
+
+
+def test_a_holder_on_an_api_this_process_cannot_ask_is_assumed_alive(tmp_path):
+    run = str(tmp_path / "run")
+    RunLock(run, {"flow_run_id": "run-a", "api_url": "http://elsewhere:4200/api"}).acquire().keep()
+    with pytest.raises(RunFolderLocked, match="set PREFECT_API_URL to it, or remove"):
+        RunLock(run, {}, flow_run_state=lambda _: "UNKNOWN").check()

@@ -62,6 +62,12 @@ class Deployed:
             os.killpg(self.worker.pid, signal.SIGKILL)
             self.worker.wait()
 
+    def deploy(self, *names: str) -> None:
+        """`prefect deploy` of these deployments of prefect.yaml, as `make deploy` does."""
+        result = self.cli(self.prefect, "--no-prompt", "deploy", *(a for n in names for a in ("--name", n)),
+                          timeout=180)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
     def deployment(self, name: str) -> dict:
         return httpx.get(f"{self.api}/deployments/name/build-benchmark/{name}").json()
 
@@ -106,15 +112,15 @@ def deployed(prefect_server, shapenet, tmp_path):
     for pool in ("cpu", "gpu"):
         result = d.cli(prefect_server["prefect"], "work-pool", "create", pool, "--type", "process", "--overwrite")
         assert result.returncode == 0, result.stderr
-    result = d.cli(prefect_server["prefect"], "--no-prompt", "deploy", "--name", "scheduled", "--name", "on-demand",
-                   "--name", "train", timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    d.deploy("on-demand", "train")
     try:
         yield d
     finally:
         d.kill_worker()
         for name in ("scheduled", "on-demand"):  # nothing of this test may fire later in the session
-            httpx.delete(f"{d.api}/deployments/{d.deployment(name)['id']}")
+            deployment = d.deployment(name)
+            if "id" in deployment:
+                httpx.delete(f"{d.api}/deployments/{deployment['id']}")
         for run_dir in (p for p in tmp_path.iterdir() if p.is_dir()):  # a preview server left by a failed test
             stop_detached(str(run_dir / "reports" / "preview_server.json"))
 
@@ -136,6 +142,7 @@ def _stage_files(out: Path) -> dict[Path, int]:
 
 def test_the_cron_fires_the_review_waits_suspended_and_one_build_holds_the_folder(deployed, shapenet):
     d, out = deployed, deployed.out
+    d.deploy("scheduled")  # its cron fires every minute from now on
     scheduled = d.deployment("scheduled")
     # The user narrows the deployed config per key (no whole-config restatement), as in the README.
     params = {**scheduled["parameters"], "overrides": {**SMALL, **TINY_HANDOFF, "review.timeout_s": 3600}}
@@ -208,6 +215,7 @@ def test_the_cron_fires_the_review_waits_suspended_and_one_build_holds_the_folde
     assert len(log) == len(all_ids)  # one decision per item: nothing decided twice
     assert [(e["decision"], e["source"]) for e in log if e["instance_id"] == rejected] == [("rejected", "prefect form")]
     assert not (out / "build.lock").exists() and not (out / "reports" / "review_pending.json").exists()
+    assert httpx.get(f"{d.api}/flow_runs/{pending['timeout_run_id']}").status_code == 404  # follow-up dropped
     with pytest.raises(httpx.TransportError):
         httpx.get(pending["sheets"]["0"], timeout=3)  # the preview server went with the review
     assert "review:rejected" in (out / "shards" / "README.md").read_text()
@@ -244,7 +252,9 @@ def test_a_killed_worker_is_resumed_on_the_deployment_without_redoing_finished_s
     blocker = folder / f"{ids[-1]}.parquet"
     os.mkfifo(blocker)  # the stage blocks reading this item back: the worker is killed there
     d.start_worker()
-    killed = d.run_on_demand(out=str(out), overrides={**SMALL, "review.gate": "off", "handoff.train": False})
+    # not incremental: an incremental run would move the unkeyed items folder aside as outdated
+    killed = d.run_on_demand(out=str(out), incremental=False,
+                             overrides={**SMALL, "review.gate": "off", "handoff.train": False})
     deadline = time.monotonic() + 300
     while len(list(folder.glob("*.parquet"))) < len(ids):
         assert time.monotonic() < deadline and d.run(killed)["state_type"] in ("SCHEDULED", "PENDING", "RUNNING"), (
@@ -273,3 +283,54 @@ def test_a_hand_off_that_cannot_start_refuses_the_build_in_seconds(deployed, tmp
     run = d.wait_state(refused, ("FAILED",), timeout=180)
     assert "needs the weights of Qwen/Qwen2.5-VL-3B-Instruct" in run["state"]["message"]
     assert not (out / "plan.json").exists()  # no stage ran
+
+
+HOOK = """
+import sys
+from prefect import flow
+from prefect.runtime import flow_run
+from flows.train import train
+
+@flow(name="build-benchmark")
+def build() -> str:  # stands for the build whose hand-off started the training run
+    return flow_run.id
+
+build_run = build()
+try:
+    train(shards=sys.argv[1], run_dir=sys.argv[2], preset="tiny", build_id="abc123abc123",
+          build_flow_run_id=build_run)
+except Exception:
+    pass
+print(build_run)
+"""
+
+
+def test_a_failed_training_run_is_reported_on_the_build_that_started_it(prefect_server, tmp_path):
+    api = prefect_server["api"]
+    result = subprocess.run([sys.executable, "-c", HOOK, str(tmp_path / "no-shards"), str(tmp_path / "train")],
+                            env=prefect_server["env"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    build_run = result.stdout.split()[-1]
+    run = httpx.get(f"{api}/flow_runs/{build_run}").json()
+    assert run["state_type"] == "COMPLETED" and "failed" in run["state"]["message"]
+    artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {
+        "key": {"any_": ["training-failed-abc123abc123"]}, "flow_run_id": {"any_": [build_run]}}}).json()
+    assert len(artifacts) == 1 and "Training failed" in artifacts[0]["data"]
+
+
+@pytest.mark.slow
+def test_an_unanswered_review_applies_the_timeout_policy_after_the_deadline(deployed, tmp_path):
+    """Nobody answers: Prefect fails the expired suspended run, and the follow-up run the build scheduled for
+    just after the deadline applies ``accept_unflagged`` and writes the shards."""
+    d, out = deployed, tmp_path / "unanswered"
+    d.start_worker()
+    first = d.run_on_demand(out=str(out), overrides={**SMALL, "review.timeout_s": 5, "handoff.train": False})
+    d.wait_state(first, ("PAUSED",), timeout=400)
+    pending = json.loads((out / "reports" / "review_pending.json").read_text())
+    follow_up = d.run(pending["timeout_run_id"])
+    assert abs(_epoch(follow_up["expected_start_time"]) - pending["expires_at"] - 60) < 2
+    assert d.wait_state(first, ("FAILED",), timeout=120)["state"]["message"] == "The flow was paused and never resumed."
+    d.wait_state(follow_up["id"], ("COMPLETED",), timeout=400)
+    log = read_log(str(out))
+    assert log and {(e["source"], e["reviewer"]) for e in log} == {("timeout", "policy:accept_unflagged")}
+    assert list((out / "shards").glob("*.parquet")) and not (out / "reports" / "review_pending.json").exists()
