@@ -23,7 +23,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import Crashed
 
 from pointvl import io
-from pointvl.runlock import UNKNOWN, RunLock, describe
+from pointvl.runlock import UNKNOWN, RunLock, describe, read_holder
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,14 @@ def build_lock(run_dir: str) -> RunLock:
 
 
 def check_unlocked(run_dir: str) -> None:
-    """Refuse (one line, :class:`~pointvl.runlock.RunFolderLocked`) if a live build holds ``run_dir``."""
-    RunLock(run_dir, {}, flow_run_state=holder_state, stale_after_s=STALE_AFTER_S).check()
+    """Refuse (one line, :class:`~pointvl.runlock.RunFolderLocked`) if a live build holds ``run_dir``; a dead
+    holder the server still shows RUNNING is marked crashed here, which also frees its deployment's
+    concurrency slot for the build about to start."""
+    lock = RunLock(run_dir, {}, flow_run_state=holder_state, stale_after_s=STALE_AFTER_S)
+    lock.check()
+    holder = read_holder(run_dir)
+    if holder is not None:
+        mark_crashed(holder)
 
 
 def mark_crashed(holder: dict[str, Any]) -> None:

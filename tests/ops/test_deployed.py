@@ -31,6 +31,7 @@ from PIL import Image
 
 from pointvl.plan import load_plan
 from pointvl.preview import stop_detached
+from pointvl.stages.base import read_stats
 from pointvl.stages.gpu_common import items_dir
 from pointvl.stages.review import items, read_log
 
@@ -137,7 +138,7 @@ def _epoch(iso: str) -> float:
 
 
 def _stage_files(out: Path) -> dict[Path, int]:
-    return {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("*.parquet") if p.is_file()}
+    return {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("shard-*.parquet") if p.is_file()}
 
 
 def test_the_cron_fires_the_review_waits_suspended_and_one_build_holds_the_folder(deployed, shapenet):
@@ -261,7 +262,8 @@ def test_a_killed_worker_is_resumed_on_the_deployment_without_redoing_finished_s
             d.logs(killed))
         time.sleep(0.5)
     time.sleep(1.0)
-    d.kill_worker()  # the worker and its flow process, as a lost machine
+    d.kill_worker()  # the worker and, as on a lost machine, the flow process it started (its own session)
+    os.kill(json.loads((out / "build.lock").read_text())["pid"], signal.SIGKILL)
     finished = _stage_files(out)
     blocker.unlink()
     assert d.run(killed)["state_type"] == "RUNNING"  # what the server believes of a killed run
@@ -272,6 +274,8 @@ def test_a_killed_worker_is_resumed_on_the_deployment_without_redoing_finished_s
     new_id = re.search(r"flow run ([0-9a-f-]{36})", resume.stdout).group(1)
     d.wait_state(new_id, ("COMPLETED",), timeout=300)
     assert {p: m for p, m in _stage_files(out).items() if p in finished} == finished  # nothing finished redone
+    stats = read_stats(str(out), "synthesize", 1)
+    assert (stats["generated"], stats["resumed"]) == (1, len(ids) - 1)  # only the unfinished item made again
     assert d.run(killed)["state_type"] == "CRASHED"
     assert len(list((out / "shards").glob("*.parquet"))) == len(load_plan(str(out)).shards)
 
