@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from pointvl.cli_eval import add_eval_commands, add_predict_sources, predict_from_source
 from pointvl.cli_ops import add_ops_commands
 from pointvl.errors import InputError
 from pointvl.fixture import write_fixture
@@ -61,7 +62,8 @@ def _build(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pointvl.evaluate import EvaluateConfig, format_table, run
 
-    metrics = run(args.shards, args.predictions, args.out, EvaluateConfig(split=args.split))
+    config = EvaluateConfig(split=args.split, per_category=args.per_category, bertscore_model=args.bertscore_model)
+    metrics = run(args.shards, args.predictions, args.out, config)
     print(format_table(metrics, name=args.name))
     return 0
 
@@ -76,6 +78,8 @@ def _train_config(preset: str, variant: str, run_config: str | None):
 
 
 def _predict(args: argparse.Namespace) -> int:
+    if args.endpoint or args.reference:
+        return predict_from_source(args)
     from pointvl.train.data import list_shards
     from pointvl.train.pipeline import load
     from pointvl.train.predict import predict
@@ -125,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(command_handler=_build)
 
     evaluate = commands.add_parser(
-        "evaluate", help="score a predictions JSONL on the test split (IoU, KPA, RPC, QA, BLEU, ROUGE)"
+        "evaluate", help="score a predictions JSONL on the test split (IoU, KPA, RPC, QA, BLEU, ROUGE, BERTScore)"
     )
     evaluate.add_argument("--shards", required=True, help="the folder of {split}-*-of-*.parquet shards")
     evaluate.add_argument(
@@ -134,15 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="where to write the metrics JSON")
     evaluate.add_argument("--split", default="test", help="the split to score (default test)")
     evaluate.add_argument("--name", default="model", help="the row label in the printed table")
+    evaluate.add_argument("--per-category", action="store_true", help="also break every metric down by category")
+    evaluate.add_argument("--bertscore-model", default="roberta-large",
+                          help="BERTScore's model: a local folder or a cached Hugging Face id (never downloaded)")
     evaluate.set_defaults(command_handler=_evaluate)
 
-    predict = commands.add_parser("predict", help="write a predictions JSONL for a checkpoint (greedy decoding)")
+    predict = commands.add_parser(
+        "predict", help="write a predictions JSONL: a checkpoint (greedy), a served VLM or a reference predictor")
     predict.add_argument("--shards", required=True, help="the folder of {split}-*-of-*.parquet shards")
     predict.add_argument("--checkpoint", help="a stage folder holding model.pt (omit: untrained weights)")
     predict.add_argument("--config", help="the run's config.json (default: the --preset)")
     predict.add_argument("--preset", choices=["paper", "tiny"], default="paper")
     predict.add_argument("--split", default="test")
     predict.add_argument("--out", required=True, help="the JSONL to write")
+    add_predict_sources(predict)
     predict.set_defaults(command_handler=_predict)
 
     train = commands.add_parser("train", help="SFT -> routed GRPO -> evaluate into a run folder (resumes)")
@@ -155,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(command_handler=_train)
     add_ops_commands(commands)
+    add_eval_commands(commands)
     return parser
 
 

@@ -7,11 +7,16 @@ Speaks ``POST /v1/chat/completions``, ``POST /v1/files`` (multipart), ``GET /v1/
   from the schema's enums (the category choices and answer the client narrowed it to);
 - any other request is grounding: the image's object (pixels that differ from the corner colour) is
   boxed in the coordinate convention ``vlm_convention`` (``qwen2.5-vl``: pixels of the processor's
-  resized image; ``qwen3-vl``: 0-1000 relative; ``absolute``), inside a Markdown fence as Qwen writes.
+  resized image; ``qwen3-vl``: 0-1000 relative; ``absolute``), inside a Markdown fence as Qwen writes;
+- a request whose text asks for ``kpts3d`` is a benchmark prediction (``pointvl predict --endpoint``):
+  the six-field object plus ``attribute_answers``, the object's box and its corners as keypoints in
+  ``vlm_convention`` (``bins``: the benchmark's 0-999 bins), the first choice as every answer.
+
+``GET /v1/models`` lists ``models``.
 
 Faults (:meth:`FakeOpenAI.inject`): ``429`` (with ``retry-after-ms``), ``500``, ``timeout`` (the reply
 comes after ``timeout_sleep_s``), ``disconnect`` (socket closed, no reply), ``401``, ``bad_json``
-(content that is not JSON), ``schema`` (JSON that breaks the schema), each ``times`` times, optionally
+(content that is not JSON), ``schema`` (JSON that breaks the schema), ``no_json`` (prose only), each ``times`` times, optionally
 only for requests ``match`` accepts. Every request is recorded (never the key itself: only whether the
 Authorization header carried the expected one). Bounded: request bodies over 64 MB get 413, sockets
 time out after 30 s, handler threads are daemons and the server stops with the test.
@@ -69,8 +74,18 @@ def image_sha(body: dict[str, Any]) -> str | None:
     return hashlib.sha256(png).hexdigest() if png is not None else None
 
 
+def prompt_text(body: dict[str, Any]) -> str:
+    return "".join(
+        part.get("text", "") if isinstance(part, dict) else str(part)
+        for m in body.get("messages", [])
+        for part in (m["content"] if isinstance(m.get("content"), list) else [m.get("content") or ""])
+    )
+
+
 def request_kind(body: dict[str, Any]) -> str:
-    return "qa" if "response_format" in body else "ground"
+    if "response_format" in body:
+        return "qa"
+    return "predict" if "kpts3d" in prompt_text(body) else "ground"
 
 
 @dataclass
@@ -100,7 +115,9 @@ class FakeOpenAI:
         vlm_convention: str = "qwen2.5-vl",
         timeout_sleep_s: float = 1.0,
         batch_polls_to_complete: int = 1,
+        models: tuple[str, ...] = ("fake-vlm",),
     ) -> None:
+        self.models = models
         self.api_key = api_key
         self.vlm_convention = vlm_convention
         self.timeout_sleep_s = timeout_sleep_s
@@ -194,11 +211,35 @@ class FakeOpenAI:
         if self.vlm_convention == "qwen2.5-vl":
             rh, rw = smart_resize(h, w)
             box = [x1 * rw / w, y1 * rh / h, x2 * rw / w, y2 * rh / h]
-        elif self.vlm_convention in ("qwen3-vl", "relative1000"):
+        elif self.vlm_convention in ("qwen3-vl", "relative1000", "norm1000"):
             box = [x1 / w * 1000, y1 / h * 1000, x2 / w * 1000, y2 / h * 1000]
+        elif self.vlm_convention == "bins":
+            box = [x1 / w * 999, y1 / h * 999, x2 / w * 999, y2 / h * 999]
         else:
             box = [x1, y1, x2, y2]
-        return "```json\n" + json.dumps([{"bbox_2d": [round(v) for v in box], "label": "object"}]) + "\n```"
+        box = [round(v) for v in box]
+        if request_kind(body) == "predict":
+            return self.prediction(body, box)
+        return "```json\n" + json.dumps([{"bbox_2d": box, "label": "object"}]) + "\n```"
+
+    def prediction(self, body: dict[str, Any], box: list[int]) -> str:
+        """The six-field answer of a benchmark prediction request (module docstring)."""
+        text = prompt_text(body)
+        first = [line.split(": ", 1)[1].split(", ")[0] for line in text.splitlines() if line.startswith("Choices: ")]
+        attributes = [line.split("(choices: ", 1)[1].split(", ")[0].rstrip(")") for line in text.splitlines()
+                      if "(choices: " in line]
+        top = 999 if self.vlm_convention == "bins" else 1000
+        x1, y1, x2, y2 = box
+        obj = {
+            "answer": first[0] if first else "",
+            "description": "A small object with a plain box shape.",
+            "bbox2d": box,
+            "bbox3d": [top // 4, top // 4, top // 4, 3 * top // 4, 3 * top // 4, 3 * top // 4],
+            "kpts2d": [[x1, y1], [x2, y1], [x1, y2], [x2, y2]],
+            "kpts3d": [[top // 2, top // 2, top // 2]],
+            "attribute_answers": attributes,
+        }
+        return "```json\n" + json.dumps(obj) + "\n```"
 
     def completion(self, body: dict[str, Any], content: str) -> dict[str, Any]:
         return {
@@ -233,6 +274,8 @@ class FakeOpenAI:
             return 200, self.completion(body, '{"category_question": {"question": "trunc'), {}
         if fault == "schema":
             return 200, self.completion(body, json.dumps({"description": "missing everything else"})), {}
+        if fault == "no_json":
+            return 200, self.completion(body, "I see a small object, but I will not write JSON."), {}
         return 200, self.completion(body, self.brain(body)), {}
 
     def run_batch(self, batch: dict[str, Any]) -> None:
@@ -386,7 +429,13 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self._authorized()
         fake.records.append(Record(path, "GET", None, None, 200, auth))
         parts = path.strip("/").split("/")
-        if parts[:2] == ["v1", "batches"] and len(parts) == 3 and parts[2] in fake.batches:
+        if parts == ["v1", "models"]:
+            data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in fake.models]
+            if auth:
+                self._send(200, {"object": "list", "data": data})
+            else:
+                self._send(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+        elif parts[:2] == ["v1", "batches"] and len(parts) == 3 and parts[2] in fake.batches:
             batch = fake.batches[parts[2]]
             with fake._lock:
                 fake._polls[batch["id"]] += 1
