@@ -9,17 +9,18 @@ Speaks ``POST /v1/chat/completions``, ``POST /v1/files`` (multipart), ``GET /v1/
   boxed in the coordinate convention ``vlm_convention`` (``qwen2.5-vl``: pixels of the processor's
   resized image; ``qwen3-vl``: 0-1000 relative; ``absolute``), inside a Markdown fence as Qwen writes;
 - a request whose text asks for ``kpts3d`` is a benchmark prediction (``pointvl predict --endpoint``):
-  the six-field object plus ``attribute_answers``, the object's box and its corners as keypoints in
+  the six-field object plus ``attribute_answers``, the object's box and two points inside it as keypoints in
   ``vlm_convention`` (``bins``: the benchmark's 0-999 bins), the first choice as every answer.
 
 ``GET /v1/models`` lists ``models``.
 
 Faults (:meth:`FakeOpenAI.inject`): ``429`` (with ``retry-after-ms``), ``500``, ``timeout`` (the reply
 comes after ``timeout_sleep_s``), ``disconnect`` (socket closed, no reply), ``401``, ``bad_json``
-(content that is not JSON), ``schema`` (JSON that breaks the schema), ``no_json`` (prose only), each ``times`` times, optionally
-only for requests ``match`` accepts. Every request is recorded (never the key itself: only whether the
-Authorization header carried the expected one). Bounded: request bodies over 64 MB get 413, sockets
-time out after 30 s, handler threads are daemons and the server stops with the test.
+(content that is not JSON), ``schema`` (JSON that breaks the schema), ``no_json`` (prose only), each
+``times`` times, optionally only for requests ``match`` accepts. Every request is recorded (never the
+key itself: only whether the Authorization header carried the expected one). Bounded: request bodies
+over 64 MB get 413, sockets time out after 30 s, handler threads are daemons and the server stops
+with the test.
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ class FakeOpenAI:
             "description": "A small object with a plain box shape.",
             "bbox2d": box,
             "bbox3d": [top // 4, top // 4, top // 4, 3 * top // 4, 3 * top // 4, 3 * top // 4],
-            "kpts2d": [[x1, y1], [x2, y1], [x1, y2], [x2, y2]],
+            "kpts2d": [[(3 * x1 + x2) // 4, (3 * y1 + y2) // 4], [(x1 + 3 * x2) // 4, (y1 + 3 * y2) // 4]],
             "kpts3d": [[top // 2, top // 2, top // 2]],
             "attribute_answers": attributes,
         }

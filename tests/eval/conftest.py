@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from train.conftest import make_record
 
 from pointvl import io as pio
-from train.conftest import make_record
 
 SIZE = 90
 
