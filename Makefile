@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test bench lint train-demo server deploy worker-cpu worker-gpu clean
+.PHONY: setup demo test bench lint train-demo eval-demo server deploy worker-cpu worker-gpu clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,16 @@ lint: $(STAMP)
 train-demo: $(STAMP)
 	test -d $(DEMO_DIR)/build/shards || $(MAKE) demo
 	$(PY) -m flows.train --shards $(DEMO_DIR)/build/shards --run $(DEMO_DIR)/train --preset tiny --variant grca_rpc
+
+# The two reference rows on the demo's shards, no model needed: ground truth (upper bound) and the
+# train split's per-category mean boxes (an honest baseline); prints the report (README "Evaluation").
+EVAL_DIR := $(DEMO_DIR)/eval
+eval-demo: $(STAMP)
+	test -d $(DEMO_DIR)/build/shards || $(MAKE) demo
+	$(VENV)/bin/pointvl predict --reference ground-truth --shards $(DEMO_DIR)/build/shards --out $(EVAL_DIR)/ground_truth.jsonl
+	$(VENV)/bin/pointvl predict --reference mean-box --shards $(DEMO_DIR)/build/shards --out $(EVAL_DIR)/mean_box.jsonl
+	$(VENV)/bin/pointvl report --shards $(DEMO_DIR)/build/shards --out $(EVAL_DIR)/report \
+		--run "ground truth=$(EVAL_DIR)/ground_truth.jsonl" --run "mean box=$(EVAL_DIR)/mean_box.jsonl"
 
 # Operations (README "Operations"): a Prefect server, the deployments of prefect.yaml, workers.
 PREFECT := $(VENV)/bin/prefect

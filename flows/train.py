@@ -1,6 +1,6 @@
 """The training flow on finished shards, read as the DAG (DESIGN.md, paper §3.2-3.5, Table 3):
 
-    sft ─► (sft_budget_matched | grpo_<mode>) ─► evaluate (predict + metrics) ─► training curves
+    sft ─► (sft_budget_matched | grpo_<mode>) ─► evaluate (predict + metrics) ─► training curves ─► report
 
 Each stage writes a checkpoint in the run folder and is skipped when it exists, so a re-run resumes
 at the first unfinished stage. ``preset`` picks the paper's setup or the tiny CPU one; ``config``
@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from pointvl.train.config import preset_config
 from pointvl.train.pipeline import check_config, stage_names
 from tasks.handoff import report_to_build
+from tasks.report import publish_report
 from tasks.train import evaluate, train_stage, training_curves
 
 
@@ -36,6 +37,7 @@ def train(shards: str, run_dir: str, preset: str = "paper", variant: str = "grca
         checkpoint = train_stage(cfg, shards, run_dir, stage, checkpoint)
     metrics = evaluate(cfg, shards, run_dir, checkpoint, name=variant)
     training_curves(run_dir, stages)
+    publish_report(shards, run_dir, variant)
     return metrics
 
 

@@ -1,5 +1,6 @@
 """`make bench`: throughput of the build's CPU stages, the render backends, GRCA scoring, the GPU
-stages' per-item overhead, and the Prefect orchestration overhead. Prints JSON lines and a table.
+stages' per-item overhead, the Prefect orchestration overhead, and evaluation on hostile outputs.
+Prints JSON lines and a table.
 
 Targets (issue 2): points + geometry + one 512² view ≤ 0.5 s per instance for an 80k-face mesh on
 two cores; flow vs plain-loop overhead ratio ≤ 1.10.
@@ -104,7 +105,7 @@ def main() -> None:
             key = f"orchestration_shard_size_{shard_size}"
             results[key] = orchestration_overhead(shapenet, config, os.path.join(work, key))
             print(json.dumps({key: results[key]}))
-    for name in ("bench_render", "bench_grca", "bench_gpu"):
+    for name in ("bench_render", "bench_grca", "bench_gpu", "bench_evaluate"):
         module = __import__(f"pointvl.{name}", fromlist=["run"])
         results[name] = module.run()
         print(json.dumps({name: results[name]}))

@@ -31,14 +31,14 @@ a prediction scores 0 everywhere and is counted in ``n_missing``. ``per_category
 every metric over each category's records. The JSON also records ``definitions`` and ``versions``.
 
 Hostile input stays cheap: an output longer than :data:`MAX_OUTPUT_CHARS` characters, or whose
-brackets nest deeper than :data:`MAX_DEPTH` levels (counted with JSON strings skipped, read from the
-start and from inside a string, and with every bracket counted, so every place an object could
-start is covered), is not parsed: it is unparsable and counted in ``n_over_limit`` too. A line
-nested too deep for the JSON reader counts the same way when its ``instance_id`` can be read. Every
-check is one linear pass; within the limits a parse costs at most a few hundred milliseconds
-(``make bench``). Repeated problems (duplicate ids, ids outside the split, missing predictions)
-are one warning line each. An empty file, or one whose ids match nothing in the split, is an error
-that names the split they belong to, if any.
+brackets nest deeper than :data:`MAX_DEPTH` levels (:func:`nesting_depth`: every bracket counted;
+then, reading JSON strings from the start and from inside a string, the brackets outside the strings
+and those inside them, so an object starting anywhere is covered), is not parsed: it is unparsable
+and counted in ``n_over_limit`` too. A line nested too deep for the JSON reader counts the same way
+when its ``instance_id`` can be read. Every check is a linear pass; within the limits a parse costs
+at most about 0.3 s (``make bench``, ``pointvl.bench_evaluate``). Repeated problems (duplicate ids,
+ids outside the split, missing predictions) are one warning line each. An empty file, or one whose
+ids match nothing in the split, is an error that names the split they belong to, if any.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ METRIC_KEYS: tuple[str, ...] = GEOMETRY_KEYS + ("category_accuracy", "qa_accurac
 COUNT_KEYS: tuple[str, ...] = ("n", "n_unparsable", "n_over_limit", "n_missing", "n_attribute_questions")
 _REWARD_OF = {"iou2d": "bbox2d", "iou3d": "bbox3d", "kpa2d": "kpts2d", "kpa3d": "kpts3d", "rpc": "rpc"}
 _TOKENS = re.compile(r'"(?:[^"\\]++|\\.)*+"|[\[\]{}]')
+_BRACKETS = re.compile(r"[\[\]{}]")
 _STRING_TAIL = re.compile(r'(?:[^"\\]++|\\.)*+"')
 _ID = re.compile(r'"instance_id"\s*:\s*"((?:[^"\\]++|\\.)*+)"')
 
@@ -135,33 +136,40 @@ class Prediction:
     over_limit: str | None = None
 
 
-def nesting_depth(text: str) -> int:
-    """The deepest bracket nesting an object starting anywhere in ``text`` could see (one linear pass each)."""
-    best = 0
+def nesting_depth(text: str, stop_above: int | None = None) -> int:
+    """The deepest bracket nesting an object starting anywhere in ``text`` could see (linear passes);
+    returns as soon as it exceeds ``stop_above``."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    steps = np.isin(codes, (91, 123)).astype(np.int64) - np.isin(codes, (93, 125))
+    raw = np.concatenate([[0], np.cumsum(steps)])
+    best = int((raw - np.minimum.accumulate(raw)).max())  # every bracket counted, strings or not
     starts = [0]
     tail = _STRING_TAIL.match(text)  # the reading that begins inside a string
     if tail:
         starts.append(tail.end())
     for start in starts:
-        depth = low = 0
+        depth = low = inner = inner_low = 0  # brackets outside the reading's strings, and inside them
         for m in _TOKENS.finditer(text, start):
-            c = m.group()[0]
-            if c == '"':
+            if stop_above is not None and best > stop_above:
+                return best
+            token = m.group()
+            if token[0] == '"':  # an object starting in this string reads it as JSON: count it too
+                for c in _BRACKETS.findall(token):
+                    inner += 1 if c in "[{" else -1
+                    inner_low = min(inner_low, inner)
+                    best = max(best, inner - inner_low)
                 continue
-            depth += 1 if c in "[{" else -1
+            depth += 1 if token in "[{" else -1
             low = min(low, depth)
             best = max(best, depth - low)
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    steps = np.isin(codes, (91, 123)).astype(np.int64) - np.isin(codes, (93, 125))
-    raw = np.concatenate([[0], np.cumsum(steps)])
-    return max(best, int((raw - np.minimum.accumulate(raw)).max()))
+    return best
 
 
 def output_limit(text: str) -> str | None:
     """Why ``text`` is not parsed (over :data:`MAX_OUTPUT_CHARS` or :data:`MAX_DEPTH`), or ``None``."""
     if len(text) > MAX_OUTPUT_CHARS:
         return f"{len(text)} characters, over the limit of {MAX_OUTPUT_CHARS}"
-    if nesting_depth(text) > MAX_DEPTH:
+    if nesting_depth(text, stop_above=MAX_DEPTH) > MAX_DEPTH:
         return f"brackets nest deeper than {MAX_DEPTH} levels"
     return None
 
