@@ -5,7 +5,15 @@ import pytest
 
 from pointvl import io as pio
 from pointvl.cli import main
-from pointvl.evaluate import METRIC_KEYS, EvaluateConfig, evaluate, format_table, read_predictions
+from pointvl.evaluate import (
+    COUNT_KEYS,
+    METRIC_KEYS,
+    OPTIONAL_KEYS,
+    EvaluateConfig,
+    evaluate,
+    format_table,
+    read_predictions,
+)
 from pointvl.geometry import QuantConfig
 from pointvl.train.data import iter_records, target_text
 
@@ -72,7 +80,10 @@ def test_cli_writes_metrics_and_table(shards_dir, tmp_path, capsys):
     out = tmp_path / "metrics.json"
     assert main(["evaluate", "--shards", shards_dir, "--predictions", str(pred), "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())
-    assert set(metrics) == set(METRIC_KEYS) | {"n", "n_unparsable", "n_missing"}
+    # issue 15: the evaluation JSON also states the optional metrics, what was not computed, the split,
+    # the bins, the metric definitions and the package versions
+    assert set(metrics) == set(METRIC_KEYS) | set(OPTIONAL_KEYS) | set(COUNT_KEYS) | {
+        "not_computed", "split", "bins", "definitions", "versions"}
     printed = capsys.readouterr().out
     assert "| Method | IoU2D | IoU3D | KPA-2D | KPA-3D | RPC |" in printed
     assert format_table(metrics) in printed
