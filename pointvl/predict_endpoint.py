@@ -50,7 +50,7 @@ from pointvl.llm import (
     parse_json_reply,
     resolve_api_key,
 )
-from pointvl.train.data import image_bytes, iter_records, list_shards
+from pointvl.train.data import image_bytes, list_shards
 
 logger = logging.getLogger(__name__)
 
@@ -191,9 +191,8 @@ def _client(cfg: EndpointConfig, cache_dir: str) -> ChatClient:
 def predict_endpoint(shards_dir: str, out_path: str, cfg: EndpointConfig, split: str = "test") -> dict[str, int]:
     """Ask the endpoint about every record of ``split``; write the predictions JSONL; return the counts
     ``{n, api_calls, cache_hits, failed}``."""
-    list_shards(shards_dir, split)  # no shards: one line, before the endpoint is asked anything
+    paths = list_shards(shards_dir, split)  # no shards: one line, before the endpoint is asked anything
     client = _client(cfg, cfg.cache_dir or f"{out_path}.cache")
-    records = list(iter_records(shards_dir, split))
 
     def ask(record: dict[str, Any]) -> dict[str, Any]:
         line: dict[str, Any] = {"instance_id": record["instance_id"]}
@@ -205,9 +204,12 @@ def predict_endpoint(shards_dir: str, out_path: str, cfg: EndpointConfig, split:
         output, answers = convert_reply(reply, record, cfg)
         return {**line, "output": output, "attribute_answers": answers, "raw": reply}
 
+    lines: list[dict[str, Any]] = []
     try:
         with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
-            lines = list(pool.map(ask, records))
+            for k, path in enumerate(paths, 1):  # one shard's images in memory at a time
+                lines.extend(pool.map(ask, pio.read_table(path).to_pylist()))
+                logger.info("predict %s: shard %d/%d, %d records", cfg.model, k, len(paths), len(lines))
     except FatalAPIError as e:
         raise InputError(f"the endpoint {cfg.base_url} refuses the requests: {e}") from None
     pio.write_bytes(out_path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines).encode())

@@ -16,6 +16,7 @@ import io
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from pointvl import io as pio
@@ -130,7 +131,8 @@ def plot_iou_histograms(rows: Mapping[str, list[RecordScore]], path: str) -> Non
 
 
 def training_curves(train_run: str, path: str) -> None:
-    """The loss and reward curves of every finished stage of a training run folder, copied to ``path``."""
+    """The loss and reward curves of every finished stage of a training run folder, copied to ``path``
+    (drawn by the training pipeline's ``plot_curves``, which also refreshes ``RUN/curves.png``)."""
     from pointvl.train.pipeline import plot_curves
 
     fs, root = pio.filesystem(train_run)
@@ -163,9 +165,7 @@ def report(shards_dir: str, out_dir: str, runs: Mapping[str, str], train_run: st
            config: EvaluateConfig | None = None) -> str:
     """Score every run on the split, write ``OUT/report.md``, the PNG plots and ``OUT/<run>.json``;
     returns the report's markdown."""
-    cfg = config or EvaluateConfig()
-    cfg = EvaluateConfig(split=cfg.split, quant=cfg.quant, per_category=True, bertscore_model=cfg.bertscore_model,
-                         bertscore_layers=cfg.bertscore_layers)
+    cfg = replace(config or EvaluateConfig(), per_category=True)  # the heat map needs the breakdown
     predictions = {name: read_predictions(path) for name, path in runs.items()}  # every file checked first
     metrics, scored = {}, {}
     for name, preds in predictions.items():
