@@ -177,7 +177,10 @@ def output_limit(text: str) -> str | None:
 def _prediction(row: dict[str, Any], where: str) -> Prediction:
     output = row["output"]
     if isinstance(output, dict):
-        output = json.dumps(output, ensure_ascii=False)
+        try:
+            output = json.dumps(output, ensure_ascii=False)
+        except RecursionError:  # nested about as deep as the JSON reader goes: far over MAX_DEPTH
+            return Prediction("", None, f"the output object nests deeper than {MAX_DEPTH} levels")
     elif not isinstance(output, str):
         raise InputError(f"{where}: output must be the model's text or its JSON object, got {type(output).__name__}")
     answers = row.get("attribute_answers")
@@ -214,7 +217,7 @@ def read_predictions(path: str) -> dict[str, Prediction]:
                     row = {"instance_id": json.loads(f'"{found.group(1)}"'), "output": ""}
                 except json.JSONDecodeError:
                     raise InputError(f"{where} nests too deep to read; its instance_id is not a JSON string") from None
-                over = f"the line nests deeper than the JSON reader allows (limit {MAX_DEPTH})"
+                over = f"the line nests too deep for the JSON reader (the limit is {MAX_DEPTH} levels)"
             else:
                 over = None
             if not isinstance(row, dict) or "instance_id" not in row or "output" not in row:

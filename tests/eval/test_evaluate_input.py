@@ -55,7 +55,7 @@ def test_deep_nesting_and_a_huge_unclosed_output_are_counted_unparsable(eval_sha
     rows[1] = f'{{"instance_id": "{ids[1]}", "output": {"[" * 100_000}{"]" * 100_000}}}'  # as a JSON value
     rows[2]["output"] = '{"answer": "chair", "kpts2d": [' + "[1, 2], " * 1_250_000  # 10 MB, never closed
     preds = read_predictions(_lines(tmp_path / "p.jsonl", rows))
-    assert preds[ids[1]].over_limit and "nests deeper" in preds[ids[1]].over_limit
+    assert preds[ids[1]].over_limit and "nests too deep" in preds[ids[1]].over_limit
     m = evaluate(eval_shards, preds)
     assert (m["n"], m["n_unparsable"], m["n_over_limit"], m["n_missing"]) == (8, 3, 3, 0)
     assert 0.6 < m["iou2d"] < 0.63  # the other 5 of 8 score near 1
