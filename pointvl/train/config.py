@@ -288,14 +288,19 @@ def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise InputError(f"config key {key!r} conflicts with a value set for {part!r}")
         if isinstance(value, dict):
-            value = _merge(node.get(leaf, {}), _nest(value)) if isinstance(node.get(leaf), dict) else _nest(value)
+            value = _nest(value)
+            if isinstance(node.get(leaf), dict):
+                value = merge_overrides(node[leaf], value)
         node[leaf] = value
     return out
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    return {**base, **{k: _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                       for k, v in overrides.items()}}
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` (nested) merged into ``base`` at every depth; later wins."""
+    merged = dict(base)
+    for k, v in overrides.items():
+        merged[k] = merge_overrides(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return merged
 
 
 def _check_types(cls: type, values: dict[str, Any], prefix: str = "") -> None:
@@ -340,7 +345,7 @@ def preset_config(preset: str, variant: str, overrides: dict | None) -> TrainCon
         raise InputError(f"variant must be one of {VARIANTS}, got {variant!r}")
     nested = _nest(dict(overrides or {}))
     _check_types(TrainConfig, nested)
-    base = _merge(PRESETS[preset](nested.get("variant", variant)).to_dict(), nested)
+    base = merge_overrides(PRESETS[preset](nested.get("variant", variant)).to_dict(), nested)
     if "variant" in nested and "mode" not in nested.get("grpo", {}) and nested["variant"] in GRPO_MODES:
         base["grpo"]["mode"] = nested["variant"]
     try:
@@ -371,7 +376,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    """Overrides from a TrainConfig YAML/JSON file (a run's ``config.json`` or a partial one)."""
+    """Nested overrides from a TrainConfig YAML/JSON file (a run's ``config.json`` or some of its fields,
+    nested or dotted); InputError (one line) for a missing file, bad YAML or an unknown key."""
     from pointvl import io as pio
 
     if not pio.exists(path):
@@ -384,7 +390,9 @@ def read_config_file(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise InputError(f"{path} must hold a mapping of TrainConfig fields, got {type(data).__name__}")
-    return data
+    nested = _nest(data)
+    _check_types(TrainConfig, nested)
+    return nested
 
 
 def _hf_cached(repo_id: str, filename: str) -> bool:

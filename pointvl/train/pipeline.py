@@ -42,15 +42,13 @@ from pointvl.train.data import ShardExamples
 from pointvl.train.grpo import run_grpo, trained_samples
 from pointvl.train.model import build_image_processor, build_model, build_tokenizer
 from pointvl.train.predict import predict
-from pointvl.train.sft import num_processes, run_sft
+from pointvl.train.sft import distributed_state, num_processes, run_sft
 
 logger = logging.getLogger(__name__)
 
 
 def is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    return distributed_state().is_main_process
 
 
 def check_config(run_dir: str, config: TrainConfig) -> None:

@@ -36,9 +36,9 @@ def predict(
     batch_size: int = 8,
 ) -> int:
     """Greedy outputs for ``split`` of ``shards_dir`` written to ``out_path`` (JSONL); returns the line count."""
-    from accelerate import PartialState
+    from pointvl.train.sft import distributed_state
 
-    state = PartialState()
+    state = distributed_state()
     cfg = model.config
     model.to(state.device)
     collate = Collator(tokenizer, image_processor, model.num_point_tokens, with_targets=False, pad_left=True)

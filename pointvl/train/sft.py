@@ -41,7 +41,7 @@ def make_accelerator(gradient_accumulation_steps: int, micro_batch_size: int) ->
         from accelerate import Accelerator
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ImportError("training needs `pip install pointvl[train]`") from e
-    acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps)
+    acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, cpu=not torch.cuda.is_available())
     if acc.state.deepspeed_plugin is not None:
         ds = acc.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = micro_batch_size
@@ -50,10 +50,16 @@ def make_accelerator(gradient_accumulation_steps: int, micro_batch_size: int) ->
     return acc
 
 
-def num_processes() -> int:
+def distributed_state() -> Any:
+    """accelerate's process state; on a machine without CUDA the processes of a launch (``accelerate launch
+    --multi_gpu``, i.e. torchrun) form a gloo CPU group (accelerate only does so when told ``cpu``)."""
     from accelerate import PartialState
 
-    return PartialState().num_processes
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def num_processes() -> int:
+    return distributed_state().num_processes
 
 
 def sft_steps(num_samples: int, config: SFTConfig) -> int:
