@@ -24,6 +24,7 @@ its points in its own parameter dtype (an engine that casts it to bf16 keeps wor
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -277,7 +278,8 @@ def build_model(config: ModelConfig, tokenizer) -> PointVL3D:
     if config.point_bert.checkpoint:
         point_encoder.load_checkpoint(config.point_bert.checkpoint)
     model = PointVL3D(lm, point_encoder, [ids(t) for t in POINT_TOKENS], config)
-    if config.dtype == "bfloat16" and config.freeze_vision:  # frozen: no master copy needed
+    # frozen: no master copy needed; not under FSDP, which all-gathers one dtype per shard unit
+    if config.dtype == "bfloat16" and config.freeze_vision and os.environ.get("ACCELERATE_USE_FSDP") != "true":
         lm.model.visual.to(torch.bfloat16)
     if config.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

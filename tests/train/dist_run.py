@@ -8,7 +8,6 @@ checkpoints. Rank 0 writes the history (``OUT_JSON``) and the trained weights (`
 import json
 import sys
 
-import torch
 from safetensors.torch import save_file
 
 from pointvl.train.config import parse_overrides, preset_config
@@ -25,7 +24,8 @@ else:
     history = run_grpo(model, tokenizer, images, shards, cfg.grpo, stage_dir or None)
 state = distributed_state()
 if state.is_main_process:
-    save_file({k: v.detach().contiguous() for k, v in model.named_parameters() if v.requires_grad},
+    sharded = state.distributed_type.value in ("FSDP", "DEEPSPEED")  # rank 0 holds a shard only: no weights
+    save_file({} if sharded else {k: v.detach().contiguous() for k, v in model.named_parameters() if v.requires_grad},
               out + ".safetensors")
     with open(out, "w") as f:
-        json.dump({"history": history, "processes": state.num_processes, "threads": torch.get_num_threads()}, f)
+        json.dump({"history": history, "processes": state.num_processes}, f)
