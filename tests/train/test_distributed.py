@@ -81,3 +81,25 @@ def test_sharded_two_processes_equal_one_process(shards_dir, tmp_path, config):
     # ZeRO-3 runs the engine's bf16 (zero3.json), the 1-process run float32: bf16 rounding, not 1e-3
     tolerance = 2e-2 if config == "zero3.yaml" else 1e-3
     assert [r["loss"] for r in two["history"]] == pytest.approx([r["loss"] for r in one["history"]], rel=tolerance)
+
+
+@pytest.mark.slow
+def test_pointvl_train_under_a_two_process_launch(shards_dir, tmp_path):
+    """The whole pipeline on 2 ranks: per-rank RNG files, rank 0's shared files, predictions merged."""
+    run = tmp_path / "run"
+    sets = ["sft.batch_size=2", "sft.per_device_batch_size=1", "sft.max_steps=2", "grpo.prompts_per_step=2",
+            "grpo.num_generations=2", "grpo.max_new_tokens=8", "grpo.max_steps=1", "eval_max_new_tokens=4"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [ACCELERATE, "launch", "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2",
+         "--main_process_port", str(_free_port()), "-m", "pointvl.cli", "train", "--shards", shards_dir, "--run",
+         str(run), "--preset", "tiny", *[x for s in sets for x in ("--set", s)]],
+        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage, step in (("sft", 2), ("grpo_grca_rpc", 1)):
+        folder = run / stage / f"checkpoint-{step}"
+        assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= {p.name for p in folder.iterdir()}
+    lines = (run / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and not list((run / "eval").glob("*.part-*"))  # the test split, merged
+    assert {r["stage"]: r["processes"] for r in json.loads((run / "compute.json").read_text())} == {
+        "sft": 2, "grpo_grca_rpc": 2}

@@ -40,3 +40,17 @@ def _one_batch(cfg, tokenizer, images, model, shards):
 
     examples = list(ShardExamples(shards, "train", cfg.model.num_points, cfg.model.quant, shuffle=False))
     return Collator(tokenizer, images, model.num_point_tokens, with_targets=True)(examples[:1])
+
+
+def test_point_bert_weights_load_when_given(tmp_path):
+    """A PointLLM-layout checkpoint (``state_dict`` with ``module.point_encoder.``) reaches the encoder."""
+    from pointvl.train.point_bert import PointBERT
+
+    cfg = preset_config("tiny", "sft", None)
+    torch.manual_seed(1)
+    released = PointBERT(cfg.model.point_bert)
+    path = tmp_path / "point_bert_v1.2.pt"
+    torch.save({"state_dict": {f"module.point_encoder.{k}": v for k, v in released.state_dict().items()}}, path)
+    _, _, model = load(preset_config("tiny", "sft", {"model.point_bert.checkpoint": str(path)}), None)
+    for name, tensor in released.state_dict().items():
+        assert torch.equal(model.point_encoder.state_dict()[name], tensor), name
