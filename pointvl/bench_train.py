@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import resource
 import time
 
 import numpy as np
@@ -154,6 +155,7 @@ def run_mode(dtype: str) -> dict[str, float]:
         "grpo_new_tokens": float(ids.shape[1]),
         "grpo_update_share": 1 - float(np.mean([(s[1] + s[2]) for s in steps[1:]])) / step_s,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # the process so far
     }
 
 
