@@ -194,7 +194,7 @@ def run_grpo(
     stream = examples.stream(step * q, keep=lambda p: p % processes == rank)
     while step < total:
         start = time.perf_counter()
-        local = {"loss": 0.0, "seconds_generate": 0.0, "seconds_score": 0.0, "generated_tokens": 0.0}
+        local = {"loss": 0.0, "seconds_generate": 0.0, "seconds_score": 0.0, "generated_tokens": 0.0, "tokens": 0.0}
         rollout_seconds = 0.0
         rewards: list[dict[str, float]] = []
         for _ in range(per_rank):
@@ -219,6 +219,7 @@ def run_grpo(
             local["seconds_score"] += t_score
             rollout_seconds += t_gen + t_score
             local["generated_tokens"] += float(mask.sum())
+            local["tokens"] += float(mask.sum()) + len(ids) * inputs["input_ids"].shape[1]  # forward/backward
             rewards += [{**r, "format": float(all(f.valid for f in p.values()))}
                         for r, p in zip(score.rewards, score.parsed, strict=True)]
         reward_keys = sorted(rewards[0])
