@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -275,6 +276,21 @@ def tiny_preset(variant: str = "grca_rpc") -> TrainConfig:
 PRESETS = {"paper": paper_preset, "tiny": tiny_preset}
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading ``1e-5`` as a float, as YAML 1.2 and JSON do (YAML 1.1 wants ``1.0e-5``)."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str | bytes) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
     """``{"sft.max_steps": 6, "grpo": {"lam": 0.3}}`` -> ``{"sft": {"max_steps": 6}, "grpo": {"lam": 0.3}}``."""
     out: dict[str, Any] = {}
@@ -367,7 +383,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise InputError(f"--set {pair!r}: expected KEY=VALUE with a dotted TrainConfig key (sft.max_steps=6)")
         try:
-            flat[key] = yaml.safe_load(raw) if raw.strip() else ""
+            flat[key] = _yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
             raise InputError(f"--set {key}: value {raw!r} is not valid YAML ({str(err).splitlines()[0]})") from err
     nested = _nest(flat)
@@ -383,7 +399,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     if not pio.exists(path):
         raise InputError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(pio.read_bytes(path))  # YAML is a superset of JSON
+        data = _yaml(pio.read_bytes(path))  # YAML is a superset of JSON
     except yaml.YAMLError as err:
         raise InputError(f"{path} is not valid YAML/JSON: {str(err).splitlines()[0]}") from err
     if data is None:

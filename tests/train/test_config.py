@@ -26,8 +26,8 @@ def test_a_run_config_json_reproduces_the_config():
 
 def test_parse_overrides_types_values_as_yaml():
     out = parse_overrides(["sft.max_steps=6", "grpo.lam=0.3", "model.point_bert.checkpoint=/w/point_bert_v1.2.pt",
-                           "sft.max_samples=null", "model.point_bert.random_init=true"])
-    assert out == {"sft": {"max_steps": 6, "max_samples": None},
+                           "sft.max_samples=null", "model.point_bert.random_init=true", "sft.learning_rate=1e-5"])
+    assert out == {"sft": {"max_steps": 6, "max_samples": None, "learning_rate": 1e-5},
                    "grpo": {"lam": 0.3},
                    "model": {"point_bert": {"checkpoint": "/w/point_bert_v1.2.pt", "random_init": True}}}
     assert preset_config("paper", "grca_rpc", out).grpo.lam == 0.3
