@@ -69,20 +69,20 @@ def gathered_for_generation(acc: Any, model: Any) -> Iterator[PointVL3D]:
     """The policy with its full weights for the length of a rollout: gathered once, not per layer per token.
 
     ZeRO-3: every parameter is gathered and DeepSpeed's per-module hooks are lifted while generating
-    (TRL's ``unwrap_model_for_generation``); FSDP2: every FSDP module is unsharded and kept so until the
-    rollout ends; DDP and one process: the plain module.
+    (TRL's hook helpers, as its ``unwrap_model_for_generation`` does); FSDP2: every FSDP module is
+    unsharded and kept so until the rollout ends; DDP and one process: the plain module.
     """
     policy = acc.unwrap_model(model)
     if acc.distributed_type.value == "DEEPSPEED" and model.zero_optimization_stage() == 3:
         import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
 
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            optimizer_offload = model.optimizer.parameter_offload
-            optimizer_offload._remove_module_hooks()
+            remove_hooks(model)
             try:
                 yield policy
             finally:
-                optimizer_offload._register_deepspeed_module(optimizer_offload.module)
+                add_hooks(model)
         return
     if acc.distributed_type.value == "FSDP":
         from torch.distributed.fsdp import FSDPModule
