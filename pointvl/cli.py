@@ -112,7 +112,11 @@ def _train(args: argparse.Namespace) -> int:
     preflight(config)
     metrics = run_pipeline(config, args.shards, args.run)
     if metrics:  # rank 0 of a multi-process launch
+        from pointvl import io as pio
+        from pointvl.train.pipeline import format_compute
+
         print(format_table(metrics, name=config.variant))
+        print(format_compute(pio.read_json(pio.join(args.run, "compute.json"))))
     return 0
 
 

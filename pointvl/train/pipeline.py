@@ -100,6 +100,17 @@ def stage_names(config: TrainConfig) -> list[str]:
     return ["sft", f"grpo_{config.grpo.mode}"]
 
 
+def format_compute(rows: list[dict]) -> str:
+    """``RUN/compute.json`` rows as one markdown table (concatenate several runs' rows to compare variants)."""
+    head = ["stage", "optimizer_steps", "samples", "tokens", "generated_tokens", "seconds", "processes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [f"{r[k]:.1f}" if k == "seconds" else f"{r[k]:.0f}" if isinstance(r[k], float) else str(r[k])
+                 for k in head]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def train_stage(config: TrainConfig, shards_dir: str, run_dir: str, stage: str, init_from: str | None) -> str:
     """Run (or resume) one training stage unless finished; returns its last checkpoint folder."""
     folder = pio.join(run_dir, stage)

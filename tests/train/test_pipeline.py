@@ -8,7 +8,7 @@ import pytest
 from pointvl import io as pio
 from pointvl.evaluate import METRIC_KEYS
 from pointvl.train.config import tiny_preset
-from pointvl.train.pipeline import run_pipeline
+from pointvl.train.pipeline import format_compute, run_pipeline
 
 
 def _config(variant: str):
@@ -49,3 +49,5 @@ def test_budget_matched_sft_trains_on_as_many_samples_as_grpo(short_shards_dir, 
     compute = {r["stage"]: r for r in pio.read_json(pio.join(run, "compute.json"))}
     assert compute["sft"]["optimizer_steps"] == 3 and compute["sft_budget_matched"]["samples"] == 2
     assert compute["sft"]["tokens"] > 0
+    table = format_compute(list(compute.values())).splitlines()
+    assert len(table) == 4 and table[3].startswith("| sft_budget_matched | 2 | 2 |")
