@@ -26,6 +26,7 @@ cosine ended (``learning_rate x min_lr_ratio``), no new warm-up.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -37,7 +38,7 @@ from pointvl.errors import InputError
 from pointvl.evaluate import EvaluateConfig
 from pointvl.evaluate import run as run_evaluate
 from pointvl.train import checkpoint as ckpt
-from pointvl.train.config import TrainConfig, preflight
+from pointvl.train.config import SFTConfig, TrainConfig, preflight
 from pointvl.train.data import ShardExamples
 from pointvl.train.grpo import run_grpo, trained_samples
 from pointvl.train.model import build_image_processor, build_model, build_tokenizer
@@ -75,12 +76,12 @@ def load(config: TrainConfig, checkpoint: str | None) -> tuple[Any, Any, Any]:
     return tokenizer, build_image_processor(config.model), model
 
 
-def budget_matched_sft(config: TrainConfig, num_prompts: int):
+def budget_matched_sft(config: TrainConfig, num_prompts: int) -> SFTConfig:
     """The SFT config of the budget-matched baseline (module docstring): GRPO's trained samples, constant rate."""
     sft = config.sft
-    return type(sft)(**{**sft.__dict__, "max_samples": trained_samples(num_prompts, config.grpo), "max_steps": None,
-                        "schedule": "constant", "learning_rate": sft.learning_rate * sft.min_lr_ratio,
-                        "warmup_ratio": 0.0})
+    return dataclasses.replace(sft, max_samples=trained_samples(num_prompts, config.grpo), max_steps=None,
+                               schedule="constant", learning_rate=sft.learning_rate * sft.min_lr_ratio,
+                               warmup_ratio=0.0)
 
 
 def compute_row(stage: str, history: list[dict]) -> dict:
