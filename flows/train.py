@@ -3,8 +3,9 @@
     sft ─► (sft_budget_matched | grpo_<mode>) ─► evaluate (predict + metrics) ─► training curves ─► report
 
 Each stage writes a checkpoint in the run folder and is skipped when it exists, so a re-run resumes
-at the first unfinished stage. ``preset`` picks the paper's setup or the tiny CPU one; ``config``
-overrides fields (nested dicts, as in ``TrainConfig``).
+at the first unfinished stage (a stage itself resumes from its last checkpoint). ``preset`` picks the
+paper's setup or the tiny CPU one; ``config`` overrides any field, nested as in ``TrainConfig`` or by
+dotted path (``{"sft.max_steps": 6}``), the same overrides ``pointvl train --config/--set`` takes.
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ if __name__ == "__main__":
     parser.add_argument("--run", required=True)
     parser.add_argument("--preset", default="paper", choices=["paper", "tiny"])
     parser.add_argument("--variant", default="grca_rpc")
+    parser.add_argument("--config", help="a TrainConfig YAML/JSON (overrides the preset)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override (repeatable)")
     args = parser.parse_args()
     from pointvl.evaluate import format_table
+    from pointvl.train.config import merge_overrides, parse_overrides, read_config_file
 
-    print(format_table(train(args.shards, args.run, preset=args.preset, variant=args.variant), name=args.variant))
+    overrides = merge_overrides(read_config_file(args.config) if args.config else {}, parse_overrides(args.set))
+    metrics = train(args.shards, args.run, preset=args.preset, variant=args.variant, config=overrides)
+    print(format_table(metrics, name=args.variant))

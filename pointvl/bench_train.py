@@ -1,7 +1,9 @@
 """Training throughput: SFT tokens/s, GRPO samples/s and the share of a GRPO step spent scoring + routing.
 
-On CUDA: Qwen2.5-VL-3B's shapes and the PointLLM-sized Point-BERT with random weights (bf16,
-gradient checkpointing, 8192 points, 448 x 448 images). On a CPU: the tiny preset. The inputs are
+On CUDA: Qwen2.5-VL-3B's shapes and the PointLLM-sized Point-BERT with random weights (bf16 compute over
+float32 master weights, gradient checkpointing, 8192 points, 448 x 448 images). On a CPU: the tiny preset,
+in float32 and in the same bf16 mixed-precision mode. Also: the largest log-probability tensor of a GRPO
+update at the paper's shapes, full-vocabulary vs chunked (:func:`pointvl.train.model.selective_logps`). The inputs are
 synthetic records (random image and points, a canonical target). Random weights rarely emit
 ``<|im_end|>``, so every rollout runs to ``max_new_tokens``, and their outputs do not parse: the
 scoring share of a rollout step is a lower bound; ``score_valid_ms`` times :func:`pointvl.grca.score_group`
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import resource
 import time
 
 import numpy as np
@@ -57,15 +60,30 @@ def synthetic_example(size: int, num_points: int, seed: int = 0) -> Example:
     )
 
 
-def run() -> dict[str, float]:
+def run() -> dict[str, object]:
+    """One result per precision mode (CUDA: bf16 at the 3B shapes; CPU: the tiny preset in both modes)."""
+    cuda = torch.cuda.is_available()
+    vocab, chunk = 151936, tiny_preset().grpo.logprob_chunk
+    results: dict[str, object] = {
+        # GRPO update at G = 8, T = 1024, Qwen's vocabulary: the float32 logits a full log-softmax makes
+        "logprob_full_fp32_gib": 8 * 1024 * vocab * 4 / 2**30,
+        "logprob_chunked_fp32_gib": chunk * vocab * 4 / 2**30,
+    }
+    for dtype in ("bfloat16",) if cuda else ("float32", "bfloat16"):
+        results[dtype] = run_mode(dtype)
+    return results
+
+
+def run_mode(dtype: str) -> dict[str, float]:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     tiny = tiny_preset()
     if cuda:
-        mcfg = ModelConfig(architecture="3b", random_init=True)
+        mcfg = ModelConfig(architecture="3b", random_init=True, dtype=dtype)
         batch_size, grpo = 4, dataclasses.replace(tiny.grpo, num_generations=8, max_new_tokens=256)
+        torch.cuda.reset_peak_memory_stats()
     else:
-        mcfg = tiny.model
+        mcfg = dataclasses.replace(tiny.model, dtype=dtype)
         batch_size, grpo = 2, dataclasses.replace(tiny.grpo, num_generations=8, max_new_tokens=64)
     torch.manual_seed(0)
     tokenizer = build_tokenizer(mcfg)
@@ -106,7 +124,7 @@ def run() -> dict[str, float]:
         model.train()
         from pointvl.grca import pad_token_advantages, routed_grpo_loss
 
-        logp = completion_logps(model, prompt, ids, mask)
+        logp = completion_logps(model, prompt, ids, mask, grpo.logprob_chunk)
         adv = pad_token_advantages(score.token_advantages, ids.shape[1]).to(device)
         routed_grpo_loss(logp, logp.detach(), adv, mask).backward()
         optimizer.step()
@@ -135,7 +153,9 @@ def run() -> dict[str, float]:
         "score_valid_ms": 1000 * score_valid,
         "score_valid_share": score_valid / step_s,
         "grpo_new_tokens": float(ids.shape[1]),
+        "grpo_update_share": 1 - float(np.mean([(s[1] + s[2]) for s in steps[1:]])) / step_s,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # the process so far
     }
 
 

@@ -68,40 +68,68 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config(preset: str, variant: str, run_config: str | None):
-    from pointvl import io as pio
-    from pointvl.train.config import TrainConfig, preset_config
+def _train_config(args: argparse.Namespace, variant: str):
+    """The TrainConfig of ``--preset`` with ``--config FILE`` then every ``--set KEY=VALUE`` merged in."""
+    from pointvl.train.config import merge_overrides, parse_overrides, preset_config, read_config_file
 
-    if run_config:
-        return TrainConfig(**pio.read_json(run_config))
-    return preset_config(preset, variant, None)
+    overrides = merge_overrides(read_config_file(args.config) if args.config else {}, parse_overrides(args.set or []))
+    return preset_config(args.preset, variant, overrides)
 
 
 def _predict(args: argparse.Namespace) -> int:
     if args.endpoint or args.reference:
         return predict_from_source(args)
+    from pointvl import io as pio
+    from pointvl.train.checkpoint import latest_checkpoint, load_policy
+    from pointvl.train.config import preflight
     from pointvl.train.data import list_shards
+    from pointvl.train.model import build_image_processor
     from pointvl.train.pipeline import load
     from pointvl.train.predict import predict
 
     list_shards(args.shards, args.split)  # before any model is built
-    cfg = _train_config(args.preset, "sft", args.config)
-    tokenizer, images, model = load(cfg, args.checkpoint)
+    cfg = _train_config(args, "sft")
+    if args.checkpoint:  # a checkpoint-<step> folder, or a stage folder (its last checkpoint)
+        folder = args.checkpoint if pio.exists(pio.join(args.checkpoint, "model.safetensors")) else (
+            latest_checkpoint(args.checkpoint))
+        if folder is None:
+            raise InputError(f"--checkpoint {args.checkpoint} holds no checkpoint-<step>/model.safetensors")
+        tokenizer, model = load_policy(folder)
+        images = build_image_processor(model.config)
+    else:
+        preflight(cfg)
+        tokenizer, images, model = load(cfg, None)
     n = predict(model, tokenizer, images, args.shards, args.out, split=args.split,
-                max_new_tokens=cfg.eval_max_new_tokens)
+                max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size)
     print(f"wrote {n} predictions to {args.out}")
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     from pointvl.evaluate import format_table
+    from pointvl.train.config import preflight
     from pointvl.train.data import list_shards
     from pointvl.train.pipeline import run_pipeline
 
     list_shards(args.shards, "train")  # before any model is built
-    metrics = run_pipeline(_train_config(args.preset, args.variant, None), args.shards, args.run)
-    print(format_table(metrics, name=args.variant))
+    config = _train_config(args, args.variant)
+    preflight(config)
+    metrics = run_pipeline(config, args.shards, args.run)
+    if metrics:  # rank 0 of a multi-process launch
+        from pointvl import io as pio
+        from pointvl.train.pipeline import format_compute
+
+        print(format_table(metrics, name=config.variant))
+        print(format_compute(pio.read_json(pio.join(args.run, "compute.json"))))
     return 0
+
+
+def _add_train_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=["paper", "tiny"], default="paper")
+    parser.add_argument("--config", help="a TrainConfig YAML/JSON (a run's config.json, or some of its fields)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override one TrainConfig field by its dotted path, e.g. sft.max_steps=6 or "
+                             "model.point_bert.checkpoint=/w/point_bert_v1.2.pt (repeatable; after --config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser(
         "predict", help="write a predictions JSONL: a checkpoint (greedy), a served VLM or a reference predictor")
     predict.add_argument("--shards", required=True, help="the folder of {split}-*-of-*.parquet shards")
-    predict.add_argument("--checkpoint", help="a stage folder holding model.pt (omit: untrained weights)")
-    predict.add_argument("--config", help="the run's config.json (default: the --preset)")
-    predict.add_argument("--preset", choices=["paper", "tiny"], default="paper")
+    predict.add_argument("--checkpoint", help="a checkpoint-<step> folder or a stage folder (its last checkpoint); "
+                         "the policy is rebuilt from it (omit: the config's untrained policy)")
+    _add_train_config_args(predict)
     predict.add_argument("--split", default="test")
     predict.add_argument("--out", required=True, help="the JSONL to write")
     add_predict_sources(predict)
@@ -157,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="SFT -> routed GRPO -> evaluate into a run folder (resumes)")
     train.add_argument("--shards", required=True, help="the folder of {split}-*-of-*.parquet shards")
     train.add_argument("--run", required=True, help="the run folder (checkpoints, metrics, curves)")
-    train.add_argument("--preset", choices=["paper", "tiny"], default="paper")
+    _add_train_config_args(train)
     train.add_argument(
         "--variant", default="grca_rpc",
         choices=["sft", "sft_budget_matched", "broadcast", "grca", "grca_rpc"], help="the Table 3 row",

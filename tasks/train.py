@@ -44,4 +44,8 @@ def training_curves(run_dir: str, stages: list[str]) -> str:
             rows.append({"stage": stage, **{k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()}})
     create_table_artifact(key="training-curves", table=rows,
                           description=f"Loss and mean rewards per optimizer step; plot: {path}")
+    compute = pio.join(run_dir, "compute.json")
+    if pio.exists(compute):
+        create_markdown_artifact(key="training-compute", markdown=pipeline.format_compute(pio.read_json(compute)),
+                                 description=f"What each stage of {run_dir} cost (compare the Table 3 variants)")
     return path

@@ -8,9 +8,18 @@ its text; the values here are ours and say so.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
+import yaml
+
+from pointvl.errors import InputError
 from pointvl.geometry import QuantConfig
 from pointvl.grca import GRCAConfig
 from pointvl.train.point_bert import PointBertConfig
@@ -18,7 +27,9 @@ from pointvl.train.point_bert import PointBertConfig
 logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("checkpoint", "tiny", "3b")
-VARIANTS = ("sft", "sft_budget_matched", "broadcast", "grca", "grca_rpc")
+ROLLOUT_ENGINES = ("hf", "vllm")
+GRPO_MODES = ("broadcast", "grca", "grca_rpc")
+VARIANTS = ("sft", "sft_budget_matched", *GRPO_MODES)
 """The rows of the paper's Table 3: SFT alone, SFT continued for the RL budget, GRPO with one broadcast
 reward, GRCA without RPC, GRCA + RPC."""
 
@@ -39,7 +50,9 @@ class ModelConfig:
         cross_attn_heads: heads of the geometry-guided cross-attention (point tokens attend to image tokens).
         freeze_vision: keep Qwen's vision tower frozen (its tokens only feed the cross-attention).
         gradient_checkpointing: recompute the language model's activations in backward.
-        dtype: ``"bfloat16"`` or ``"float32"`` for the language model.
+        dtype: compute precision, ``"bfloat16"`` (mixed precision: trainable parameters and optimizer
+            state stay float32 master weights, forward and backward run under bf16 autocast, frozen
+            parts are stored in bf16) or ``"float32"``.
         quant: the coordinate bins of the output (DESIGN.md).
     """
 
@@ -85,7 +98,12 @@ class SFTConfig:
         warmup_ratio: linear warm-up share of the steps (0.03).
         weight_decay: AdamW weight decay (0.0).
         max_grad_norm: gradient clipping (1.0).
-        max_steps: stop after this many optimizer steps (None: all epochs); for demos and budgets.
+        max_steps: stop after this many optimizer steps (None: all epochs); for demos.
+        max_samples: stop after this many training samples (prompts with their answer); the budget-matched
+            baseline sets it; None: ``epochs``/``max_steps`` decide.
+        schedule: ``"cosine"`` (warm-up then cosine decay) or ``"constant"`` (``learning_rate`` throughout).
+        save_steps: write ``checkpoint-<step>/`` every this many optimizer steps (and at the end).
+        save_total_limit: keep this many most recent checkpoints (None: all).
         seed: data order and initialisation seed.
     """
 
@@ -98,9 +116,16 @@ class SFTConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_steps: int | None = None
+    max_samples: int | None = None
+    schedule: str = "cosine"
+    save_steps: int = 500
+    save_total_limit: int | None = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_saving("SFTConfig", self.save_steps, self.save_total_limit)
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"SFTConfig.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.batch_size % self.per_device_batch_size:
             raise ValueError(
                 f"SFTConfig.batch_size ({self.batch_size}) must be a multiple of per_device_batch_size "
@@ -119,7 +144,8 @@ class GRPOTrainConfig:
         lam: λ, weight of the standardised RPC advantage on background tokens (0.15).
         num_generations: group size G (8).
         epochs: passes over the train split (1).
-        prompts_per_step: prompts per optimizer step per process (each gives G samples) (1).
+        prompts_per_step: prompts per optimizer step over all processes (each gives G samples), split
+            evenly across the data-parallel ranks, so the step does not depend on the process count (4).
         learning_rate: AdamW learning rate (1e-6; the paper's value is lost).
         clip_eps: PPO clipping ε (0.2).
         beta: KL weight to the reference policy (0: no reference model).
@@ -127,15 +153,21 @@ class GRPOTrainConfig:
         max_new_tokens: generation budget per sample (1024; the canonical output is ~600 tokens).
         max_grad_norm: gradient clipping (1.0).
         max_steps: stop after this many optimizer steps (None: one pass).
+        logprob_chunk: completion tokens per chunk of the log-softmax over the vocabulary (no
+            full-vocabulary float32 tensor for the whole group is made).
+        rollout_engine: ``"hf"`` (transformers ``generate``; the only engine built) or ``"vllm"``
+            (the interface is named; the engine needs a GPU and is not built yet: preflight refuses it).
+        save_steps, save_total_limit: checkpoints, as in :class:`SFTConfig`.
         grca: span/background/bin options of the scoring (:class:`pointvl.grca.GRCAConfig`).
-        seed: sampling seed.
+        seed: sampling seed; each prompt's group is sampled with ``seed`` and the prompt's position in
+            the run, so the samples do not depend on the process count or on a resume.
     """
 
     mode: str = "grca_rpc"
     lam: float = 0.15
     num_generations: int = 8
     epochs: float = 1.0
-    prompts_per_step: int = 1
+    prompts_per_step: int = 4
     learning_rate: float = 1e-6
     clip_eps: float = 0.2
     beta: float = 0.0
@@ -144,6 +176,10 @@ class GRPOTrainConfig:
     max_new_tokens: int = 1024
     max_grad_norm: float = 1.0
     max_steps: int | None = None
+    logprob_chunk: int = 256
+    rollout_engine: str = "hf"
+    save_steps: int = 50
+    save_total_limit: int | None = 2
     grca: GRCAConfig = field(default_factory=GRCAConfig)
     seed: int = 0
 
@@ -157,6 +193,18 @@ class GRPOTrainConfig:
             raise ValueError("GRPOTrainConfig.num_generations must be >= 2 (group standardisation; paper: 8)")
         if self.beta > 0:
             raise ValueError("GRPOTrainConfig.beta > 0 needs a reference model, which is not implemented; use 0")
+        if self.rollout_engine not in ROLLOUT_ENGINES:
+            raise ValueError(
+                f"GRPOTrainConfig.rollout_engine must be one of {ROLLOUT_ENGINES}, got {self.rollout_engine!r}"
+            )
+        if min(self.prompts_per_step, self.logprob_chunk, self.max_new_tokens) < 1:
+            raise ValueError("GRPOTrainConfig.prompts_per_step, logprob_chunk and max_new_tokens must be >= 1")
+        _check_saving("GRPOTrainConfig", self.save_steps, self.save_total_limit)
+
+
+def _check_saving(name: str, save_steps: int, save_total_limit: int | None) -> None:
+    if save_steps < 1 or (save_total_limit is not None and save_total_limit < 1):
+        raise ValueError(f"{name}.save_steps must be >= 1 and save_total_limit None or >= 1")
 
 
 @dataclass
@@ -165,9 +213,11 @@ class TrainConfig:
 
     Attributes:
         variant: one of :data:`VARIANTS`; ``sft`` stops after SFT, ``sft_budget_matched`` continues SFT
-            for the RL stage's number of passes, the others run GRPO in that mode after SFT.
+            for as many training samples as the RL stage trains on (:func:`budget_matched_sft`), the
+            others run GRPO in that mode after SFT.
         model, sft, grpo: the component configs.
         eval_max_new_tokens: generation budget of ``predict`` (1024).
+        eval_batch_size: prompts decoded together per rank by ``predict`` (8).
     """
 
     variant: str = "grca_rpc"
@@ -175,6 +225,7 @@ class TrainConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)
     eval_max_new_tokens: int = 1024
+    eval_batch_size: int = 8
 
     def __post_init__(self) -> None:
         for name, cls in (("model", ModelConfig), ("sft", SFTConfig), ("grpo", GRPOTrainConfig)):
@@ -192,7 +243,8 @@ class TrainConfig:
 
 
 def paper_preset(variant: str = "grca_rpc") -> TrainConfig:
-    """The paper's setup (§4.2) for one Table 3 row."""
+    """The paper's setup (§4.2) for one Table 3 row. Point-BERT's weights must be given
+    (``model.point_bert.checkpoint``) or random weights asked for (``model.point_bert.random_init``)."""
     mode = variant if variant in ("broadcast", "grca", "grca_rpc") else "grca_rpc"
     return TrainConfig(variant=variant, grpo=GRPOTrainConfig(mode=mode))
 
@@ -205,7 +257,7 @@ def tiny_preset(variant: str = "grca_rpc") -> TrainConfig:
         model=ModelConfig(
             architecture="tiny",
             point_bert=PointBertConfig(trans_dim=32, depth=2, num_heads=2, num_group=16, group_size=16,
-                                       encoder_dims=64),
+                                       encoder_dims=64, random_init=True),
             num_points=256,
             image_size=56,
             cross_attn_heads=2,
@@ -215,17 +267,191 @@ def tiny_preset(variant: str = "grca_rpc") -> TrainConfig:
         # 600 steps: enough for the tiny model to write parseable JSON on the demo's shards (~3 min here)
         sft=SFTConfig(epochs=100, batch_size=4, per_device_batch_size=4, learning_rate=3e-3, warmup_ratio=0.05,
                       max_steps=600),
-        grpo=GRPOTrainConfig(mode=mode, num_generations=4, learning_rate=1e-4, max_new_tokens=700, max_steps=4),
+        grpo=GRPOTrainConfig(mode=mode, num_generations=4, prompts_per_step=1, learning_rate=1e-4,
+                             max_new_tokens=700, max_steps=4),
         eval_max_new_tokens=700,
     )
 
 
+PRESETS = {"paper": paper_preset, "tiny": tiny_preset}
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading ``1e-5`` as a float, as YAML 1.2 and JSON do (YAML 1.1 wants ``1.0e-5``)."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str | bytes) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``{"sft.max_steps": 6, "grpo": {"lam": 0.3}}`` -> ``{"sft": {"max_steps": 6}, "grpo": {"lam": 0.3}}``."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
+            raise InputError(f"bad config key {key!r}: use dotted TrainConfig paths such as sft.max_steps")
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(f"config key {key!r} conflicts with a value set for {part!r}")
+        if isinstance(value, dict):
+            value = _nest(value)
+            if isinstance(node.get(leaf), dict):
+                value = merge_overrides(node[leaf], value)
+        node[leaf] = value
+    return out
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` (nested) merged into ``base`` at every depth; later wins."""
+    merged = dict(base)
+    for k, v in overrides.items():
+        merged[k] = merge_overrides(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return merged
+
+
+def _check_types(cls: type, values: dict[str, Any], prefix: str = "") -> None:
+    """InputError naming the first key of ``values`` that ``cls`` (a config dataclass) lacks or types otherwise."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise InputError(f"unknown config key {path!r} (known at this level: {known})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise InputError(f"config key {path!r} is a section: give a mapping or set {path}.<field>")
+            _check_types(hint, value, f"{path}.")
+            continue
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if not any(_is_a(value, t) for t in allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise InputError(f"config key {path!r} must be {names}, got {value!r}")
+
+
+def _is_a(value: Any, t: type) -> bool:
+    """YAML's typing of a config value: an int is a float too, a bool is not an int."""
+    if t is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return t is bool
+    return isinstance(value, (int, float) if t is float else t)
+
+
 def preset_config(preset: str, variant: str, overrides: dict | None) -> TrainConfig:
-    """The preset for ``variant`` with ``overrides`` merged one level deep."""
-    presets = {"paper": paper_preset, "tiny": tiny_preset}
-    if preset not in presets:
-        raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}")
-    base = presets[preset](variant).to_dict()
-    for key, value in (overrides or {}).items():
-        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return TrainConfig(**base)
+    """The preset for ``variant`` with ``overrides`` merged in.
+
+    ``overrides`` nests like :class:`TrainConfig` (``{"sft": {"max_steps": 6}}``), uses dotted paths
+    (``{"sft.max_steps": 6}``) or mixes both; a full ``TrainConfig.to_dict()`` (a run's ``config.json``)
+    reproduces that config. Unknown keys, wrong types and invalid values raise :class:`InputError` (one line).
+    """
+    if preset not in PRESETS:
+        raise InputError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if variant not in VARIANTS:
+        raise InputError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    nested = _nest(dict(overrides or {}))
+    _check_types(TrainConfig, nested)
+    base = merge_overrides(PRESETS[preset](nested.get("variant", variant)).to_dict(), nested)
+    if "variant" in nested and "mode" not in nested.get("grpo", {}) and nested["variant"] in GRPO_MODES:
+        base["grpo"]["mode"] = nested["variant"]
+    try:
+        return TrainConfig(**base)
+    except (ValueError, TypeError) as err:
+        raise InputError(f"invalid training config: {err}") from err
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["sft.max_steps=6", "grpo.lam=0.3"]`` (repeatable ``--set KEY=VALUE``) -> a nested overrides dict.
+
+    Values are read as YAML (``6`` an int, ``0.3`` a float, ``null``, ``true``, ``/w/x.pt`` a string);
+    keys must be dotted :class:`TrainConfig` paths. InputError (one line, naming the key) otherwise.
+    """
+    flat: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"--set {pair!r}: expected KEY=VALUE with a dotted TrainConfig key (sft.max_steps=6)")
+        try:
+            flat[key] = _yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise InputError(f"--set {key}: value {raw!r} is not valid YAML ({str(err).splitlines()[0]})") from err
+    nested = _nest(flat)
+    _check_types(TrainConfig, nested)
+    return nested
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Nested overrides from a TrainConfig YAML/JSON file (a run's ``config.json`` or some of its fields,
+    nested or dotted); InputError (one line) for a missing file, bad YAML or an unknown key."""
+    from pointvl import io as pio
+
+    if not pio.exists(path):
+        raise InputError(f"config file not found: {path}")
+    try:
+        data = _yaml(pio.read_bytes(path))  # YAML is a superset of JSON
+    except yaml.YAMLError as err:
+        raise InputError(f"{path} is not valid YAML/JSON: {str(err).splitlines()[0]}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path} must hold a mapping of TrainConfig fields, got {type(data).__name__}")
+    nested = _nest(data)
+    _check_types(TrainConfig, nested)
+    return nested
+
+
+def _hf_cached(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, filename), str)
+
+
+def preflight(config: TrainConfig) -> None:
+    """Raise InputError (one line) when a training job with ``config`` cannot start on this machine.
+
+    Cheap (no model is loaded): the language model's checkpoint must be a local folder or in the local
+    Hugging Face cache (runs are offline, ``HF_HUB_OFFLINE``), Point-BERT's weights must exist or random
+    weights must be asked for, and the rollout engine must be one that is built.
+    """
+    m = config.model
+    if m.architecture == "checkpoint":
+        needed = "config.json" if m.random_init else "model weights"
+        local = os.path.isdir(m.checkpoint)
+        if local:
+            files = set(os.listdir(m.checkpoint))
+            weights = {"model.safetensors", "model.safetensors.index.json"} & files
+            if "config.json" not in files or (not m.random_init and not weights):
+                raise InputError(f"model.checkpoint {m.checkpoint} holds no {needed} (config.json, model.safetensors)")
+        elif m.checkpoint.count("/") > 1 or m.checkpoint.startswith((".", "/")):
+            raise InputError(f"model.checkpoint {m.checkpoint} is not a folder")
+        elif not _hf_cached(m.checkpoint, "config.json") or not m.random_init and not (
+            _hf_cached(m.checkpoint, "model.safetensors") or _hf_cached(m.checkpoint, "model.safetensors.index.json")
+        ):
+            raise InputError(
+                f"model.checkpoint {m.checkpoint!r} is neither a local folder nor in the local Hugging Face cache "
+                "(runs are offline): download it first or give a folder"
+                + ("" if m.random_init else ", or set model.random_init=true for random weights")
+            )
+    pb = m.point_bert
+    if pb.checkpoint is None and not pb.random_init:
+        raise InputError(
+            "no Point-BERT weights: set model.point_bert.checkpoint=/path/point_bert_v1.2.pt (PointLLM's) or "
+            "model.point_bert.random_init=true to train with a random frozen point encoder"
+        )
+    if pb.checkpoint is not None and not os.path.isfile(pb.checkpoint):
+        raise InputError(f"model.point_bert.checkpoint {pb.checkpoint} does not exist")
+    if config.grpo.rollout_engine != "hf" and config.variant in GRPO_MODES:
+        raise InputError(
+            f"grpo.rollout_engine={config.grpo.rollout_engine!r} is not built (it needs a GPU); use 'hf'"
+        )

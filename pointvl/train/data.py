@@ -1,12 +1,13 @@
 """Training examples from the benchmark's Parquet shards (``schemas/README.md``, DESIGN.md "Record").
 
-One record gives one example:
+Every QA pair of a record gives one example (the policy answers one question per prompt):
 
 - **prompt**: the final photoreal ``image``, the ``points`` (resampled to ``num_points``) and the
-  instruction :data:`INSTRUCTION`, which asks the record's first QA question (``qa[0]``, the
-  multiple-choice category question) with its choices and the six-field JSON answer;
+  instruction :data:`INSTRUCTION`, which asks the pair's question (``qa[k]``; ``qa[0]`` is the
+  multiple-choice category question, the others ask attributes) with its choices and the six-field
+  JSON answer;
 - **target**: the canonical quantized JSON (:func:`pointvl.grca.parse.format_output`) with
-  ``answer = qa[0].answer``, the record's ``description`` and its four geometric targets.
+  ``answer = qa[k].answer``, the record's ``description`` and its four geometric targets.
 
 Shards are read one at a time (``{split}-{i:05d}-of-{n:05d}.parquet`` in file-name order), so a
 split of any size streams with one shard in memory. The same helpers give the evaluation its
@@ -20,11 +21,12 @@ import json
 import logging
 import random
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
 from pointvl import io as pio
@@ -39,7 +41,7 @@ INSTRUCTION = (
     "Reply with one JSON object with keys answer, description, bbox2d, bbox3d, kpts2d, kpts3d "
     "(coordinates as integer bins)."
 )
-"""Instruction template (version 1); ``{question}`` and ``{choices}`` come from ``qa[0]``."""
+"""Instruction template (version 1); ``{question}`` and ``{choices}`` come from the QA pair asked."""
 
 
 def list_shards(shards_dir: str, split: str) -> list[str]:
@@ -57,20 +59,26 @@ def iter_records(shards_dir: str, split: str) -> Iterator[dict[str, Any]]:
         yield from pio.read_table(path).to_pylist()
 
 
-def first_qa(record: dict[str, Any]) -> dict[str, Any]:
-    """``qa[0]`` of a record (``qa`` is a JSON string list of ``{question, choices, answer}``)."""
+def qa_pairs(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The QA pairs of a record (``qa`` is a JSON string list of ``{question, choices, answer}``)."""
     qa = json.loads(record["qa"]) if isinstance(record["qa"], str) else record["qa"]
     if not qa:
         raise ValueError(f"record {record['instance_id']} has no QA pair; the annotate stage writes >= 1")
-    return qa[0]
+    return qa
 
 
-def record_target(record: dict[str, Any]) -> dict[str, Any]:
-    """Continuous targets of a record: ``bbox2d`` (px), ``bbox3d`` (world), ``answer``, ``description``."""
+def first_qa(record: dict[str, Any]) -> dict[str, Any]:
+    """``qa[0]`` of a record: the category question."""
+    return qa_pairs(record)[0]
+
+
+def record_target(record: dict[str, Any], qa_index: int = 0) -> dict[str, Any]:
+    """Continuous targets of a record for QA pair ``qa_index``: ``bbox2d`` (px), ``bbox3d`` (world), ``answer``,
+    ``description``."""
     return {
         "bbox2d": np.asarray(record["bbox2d"], dtype=np.float64).reshape(4),
         "bbox3d": np.asarray(record["bbox3d"], dtype=np.float64).reshape(6),
-        "answer": str(first_qa(record)["answer"]),
+        "answer": str(qa_pairs(record)[qa_index]["answer"]),
         "description": str(record["description"]),
     }
 
@@ -86,14 +94,14 @@ def record_camera(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def instruction(record: dict[str, Any]) -> str:
-    qa = first_qa(record)
+def instruction(record: dict[str, Any], qa_index: int = 0) -> str:
+    qa = qa_pairs(record)[qa_index]
     return INSTRUCTION.format(question=qa["question"], choices=", ".join(map(str, qa["choices"])))
 
 
-def target_text(record: dict[str, Any], quant: QuantConfig) -> str:
-    """The SFT target: the canonical quantized output JSON of a record."""
-    t = record_target(record)
+def target_text(record: dict[str, Any], quant: QuantConfig, qa_index: int = 0) -> str:
+    """The SFT target: the canonical quantized output JSON of a record, answering QA pair ``qa_index``."""
+    t = record_target(record, qa_index)
     return format_output(
         answer=t["answer"],
         description=t["description"],
@@ -128,6 +136,7 @@ class Example:
     target: str
     reward_target: dict[str, Any]
     camera: dict[str, Any]
+    qa_index: int = 0
 
 
 def image_bytes(value: bytes | dict[str, Any]) -> bytes:
@@ -135,7 +144,7 @@ def image_bytes(value: bytes | dict[str, Any]) -> bytes:
     return value["bytes"] if isinstance(value, dict) else value
 
 
-def make_example(record: dict[str, Any], num_points: int, quant: QuantConfig) -> Example:
+def make_example(record: dict[str, Any], num_points: int, quant: QuantConfig, qa_index: int = 0) -> Example:
     from PIL import Image
 
     seed = zlib.crc32(record["instance_id"].encode())
@@ -143,18 +152,21 @@ def make_example(record: dict[str, Any], num_points: int, quant: QuantConfig) ->
         instance_id=record["instance_id"],
         image=Image.open(io.BytesIO(image_bytes(record["image"]))).convert("RGB"),
         points=resample_points(record["points"], num_points, seed),
-        instruction=instruction(record),
-        target=target_text(record, quant),
-        reward_target=record_target(record),
+        instruction=instruction(record, qa_index),
+        target=target_text(record, quant, qa_index),
+        reward_target=record_target(record, qa_index),
         camera=record_camera(record),
+        qa_index=qa_index,
     )
 
 
 class ShardExamples:
-    """Iterable over the :class:`Example` s of one split, shard by shard.
+    """The :class:`Example` s (one per QA pair of each record) of one split, shard by shard.
 
-    ``shuffle`` permutes the shard order and the rows inside each shard with ``seed + epoch``
+    ``shuffle`` permutes the shard order and the prompts inside each shard with ``seed + epoch``
     (set :attr:`epoch` before each pass); the whole split is never held in memory.
+    :meth:`iterate` starts at a position of the pass without building the examples before it (a
+    resumed run skips what it has trained on; shards wholly before the position are not read).
     """
 
     def __init__(
@@ -163,42 +175,73 @@ class ShardExamples:
         self.paths = list_shards(shards_dir, split)
         self.num_points, self.quant, self.shuffle, self.seed = num_points, quant, shuffle, seed
         self.epoch = 0
+        self._counts: list[list[int]] | None = None
+
+    def qa_counts(self) -> list[list[int]]:
+        """QA pairs per row of each shard (reads only the ``qa`` column)."""
+        if self._counts is None:
+            self._counts = []
+            for path in self.paths:
+                fs, p = pio.filesystem(path)
+                with fs.open(p, "rb") as f:
+                    column = pq.read_table(f, columns=["qa"]).column("qa").to_pylist()
+                self._counts.append([len(json.loads(q) if isinstance(q, str) else q) for q in column])
+        return self._counts
+
+    def iterate(self, start: int = 0, keep: Callable[[int], bool] | None = None) -> Iterator[tuple[int, Example]]:
+        """``(position, example)`` of pass :attr:`epoch` from position ``start`` on; with ``keep``, only the
+        positions it accepts are built (e.g. one data-parallel rank's)."""
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.paths)))
+        if self.shuffle:
+            rng.shuffle(order)
+        position = 0
+        for shard in order:
+            prompts = [(row, k) for row, n in enumerate(self.qa_counts()[shard]) for k in range(n)]
+            if self.shuffle:
+                rng.shuffle(prompts)
+            if position + len(prompts) <= start:
+                position += len(prompts)
+                continue
+            rows = pio.read_table(self.paths[shard]).to_pylist()
+            for row, k in prompts:
+                if position >= start and (keep is None or keep(position)):
+                    yield position, make_example(rows[row], self.num_points, self.quant, k)
+                position += 1
 
     def __iter__(self) -> Iterator[Example]:
-        rng = random.Random(self.seed + self.epoch)
-        paths = list(self.paths)
-        if self.shuffle:
-            rng.shuffle(paths)
-        for path in paths:
-            rows = pio.read_table(path).to_pylist()
-            if self.shuffle:
-                rng.shuffle(rows)
-            for row in rows:
-                yield make_example(row, self.num_points, self.quant)
+        return (example for _, example in self.iterate())
+
+    def stream(self, start: int, keep: Callable[[int], bool] | None = None) -> Iterator[tuple[int, Example]]:
+        """``(position, example)`` over pass after pass from global position ``start``; position ``p`` of the
+        stream is position ``p % len(self)`` of pass ``p // len(self)`` (sets :attr:`epoch`)."""
+        n = len(self)
+        epoch, offset = divmod(start, n)
+        while True:
+            self.epoch, base = epoch, epoch * n
+            for p, example in self.iterate(offset, None if keep is None else lambda p, b=base: keep(b + p)):
+                yield base + p, example
+            epoch, offset = epoch + 1, 0
 
     def __len__(self) -> int:
-        import pyarrow.parquet as pq
-
-        total = 0
-        for path in self.paths:
-            fs, p = pio.filesystem(path)
-            with fs.open(p, "rb") as f:
-                total += pq.ParquetFile(f).metadata.num_rows
-        return total
+        return sum(sum(c) for c in self.qa_counts())
 
 
 class Collator:
     """Batches :class:`Example` s into model inputs.
 
     ``input_ids`` = tokenized chat prompt (:func:`pointvl.train.model.build_prompt`), then, with
-    ``with_targets``, the target JSON and ``<|im_end|>``; right padding. ``labels`` copy the target and
+    ``with_targets``, the target JSON and ``<|im_end|>``; right padding (left with ``pad_left``, for batched
+generation). ``labels`` copy the target and
     ``<|im_end|>`` tokens and are -100 elsewhere (SFT loss on the answer tokens only, eq. 5). The prompt
     and the target are tokenized separately, so the label boundary is exact for any tokenizer.
     """
 
-    def __init__(self, tokenizer: Any, image_processor: Any, num_point_tokens: int, with_targets: bool) -> None:
+    def __init__(
+        self, tokenizer: Any, image_processor: Any, num_point_tokens: int, with_targets: bool, pad_left: bool = False
+    ) -> None:
         self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.num_point_tokens, self.with_targets = num_point_tokens, with_targets
+        self.num_point_tokens, self.with_targets, self.pad_left = num_point_tokens, with_targets, pad_left
 
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
         import torch
@@ -217,9 +260,10 @@ class Collator:
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         label_t = torch.full((len(rows), width), -100, dtype=torch.long)
         for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            attention[i, : len(r)] = 1
-            label_t[i, : len(r)] = torch.tensor(lab)
+            cols = slice(width - len(r), width) if self.pad_left else slice(0, len(r))
+            input_ids[i, cols] = torch.tensor(r)
+            attention[i, cols] = 1
+            label_t[i, cols] = torch.tensor(lab)
         pixels = self.image_processor(images=[e.image for e in examples], return_tensors="pt")
         batch = {
             "input_ids": input_ids,

@@ -1,6 +1,6 @@
 """Stage 2, routed GRPO (paper §3.3-3.5): sample G outputs per prompt, score and route with GRCA, update.
 
-One optimizer step per ``prompts_per_step`` prompts (per process):
+One optimizer step per ``prompts_per_step`` prompts (over all processes, split evenly across ranks):
 
 1. **Rollouts.** For each prompt the current policy samples G completions (``temperature``, ``top_p``);
    a completion ends at its first ``<|im_end|>`` (kept, as background) or at ``max_new_tokens``.
@@ -18,23 +18,32 @@ Why not TRL's GRPOTrainer (pinned ``trl==1.16.0``): it accepts (B, T) advantages
 point clouds nor our fused point tokens to generation and log-prob computation, so both of its model
 calls would have to be overridden as well as the scoring; this loop on ``accelerate`` is shorter and keeps
 every step visible. Time spent in each part is logged per step (``seconds_generate``, ``seconds_score``,
-``seconds_update``) for the benchmark.
+summed over ranks; ``seconds_update``), with the completions trained on (``samples``) and the tokens
+generated, so the variants' compute can be compared.
+
+Rollouts use transformers ``generate`` (:func:`rollout` is the engine's interface: prompt inputs in, G
+completions out). A vLLM engine (``grpo.rollout_engine="vllm"``: weights synced after each optimizer
+step, the point tokens passed as prompt embeddings) is named in the config but not built: it needs a
+GPU, which this work did not have; preflight refuses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from pointvl.grca import offsets_from_decode, pad_token_advantages, routed_grpo_loss, score_group
+from pointvl.train import checkpoint as ckpt
 from pointvl.train.config import GRPOTrainConfig
 from pointvl.train.data import Collator, Example, ShardExamples
 from pointvl.train.model import PointVL3D
-from pointvl.train.sft import micro_batches
+from pointvl.train.sft import make_accelerator, num_processes, resume, trainer_state
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +64,55 @@ def completion_lengths(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return first
 
 
+@contextlib.contextmanager
+def gathered_for_generation(acc: Any, model: Any) -> Iterator[PointVL3D]:
+    """The policy with its full weights for the length of a rollout: gathered once, not per layer per token.
+
+    ZeRO-3: every parameter is gathered and DeepSpeed's per-module hooks are lifted while generating
+    (TRL's hook helpers, as its ``unwrap_model_for_generation`` does); FSDP2: every FSDP module is
+    unsharded and kept so until the rollout ends; DDP and one process: the plain module.
+    """
+    policy = acc.unwrap_model(model)
+    if acc.distributed_type.value == "DEEPSPEED" and model.zero_optimization_stage() == 3:
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            remove_hooks(model)
+            try:
+                yield policy
+            finally:
+                add_hooks(model)
+        return
+    if acc.distributed_type.value == "FSDP":
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+        try:
+            yield policy
+        finally:
+            for unit in units:
+                unit.reshard()
+                unit.set_reshard_after_forward(True, recurse=False)
+        return
+    yield policy
+
+
 def rollout(
-    model: PointVL3D, tokenizer: Any, inputs: dict[str, torch.Tensor], example: Example, config: GRPOTrainConfig
+    model: PointVL3D, tokenizer: Any, inputs: dict[str, torch.Tensor], example: Example, config: GRPOTrainConfig,
+    seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Any, float, float]:
-    """G completions of one prompt: ids (G, T), mask (G, T), the GroupScore, generate and score seconds."""
+    """G completions of one prompt: ids (G, T), mask (G, T), the GroupScore, generate and score seconds.
+
+    ``seed`` (when given) seeds the sampling, so a group does not depend on what ran before it.
+    """
     t0 = time.perf_counter()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if seed is not None:
+        torch.manual_seed(seed)
     ids = model.generate(
         **inputs, do_sample=True, temperature=config.temperature, top_p=config.top_p,
         max_new_tokens=config.max_new_tokens, num_return_sequences=config.num_generations,
@@ -76,10 +128,11 @@ def rollout(
 
 
 def completion_logps(
-    model: PointVL3D, inputs: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor
+    model: PointVL3D, inputs: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, chunk: int = 256
 ) -> torch.Tensor:
-    """Log-probabilities (G, T) of the completion tokens ``ids`` after the prompt in ``inputs``."""
-    g, t = ids.shape
+    """Log-probabilities (G, T) of the completion tokens ``ids`` after the prompt in ``inputs`` (selective,
+    ``chunk`` tokens at a time: no (G, T, vocab) float32 tensor)."""
+    g = ids.shape[0]
     rep = {
         "input_ids": torch.cat([inputs["input_ids"].expand(g, -1), ids], dim=1),
         "attention_mask": torch.cat([inputs["attention_mask"].expand(g, -1), mask.long()], dim=1),
@@ -87,75 +140,107 @@ def completion_logps(
         "pixel_values": inputs["pixel_values"].repeat(g, 1),
         "image_grid_thw": inputs["image_grid_thw"].repeat(g, 1),
     }
-    logits = model(**rep, logits_to_keep=t + 1).logits[:, :-1].float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+    return model(**rep, logps_of=ids, logps_chunk=chunk)
 
 
-def total_steps(num_prompts: int, config: GRPOTrainConfig, num_processes: int = 1) -> int:
-    """Optimizer steps of one run (``max_steps`` if set, else ``epochs`` passes)."""
-    per_step = config.prompts_per_step * num_processes
-    return config.max_steps or max(1, math.ceil(config.epochs * num_prompts / per_step))
+def total_steps(num_prompts: int, config: GRPOTrainConfig) -> int:
+    """Optimizer steps of one run (``max_steps`` if set, else ``epochs`` passes of ``prompts_per_step``)."""
+    return config.max_steps or max(1, math.ceil(config.epochs * num_prompts / config.prompts_per_step))
+
+
+def trained_samples(num_prompts: int, config: GRPOTrainConfig) -> int:
+    """Completions the stage trains on (G per prompt): the budget of the SFT budget-matched baseline."""
+    return total_steps(num_prompts, config) * config.prompts_per_step * config.num_generations
 
 
 def run_grpo(
-    model: PointVL3D, tokenizer: Any, image_processor: Any, shards_dir: str, config: GRPOTrainConfig
+    model: PointVL3D, tokenizer: Any, image_processor: Any, shards_dir: str, config: GRPOTrainConfig,
+    stage_dir: str | None = None,
 ) -> list[dict[str, float]]:
-    """Train ``model`` in place on the train split; returns one row of statistics per optimizer step."""
-    try:
-        from accelerate import Accelerator
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError("GRPO needs `pip install pointvl[train]`") from e
+    """Train ``model`` in place on the train split; returns one row of statistics per optimizer step (the
+    whole run's). With ``stage_dir``: checkpoints every ``save_steps`` and resume from the latest.
 
-    # 1. data, optimizer
-    acc = Accelerator()
-    torch.manual_seed(config.seed + acc.process_index)
+    Step ``s`` trains on the prompts at stream positions ``[s * Q, (s + 1) * Q)`` (``Q = prompts_per_step``);
+    prompt ``p`` goes to rank ``p % processes`` and is sampled with seed ``(seed, p)``, so the samples and
+    the averaged gradient do not depend on the process count.
+    """
+    # 1. data, optimizer, resume
+    processes = num_processes()
+    if config.prompts_per_step % processes:
+        raise ValueError(f"GRPOTrainConfig.prompts_per_step ({config.prompts_per_step}) must be a multiple of "
+                         f"the process count ({processes})")
+    per_rank = config.prompts_per_step // processes
+    acc = make_accelerator(per_rank, 1)
     mcfg = model.config
     if mcfg.quant != config.grca.quant:
         raise ValueError("GRPOTrainConfig.grca.quant must equal ModelConfig.quant (the bins the model writes)")
     examples = ShardExamples(shards_dir, "train", mcfg.num_points, mcfg.quant, shuffle=True, seed=config.seed)
-    total = total_steps(len(examples), config, acc.num_processes)
+    n = len(examples)
+    total = total_steps(n, config)
     collate = Collator(tokenizer, image_processor, model.num_point_tokens, with_targets=False)
+    folder = resume(acc, model, stage_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant (paper: none stated)
     model, optimizer = acc.prepare(model, optimizer)
-    policy = acc.unwrap_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step, history = 0, []
+    if folder is not None:
+        state = ckpt.load_training_state(acc, model, optimizer, scheduler, folder)
+        step, history = state["global_step"], state["log_history"]
 
     # 2. loop
-    history: list[dict[str, float]] = []
-    step = 0
+    rank, q = acc.process_index, config.prompts_per_step
+    stream = examples.stream(step * q, keep=lambda p: p % processes == rank)
     while step < total:
-        for batch in micro_batches(examples, config.prompts_per_step, acc.process_index, acc.num_processes):
-            start = time.perf_counter()
-            stats = {"loss": 0.0, "seconds_generate": 0.0, "seconds_score": 0.0}
-            rewards: list[dict[str, float]] = []
-            for example in batch:
-                inputs = {k: v.to(acc.device) for k, v in collate([example]).items()}
-                policy.eval()
-                ids, mask, score, t_gen, t_score = rollout(policy, tokenizer, inputs, example, config)
-                policy.train()
-                logp = completion_logps(model, inputs, ids, mask)
+        start = time.perf_counter()
+        local = {"loss": 0.0, "seconds_generate": 0.0, "seconds_score": 0.0, "generated_tokens": 0.0, "tokens": 0.0}
+        rollout_seconds = 0.0
+        rewards: list[dict[str, float]] = []
+        for _ in range(per_rank):
+            position, example = next(stream)
+            inputs = {k: v.to(acc.device) for k, v in collate([example]).items()}
+            model.eval()
+            with gathered_for_generation(acc, model) as policy:
+                ids, mask, score, t_gen, t_score = rollout(policy, tokenizer, inputs, example, config,
+                                                           seed=config.seed * 1_000_003 + position)
+            model.train()
+            with acc.accumulate(model):
+                logp = completion_logps(model, inputs, ids, mask, config.logprob_chunk)
                 adv = pad_token_advantages(score.token_advantages, ids.shape[1]).to(logp.device)
                 loss = routed_grpo_loss(logp, logp.detach(), adv, mask, clip_eps=config.clip_eps)
-                acc.backward(loss / len(batch))
-                stats["loss"] += loss.item() / len(batch)
-                stats["seconds_generate"] += t_gen
-                stats["seconds_score"] += t_score
-                rewards += [{**r, "format": float(all(f.valid for f in p.values()))}
-                            for r, p in zip(score.rewards, score.parsed, strict=True)]
-            acc.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
-            step += 1
-            row = {"step": step, **stats, "seconds": time.perf_counter() - start}
-            row["seconds_update"] = row["seconds"] - stats["seconds_generate"] - stats["seconds_score"]
-            for key in rewards[0]:
-                row[f"reward_{key}"] = sum(r[key] for r in rewards) / len(rewards)
-            history.append(row)
-            logger.info("grpo %d/%d loss %.4f format %.2f bbox3d %.3f (%.1fs, generate %.1fs)", step, total,
-                        row["loss"], row["reward_format"], row["reward_bbox3d"], row["seconds"],
-                        row["seconds_generate"])
-            if step >= total:
-                break
-        examples.epoch += 1
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            local["loss"] += loss.item()
+            local["seconds_generate"] += t_gen
+            local["seconds_score"] += t_score
+            rollout_seconds += t_gen + t_score
+            local["generated_tokens"] += float(mask.sum())
+            local["tokens"] += float(mask.sum()) + len(ids) * inputs["input_ids"].shape[1]  # forward/backward
+            rewards += [{**r, "format": float(all(f.valid for f in p.values()))}
+                        for r, p in zip(score.rewards, score.parsed, strict=True)]
+        reward_keys = sorted(rewards[0])
+        values = [local[k] for k in local] + [sum(r[k] for r in rewards) for k in reward_keys]
+        summed = acc.reduce(torch.tensor(values, dtype=torch.float64, device=acc.device), "sum").tolist()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        row = {"step": step, "learning_rate": lr, "samples": step * q * config.num_generations}
+        row.update(dict(zip(local, summed[: len(local)], strict=True)))
+        row["loss"] /= q
+        row.update({f"reward_{k}": v / (q * config.num_generations)
+                    for k, v in zip(reward_keys, summed[len(local):], strict=True)})
+        row["seconds"] = time.perf_counter() - start
+        row["seconds_update"] = row["seconds"] - rollout_seconds  # this rank's
+        history.append(row)
+        logger.info("grpo %d/%d loss %.4f format %.2f bbox3d %.3f (%.1fs, generate %.1fs)", step, total,
+                    row["loss"], row["reward_format"], row["reward_bbox3d"], row["seconds"],
+                    row["seconds_generate"])
+        if stage_dir and (step % config.save_steps == 0 or step == total):
+            ckpt.save_checkpoint(acc, model, optimizer, scheduler, tokenizer, stage_dir,
+                                 trainer_state(step, total, history, step * q, config, n), config.save_total_limit)
     model.eval()
     return history

@@ -13,11 +13,18 @@ For a prompt (image, point cloud, instruction):
 The image therefore reaches the language model through the fused point tokens only (eq. 4 feeds the
 projected tokens and the instruction to the decoder); no ``<|image_pad|>`` tokens are in the prompt, so
 the language model uses plain 1-D positions.
+
+Precision (``ModelConfig.dtype``): every trainable parameter is float32 (the master weights the
+optimizer updates; a bf16 parameter would round a 1e-6 update away), frozen parts (the vision tower)
+are stored in bf16, and in ``"bfloat16"`` mode ``forward`` and ``generate`` run under bf16 autocast,
+wherever the model runs (one process, DDP, FSDP, the Prefect GPU worker). The frozen Point-BERT gets
+its points in its own parameter dtype (an engine that casts it to bf16 keeps working).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -67,6 +74,10 @@ class PointVL3D(nn.Module):
     def num_point_tokens(self) -> int:
         return self.point_encoder.num_tokens
 
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """bf16 autocast in ``"bfloat16"`` mode (a no-op context in ``"float32"``)."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16")
+
     def train(self, mode: bool = True) -> PointVL3D:
         super().train(mode)
         self.point_encoder.eval()  # frozen: BatchNorm keeps its statistics
@@ -77,7 +88,7 @@ class PointVL3D(nn.Module):
     ) -> torch.Tensor:
         """Projected fused tokens (B, P, hidden) for clouds (B, N, 3) and their B images."""
         with torch.no_grad():
-            f_p = self.point_encoder(points.float())
+            f_p = self.point_encoder(points.to(self.point_encoder.cls_token.dtype))
         f_p = f_p.to(self.projector.weight.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
             images = self.lm.model.get_image_features(pixel_values, image_grid_thw).pooler_output
@@ -115,11 +126,21 @@ class PointVL3D(nn.Module):
         image_grid_thw: torch.Tensor,
         labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        logps_of: torch.Tensor | None = None,
+        logps_chunk: int = 256,
     ) -> Any:
-        embeds = self.embed(input_ids, points, pixel_values, image_grid_thw)
-        return self.lm(
-            inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, logits_to_keep=logits_to_keep
-        )
+        """The language model's output; with ``logps_of`` (B, T), the log-probabilities (B, T) of those
+        tokens as the last T tokens of ``input_ids`` instead (:func:`selective_logps`: no (B, T, vocab)
+        float32 tensor is made). Both run through ``forward``, so DDP/FSDP hooks see them."""
+        with self.autocast(input_ids.device):
+            embeds = self.embed(input_ids, points, pixel_values, image_grid_thw)
+            if logps_of is None:
+                return self.lm(
+                    inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, logits_to_keep=logits_to_keep
+                )
+            t = logps_of.shape[1]
+            hidden = self.lm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+            return selective_logps(self.lm.lm_head, hidden[:, -t - 1 : -1], logps_of, logps_chunk)
 
     @torch.no_grad()
     def generate(
@@ -135,11 +156,30 @@ class PointVL3D(nn.Module):
 
         The point placeholder tokens are suppressed: the policy never writes them.
         """
-        embeds = self.embed(input_ids, points, pixel_values, image_grid_thw)
-        return self.lm.generate(
-            inputs_embeds=embeds, attention_mask=attention_mask, suppress_tokens=self.point_token_ids,
-            **generate_kwargs,
-        )
+        with self.autocast(input_ids.device):
+            embeds = self.embed(input_ids, points, pixel_values, image_grid_thw)
+            return self.lm.generate(
+                inputs_embeds=embeds, attention_mask=attention_mask, suppress_tokens=self.point_token_ids,
+                **generate_kwargs,
+            )
+
+
+def _chunk_logps(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def selective_logps(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``log_softmax(head(hidden))`` at ``ids`` (B, T), ``chunk`` tokens at a time; each chunk's logits are
+    recomputed in backward (activation checkpointing), so at most ``chunk x vocab`` float32 logits exist."""
+    from torch.utils.checkpoint import checkpoint
+
+    flat_h, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)
+    parts = [
+        checkpoint(_chunk_logps, head, flat_h[i : i + chunk], flat_ids[i : i + chunk], use_reentrant=False)
+        for i in range(0, len(flat_ids), chunk)
+    ]
+    return torch.cat(parts).reshape(ids.shape)
 
 
 def build_prompt(instruction: str, num_point_tokens: int) -> str:
@@ -209,16 +249,19 @@ def build_image_processor(config: ModelConfig):
 
 
 def build_model(config: ModelConfig, tokenizer) -> PointVL3D:
-    """The policy for ``config`` (weights from the checkpoint unless random; Point-BERT from its path)."""
+    """The policy for ``config`` (weights from the checkpoint unless random; Point-BERT from its path).
+
+    The language model and the fusion modules are float32 (master weights); in ``"bfloat16"`` mode the
+    frozen vision tower is stored in bf16.
+    """
     tf = _transformers()
-    dtype = getattr(torch, config.dtype)
     ids = tokenizer.convert_tokens_to_ids
     special = {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
                "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
     eos = ids("<|im_end|>")
     text_ids = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
     if config.architecture == "checkpoint" and not config.random_init:
-        lm = tf.Qwen2_5_VLForConditionalGeneration.from_pretrained(config.checkpoint, dtype=dtype)
+        lm = tf.Qwen2_5_VLForConditionalGeneration.from_pretrained(config.checkpoint, dtype=torch.float32)
     else:
         if config.architecture == "checkpoint":
             qcfg = tf.AutoConfig.from_pretrained(config.checkpoint)
@@ -226,7 +269,7 @@ def build_model(config: ModelConfig, tokenizer) -> PointVL3D:
             qcfg = tiny_qwen_config(len(tokenizer), special, text_ids)
         else:
             qcfg = qwen25_vl_3b_config(len(tokenizer), special, text_ids)
-        lm = tf.Qwen2_5_VLForConditionalGeneration._from_config(qcfg, dtype=dtype)
+        lm = tf.Qwen2_5_VLForConditionalGeneration._from_config(qcfg, dtype=torch.float32)
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(len(tokenizer))
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -235,7 +278,9 @@ def build_model(config: ModelConfig, tokenizer) -> PointVL3D:
     if config.point_bert.checkpoint:
         point_encoder.load_checkpoint(config.point_bert.checkpoint)
     model = PointVL3D(lm, point_encoder, [ids(t) for t in POINT_TOKENS], config)
-    model.cross_norm.to(dtype), model.cross_attn.to(dtype), model.projector.to(dtype)
+    # frozen: no master copy needed; not under FSDP, which all-gathers one dtype per shard unit
+    if config.dtype == "bfloat16" and config.freeze_vision and os.environ.get("ACCELERATE_USE_FSDP") != "true":
+        lm.model.visual.to(torch.bfloat16)
     if config.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -244,21 +289,3 @@ def build_model(config: ModelConfig, tokenizer) -> PointVL3D:
     return model
 
 
-def save_policy(state_dict: dict[str, torch.Tensor], folder: str) -> None:
-    """Write a policy state dict to ``folder/model.pt`` atomically (finished = the file exists)."""
-    import io
-
-    from pointvl import io as pio
-
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    pio.write_bytes(pio.join(folder, "model.pt"), buf.getvalue())
-
-
-def load_policy(model: PointVL3D, folder: str) -> None:
-    """Load ``folder/model.pt`` into ``model`` (strict: same architecture as saved)."""
-    from pointvl import io as pio
-
-    fs, p = pio.filesystem(pio.join(folder, "model.pt"))
-    with fs.open(p, "rb") as f:
-        model.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))

@@ -41,7 +41,9 @@ class PointBertConfig:
         group_size: points per patch (32).
         encoder_dims: mini-PointNet output width (256).
         point_dims: input channels per point (3 = xyz; PointLLM's coloured variant uses 6).
-        checkpoint: path to ``Point-BERT.pth`` or ``point_bert_v1.2.pt``; None keeps random weights.
+        checkpoint: path to ``Point-BERT.pth`` or ``point_bert_v1.2.pt``.
+        random_init: keep random weights when ``checkpoint`` is None; a training run refuses to start
+            without a checkpoint unless this is set (a frozen random encoder is not the paper's model).
     """
 
     trans_dim: int = 384
@@ -52,6 +54,7 @@ class PointBertConfig:
     encoder_dims: int = 256
     point_dims: int = 3
     checkpoint: str | None = None
+    random_init: bool = False
 
     def __post_init__(self) -> None:
         if self.trans_dim % self.num_heads:

@@ -1,8 +1,13 @@
-"""Write a predictions file for :mod:`pointvl.evaluate`: greedy decoding of every record of a split.
+"""Write a predictions file for :mod:`pointvl.evaluate`: greedy answers to every QA pair of a split.
 
-One JSON line per instance, ``{"instance_id": ..., "output": "<raw model text>"}``, written atomically
-once all instances are done. Prompts are decoded one at a time, so no prompt is padded and the
-positions match training exactly.
+One JSON line per prompt, ``{"instance_id": ..., "qa_index": k, "output": "<raw model text>"}`` (one
+prompt per QA pair, :mod:`pointvl.train.data`), written atomically once all prompts are done. Lines
+come in record order; within a record the category question (``qa_index`` 0) comes last, so a reader
+that keys lines by ``instance_id`` alone scores the category answer.
+
+Work is split across the processes of an ``accelerate launch`` (prompt ``p`` to rank ``p % world``);
+each rank decodes only its prompts, ``batch_size`` at a time (left-padded: the positions follow the
+attention mask, so an answer does not depend on its batch), and rank 0 merges the ranks' parts.
 """
 
 from __future__ import annotations
@@ -28,23 +33,55 @@ def predict(
     out_path: str,
     split: str = "test",
     max_new_tokens: int = 1024,
+    batch_size: int = 8,
 ) -> int:
-    """Greedy outputs for ``split`` of ``shards_dir`` written to ``out_path`` (JSONL); returns the count."""
+    """Greedy outputs for ``split`` of ``shards_dir`` written to ``out_path`` (JSONL); returns the line count."""
+    from pointvl.train.sft import distributed_state
+
+    state = distributed_state()
     cfg = model.config
-    if torch.cuda.is_available():  # a freshly loaded policy sits on the CPU; decoding belongs on the GPU
-        model.to("cuda")
-    device = next(model.parameters()).device
-    collate = Collator(tokenizer, image_processor, model.num_point_tokens, with_targets=False)
+    model.to(state.device)
+    collate = Collator(tokenizer, image_processor, model.num_point_tokens, with_targets=False, pad_left=True)
     examples = ShardExamples(shards_dir, split, cfg.num_points, cfg.quant, shuffle=False)
     total = len(examples)
-    lines = []
+    rows: list[tuple[int, dict]] = []
     model.eval()
+
+    def decode(batch: list) -> None:
+        inputs = {key: v.to(state.device) for key, v in collate([e for _, e in batch]).items()}
+        ids = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        for (p, e), out in zip(batch, ids, strict=True):
+            text = tokenizer.decode(out, skip_special_tokens=True)
+            rows.append((p, {"instance_id": e.instance_id, "qa_index": e.qa_index, "output": text}))
+        logger.info("predict %d/%d on rank %d", len(rows), -(-total // state.num_processes), state.process_index)
+
     with torch.no_grad():
-        for k, example in enumerate(examples, 1):
-            inputs = {key: v.to(device) for key, v in collate([example]).items()}
-            ids = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
-            text = tokenizer.decode(ids[0], skip_special_tokens=True)
-            lines.append(json.dumps({"instance_id": example.instance_id, "output": text}, ensure_ascii=False))
-            logger.info("predict %d/%d %s (%d tokens)", k, total, example.instance_id, ids.shape[1])
-    pio.write_bytes(out_path, ("\n".join(lines) + "\n").encode())
-    return len(lines)
+        batch = []
+        for p, example in examples.iterate(keep=lambda p: p % state.num_processes == state.process_index):
+            batch.append((p, example))
+            if len(batch) == batch_size:
+                decode(batch)
+                batch = []
+        if batch:
+            decode(batch)
+    if state.num_processes > 1:
+        part = f"{out_path}.part-{state.process_index:05d}"
+        pio.write_json(part, rows)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            parts = [f"{out_path}.part-{r:05d}" for r in range(state.num_processes)]
+            rows = [tuple(r) for path in parts for r in pio.read_json(path)]
+    if state.is_main_process:
+        # record order; the category question last within a record (see the module docstring)
+        order = {}
+        for _, row in sorted(rows, key=lambda r: r[0]):
+            order.setdefault(row["instance_id"], []).append(row)
+        lines = [json.dumps(r, ensure_ascii=False) for group in order.values()
+                 for r in sorted(group, key=lambda r: -r["qa_index"])]
+        pio.write_bytes(out_path, ("\n".join(lines) + "\n").encode())
+        if state.num_processes > 1:
+            fs = pio.filesystem(out_path)[0]
+            for path in parts:
+                fs.rm(pio.filesystem(path)[1])
+    state.wait_for_everyone()
+    return total

@@ -1,11 +1,21 @@
 """Stage 1, the structural warm-up (paper §3.2, eq. 5): supervised fine-tuning on the target JSON.
 
-Cross-entropy on the answer tokens only (the prompt and the point placeholders are masked), AdamW,
-linear warm-up then a cosine decay to ``learning_rate * min_lr_ratio``, gradient clipping, gradient
-accumulation up to the global batch. Runs on one CPU, one GPU or many GPUs through ``accelerate``
-(``accelerate launch --config_file pointvl/configs/train/zero3.yaml``: DeepSpeed ZeRO-3, the paper's setup);
-each process takes every ``num_processes``-th micro-batch. The same loop runs the SFT budget-matched
-baseline (Table 3): more SFT passes from the SFT checkpoint.
+Cross-entropy on the answer tokens only (the prompt and the point placeholders are masked), AdamW on the
+float32 master weights, linear warm-up then a cosine decay to ``learning_rate * min_lr_ratio`` (or a
+constant rate), gradient clipping, gradient accumulation up to the global batch. Runs on one CPU, one
+GPU or many processes through ``accelerate launch`` (DDP, FSDP2, DeepSpeed ZeRO-3; configs in
+``pointvl/configs/train/``).
+
+**Data parallelism equal to one process.** The training samples form one stream, pass after pass
+(each pass shuffled with ``seed + pass``); optimizer step ``s`` trains on stream positions
+``[s * B, (s + 1) * B)`` (``B = batch_size``, the global batch), cut into micro-batches of
+``per_device_batch_size``; micro-batch ``k`` of the step goes to rank ``k % processes``. Each rank
+accumulates its micro-batches and the gradients are averaged over ranks, so a step's gradient is the
+mean of the same micro-batch losses however many processes run it, and the logged loss is that mean.
+
+**Resume.** With a ``stage_dir``, a checkpoint (:mod:`pointvl.train.checkpoint`) is written every
+``save_steps`` and at the end; a run restarts from the latest complete one (weights, optimizer,
+scheduler, RNG, stream position) and ends with the weights of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -13,30 +23,75 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from pointvl.train import checkpoint as ckpt
 from pointvl.train.config import SFTConfig
-from pointvl.train.data import Collator, Example, ShardExamples
+from pointvl.train.data import Collator, ShardExamples
 from pointvl.train.model import PointVL3D
 
 logger = logging.getLogger(__name__)
 
 
-def micro_batches(examples: ShardExamples, size: int, rank: int, world: int) -> Iterator[list[Example]]:
-    """Consecutive lists of ``size`` examples; process ``rank`` of ``world`` gets every ``world``-th list."""
-    batch: list[Example] = []
-    k = 0
-    for e in examples:
-        batch.append(e)
-        if len(batch) == size:
-            if k % world == rank:
-                yield batch
-            batch, k = [], k + 1
-    if batch and k % world == rank:
-        yield batch
+def make_accelerator(gradient_accumulation_steps: int, micro_batch_size: int) -> Any:
+    """The Accelerator of a stage; under DeepSpeed the engine is told the micro-batch (no DataLoader here)."""
+    try:
+        from accelerate import Accelerator
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("training needs `pip install pointvl[train]`") from e
+    acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, cpu=not torch.cuda.is_available())
+    if acc.state.deepspeed_plugin is not None:
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+        ds["gradient_accumulation_steps"] = gradient_accumulation_steps
+        ds["train_batch_size"] = micro_batch_size * gradient_accumulation_steps * acc.num_processes
+    return acc
+
+
+def distributed_state() -> Any:
+    """accelerate's process state; on a machine without CUDA the processes of a launch (``accelerate launch
+    --multi_gpu``, i.e. torchrun) form a gloo CPU group (accelerate only does so when told ``cpu``)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def num_processes() -> int:
+    return distributed_state().num_processes
+
+
+def sft_steps(num_samples: int, config: SFTConfig) -> int:
+    """Optimizer steps of an SFT run on ``num_samples`` prompts: ``max_samples`` / ``max_steps`` / ``epochs``."""
+    if config.max_samples is not None:
+        return max(1, math.ceil(config.max_samples / config.batch_size))
+    return config.max_steps or max(1, math.ceil(config.epochs * num_samples / config.batch_size))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: SFTConfig, total: int) -> Any:
+    from transformers import get_constant_schedule, get_cosine_with_min_lr_schedule_with_warmup
+
+    if config.schedule == "constant":
+        return get_constant_schedule(optimizer)
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, round(config.warmup_ratio * total), total, min_lr_rate=config.min_lr_ratio
+    )
+
+
+def trainer_state(step: int, total: int, history: list[dict], samples: int, config: Any, n: int) -> dict:
+    """``trainer_state.json`` in the Trainer's keys, plus the stream position (``pointvl_samples``)."""
+    return {"global_step": step, "max_steps": total, "epoch": samples / n, "log_history": history,
+            "save_steps": config.save_steps, "pointvl_samples": samples}
+
+
+def resume(acc: Any, model: PointVL3D, stage_dir: str | None) -> str | None:
+    """The latest complete checkpoint of ``stage_dir`` (its weights loaded into ``model``), or None."""
+    folder = ckpt.latest_checkpoint(stage_dir) if stage_dir else None
+    if folder is not None:
+        ckpt.load_weights(model, folder)
+        logger.info("resuming from %s", folder)
+    return folder
 
 
 def run_sft(
@@ -45,63 +100,68 @@ def run_sft(
     image_processor: Any,
     shards_dir: str,
     config: SFTConfig,
+    stage_dir: str | None = None,
 ) -> list[dict[str, float]]:
-    """Train ``model`` in place on the train split; returns one ``{step, loss, lr, seconds}`` per optimizer step."""
-    try:
-        from accelerate import Accelerator
-        from transformers import get_cosine_with_min_lr_schedule_with_warmup
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError("SFT needs `pip install pointvl[train]`") from e
-
+    """Train ``model`` in place on the train split; returns one ``{step, loss, learning_rate, ...}`` per
+    optimizer step (the whole run's, a resumed one included). With ``stage_dir``: checkpoints and resume."""
     # 1. data and schedule
-    acc = Accelerator()
-    per_step = config.per_device_batch_size * acc.num_processes
+    processes = num_processes()
+    per_step = config.per_device_batch_size * processes
     if config.batch_size % per_step:
         raise ValueError(
             f"SFTConfig.batch_size ({config.batch_size}) must be a multiple of per_device_batch_size x processes "
-            f"({config.per_device_batch_size} x {acc.num_processes})"
+            f"({config.per_device_batch_size} x {processes})"
         )
-    acc.gradient_accumulation_steps = config.batch_size // per_step
+    acc = make_accelerator(config.batch_size // per_step, config.per_device_batch_size)
     mcfg = model.config
     examples = ShardExamples(shards_dir, "train", mcfg.num_points, mcfg.quant, shuffle=True, seed=config.seed)
-    steps_per_epoch = max(1, math.ceil(len(examples) / config.batch_size))
-    total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    n = len(examples)
+    total = sft_steps(n, config)
     collate = Collator(tokenizer, image_processor, model.num_point_tokens, with_targets=True)
 
-    # 2. optimizer
+    # 2. optimizer (on the float32 master weights), resume
+    folder = resume(acc, model, stage_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, round(config.warmup_ratio * total), total, min_lr_rate=config.min_lr_ratio
-    )
+    scheduler = make_scheduler(optimizer, config, total)
     model, optimizer = acc.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step, history = 0, []
+    if folder is not None:
+        state = ckpt.load_training_state(acc, model, optimizer, scheduler, folder)
+        step, history = state["global_step"], state["log_history"]
     model.train()
 
-    # 3. loop
-    history: list[dict[str, float]] = []
-    step, losses, start = 0, [], time.perf_counter()
+    # 3. loop: step s trains on stream positions [s * B, (s + 1) * B); micro-batch k goes to rank k % P
+    m, rank = config.per_device_batch_size, acc.process_index
+    stream = examples.stream(step * config.batch_size, keep=lambda p: (p // m) % processes == rank)
     while step < total:
-        for batch in micro_batches(examples, config.per_device_batch_size, acc.process_index, acc.num_processes):
+        start, losses, tokens = time.perf_counter(), [], 0
+        for _ in range(acc.gradient_accumulation_steps):
+            batch = [next(stream)[1] for _ in range(m)]
             inputs = {k: v.to(acc.device) for k, v in collate(batch).items()}
+            tokens += int(inputs["attention_mask"].sum())
             with acc.accumulate(model):
                 loss = model(**inputs).loss
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
-                if acc.sync_gradients:
-                    scheduler.step()
                 optimizer.zero_grad()
-            losses.append(loss.detach().float().item())
-            if acc.sync_gradients:
-                step += 1
-                row = {"step": step, "loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0],
-                       "seconds": time.perf_counter() - start}
-                history.append(row)
-                losses = []
-                logger.info("sft %d/%d loss %.4f lr %.2e", step, total, row["loss"], row["lr"])
-                if step >= total:
-                    break
-        examples.epoch += 1
+            losses.append(loss.detach().float())
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        stats = acc.reduce(torch.stack([torch.stack(losses).mean(), torch.tensor(float(tokens))]).to(acc.device),
+                           "sum")
+        row = {"step": step, "loss": stats[0].item() / processes, "learning_rate": lr,
+               "samples": step * config.batch_size, "tokens": stats[1].item(),
+               "seconds": time.perf_counter() - start}
+        history.append(row)
+        logger.info("sft %d/%d loss %.4f lr %.2e", step, total, row["loss"], lr)
+        if stage_dir and (step % config.save_steps == 0 or step == total):
+            ckpt.save_checkpoint(acc, model, optimizer, scheduler, tokenizer, stage_dir,
+                                 trainer_state(step, total, history, step * config.batch_size, config, n),
+                                 config.save_total_limit)
     model.eval()
     return history

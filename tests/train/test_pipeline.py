@@ -8,7 +8,7 @@ import pytest
 from pointvl import io as pio
 from pointvl.evaluate import METRIC_KEYS
 from pointvl.train.config import tiny_preset
-from pointvl.train.pipeline import run_pipeline
+from pointvl.train.pipeline import format_compute, run_pipeline
 
 
 def _config(variant: str):
@@ -25,17 +25,29 @@ def test_run_writes_stages_and_resumes(short_shards_dir, tmp_path):
     run = str(tmp_path / "run")
     metrics = run_pipeline(_config("grca_rpc"), short_shards_dir, run)
     assert set(METRIC_KEYS) <= set(metrics) and metrics["n"] == 1
-    for name in ("config.json", "sft/model.pt", "grpo_grca_rpc/model.pt", "grpo_grca_rpc/history.json",
-                 "eval/predictions.jsonl", "eval/metrics.json", "curves.png"):
+    for name in ("config.json", "sft/checkpoint-3/model.safetensors", "grpo_grca_rpc/checkpoint-1/model.safetensors",
+                 "grpo_grca_rpc/history.json", "compute.json", "eval/predictions.jsonl", "eval/metrics.json",
+                 "curves.png"):
         assert pio.exists(pio.join(run, name)), name
-    stamp = os.path.getmtime(pio.join(run, "grpo_grca_rpc", "model.pt"))
+    final = pio.join(run, "grpo_grca_rpc", "checkpoint-1", "model.safetensors")
+    stamp = os.path.getmtime(final)
     assert run_pipeline(_config("grca_rpc"), short_shards_dir, run) == metrics  # finished stages are skipped
-    assert os.path.getmtime(pio.join(run, "grpo_grca_rpc", "model.pt")) == stamp
+    assert os.path.getmtime(final) == stamp
     with pytest.raises(ValueError, match="another config"):
         run_pipeline(_config("broadcast"), short_shards_dir, run)
 
 
-def test_budget_matched_sft_runs_as_many_steps_as_grpo(short_shards_dir, tmp_path):
+def test_budget_matched_sft_trains_on_as_many_samples_as_grpo(short_shards_dir, tmp_path):
+    """GRPO trains on G completions per prompt (2 x 1 here): the baseline continues SFT for 2 samples, at
+    the constant rate where SFT's schedule ended, and both stages' compute is logged."""
     run = str(tmp_path / "run")
-    run_pipeline(_config("sft_budget_matched"), short_shards_dir, run)
-    assert len(pio.read_json(pio.join(run, "sft_budget_matched", "history.json"))) == 1
+    cfg = _config("sft_budget_matched")
+    run_pipeline(cfg, short_shards_dir, run)
+    history = pio.read_json(pio.join(run, "sft_budget_matched", "history.json"))
+    assert history[-1]["samples"] == cfg.grpo.num_generations * cfg.grpo.max_steps == 2
+    assert {r["learning_rate"] for r in history} == {cfg.sft.learning_rate * cfg.sft.min_lr_ratio}
+    compute = {r["stage"]: r for r in pio.read_json(pio.join(run, "compute.json"))}
+    assert compute["sft"]["optimizer_steps"] == 3 and compute["sft_budget_matched"]["samples"] == 2
+    assert compute["sft"]["tokens"] > 0
+    table = format_compute(list(compute.values())).splitlines()
+    assert len(table) == 4 and table[3].startswith("| sft_budget_matched | 2 | 2 |")

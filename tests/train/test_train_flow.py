@@ -12,7 +12,8 @@ SCRIPT = textwrap.dedent("""
     from prefect.client.orchestration import get_client
     from flows.train import train
 
-    overrides = {"sft": {"batch_size": 1, "per_device_batch_size": 1, "max_steps": 3},
+    # nested and dotted overrides, as `pointvl train --config/--set` and the build's hand-off pass them
+    overrides = {"sft": {"batch_size": 1, "per_device_batch_size": 1}, "sft.max_steps": 3,
                  "grpo": {"max_steps": 1, "num_generations": 2, "max_new_tokens": 30}, "eval_max_new_tokens": 30}
     metrics = train(sys.argv[1], sys.argv[2], preset="tiny", variant="grca", config=overrides, build_id="b123")
     with get_client(sync_client=True) as client:
@@ -35,4 +36,5 @@ def test_train_flow_publishes_metrics_and_curves(short_shards_dir, tmp_path):
     assert {"train-metrics", "training-curves", "eval-report"} <= set(out["artifacts"])
     assert os.path.exists(os.path.join(run, "report", "report.md"))
     assert os.path.exists(os.path.join(run, "curves.png"))
-    assert os.path.exists(os.path.join(run, "grpo_grca", "model.pt"))
+    assert os.path.exists(os.path.join(run, "grpo_grca", "checkpoint-1", "model.safetensors"))
+    assert json.load(open(os.path.join(run, "config.json")))["sft"]["max_steps"] == 3
