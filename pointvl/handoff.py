@@ -13,7 +13,6 @@ refused in seconds instead of after the build. Each started training run is reco
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,30 +71,16 @@ def train_parameters(run_dir: str, config: HandoffConfig, build_flow_run_id: str
     }
 
 
-def _weights_present(checkpoint: str) -> bool:
-    if os.path.isdir(checkpoint):
-        return os.path.isfile(os.path.join(checkpoint, "config.json"))
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(checkpoint, "config.json"), str)
-
-
 def check_can_start(config: HandoffConfig) -> None:
-    """Raise :class:`InputError` (one line) when the hand-off's training job could not start here."""
-    from pointvl.train.config import preset_config
+    """Raise :class:`InputError` (one line, prefixed ``handoff:``) when the hand-off's training job could not
+    start here (:func:`pointvl.train.config.preflight`: weights present, or a preset that needs none)."""
+    from pointvl.train.config import preflight, preset_config
 
     try:
-        train = preset_config(config.preset, config.variant, config.overrides)
+        preflight(preset_config(config.preset, config.variant, config.overrides))
     except (TypeError, ValueError) as err:
-        raise InputError(f"handoff: the training config is invalid: {err}") from err
-    model = train.model
-    if model.architecture == "checkpoint" and not model.random_init and not _weights_present(model.checkpoint):
-        raise InputError(
-            f"handoff: training preset {config.preset!r} needs the weights of {model.checkpoint}, which are not on "
-            "this machine (no such folder, not in the Hugging Face cache); download them and set handoff.overrides "
-            "{model: {checkpoint: FOLDER}}, use handoff.preset tiny, or set handoff.train false")
-    if model.point_bert.checkpoint and not io.exists(model.point_bert.checkpoint):
-        raise InputError(f"handoff: the Point-BERT checkpoint {model.point_bert.checkpoint} does not exist")
+        raise InputError(f"handoff (preset {config.preset!r}): {err}; set handoff.overrides, use handoff.preset "
+                         "tiny, or set handoff.train false") from err
 
 
 def record_path(run_dir: str) -> str:
