@@ -33,7 +33,9 @@ def test_the_preflight_refuses_a_training_job_without_its_weights_in_one_line():
     check_can_start(HandoffConfig(train=True, preset="tiny"))  # builds its model in code: no weights needed
     with pytest.raises(InputError) as err:
         check_can_start(HandoffConfig(train=True, preset="paper"))
-    assert "'Qwen/Qwen2.5-VL-3B-Instruct' is neither a local folder nor in the local Hugging Face cache" in str(err.value) and "\n" not in str(err.value)
+    message = str(err.value)
+    assert "'Qwen/Qwen2.5-VL-3B-Instruct' is neither a local folder nor in the local Hugging Face cache" in message
+    assert "\n" not in message
     with pytest.raises(InputError, match="invalid"):
         check_can_start(HandoffConfig(train=True, preset="tiny", overrides={"model": {"dtype": "fp8"}}))
 
