@@ -35,6 +35,7 @@ def _build(args: argparse.Namespace) -> int:
 
     # 1. Check everything cheap before Prefect starts (seconds) and before any GPU or API work.
     config = BuildConfig.from_file(args.config) if args.config else BuildConfig()
+    config.annotate.redo_failed |= args.redo_failed
     read_taxonomy(args.shapenet)
     Clean(config.clean).resolve_categories(read_taxonomy(args.shapenet))
     shapenet = os.path.abspath(args.shapenet)
@@ -54,7 +55,14 @@ def _build(args: argparse.Namespace) -> int:
 
     check_unlocked(out)
 
-    summary = build_benchmark(shapenet=shapenet, out=out, config=config.to_dict(), incremental=args.incremental)
+    try:
+        summary = build_benchmark(shapenet=shapenet, out=out, config=config.to_dict(), incremental=args.incremental)
+    except InputError:
+        raise
+    except Exception as err:  # a fault of the run (storage, orchestrator, a stage bug): one line, exit 1
+        print(f"pointvl build: failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+              f"(the run's log above has the details; re-run the same command to resume)", file=sys.stderr)
+        return 1
     print(format_summary(summary))
     return 0
 
@@ -126,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="update --out to new or changed models and a changed config: only affected shards and stages are "
              "recomputed; replaced outputs move to OUT/superseded/",
     )
+    build.add_argument("--redo-failed", action="store_true",
+                       help="annotate again the items whose annotation failed (cached replies cost nothing)")
     build.set_defaults(command_handler=_build)
 
     evaluate = commands.add_parser(

@@ -41,6 +41,24 @@ def cleaning_report_path(run_dir: str) -> str:
     return io.join(run_dir, "reports", "cleaning.csv")
 
 
+def remove_temp_files(run_dir: str) -> int:
+    """Remove the temporary files (``.tmp-*``) a killed run left; returns how many.
+
+    Writers rename their temporary file into place (:mod:`pointvl.io`), so one left behind is a cut
+    write that nothing reads. Called before a build plans, when no writer of the run folder is active
+    (one build at a time per run folder).
+    """
+    fs, root = io.filesystem(run_dir)
+    if not fs.exists(root):
+        return 0
+    leftovers = fs.glob(f"{root}/**/.tmp-*")
+    for path in leftovers:
+        fs.rm(path)
+    if leftovers:
+        logger.info("removed %d temporary files left by an interrupted run", len(leftovers))
+    return len(leftovers)
+
+
 def plan_run(shapenet: str, run_dir: str, config: BuildConfig, incremental: bool = False) -> Plan:
     """The run's shard plan: the existing one when the run folder has it, else clean and plan.
 
@@ -51,6 +69,7 @@ def plan_run(shapenet: str, run_dir: str, config: BuildConfig, incremental: bool
     (:mod:`pointvl.incremental`), so the stages then redo exactly those.
     """
     key = fingerprint(shapenet, config.output_dict())
+    remove_temp_files(run_dir)
     if not incremental and (existing := existing_plan(run_dir, key)) is not None:
         logger.info("plan exists: cleaning skipped")
         return existing

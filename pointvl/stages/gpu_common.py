@@ -141,13 +141,15 @@ def run_items(
     batch_size: int = 1,
     keep_items: bool = False,
     extra_stats: Callable[[pa.Table], dict] | None = None,
+    made_from: tuple[str, ...] = (),
 ) -> dict:
     """Run ``process`` over the rows of ``inputs`` not finished yet, in batches; write the shard.
     (Callers skip a finished shard themselves, before they load a model.)
 
     ``process`` takes input rows (dicts) and returns one output row per input row, each with
     ``instance_id`` and the columns of ``schema``. ``extra_stats(table)`` adds entries to the stats
-    from the assembled table. Returns the shard's stats.
+    from the assembled table; ``made_from`` names the stages whose tables ``inputs`` came from (their
+    checksums are recorded in the shard table). Returns the shard's stats.
     """
     t0 = time.perf_counter()
     folder = items_dir(run_dir, stage, shard_index)
@@ -181,7 +183,7 @@ def run_items(
         "resumed": len(done),
         "seconds": round(time.perf_counter() - t0, 4),
     } | (extra_stats(table) if extra_stats else {})
-    write_stage_table(run_dir, stage, shard_index, table, stats)
+    write_stage_table(run_dir, stage, shard_index, table, stats, inputs=made_from)
     if not keep_items and fs.exists(local):
         fs.rm(local, recursive=True)
     return stats

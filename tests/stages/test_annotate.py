@@ -20,6 +20,7 @@ from pointvl.annotation import smart_resize, vlm_box_to_pixels
 from pointvl.images import encode_mask, encode_rgb
 from pointvl.llm import BatchPending, FatalAPIError, InvalidReply
 from pointvl.stages.annotate import Annotate, AnnotateConfig
+from pointvl.stages.base import write_stage_table
 
 KEY = "sk-test-SECRET-annotate-42"
 CATEGORIES = ["airplane", "car", "chair", "lamp", "table"]
@@ -99,19 +100,12 @@ def make_run(root: Path, n: int = 5, synthesize: bool = True) -> tuple[str, dict
             "height": rows["height"],
         }
     )
-    io.write_table(io.join(run, "stages/render/shard-00000.parquet"), render)
-    io.write_table(
-        io.join(run, "stages/geometry/shard-00000.parquet"),
-        pa.table({"instance_id": ids, "bbox3d": pa.array(rows["bbox3d"], f32)}),
-    )
-    io.write_table(
-        io.join(run, "stages/kpts2d/shard-00000.parquet"),
-        pa.table({"instance_id": ids, "bbox2d": pa.array(rows["bbox2d"], f32)}),
-    )
+    write_stage_table(run, "render", 0, render, {})
+    write_stage_table(run, "geometry", 0, pa.table({"instance_id": ids, "bbox3d": pa.array(rows["bbox3d"], f32)}), {})
+    write_stage_table(run, "kpts2d", 0, pa.table({"instance_id": ids, "bbox2d": pa.array(rows["bbox2d"], f32)}), {})
     if synthesize:
-        io.write_table(
-            io.join(run, "stages/synthesize/shard-00000.parquet"),
-            pa.table({"instance_id": ids, "image": pa.array(rows["image"], pa.binary())}),
+        write_stage_table(
+            run, "synthesize", 0, pa.table({"instance_id": ids, "image": pa.array(rows["image"], pa.binary())}), {}
         )
     return run, boxes, shas
 
