@@ -46,7 +46,7 @@ MAX_COORDINATE = 1e9
 # tolerances a mesh is taken as it is; outside them it is normalized the same way.
 DIAGONAL_TOLERANCE = 0.05
 CENTRE_TOLERANCE = 0.05
-# A mesh whose vertices reach this many times farther than the bulk (99.8 %) of its surface carries
+# A mesh whose vertices reach this many times farther than the bulk (98 %) of its surface carries
 # stray faces (a triangle 200 units away): its box would shrink the object to a speck.
 STRAY_FACTOR = 5.0
 
@@ -210,14 +210,14 @@ def _check_stray(mesh: trimesh.Trimesh, where: str) -> None:
     centres = np.asarray(mesh.triangles_center, dtype=np.float64)
     order = np.argsort(centres, axis=0)
     cdf = np.cumsum(weights[order], axis=0) / weights.sum()
-    lo = np.take_along_axis(centres, order, 0)[np.argmax(cdf >= 0.001, axis=0), [0, 1, 2]]
-    hi = np.take_along_axis(centres, order, 0)[np.argmax(cdf >= 0.999, axis=0), [0, 1, 2]]
+    lo = np.take_along_axis(centres, order, 0)[np.argmax(cdf >= 0.01, axis=0), [0, 1, 2]]
+    hi = np.take_along_axis(centres, order, 0)[np.argmax(cdf >= 0.99, axis=0), [0, 1, 2]]
     bulk = float(np.linalg.norm(hi - lo))
     full = float(np.linalg.norm(mesh.bounds[1] - mesh.bounds[0]))
     if full > STRAY_FACTOR * max(bulk, 1e-12 * full):
         raise MeshError(
             "stray_geometry",
-            f"{where}: its box diagonal is {full:.4g} but 99.8 % of its surface spans {bulk:.4g}: "
+            f"{where}: its box diagonal is {full:.4g} but 98 % of its surface spans {bulk:.4g}: "
             "stray faces far from the object (remove them from the OBJ)",
         )
 

@@ -303,6 +303,24 @@ def test_faults_lose_no_item_and_a_resume_pays_only_for_the_failed(
             assert KEY.encode() not in f.read_bytes()
 
 
+def test_grounding_failures_with_the_mask_box_flag_items_and_malformed_replies_are_reasked(tmp_path: Path) -> None:
+    run, boxes, shas = make_run(tmp_path, n=4)
+    ids = list(shas)
+    with FakeOpenAI(api_key=KEY) as srv:
+        # the VLM never gives a box for item 0 (bbox2d_source: mask, the default): flagged, not a crash
+        srv.inject("bad_json", times=99, match=lambda b: "response_format" not in b and image_sha(b) == shas[ids[0]])
+        # HTTP 200 bodies that are not chat completions: re-asked, then the item goes on
+        srv.inject("text_plain", times=1, match=lambda b: image_sha(b) == shas[ids[1]])
+        srv.inject("null_message", times=1, match=lambda b: image_sha(b) == shas[ids[2]])
+        stats = Annotate(online(srv), CATEGORIES, api_key=SecretStr(KEY), vlm_api_key=SecretStr(KEY)).run_shard(run, 0)
+    rows = {r["instance_id"]: r for r in read(run)}
+    assert stats["failed"] == 0 and stats["ok"] == 4 and stats["reasks"] >= 4
+    first = rows[ids[0]]
+    assert first["annotate_flagged"] and first["bbox2d"] == pytest.approx(boxes[ids[0]])
+    assert first["annotate_failure_reason"].startswith("vlm: invalid reply after 3 attempts")
+    assert all(rows[i]["bbox2d_vlm"] is not None and rows[i]["annotate_failure_reason"] is None for i in ids[1:])
+
+
 def test_a_crash_mid_shard_resumes_without_paying_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.setenv("VLM_API_KEY", KEY)
