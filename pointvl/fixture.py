@@ -433,7 +433,8 @@ def _quad_table() -> bytes:
     boxes = [((0, 0.72, 0), (1.2, 0.04, 0.7))] + [((x, 0.35, z), (0.05, 0.7, 0.05)) for x in (-0.55, 0.55)
                                                    for z in (-0.3, 0.3)]
     for (cx, cy, cz), (sx, sy, sz) in boxes:
-        corners = [(cx + a * sx / 2, cy + b * sy / 2, cz + c * sz / 2) for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)]
+        signs = [(a, b, c) for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)]
+        corners = [(cx + a * sx / 2, cy + b * sy / 2, cz + c * sz / 2) for a, b, c in signs]
         lines += [f"v {x:.4f} {y:.4f} {z:.4f}" for x, y, z in corners]
         quads = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
         lines += ["f " + " ".join(str(n + i + 1) for i in q) for q in quads]
