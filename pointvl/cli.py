@@ -17,7 +17,7 @@ from pointvl.fixture import write_fixture
 
 
 def _fixture(args: argparse.Namespace) -> int:
-    manifest = write_fixture(args.out_dir, seed=args.seed)
+    manifest = write_fixture(args.out_dir, seed=args.seed, catalogue=args.catalogue)
     n_models = sum(len(ids) for ids in manifest.models.values())
     print(
         f"wrote a mini ShapeNetCore v2 to {args.out_dir}: {len(manifest.models)} synsets, "
@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fixture.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder (path or fsspec URL)")
     fixture.add_argument("--seed", type=int, default=0, help="every random choice follows it (default 0)")
+    fixture.add_argument("--catalogue", action="store_true",
+                         help="add the fault catalogue: real-world OBJ files (other units, UTF-16, quads), more faults")
     fixture.set_defaults(command_handler=_fixture)
 
     build = commands.add_parser(

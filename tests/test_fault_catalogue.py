@@ -213,3 +213,24 @@ def test_a_fault_of_the_run_exits_1_with_one_line(catalogue, tmp_path):
     # one line names the cause (Prefect's temporary server may log its shutdown after it)
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("pointvl build: failed:")]
     assert len(lines) == 1 and "NotADirectoryError" in lines[0] and "/dev/null" in lines[0], result.stderr[-2000:]
+
+
+def test_a_table_of_an_earlier_pointvl_is_adopted_if_it_reads_and_moved_aside_if_not(tmp_path):
+    from pointvl import io
+    from pointvl.plan import stage_table_path
+    from pointvl.stages.base import finished, stats_path
+
+    run = str(tmp_path)
+    table = pa.table({"instance_id": ["a-b-0"], "x": [1.0]})
+    for shard, data in ((0, io.table_bytes(table)), (1, io.table_bytes(table)[:40])):
+        io.write_bytes(stage_table_path(run, "geometry", shard), data)
+        io.write_json(stats_path(run, "geometry", shard), {"instances": 1})  # no checksum: written before them
+    assert finished(run, "geometry", 0) and "table_sha256" in read_stats(run, "geometry", 0)
+    assert read_stage_table(run, "geometry", 0).equals(table)
+    assert not finished(run, "geometry", 1) and list(tmp_path.glob("superseded/*/stages/geometry/shard-00001.parquet"))
+
+
+def test_a_one_category_build_gets_a_distractor_for_its_category_question(tmp_path):
+    from pointvl.stages.annotate import Annotate, AnnotateConfig
+
+    assert Annotate(AnnotateConfig(), ["chair"]).categories == ["airplane", "chair"]

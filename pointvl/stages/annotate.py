@@ -227,7 +227,7 @@ class Annotate:
         if len(self.categories) < 2:  # the category question needs a distractor (a one-category subset)
             extra = next(c for c in DISTRACTORS if c != self.categories[0])
             logger.warning("one category (%s): the category question's distractor is %r", self.categories[0], extra)
-            self.categories.append(extra)
+            self.categories = sorted([*self.categories, extra])
         self._api_key = api_key
         self._vlm_api_key = vlm_api_key
         self._schema = json.loads(Path(config.schema_path).read_text())

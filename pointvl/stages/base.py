@@ -135,14 +135,34 @@ def _plan_digest(run_dir: str, shard_index: int) -> str:
     return _plan_memo[key].get(shard_index, "")
 
 
-def recorded_sha(run_dir: str, stage: str, shard_index: int) -> str | None:
-    """The table checksum a stage's stats record (None: no stats, or stats without one)."""
-    path = stats_path(run_dir, stage, shard_index)
+def _stats_or_none(run_dir: str, stage: str, shard_index: int) -> dict | None:
     try:
-        stats = io.read_json(path)
+        stats = io.read_json(stats_path(run_dir, stage, shard_index))
     except (FileNotFoundError, ValueError):  # no stats, or damaged (UnicodeDecodeError is a ValueError)
         return None
-    return stats.get("table_sha256") if isinstance(stats, dict) else None
+    return stats if isinstance(stats, dict) else None
+
+
+def recorded_sha(run_dir: str, stage: str, shard_index: int) -> str | None:
+    """The table checksum a stage's stats record (None: no stats, or stats without one)."""
+    stats = _stats_or_none(run_dir, stage, shard_index)
+    return stats.get("table_sha256") if stats is not None else None
+
+
+def _adopt(run_dir: str, stage: str, shard_index: int, stats: dict) -> str | None:
+    """A table written before tables recorded their origin: if it reads as Parquet, record its checksum
+    (so it is checked from now on) rather than pay for it again; else say why it cannot be used."""
+    path = stage_table_path(run_dir, stage, shard_index)
+    data = io.read_bytes(path)
+    try:
+        meta = pq.read_metadata(pa.BufferReader(data)).metadata or {}
+    except (pa.ArrowException, OSError) as err:
+        return f"it is not a readable Parquet file ({type(err).__name__})"
+    if MADE_FROM in meta:
+        return "its stats lack the checksum it was written with"
+    io.write_json(stats_path(run_dir, stage, shard_index), {**stats, "table_sha256": sha256_bytes(data)})
+    logger.info("%s: written by an earlier pointvl; its checksum is recorded now", path)
+    return None
 
 
 def write_stage_table(
@@ -169,9 +189,12 @@ def _problem(run_dir: str, stage: str, shard_index: int, data: bytes | None = No
     """Why the shard's table of ``stage`` (its bytes ``data``, else read from the file, which exists)
     cannot be used; None when it checks out."""
     path = stage_table_path(run_dir, stage, shard_index)
-    want = recorded_sha(run_dir, stage, shard_index)
-    if want is None:
+    stats = _stats_or_none(run_dir, stage, shard_index)
+    if stats is None:
         return "its stats file is missing or damaged, so its content cannot be checked"
+    want = stats.get("table_sha256")
+    if want is None:
+        return _adopt(run_dir, stage, shard_index, stats)
     if (sha256_bytes(data) if data is not None else file_sha256(path)) != want:
         return "its bytes do not match the checksum in its stats (truncated or altered)"
     if data is not None:
@@ -180,10 +203,12 @@ def _problem(run_dir: str, stage: str, shard_index: int, data: bytes | None = No
         fs, p = io.filesystem(path)
         with fs.open(p, "rb") as f:  # the footer only
             meta = pq.read_schema(f).metadata or {}
+    if MADE_FROM not in meta:  # adopted from an earlier pointvl
+        return None
     try:
         made = json.loads(meta[MADE_FROM])
-    except (KeyError, ValueError):
-        return "it does not record what it was made from"
+    except ValueError:
+        return "its record of what it was made from is damaged"
     if made.get("stage") != stage or made.get("shard") != shard_index:
         return f"it was made for {made.get('stage')} shard {made.get('shard')}"
     current = _plan_digest(run_dir, shard_index)
