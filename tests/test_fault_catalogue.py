@@ -234,3 +234,29 @@ def test_a_one_category_build_gets_a_distractor_for_its_category_question(tmp_pa
     from pointvl.stages.annotate import Annotate, AnnotateConfig
 
     assert Annotate(AnnotateConfig(), ["chair"]).categories == ["airplane", "chair"]
+
+
+def test_a_gpu_stage_item_that_fails_alone_is_dropped_and_a_device_fault_fails_the_shard(tmp_path):
+    from gpu_inputs import write_render_shard
+
+    from pointvl.stages.gpu_common import run_items
+
+    run = str(tmp_path)
+    ids = write_render_shard(run, 0, n=4)
+    schema = pa.schema([("instance_id", pa.string()), ("refined", pa.binary())])
+
+    def process(rows: list[dict]) -> list[dict]:
+        if any(r["instance_id"] == ids[1] for r in rows):
+            raise ValueError("cannot identify image file")
+        return [{"instance_id": r["instance_id"], "refined": r["render"]} for r in rows]
+
+    inputs = read_stage_table(run, "render", 0).select(["instance_id", "render"])
+    stats = run_items(run, "refine", 0, inputs, process, schema, batch_size=2, made_from=("render",))
+    assert stats["dropped_refine_failed"] == 1 and list(stats["drops"]) == [ids[1]]
+    assert read_stage_table(run, "refine", 0).column("instance_id").to_pylist() == [ids[0], *ids[2:]]
+
+    def lost(rows: list[dict]) -> list[dict]:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        run_items(run, "synthesize", 0, inputs, lost, schema)

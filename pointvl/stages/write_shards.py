@@ -111,7 +111,7 @@ class WriteShards:
             if iid not in planned:  # stage tables are checked against the plan; this is the last guard
                 drops.add(iid, "not_in_plan", f"not an instance of {shard.name}")
                 continue
-            missing = [s for s in REQUIRED if iid not in tables[s]]
+            missing = [s for s in (*REQUIRED, "refine", "synthesize") if s in tables and iid not in tables[s]]
             if missing:  # dropped by an earlier stage (e.g. an empty mask), counted there
                 continue
             review = tables.get("review", {}).get(iid)
