@@ -55,8 +55,8 @@ class Drops:
         self.counts: Counter[str] = Counter()
         self.items: dict[str, str] = {}
 
-    def add(self, item: str, reason: str, message: str) -> None:
-        logger.warning("%s %s dropped (%s): %s", self.stage, item, reason, message)
+    def add(self, item: str, reason: str, message: str, level: int = logging.WARNING) -> None:
+        logger.log(level, "%s %s dropped (%s): %s", self.stage, item, reason, message)
         self.counts[reason] += 1
         self.items[item] = f"{reason}: {message}"[:500]
 

@@ -116,11 +116,11 @@ class WriteShards:
                 continue
             review = tables.get("review", {}).get(iid)
             if review is not None and review["decision"] != "approved":  # rejected, or held for a person
-                drops.add(iid, f"{review['decision']}_in_review", review.get("reason") or "")
+                drops.add(iid, f"{review['decision']}_in_review", review.get("reason") or "", logging.INFO)
                 continue
             annotate = tables.get("annotate", {}).get(iid)
             if annotate is not None and annotate["annotate_status"] != "ok":
-                drops.add(iid, "annotate_failed", annotate.get("annotate_failure_reason") or "")
+                drops.add(iid, "annotate_failed", annotate.get("annotate_failure_reason") or "", logging.INFO)
                 continue
             refine = tables.get("refine", {}).get(iid)
             synth = tables.get("synthesize", {}).get(iid)
