@@ -192,8 +192,8 @@ def _check_type(value: Any, annotation: str, key: str, default: Any = dataclasse
     wrong_bool = isinstance(value, bool) and bool not in (allowed or ()) and annotation != "bool"
     example = f" (default {default!r})" if default is not dataclasses.MISSING else ""
     if allowed is not None and (not isinstance(value, allowed) or wrong_bool):
-        hint = " without quotes" if isinstance(value, str) and annotation != "str" else ""
-        raise ConfigError(f"{key} must be {annotation}{example}, got {value!r}: write it{hint} as a {annotation}")
+        hint = " (write the number without quotes)" if isinstance(value, str) and annotation != "str" else ""
+        raise ConfigError(f"{key} must be {annotation}{example}, got {value!r}{hint}")
     if annotation.startswith(("list[", "tuple[")) and not isinstance(value, list | tuple):
         raise ConfigError(f"{key} must be a list{example}, got {value!r}")
 

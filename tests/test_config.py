@@ -82,7 +82,7 @@ def test_flow_parameters_override_single_values_through_the_strict_checks():
     ("data", "message"),
     [
         ({"render": {"width": 1_000_000}}, r"render.width must be in \[1, 4096\] \(default 512"),
-        ({"render": {"width": "256"}}, "render.width must be int .*write it without quotes"),
+        ({"render": {"width": "256"}}, "render.width must be int .*without quotes"),
         ({"render": {"depth_scale": 100_000.0}}, "exceeds 16 bits: lower depth_scale"),
         ({"sample_points": {"num_points": 10_000_000}}, r"num_points must be in \[16, 262144\]"),
         ({"annotate": {"max_reasks": 1000}}, r"annotate.max_reasks must be in \[0, 10\]"),
