@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -101,7 +102,9 @@ def test_damaged_run_state_is_moved_aside_recomputed_and_named(catalogue, built,
     # 5. a half-length final shard, 6. a temporary file left by a killed write
     final = copy / "shards" / plan.shards[5].final_name
     final.write_bytes(final.read_bytes()[: final.stat().st_size // 2])
-    (stages / "render" / ".tmp-0123abcd-shard-00006.parquet").write_bytes(b"cut")
+    leftover = stages / "render" / ".tmp-0123abcd-shard-00006.parquet"
+    leftover.write_bytes(b"cut")
+    os.utime(leftover, (leftover.stat().st_atime - 120, leftover.stat().st_mtime - 120))  # left minutes ago
 
     caplog.set_level(logging.WARNING)
     build_in_process(catalogue.root, str(copy), BuildConfig.from_dict(CONFIG))
