@@ -53,9 +53,8 @@ def _build(args: argparse.Namespace) -> int:
     from flows.build import build_benchmark
     from flows.locking import check_unlocked
 
-    check_unlocked(out)
-
     try:
+        check_unlocked(out)
         summary = build_benchmark(shapenet=shapenet, out=out, config=config.to_dict(), incremental=args.incremental)
     except InputError:
         raise
