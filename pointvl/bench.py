@@ -60,6 +60,37 @@ def cpu_stages_per_instance(faces: int, repeats: int = 2) -> dict[str, float]:
     return result
 
 
+def integrity_overhead(work: str, faces: int = 80_000, table_mb: int = 64) -> dict[str, float]:
+    """What bad-data handling costs: normalizing (stray check included) an ``faces``-face mesh, and
+    verifying a ``table_mb`` MB stage table the first time (checksum) and again (memoized).
+
+    Target: both well under the cost of the stages themselves (~0.2 s per instance at 80k faces).
+    """
+    import pyarrow as pa
+
+    from pointvl.mesh import normalize
+    from pointvl.stages.base import _sha_memo, finished, write_stage_table
+
+    mesh = shapenet_sized_mesh(faces)
+    mesh.apply_scale(250.0)  # other units: the full normalization path
+    t0 = time.perf_counter()
+    normalize(mesh, "bench")
+    normalize_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    blobs = [rng.bytes(1 << 20) for _ in range(table_mb)]  # incompressible, like PNG bytes
+    write_stage_table(work, "render", 0, pa.table({"instance_id": [str(i) for i in range(table_mb)],
+                                                   "render": pa.array(blobs, pa.binary())}), {})
+    _sha_memo.clear()
+    t0 = time.perf_counter()
+    assert finished(work, "render", 0)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assert finished(work, "render", 0)
+    again = time.perf_counter() - t0
+    return {"normalize_s": normalize_s, "faces": len(mesh.faces), "verify_first_s": first,
+            "verify_again_s": again, "table_mb": table_mb}
+
+
 def orchestration_overhead(shapenet: str, config: dict, work: str) -> dict[str, float]:
     """The same stages over the same shards: the Prefect flow vs a plain Python loop."""
     from prefect.task_runners import ThreadPoolTaskRunner
@@ -96,6 +127,9 @@ def main() -> None:
     for faces in (20_000, 80_000, 100_000):
         results[f"cpu_stages_{faces // 1000}k_faces"] = cpu_stages_per_instance(faces)
         print(json.dumps({f"cpu_stages_{faces // 1000}k_faces": results[f"cpu_stages_{faces // 1000}k_faces"]}))
+    with tempfile.TemporaryDirectory() as work:
+        results["integrity"] = integrity_overhead(work)
+        print(json.dumps({"integrity": results["integrity"]}))
     with tempfile.TemporaryDirectory() as work:
         shapenet = write_fixture(os.path.join(work, "shapenet")).root
         # 8 instances a shard: 6 shards, ~70 task runs for 36 models (orchestration-heavy);

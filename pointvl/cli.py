@@ -17,7 +17,7 @@ from pointvl.fixture import write_fixture
 
 
 def _fixture(args: argparse.Namespace) -> int:
-    manifest = write_fixture(args.out_dir, seed=args.seed)
+    manifest = write_fixture(args.out_dir, seed=args.seed, catalogue=args.catalogue)
     n_models = sum(len(ids) for ids in manifest.models.values())
     print(
         f"wrote a mini ShapeNetCore v2 to {args.out_dir}: {len(manifest.models)} synsets, "
@@ -35,6 +35,7 @@ def _build(args: argparse.Namespace) -> int:
 
     # 1. Check everything cheap before Prefect starts (seconds) and before any GPU or API work.
     config = BuildConfig.from_file(args.config) if args.config else BuildConfig()
+    config.annotate.redo_failed |= args.redo_failed
     read_taxonomy(args.shapenet)
     Clean(config.clean).resolve_categories(read_taxonomy(args.shapenet))
     shapenet = os.path.abspath(args.shapenet)
@@ -52,9 +53,15 @@ def _build(args: argparse.Namespace) -> int:
     from flows.build import build_benchmark
     from flows.locking import check_unlocked
 
-    check_unlocked(out)
-
-    summary = build_benchmark(shapenet=shapenet, out=out, config=config.to_dict(), incremental=args.incremental)
+    try:
+        check_unlocked(out)
+        summary = build_benchmark(shapenet=shapenet, out=out, config=config.to_dict(), incremental=args.incremental)
+    except InputError:
+        raise
+    except Exception as err:  # a fault of the run (storage, orchestrator, a stage bug): one line, exit 1
+        print(f"pointvl build: failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+              f"(the run's log above has the details; re-run the same command to resume)", file=sys.stderr)
+        return 1
     print(format_summary(summary))
     return 0
 
@@ -141,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fixture.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder (path or fsspec URL)")
     fixture.add_argument("--seed", type=int, default=0, help="every random choice follows it (default 0)")
+    fixture.add_argument("--catalogue", action="store_true",
+                         help="add the fault catalogue: real-world OBJ files (other units, UTF-16, quads), more faults")
     fixture.set_defaults(command_handler=_fixture)
 
     build = commands.add_parser(
@@ -154,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="update --out to new or changed models and a changed config: only affected shards and stages are "
              "recomputed; replaced outputs move to OUT/superseded/",
     )
+    build.add_argument("--redo-failed", action="store_true",
+                       help="annotate again the items whose annotation failed (cached replies cost nothing)")
     build.set_defaults(command_handler=_build)
 
     evaluate = commands.add_parser(

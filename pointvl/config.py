@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pointvl.errors import InputError
+from pointvl import io
+from pointvl.errors import InputError, check_range
 from pointvl.handoff import HandoffConfig
 from pointvl.stages.annotate import AnnotateConfig
 from pointvl.stages.clean import CleanConfig
@@ -74,10 +73,17 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         _check_types(self, "")
-        if self.gpu_workers < 1:
-            raise ConfigError(f"gpu_workers must be >= 1, got {self.gpu_workers}")
-        if self.shard_size < 1:
-            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
+        try:
+            check_range("gpu_workers", self.gpu_workers, 1, 1024, 1)
+            check_range("shard_size", self.shard_size, 1, 100_000, 256, "DESIGN: 64-512")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.geometry.num_keypoints > self.sample_points.num_points:
+            raise ConfigError(f"geometry.num_keypoints ({self.geometry.num_keypoints}) must be <= "
+                              f"sample_points.num_points ({self.sample_points.num_points})")
+        if self.kpts2d.k != self.geometry.num_keypoints:
+            raise ConfigError(f"kpts2d.k ({self.kpts2d.k}) must equal geometry.num_keypoints "
+                              f"({self.geometry.num_keypoints}): records hold as many 2D as 3D keypoints")
         unknown = set(self.gpu_deployments) - {"refine", "synthesize"}
         if unknown:
             raise ConfigError(f"gpu_deployments: unknown stages {sorted(unknown)}; use refine, synthesize")
@@ -123,13 +129,12 @@ class BuildConfig:
 
     @classmethod
     def from_file(cls, path: str) -> BuildConfig:
-        p = Path(path)
-        if not p.is_file():
+        if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(p.read_text())  # YAML is a superset of JSON
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML/JSON: {err}") from err
+            data = io.read_yaml(path)
+        except InputError as err:
+            raise ConfigError(str(err)) from None
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
         return cls.from_dict(data)
@@ -160,10 +165,12 @@ def _mapping(name: str, value: Any) -> dict[str, Any]:
 def _section(name: str, cls: type, value: Any) -> Any:
     if not isinstance(value, dict):
         raise ConfigError(f"config section {name!r} must be a mapping, got {value!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown keys in {name!r}: {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"unknown keys in {name!r}: {unknown}; known: {sorted(fields)}")
+    for key, v in value.items():  # before construction: a section's checks compare numbers
+        _check_type(v, str(fields[key].type), f"{name}.{key}", fields[key].default)
     try:
         section = cls(**value)
     except (TypeError, ValueError) as err:
@@ -179,16 +186,22 @@ _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+def _check_type(value: Any, annotation: str, key: str, default: Any = dataclasses.MISSING) -> None:
+    """Reject a value of the wrong type for a scalar or list field (``width: "256"``), with the fix."""
+    allowed = _SIMPLE_TYPES.get(annotation)
+    wrong_bool = isinstance(value, bool) and bool not in (allowed or ()) and annotation != "bool"
+    example = f" (default {default!r})" if default is not dataclasses.MISSING else ""
+    if allowed is not None and (not isinstance(value, allowed) or wrong_bool):
+        hint = " (write the number without quotes)" if isinstance(value, str) and annotation != "str" else ""
+        raise ConfigError(f"{key} must be {annotation}{example}, got {value!r}{hint}")
+    if annotation.startswith(("list[", "tuple[")) and not isinstance(value, list | tuple):
+        raise ConfigError(f"{key} must be a list{example}, got {value!r}")
+
+
 def _check_types(obj: Any, where: str) -> None:
     """Reject a value of the wrong type for a scalar or list field (``shard_size: 2.5``) before any work.
 
     Dataclasses do not check their annotations; a YAML typo would otherwise fail deep in a stage.
     """
     for f in dataclasses.fields(obj):
-        value, annotation = getattr(obj, f.name), str(f.type)
-        allowed = _SIMPLE_TYPES.get(annotation)
-        wrong_bool = isinstance(value, bool) and bool not in (allowed or ()) and annotation != "bool"
-        if allowed is not None and (not isinstance(value, allowed) or wrong_bool):
-            raise ConfigError(f"{where}{f.name} must be {annotation}, got {value!r}")
-        if annotation.startswith(("list[", "tuple[")) and not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}{f.name} must be a list, got {value!r}")
+        _check_type(getattr(obj, f.name), str(f.type), f"{where}{f.name}", f.default)

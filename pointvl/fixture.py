@@ -17,6 +17,13 @@ lists each faulty model folder with the reason ``pointvl.stages.clean`` writes i
   models, to be merged rather than dropped (``FixtureManifest.hyponyms``).
 
 One bottle is textured (``map_Kd ../images/texture0.png`` and ``vt`` per vertex, ShapeNet's layout).
+
+``write_fixture(..., catalogue=True)`` adds the fault catalogue: real-world OBJ files as other tools
+write them, which must build (``FixtureManifest.quirks``: arbitrary units, vertex colours, a texture
+whose image is missing, UTF-16 and UTF-8-BOM/CRLF files, quads and polygons, negative indices), and
+models that must be dropped with a reason (``FixtureManifest.faults``: a stray triangle 200 units
+away, a vertex at 1e300, a NaN vertex, a line-only file, a synset folder missing from the taxonomy,
+a model folder that is a symbolic link to itself).
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ class Fault:
 
     synset_id: str
     model_id: str
-    reason: str  # model_in_two_categories | missing_obj | no_faces | unreadable | duplicate_geometry
+    reason: str  # a reason of the cleaning report (pointvl.stages.clean)
     related: str = ""  # "<synset>/<model>" of the other entry involved (two categories, duplicate geometry)
 
 
@@ -62,6 +69,7 @@ class FixtureManifest:
     faults: tuple[Fault, ...]
     hyponyms: dict[str, str] = dataclasses.field(default_factory=lambda: dict(HYPONYMS))
     textured: tuple[str, ...] = ()  # "<synset>/<model>" of models with a texture image
+    quirks: dict[str, str] = dataclasses.field(default_factory=dict)  # "<synset>/<model>" -> quirk (kept)
 
     @property
     def good(self) -> dict[str, tuple[str, ...]]:
@@ -373,13 +381,79 @@ def _corrupt(obj: bytes) -> bytes:
     return head[: head.rfind(b"\n")] + b"\nv 0.12 \x00\xff\xfe nan\nf 1 2 999999\n\x89PNG\x00\x00garbage"
 
 
+def _map_vertices(obj: bytes, fn: Callable[[np.ndarray], np.ndarray], suffix: str = "") -> bytes:
+    """``obj`` with every ``v x y z`` line replaced by ``fn(xyz)`` (plus ``suffix``)."""
+    out = []
+    for line in obj.decode().split("\n"):
+        if line.startswith("v "):
+            xyz = fn(np.array([float(t) for t in line.split()[1:4]]))
+            line = "v " + " ".join(repr(float(c)) for c in xyz) + suffix
+        out.append(line)
+    return "\n".join(out).encode()
+
+
+def _millimetres(obj: bytes) -> bytes:
+    """Arbitrary units: millimetres, the origin at a corner (as CAD exports are)."""
+    return _map_vertices(obj, lambda v: v * 1000.0 + np.array([500.0, 320.0, -75.0]))
+
+
+def _vertex_colours(obj: bytes) -> bytes:
+    """``v x y z r g b`` and no material library (photogrammetry and MeshLab exports)."""
+    lines = [ln for ln in _map_vertices(obj, lambda v: v, " 0.8 0.3 0.1").split(b"\n")
+             if not ln.startswith((b"mtllib", b"usemtl"))]
+    return b"\n".join(lines)
+
+
+def _negative_indices(obj: bytes) -> bytes:
+    """Faces that count back from the last vertex (``f -3 -2 -1``), legal OBJ."""
+    n = sum(line.startswith(b"v ") for line in obj.split(b"\n"))
+    return b"\n".join(
+        b"f " + b" ".join(str(int(i) - n - 1).encode() for i in line.split()[1:]) if line.startswith(b"f ") else line
+        for line in obj.split(b"\n")
+    )
+
+
+def _stray_triangle(obj: bytes) -> bytes:
+    n = sum(line.startswith(b"v ") for line in obj.split(b"\n"))
+    return obj + f"v 200 200 200\nv 200.1 200 200\nv 200 200.1 200\nf {n + 1} {n + 2} {n + 3}\n".encode()
+
+
+def _first_vertex(value: str) -> Callable[[bytes], bytes]:
+    def damage(obj: bytes) -> bytes:
+        head, tail = obj.split(b"\nv ", 1)
+        return head + f"\nv {value} ".encode() + tail.split(b" ", 1)[1]
+
+    return damage
+
+
+def _quad_table() -> bytes:
+    """A table of boxes written with quad faces, and a hexagonal top face (polygons, as SketchUp writes)."""
+    lines = ["# quads and polygons", "o table"]
+    n = 0
+    boxes = [((0, 0.72, 0), (1.2, 0.04, 0.7))] + [((x, 0.35, z), (0.05, 0.7, 0.05)) for x in (-0.55, 0.55)
+                                                   for z in (-0.3, 0.3)]
+    for (cx, cy, cz), (sx, sy, sz) in boxes:
+        signs = [(a, b, c) for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)]
+        corners = [(cx + a * sx / 2, cy + b * sy / 2, cz + c * sz / 2) for a, b, c in signs]
+        lines += [f"v {x:.4f} {y:.4f} {z:.4f}" for x, y, z in corners]
+        quads = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
+        lines += ["f " + " ".join(str(n + i + 1) for i in q) for q in quads]
+        n += 8
+    ring = [(0.3 * np.cos(a), 0.76, 0.2 * np.sin(a)) for a in np.linspace(0, 2 * np.pi, 6, endpoint=False)]
+    lines += [f"v {x:.4f} {y:.4f} {z:.4f}" for x, y, z in ring]
+    lines.append("f " + " ".join(str(n + i + 1) for i in range(6)))
+    return ("\n".join(lines) + "\n").encode()
+
+
 # 4. the whole tree
 
 
-def write_fixture(out_dir: str, seed: int = 0) -> FixtureManifest:
+def write_fixture(out_dir: str, seed: int = 0, catalogue: bool = False) -> FixtureManifest:
     """Write the mini ShapeNetCore v2 to ``out_dir`` (local path or fsspec URL) and describe it.
 
-    Every random choice follows ``seed``: the same seed gives byte-identical files.
+    Every random choice follows ``seed``: the same seed gives byte-identical files. ``catalogue``
+    adds the fault catalogue of real-world OBJ files (module docstring; local folders only: it
+    plants a symbolic link).
     Raises ``InputError`` if ``out_dir`` already holds files (stale models would mix in).
     """
     fs, path = io.filesystem(out_dir)
@@ -448,6 +522,10 @@ def write_fixture(out_dir: str, seed: int = 0) -> FixtureManifest:
     models[CAR].append(copy_id)
     faults.append(Fault(CAR, copy_id, "duplicate_geometry", f"{CAR}/{original}"))
 
+    quirks: dict[str, str] = {}
+    if catalogue:
+        quirks = _catalogue(out_dir, seed, add, models, faults)
+
     # 7. the taxonomy, with telephone listing cellphone as its child
     taxonomy = [
         {
@@ -466,6 +544,7 @@ def write_fixture(out_dir: str, seed: int = 0) -> FixtureManifest:
         models={s: tuple(sorted(ids)) for s, ids in models.items()},
         faults=tuple(faults),
         textured=tuple(textured),
+        quirks=quirks,
     )
     logger.info(
         "wrote %d models in %d synsets to %s (%d faulty)",
@@ -475,3 +554,49 @@ def write_fixture(out_dir: str, seed: int = 0) -> FixtureManifest:
         len(faults),
     )
     return manifest
+
+
+NOT_IN_TAXONOMY = "99999999"
+
+
+def _catalogue(out_dir: str, seed: int, add: Callable[..., tuple[str, _Model]], models: dict[str, list[str]],
+               faults: list[Fault]) -> dict[str, str]:
+    """Plant the fault catalogue (module docstring); returns the kept quirks, appends the faults."""
+    import os
+
+    quirks: dict[str, str] = {}
+    for synset, key, damage in [
+        (CHAIR, "millimetres", _millimetres),
+        (TABLE, "vertex_colours", _vertex_colours),
+        (MUG, "utf16", lambda obj: b"\xff\xfe" + obj.decode().encode("utf-16-le")),
+        (LAMP, "bom_crlf", lambda obj: b"\xef\xbb\xbf" + obj.replace(b"\n", b"\r\n")),
+        (AIRPLANE, "negative_indices", _negative_indices),
+        (TABLE, "quads", lambda obj: _quad_table()),
+    ]:
+        model_id, _ = add(synset, key, damage=damage)
+        quirks[f"{synset}/{model_id}"] = key
+    model_id, _ = add(BOTTLE, "missing_texture", textured=True)
+    io.filesystem(io.join(out_dir, BOTTLE, model_id, "images", "texture0.png"))[0].rm(
+        io.filesystem(io.join(out_dir, BOTTLE, model_id, "images", "texture0.png"))[1])
+    quirks[f"{BOTTLE}/{model_id}"] = "missing_texture"
+
+    for synset, key, damage, reason in [
+        (CHAIR, "stray_triangle", _stray_triangle, "stray_geometry"),
+        (CAR, "huge_vertex", _first_vertex("1e300"), "out_of_range"),
+        (MUG, "nan_vertex", _first_vertex("nan"), "non_finite"),
+        (LAMP, "line_only", lambda obj: obj.replace(b"\nf ", b"\nl "), "no_faces"),
+    ]:
+        model_id, _ = add(synset, key, damage=damage)
+        faults.append(Fault(synset, model_id, reason))
+
+    stray = _model_id(seed, NOT_IN_TAXONOMY, "0")
+    _write(out_dir, NOT_IN_TAXONOMY, stray, _build(CHAIR, stray, np.random.default_rng(seed)))
+    models[NOT_IN_TAXONOMY] = [stray]
+    faults.append(Fault(NOT_IN_TAXONOMY, stray, "synset_not_in_taxonomy"))
+
+    loop = _model_id(seed, CAR, "link_loop")
+    link = io.filesystem(io.join(out_dir, CAR, loop))[1]
+    os.symlink(link, link)  # a link to itself: is_dir() is False, so it would vanish unreported
+    models[CAR].append(loop)
+    faults.append(Fault(CAR, loop, "broken_link"))
+    return quirks

@@ -17,7 +17,10 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 from fsspec.implementations.local import LocalFileSystem
+
+from pointvl.errors import InputError
 
 
 def join(root: str, *parts: str) -> str:
@@ -75,14 +78,40 @@ def read_json(path: str) -> Any:
         return json.load(f)
 
 
-def write_table(path: str, table: pa.Table) -> None:
-    """Write a Parquet table atomically (zstd; the same table gives the same bytes)."""
+def table_bytes(table: pa.Table) -> bytes:
+    """A table as Parquet bytes (zstd; the same table gives the same bytes)."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_table(path: str, table: pa.Table) -> None:
+    """Write a Parquet table atomically."""
+    write_bytes(path, table_bytes(table))
 
 
 def read_table(path: str) -> pa.Table:
     fs, p = filesystem(path)
     with fs.open(p, "rb") as f:
         return pq.read_table(f)
+
+
+def read_yaml(path: str, what: str = "config file") -> Any:
+    """A YAML (or JSON) file's content; anything unreadable raises :class:`InputError` in one line.
+
+    A binary file, another encoding or a YAML syntax error all name the file and what to fix.
+    """
+    try:
+        text = read_bytes(path).decode("utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {err.start}): give a YAML or JSON file") from None
+    if "\x00" in text:
+        raise InputError(f"{what} {path} is binary, not YAML or JSON text")
+    try:
+        return yaml.safe_load(text)  # YAML is a superset of JSON
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise InputError(f"{what} {path} is not valid YAML/JSON{at}: {getattr(err, 'problem', None) or err}") from None

@@ -236,12 +236,17 @@ class ChatClient:
             raise FatalAPIError(redact(f"{type(e).__name__}: {e}", self._api_key)) from None
         except openai.APIError as e:
             raise CallFailed(redact(f"{type(e).__name__}: {e}", self._api_key)) from None
-        if not resp.choices:
-            raise InvalidReply("the reply has no choices")
-        choice = resp.choices[0]
-        if choice.message.refusal:
-            raise InvalidReply(f"refusal: {choice.message.refusal}")
-        return choice.message.content or "", choice.finish_reason
+        # an HTTP 200 whose body is not a chat completion (text/plain, `message: null`, ...) is re-asked
+        choices = getattr(resp, "choices", None)
+        if not isinstance(choices, list) or not choices:
+            raise InvalidReply(f"the reply is not a chat completion with choices ({type(resp).__name__})")
+        message = getattr(choices[0], "message", None)
+        content = getattr(message, "content", None)
+        if message is None or not isinstance(content, str | None):
+            raise InvalidReply("the reply's first choice has no message")
+        if getattr(message, "refusal", None):
+            raise InvalidReply(f"refusal: {message.refusal}")
+        return content or "", getattr(choices[0], "finish_reason", None)
 
     def complete(self, body: dict[str, Any], validate: Callable[[str], Any]) -> Completion:
         """Send ``body`` (chat-completions parameters) until ``validate(content)`` accepts the reply.

@@ -7,6 +7,7 @@ overhead is measured against, and a way to build with no Prefect at all.
 from __future__ import annotations
 
 import logging
+import time
 
 from pointvl import io
 from pointvl.config import BuildConfig
@@ -41,6 +42,25 @@ def cleaning_report_path(run_dir: str) -> str:
     return io.join(run_dir, "reports", "cleaning.csv")
 
 
+def remove_temp_files(run_dir: str, min_age_s: float = 60.0) -> int:
+    """Remove the temporary files (``.tmp-*``) a killed run left; returns how many.
+
+    Writers rename their temporary file into place (:mod:`pointvl.io`), so one left behind is a cut
+    write that nothing reads. Called before a build plans (one build at a time per run folder); files
+    younger than ``min_age_s`` are left, in case another writer (a preview server) is mid-write.
+    """
+    fs, root = io.filesystem(run_dir)
+    if not fs.exists(root):
+        return 0
+    now = time.time()
+    leftovers = [p for p in fs.glob(f"{root}/**/.tmp-*") if now - fs.modified(p).timestamp() >= min_age_s]
+    for path in leftovers:
+        fs.rm(path)
+    if leftovers:
+        logger.info("removed %d temporary files left by an interrupted run", len(leftovers))
+    return len(leftovers)
+
+
 def plan_run(shapenet: str, run_dir: str, config: BuildConfig, incremental: bool = False) -> Plan:
     """The run's shard plan: the existing one when the run folder has it, else clean and plan.
 
@@ -51,6 +71,7 @@ def plan_run(shapenet: str, run_dir: str, config: BuildConfig, incremental: bool
     (:mod:`pointvl.incremental`), so the stages then redo exactly those.
     """
     key = fingerprint(shapenet, config.output_dict())
+    remove_temp_files(run_dir)
     if not incremental and (existing := existing_plan(run_dir, key)) is not None:
         logger.info("plan exists: cleaning skipped")
         return existing

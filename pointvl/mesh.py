@@ -32,19 +32,30 @@ from numpy.typing import NDArray
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MeshError", "face_colors", "load_mesh", "surface_colors"]
+__all__ = ["MeshError", "face_colors", "load_mesh", "load_model", "normalize", "surface_colors"]
 
 TEXTURE_INDEX = "texture_index"
 TEXTURE_UV = "texture_uv"
 TEXTURES = "textures"
 HAS_FILE_NORMALS = "has_file_normals"
+NORMALIZATION = "normalization"
+
+# Coordinates beyond this are no real unit (a 100 m ship in millimetres is 1e5): overflow, not data.
+MAX_COORDINATE = 1e9
+# ShapeNet v2's model_normalized: bbox centred at the origin, bbox diagonal 1. Within these
+# tolerances a mesh is taken as it is; outside them it is normalized the same way.
+DIAGONAL_TOLERANCE = 0.05
+CENTRE_TOLERANCE = 0.05
+# A mesh whose vertices reach this many times farther than the bulk (98 %) of its surface carries
+# stray faces (a triangle 200 units away): its box would shrink the object to a speck.
+STRAY_FACTOR = 5.0
 
 
 class MeshError(ValueError):
     """A model that cannot be used; ``reason`` is a short code for the cleaning report.
 
     Codes: ``missing_file``, ``unreadable``, ``no_vertices``, ``no_faces``, ``non_finite``,
-    ``degenerate``.
+    ``out_of_range``, ``degenerate``, ``stray_geometry``.
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -78,6 +89,16 @@ def _image_rgb(image: object) -> NDArray[np.uint8]:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)  # type: ignore[attr-defined]
 
 
+def _text_bytes(data: bytes) -> bytes:
+    """OBJ bytes as UTF-8 without a byte-order mark (editors on Windows write UTF-8 BOM or UTF-16)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16").encode("utf-8")
+        except UnicodeDecodeError:
+            return data  # not text after all: the NUL check reports it
+    return data.removeprefix(b"\xef\xbb\xbf")
+
+
 def load_mesh(obj_path: str) -> trimesh.Trimesh:
     """Load an OBJ with its materials as one triangle mesh (see the module docstring for colours).
 
@@ -88,13 +109,13 @@ def load_mesh(obj_path: str) -> trimesh.Trimesh:
 
     Raises:
         MeshError: ``missing_file`` (no such file), ``unreadable`` (binary or unparsable),
-            ``no_vertices``, ``no_faces``, ``non_finite`` (NaN/inf vertex) or ``degenerate``
-            (all faces have zero area).
+            ``no_vertices``, ``no_faces``, ``non_finite`` (NaN/inf vertex), ``out_of_range`` (a face
+            corner beyond ``MAX_COORDINATE``) or ``degenerate`` (all faces have zero area).
     """
     if not os.path.isfile(obj_path):
         raise MeshError("missing_file", f"{obj_path} does not exist")
     with open(obj_path, "rb") as f:
-        data = f.read()
+        data = _text_bytes(f.read())
     if b"\x00" in data:
         raise MeshError("unreadable", f"{obj_path} is binary, not an OBJ text file")
     folder = os.path.dirname(os.path.abspath(obj_path))
@@ -163,6 +184,10 @@ def load_mesh(obj_path: str) -> trimesh.Trimesh:
     if not np.all(np.isfinite(all_vertices)):
         raise MeshError("non_finite", f"{obj_path} has NaN or infinite vertex coordinates")
     all_faces = np.concatenate(faces)
+    if all_faces.min() < 0 or all_faces.max() >= len(all_vertices):
+        raise MeshError("unreadable", f"{obj_path} has a face index outside its {len(all_vertices)} vertices")
+    if np.abs(all_vertices[all_faces]).max() > MAX_COORDINATE:
+        raise MeshError("out_of_range", f"{obj_path} has a face corner beyond {MAX_COORDINATE:g} units")
     rgba = np.concatenate([np.concatenate(colors), np.full((len(all_faces), 1), 255, np.uint8)], axis=1)
     mesh = trimesh.Trimesh(
         vertices=all_vertices,
@@ -177,6 +202,57 @@ def load_mesh(obj_path: str) -> trimesh.Trimesh:
         raise MeshError("degenerate", f"{obj_path}: every face has zero area")
     logger.debug("loaded %s: %d faces, %d textures", obj_path, len(all_faces), len(images))
     return mesh
+
+
+def _check_stray(mesh: trimesh.Trimesh, where: str) -> None:
+    """Raise ``stray_geometry`` when the vertices reach far beyond the bulk of the surface."""
+    weights = np.asarray(mesh.area_faces, dtype=np.float64)
+    centres = np.asarray(mesh.triangles_center, dtype=np.float64)
+    order = np.argsort(centres, axis=0)
+    cdf = np.cumsum(weights[order], axis=0) / weights.sum()
+    lo = np.take_along_axis(centres, order, 0)[np.argmax(cdf >= 0.01, axis=0), [0, 1, 2]]
+    hi = np.take_along_axis(centres, order, 0)[np.argmax(cdf >= 0.99, axis=0), [0, 1, 2]]
+    bulk = float(np.linalg.norm(hi - lo))
+    full = float(np.linalg.norm(mesh.bounds[1] - mesh.bounds[0]))
+    if full > STRAY_FACTOR * max(bulk, 1e-12 * full):
+        raise MeshError(
+            "stray_geometry",
+            f"{where}: its box diagonal is {full:.4g} but 98 % of its surface spans {bulk:.4g}: "
+            "stray faces far from the object (remove them from the OBJ)",
+        )
+
+
+def normalize(mesh: trimesh.Trimesh, where: str = "mesh") -> trimesh.Trimesh:
+    """``mesh`` in ShapeNet v2's ``model_normalized`` frame (bbox centred at the origin, diagonal 1).
+
+    Unreferenced vertices are removed first (they are not surface; they would only stretch the
+    box). A mesh already normalized within ``DIAGONAL_TOLERANCE``/``CENTRE_TOLERANCE`` is kept as
+    it is; any other (OBJ files from other tools come in arbitrary units) is translated and scaled
+    uniformly, never rotated. ``mesh.metadata["normalization"]`` records what was done, for the
+    records' provenance. Raises :class:`MeshError` ``stray_geometry`` (see :func:`_check_stray`).
+    """
+    mesh.remove_unreferenced_vertices()
+    _check_stray(mesh, where)
+    lo, hi = np.asarray(mesh.bounds, dtype=np.float64)
+    centre, diagonal = (lo + hi) / 2, float(np.linalg.norm(hi - lo))
+    as_is = abs(diagonal - 1.0) <= DIAGONAL_TOLERANCE and float(np.linalg.norm(centre)) <= CENTRE_TOLERANCE
+    info: dict[str, object] = {"normalized": not as_is}
+    if not as_is:
+        scale = 1.0 / diagonal
+        matrix = np.diag([scale, scale, scale, 1.0])
+        matrix[:3, 3] = -centre * scale
+        mesh.apply_transform(matrix)  # keeps the OBJ's own normals (a uniform scale does not turn them)
+        info |= {"scale": float(f"{scale:.6g}"), "centre": [float(f"{c:.6g}") for c in centre],
+                 "rule": "bbox centred at the origin, bbox diagonal 1 (ShapeNet v2 model_normalized)"}
+        logger.info("%s is not unit-normalized (bbox diagonal %.4g, centre %s): normalized like ShapeNet v2",
+                    where, diagonal, np.round(centre, 4).tolist())
+    mesh.metadata[NORMALIZATION] = info
+    return mesh
+
+
+def load_model(obj_path: str) -> trimesh.Trimesh:
+    """:func:`load_mesh`, then :func:`normalize`: the mesh every stage works on."""
+    return normalize(load_mesh(obj_path), obj_path)
 
 
 def face_colors(mesh: trimesh.Trimesh) -> NDArray[np.uint8]:

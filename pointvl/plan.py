@@ -110,8 +110,23 @@ def extend_plan(
     return Plan(shards, fingerprint)
 
 
+class DamagedPlanError(InputError):
+    """``plan.json`` exists but cannot be read as a plan."""
+
+
 def load_plan(run_dir: str) -> Plan:
-    return Plan.from_json(io.read_json(plan_path(run_dir)))
+    """The run's plan; a damaged ``plan.json`` raises :class:`DamagedPlanError` saying what to do."""
+    path = plan_path(run_dir)
+    try:
+        return Plan.from_json(io.read_json(path))
+    except FileNotFoundError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # bad bytes, bad JSON, wrong shape
+        raise DamagedPlanError(
+            f"{path} is damaged ({type(err).__name__}: {str(err)[:120]}): move it away and re-run the same "
+            "build; the plan is made again from the same input and config, and finished outputs that "
+            "still match it are kept"
+        ) from None
 
 
 def existing_plan(run_dir: str, fingerprint: str) -> Plan | None:

@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 
 from pointvl import io
 from pointvl.plan import load_plan
-from pointvl.stages.base import finished, read_stats
+from pointvl.stages.base import finished, read_stats, stats_path
 from pointvl.stages.write_shards import OPTIONAL, REQUIRED, shards_dir
+from pointvl.stages.write_shards import STAGE as WRITE_SHARDS
 
 
 def summarize(run_dir: str) -> dict:
@@ -26,15 +27,24 @@ def summarize(run_dir: str) -> dict:
     dropped = Counter(f"clean:{r['reason']}" for r in report if r["status"] == "dropped")
     backends: Counter[str] = Counter()
     review: Counter[str] = Counter()
+    failed: Counter[str] = Counter()  # annotation failures by kind (qa, vlm), over finished shards
     for shard in plan.shards:
-        for stage in (*REQUIRED, *OPTIONAL):
-            if finished(run_dir, stage, shard.index):
-                stats = read_stats(run_dir, stage, shard.index)
-                if stage == "review":
-                    review.update({k: stats.get(k, 0) for k in ("approved", "rejected", "held")})
-                    dropped.update({f"review:{k}": stats[k] for k in ("rejected", "held") if stats.get(k)})
-                dropped.update({f"{stage}:{k.removeprefix('dropped_')}": v for k, v in stats.items()
-                                if k.startswith("dropped_")})
+        for stage in (*REQUIRED, *OPTIONAL, WRITE_SHARDS):
+            if stage == WRITE_SHARDS:  # a final shard's stats exist once it was written
+                if not io.exists(stats_path(run_dir, stage, shard.index)):
+                    continue
+            elif not finished(run_dir, stage, shard.index):
+                continue
+            stats = read_stats(run_dir, stage, shard.index)
+            if stage == "review":
+                review.update({k: stats.get(k, 0) for k in ("approved", "rejected", "held")})
+                dropped.update({f"review:{k}": stats[k] for k in ("rejected", "held") if stats.get(k)})
+            if stage == "annotate":
+                failed.update({k.removeprefix("failed_"): v for k, v in stats.items() if k.startswith("failed_")})
+                failed["items"] += stats.get("failed", 0)
+            # review decisions are counted above as review:<decision>, not again as write_shards drops
+            dropped.update({f"{stage}:{k.removeprefix('dropped_')}": v for k, v in stats.items()
+                            if k.startswith("dropped_") and not k.endswith("_in_review")})
     counts: Counter[tuple[str, str]] = Counter()
     shard_files = []
     flagged = 0
@@ -55,6 +65,9 @@ def summarize(run_dir: str) -> dict:
     per_split = Counter()
     for (split, _), n in counts.items():
         per_split[split] += n
+    config = io.read_json(io.join(run_dir, "config.json")) if io.exists(io.join(run_dir, "config.json")) else {}
+    retry = (f"pointvl build --shapenet {config.get('shapenet', 'SHAPENET')} --out {run_dir} "
+             "--config CONFIG --redo-failed")
     return {
         "run_dir": run_dir,
         "shards_dir": shards_dir(run_dir),
@@ -65,6 +78,7 @@ def summarize(run_dir: str) -> dict:
         "per_split_category": {f"{s}/{c}": n for (s, c), n in sorted(counts.items())},
         "dropped": dict(sorted(dropped.items())),
         "flagged": flagged,
+        "annotate_failed": {"items": failed.pop("items", 0), **dict(sorted(failed.items())), "retry": retry},
         "review": {"approved": review["approved"], "rejected": review["rejected"], "held": review["held"]},
         "backends": dict(sorted(backends.items())),
     }
@@ -78,12 +92,23 @@ def format_summary(summary: dict) -> str:
     lines += [f"  {key:<28} {n}" for key, n in summary["per_split_category"].items()]
     lines.append("dropped (stage:reason):")
     lines += [f"  {key:<40} {n}" for key, n in summary["dropped"].items()] or ["  none"]
+    lines.append(annotate_failed_line(summary))
     lines.append(f"flagged for review: {summary['flagged']}; review: {summary['review']['approved']} approved, "
                  f"{summary['review']['rejected']} rejected, {summary['review']['held']} held "
                  "(RUN/reports/review_log.jsonl)")
     lines.append("backends: " + ", ".join(f"{k} ×{v}" for k, v in summary["backends"].items()))
     lines.append(f"shards: {summary['shards_dir']}")
     return "\n".join(lines)
+
+
+def annotate_failed_line(summary: dict) -> str:
+    """How many items failed annotation (left out of the shards), why, and the command that retries them."""
+    failed = summary["annotate_failed"]
+    if not failed["items"]:
+        return "annotation failed: 0 items"
+    kinds = ", ".join(f"{k} {v}" for k, v in failed.items() if k not in ("items", "retry"))
+    return (f"annotation failed: {failed['items']} items ({kinds}), left out of the shards; "
+            f"retry them (cached replies cost nothing): {failed['retry']}")
 
 
 def dataset_card(summary: dict) -> str:
@@ -126,4 +151,6 @@ Dropped during the build (stage:reason):
 | reason | models/items |
 |---|---|
 {drops}
+
+{annotate_failed_line(summary)}.
 """

@@ -16,11 +16,12 @@ Speaks ``POST /v1/chat/completions``, ``POST /v1/files`` (multipart), ``GET /v1/
 
 Faults (:meth:`FakeOpenAI.inject`): ``429`` (with ``retry-after-ms``), ``500``, ``timeout`` (the reply
 comes after ``timeout_sleep_s``), ``disconnect`` (socket closed, no reply), ``401``, ``bad_json``
-(content that is not JSON), ``schema`` (JSON that breaks the schema), ``no_json`` (prose only), each
-``times`` times, optionally only for requests ``match`` accepts. Every request is recorded (never the
-key itself: only whether the Authorization header carried the expected one). Bounded: request bodies
-over 64 MB get 413, sockets time out after 30 s, handler threads are daemons and the server stops
-with the test.
+(content that is not JSON), ``schema`` (JSON that breaks the schema), ``no_json`` (prose only),
+``text_plain`` (HTTP 200 with a ``text/plain`` body), ``null_message`` (HTTP 200,
+``choices[0].message: null``), each ``times`` times, optionally only for requests ``match`` accepts.
+Every request is recorded (never the key itself: only whether the Authorization header carried the
+expected one). Bounded: request bodies over 64 MB get 413, sockets time out after 30 s, handler
+threads are daemons and the server stops with the test.
 """
 
 from __future__ import annotations
@@ -258,7 +259,7 @@ class FakeOpenAI:
             "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20},
         }
 
-    def answer(self, body: dict[str, Any]) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
+    def answer(self, body: dict[str, Any]) -> tuple[int, dict[str, Any] | str | None, dict[str, str]]:
         """(status, JSON reply or None for 'close the socket', extra headers) for one chat request."""
         fault = self._take_fault(body)
         if fault == "429":
@@ -277,6 +278,12 @@ class FakeOpenAI:
             return 200, self.completion(body, json.dumps({"description": "missing everything else"})), {}
         if fault == "no_json":
             return 200, self.completion(body, "I see a small object, but I will not write JSON."), {}
+        if fault == "text_plain":
+            return 200, "upstream proxy: service temporarily unavailable", {"Content-Type": "text/plain"}
+        if fault == "null_message":
+            reply = self.completion(body, "")
+            reply["choices"][0]["message"] = None
+            return 200, reply, {}
         return 200, self.completion(body, self.brain(body)), {}
 
     def run_batch(self, batch: dict[str, Any]) -> None:
@@ -340,10 +347,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, obj: Any, headers: dict[str, str] | None = None, raw: bytes | None = None) -> None:
         data = raw if raw is not None else json.dumps(obj).encode()
+        headers = dict(headers or {})
         self.send_response(status)
-        self.send_header("Content-Type", "application/json" if raw is None else "application/octet-stream")
+        kind = headers.pop("Content-Type", "application/json" if raw is None else "application/octet-stream")
+        self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
+        for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
         try:
@@ -381,7 +390,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return
-            self._send(status, reply, headers)
+            if isinstance(reply, str):  # a body that is not JSON
+                self._send(status, None, headers, raw=reply.encode())
+            else:
+                self._send(status, reply, headers)
         elif path == "/v1/files":
             msg = email.parser.BytesParser().parsebytes(
                 b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + raw

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pointvl import images, io
-from pointvl.plan import stage_table_path
+from pointvl import images
+from pointvl.stages.base import write_stage_table
 
 CATEGORIES = [("03001627", "chair"), ("02958343", "car,auto,automobile,machine,motorcar")]
 
@@ -42,5 +42,5 @@ def write_render_shard(run_dir: str, shard_index: int = 0, n: int = 3, width: in
             "width": width,
             "height": height,
         })
-    io.write_table(stage_table_path(run_dir, "render", shard_index), pa.Table.from_pylist(rows))
+    write_stage_table(run_dir, "render", shard_index, pa.Table.from_pylist(rows), {"instances": len(rows)})
     return [r["instance_id"] for r in rows]

@@ -76,3 +76,32 @@ def test_flow_parameters_override_single_values_through_the_strict_checks():
                                ({"review": 3}, "must be a mapping")):
         with pytest.raises(ConfigError, match=message):
             BuildConfig.from_parameters(deployed, overrides, handoff)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"render": {"width": 1_000_000}}, r"render.width must be in \[1, 4096\] \(default 512"),
+        ({"render": {"width": "256"}}, "render.width must be int .*without quotes"),
+        ({"render": {"depth_scale": 100_000.0}}, "exceeds 16 bits: lower depth_scale"),
+        ({"sample_points": {"num_points": 10_000_000}}, r"num_points must be in \[16, 262144\]"),
+        ({"annotate": {"max_reasks": 1000}}, r"annotate.max_reasks must be in \[0, 10\]"),
+        ({"annotate": {"concurrency": "4"}}, "annotate.concurrency must be int"),
+        ({"shard_size": 10_000_000}, r"shard_size must be in \[1, 100000\]"),
+        ({"kpts2d": {"k": 8}}, "kpts2d.k .* must equal geometry.num_keypoints"),
+    ],
+)
+def test_values_are_bounded_and_typed_with_the_fix(data, message):
+    with pytest.raises(ConfigError, match=message):
+        BuildConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "data", [b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b"\xff\xfe\x00s\x00h", "shard: \u00e9".encode("latin-1")]
+)
+def test_a_binary_or_foreign_config_file_is_one_line(tmp_path, data):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as err:
+        BuildConfig.from_file(str(path))
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

@@ -111,6 +111,19 @@ def test_invalid_json_and_schema_violations_are_reasked_with_the_reason(tmp_path
     assert client(srv, tmp_path).complete(body(), validate).cached
 
 
+@pytest.mark.parametrize("fault", ["text_plain", "null_message"])
+def test_a_malformed_http_200_body_is_reasked_then_fails_with_its_reason(tmp_path: Path, fault: str) -> None:
+    with FakeOpenAI(api_key=KEY) as srv:
+        srv.inject(fault, times=1)
+        c = client(srv, tmp_path)
+        got = c.complete(body(), validate)  # one malformed reply, then a good one
+        assert got.attempts == 2 and c.stats["reasks"] == 1
+        srv.inject(fault, times=10)
+        with pytest.raises(CallFailed, match="invalid reply after 3 attempts: the reply"):
+            client(srv).complete(body(1), validate)
+        assert len(srv.chat_records()) == 2 + 3
+
+
 def test_persistent_failures_raise_call_failed_with_reason_and_cache_nothing(tmp_path: Path) -> None:
     with FakeOpenAI(api_key=KEY) as srv:
         srv.inject("schema", times=10)

@@ -50,6 +50,7 @@ from pointvl.annotation import (
     strict_schema,
     template_annotation,
 )
+from pointvl.errors import check_range
 from pointvl.geometry import iou_2d
 from pointvl.images import decode_mask, decode_rgb
 from pointvl.llm import (
@@ -62,7 +63,7 @@ from pointvl.llm import (
     resolve_api_key,
     run_batch,
 )
-from pointvl.stages.base import finished, read_stage_table, read_stats, stats_path, write_stage_table
+from pointvl.stages.base import finished, read_stage_table, read_stats, write_stage_table
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ _ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPTS_DIR = str(_ROOT / "prompts" / "annotate")
 DEFAULT_SCHEMA = str(_ROOT / "schemas" / "annotation.schema.json")
 COORDINATES = ("qwen2.5-vl", "qwen3-vl", "absolute", "relative1000")
+# ShapeNet category names that give a one-category benchmark's category question a wrong choice.
+DISTRACTORS = ("airplane", "chair")
 
 
 @dataclass
@@ -168,13 +171,15 @@ class AnnotateConfig:
         for name in ("timeout_s", "backoff_initial_s", "backoff_max_s", "batch_poll_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"annotate.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_retries", "max_reasks"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"annotate.{name} must be >= 0, got {getattr(self, name)}")
-        if self.concurrency < 1:
-            raise ValueError(f"annotate.concurrency must be >= 1, got {self.concurrency}")
-        if self.requests_per_minute < 0:
-            raise ValueError("annotate.requests_per_minute must be >= 0 (0 = no spacing)")
+        check_range("annotate.timeout_s", self.timeout_s, 0, 3600, 120.0)
+        check_range("annotate.backoff_max_s", self.backoff_max_s, self.backoff_initial_s, 3600, 30.0,
+                    "at least backoff_initial_s")
+        check_range("annotate.max_retries", self.max_retries, 0, 20, 5)
+        check_range("annotate.max_reasks", self.max_reasks, 0, 10, 2, "each re-ask is a paid call")
+        check_range("annotate.concurrency", self.concurrency, 1, 256, 4)
+        check_range("annotate.requests_per_minute", self.requests_per_minute, 0, 1e6, 60.0, "0 = no spacing")
+        check_range("annotate.vlm_min_pixels", self.vlm_min_pixels, 28 * 28, self.vlm_max_pixels, 4 * 28 * 28,
+                    "at most vlm_max_pixels")
         for kind in ("qa", "ground"):
             p = Path(self.prompts_dir) / f"{kind}_{self.prompt_version}.txt"
             if not p.is_file():
@@ -215,10 +220,14 @@ class Annotate:
         api_key: SecretStr | None = None,
         vlm_api_key: SecretStr | None = None,
     ) -> None:
-        if len(set(categories)) < 2:
-            raise ValueError("annotate needs the benchmark's category list (at least 2 categories)")
+        if not categories:
+            raise ValueError("annotate needs the benchmark's category list")
         self.config = config
         self.categories = sorted(set(categories))
+        if len(self.categories) < 2:  # the category question needs a distractor (a one-category subset)
+            extra = next(c for c in DISTRACTORS if c != self.categories[0])
+            logger.warning("one category (%s): the category question's distractor is %r", self.categories[0], extra)
+            self.categories = sorted([*self.categories, extra])
         self._api_key = api_key
         self._vlm_api_key = vlm_api_key
         self._schema = json.loads(Path(config.schema_path).read_text())
@@ -227,23 +236,23 @@ class Annotate:
         }
 
     # 1. inputs -------------------------------------------------------------------------------
-    def _load(self, run_dir: str, shard_index: int) -> list[_Item]:
-        name = f"shard-{shard_index:05d}.parquet"
-        tables = {}
-        for stage in ("render", "geometry", "kpts2d"):
-            path = io.join(run_dir, "stages", stage, name)
-            if not io.exists(path):
-                raise FileNotFoundError(f"{path} is missing: run the {stage} stage for shard {shard_index} first")
-            tables[stage] = io.read_table(path).to_pylist()
-        synth = io.join(run_dir, "stages", "synthesize", name)
-        images = {r["instance_id"]: r["image"] for r in io.read_table(synth).to_pylist()} if io.exists(synth) else {}
+    def _load(self, run_dir: str, shard_index: int) -> tuple[list[_Item], tuple[str, ...]]:
+        """The shard's items, and the stages whose tables they were read from."""
+        inputs: tuple[str, ...] = ("render", "geometry", "kpts2d")
+        tables = {stage: read_stage_table(run_dir, stage, shard_index).to_pylist() for stage in inputs}
+        images = {}
+        if finished(run_dir, "synthesize", shard_index):
+            inputs += ("synthesize",)
+            synthesized = read_stage_table(run_dir, "synthesize", shard_index).to_pylist()
+            images = {r["instance_id"]: r["image"] for r in synthesized}
         bbox3d = {r["instance_id"]: r["bbox3d"] for r in tables["geometry"]}
         bbox2d = {r["instance_id"]: r["bbox2d"] for r in tables["kpts2d"]}
         items = []
         for r in tables["render"]:
             iid = r["instance_id"]
-            if iid not in bbox3d or iid not in bbox2d:
-                raise ValueError(f"{iid} has no geometry/kpts2d row: re-run those stages for shard {shard_index}")
+            if iid not in bbox3d or iid not in bbox2d:  # dropped by geometry or kpts2d, counted there
+                logger.debug("%s: dropped by an earlier stage, not annotated", iid)
+                continue
             if r["category"] not in self.categories:
                 raise ValueError(f"{iid}: category {r['category']!r} is not in the categories given to Annotate")
             png = images.get(iid, r["render"])
@@ -274,7 +283,7 @@ class Annotate:
                     category_choices(r["category"], self.categories, self.config.n_category_choices, iid),
                 )
             )
-        return items
+        return items, inputs
 
     # 2. requests -----------------------------------------------------------------------------
     def _qa_schema(self, item: _Item) -> dict:
@@ -374,6 +383,7 @@ class Annotate:
             "vlm_agreement": None,
             "flagged": False,
             "failures": [],
+            "notes": [],
         }
         try:
             ann = llm.complete(self._qa_body(item), self._qa_validator(item)).value
@@ -446,15 +456,10 @@ class Annotate:
             done = read_stage_table(run_dir, STAGE, shard_index).column("annotate_status").to_pylist()
             if not (c.redo_failed and "failed" in done):
                 logger.info("annotate shard %05d: finished (%d failed), skipped", shard_index, done.count("failed"))
-                stats = (
-                    read_stats(run_dir, STAGE, shard_index)
-                    if io.exists(stats_path(run_dir, STAGE, shard_index))
-                    else {}
-                )
-                return {**stats, "skipped": True}
+                return {**read_stats(run_dir, STAGE, shard_index), "skipped": True}
         t0 = time.monotonic()
         # 1. check and load inputs (before any API call)
-        items = self._load(run_dir, shard_index)
+        items, inputs = self._load(run_dir, shard_index)
         stats: dict[str, Any] = {
             "shard": shard_index,
             "backend": c.backend,
@@ -504,7 +509,8 @@ class Annotate:
         for r in results:
             for f in r["failures"]:
                 stats[f"failed_{f.split(':')[0]}"] = stats.get(f"failed_{f.split(':')[0]}", 0) + 1
-        write_stage_table(run_dir, STAGE, shard_index, table, stats)  # stats first, the table last
+        # stats first, the table last
+        write_stage_table(run_dir, STAGE, shard_index, table, stats, inputs=inputs)
         logger.info(
             "annotate shard %05d: %d ok, %d failed, %d flagged",
             shard_index,

@@ -8,14 +8,25 @@ by model, so no model (and none of its views) is in both splits.
 Drop reasons:
 - ``category_dropped``: its category is listed under ``dropped`` in the category config.
 - ``missing_obj``: the model folder has no ``models/model_normalized.obj`` (empty or texture-only).
-- ``unreadable`` / ``no_faces`` / ``no_vertices`` / ``degenerate``: the mesh could not be used
-  (:class:`pointvl.mesh.MeshError` reasons).
+- ``unreadable`` / ``no_faces`` / ``no_vertices`` / ``non_finite`` / ``out_of_range`` /
+  ``degenerate`` / ``stray_geometry``: the mesh could not be used (:class:`pointvl.mesh.MeshError`
+  reasons; any other error of one mesh is ``unreadable`` with its message in the log).
+- ``synset_not_in_taxonomy``: the model's synset folder is not listed in ``taxonomy.json``.
+- ``broken_link``: a synset or model folder is a symbolic link that leads nowhere (or to itself).
 - ``model_in_two_categories``: the same model id sits under two synsets whose categories differ
   after merging; its label is ambiguous, so every copy is dropped.
 - ``duplicate_model``: the same model id again under a synset merged into the same category; the
   first copy (sorted by synset id) is kept.
 - ``duplicate_geometry``: byte-identical geometry to an earlier kept model (sorted by synset id,
   model id); dropped so a shape cannot leak across splits.
+
+Kept models that were not unit-normalized (OBJ files from other tools come in any unit) are normalized
+like ShapeNet's ``model_normalized`` (:func:`pointvl.mesh.normalize`); the report's ``note`` says so.
+
+Taxonomy. Merges and drops of the category config apply to the synsets the taxonomy lists, so any
+subset of ShapeNet, or other data in ShapeNet's layout with its own ``taxonomy.json``, builds; a merge
+whose target is absent leaves its source as a category of its own. A synset id listed twice with
+different names is refused (one of them would silently relabel the other's models).
 """
 
 from __future__ import annotations
@@ -29,11 +40,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import yaml
 
 from pointvl import io
-from pointvl.errors import InputError
-from pointvl.mesh import MeshError, load_mesh
+from pointvl.errors import ITEM_ERRORS, InputError
+from pointvl.mesh import NORMALIZATION, MeshError, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +120,17 @@ def read_taxonomy(shapenet_dir: str) -> dict[str, dict]:
     )
     if not usable:
         raise InputError(f"{path} is not a ShapeNet taxonomy: expected a JSON list of {{synsetId, name, ...}} objects")
-    return {e["synsetId"]: e for e in entries}
+    if not entries:
+        raise InputError(f"{path} lists no synsets: add a {{synsetId, name}} entry per category folder")
+    taxonomy: dict[str, dict] = {}
+    for e in entries:
+        first = taxonomy.setdefault(e["synsetId"], e)
+        if category_name(first) != category_name(e):
+            raise InputError(
+                f"{path} lists synset {e['synsetId']} twice, as {first['name']!r} and {e['name']!r}: "
+                "keep one entry per synsetId"
+            )
+    return taxonomy
 
 
 def category_name(entry: dict) -> str:
@@ -141,6 +161,21 @@ def _split_counts(n: int, cfg: CleanConfig) -> tuple[int, int]:
     return n_train, n_test
 
 
+def _folders(folder: Path) -> list[tuple[str, bool]]:
+    """The sub-folders of ``folder``, sorted, each with whether it is a link that leads nowhere.
+
+    Plain files are not models and are left out; a symbolic link to itself or to nothing is kept,
+    so it gets a report row instead of vanishing.
+    """
+    out = []
+    for entry in os.scandir(folder):
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            out.append((entry.name, True))
+        elif entry.is_dir():
+            out.append((entry.name, False))
+    return sorted(out)
+
+
 def _split_key(seed: int, model_id: str) -> str:
     return hashlib.sha256(f"{seed}:{model_id}".encode()).hexdigest()
 
@@ -150,17 +185,24 @@ class Clean:
 
     def __init__(self, config: CleanConfig) -> None:
         self.config = config
-        with open(config.category_config) as f:
-            spec = yaml.safe_load(f) or {}
+        spec = io.read_yaml(config.category_config, "category config") or {}
+        if not isinstance(spec, dict):
+            raise InputError(f"category config {config.category_config} must be a mapping with merges/dropped")
         self.merges: dict[str, str] = {str(k): str(v) for k, v in (spec.get("merges") or {}).items()}
         self.dropped: dict[str, str] = {str(k): str(v) for k, v in (spec.get("dropped") or {}).items()}
 
     def resolve_categories(self, taxonomy: dict[str, dict]) -> dict[str, str]:
-        """Synset id → category name after merges, for every synset present in the taxonomy."""
+        """Synset id → category name after merges, for every synset present in the taxonomy.
+
+        A merge applies when both synsets are listed; one whose target is absent (a subset of
+        ShapeNet) leaves its source as a category of its own.
+        """
         for src, dst in self.merges.items():
-            if dst not in taxonomy:
-                raise InputError(f"category config merges {src} into {dst}, which is not in taxonomy.json")
-        names = {sid: category_name(taxonomy[self.merges.get(sid, sid)]) for sid in taxonomy}
+            if src in taxonomy and dst not in taxonomy:
+                logger.info("category config merges %s into %s, which taxonomy.json does not list: "
+                            "%s stays a category of its own", src, dst, src)
+        merges = {src: dst for src, dst in self.merges.items() if dst in taxonomy}
+        names = {sid: category_name(taxonomy[merges.get(sid, sid)]) for sid in taxonomy}
         unknown = [c for c in self.config.categories if c not in names and c not in names.values()]
         if unknown:
             raise InputError(
@@ -176,14 +218,23 @@ class Clean:
         root = Path(shapenet_dir)
         rows: list[dict] = []
         candidates: list[tuple[str, str, str, str]] = []  # synset, model, category, obj path
-        for synset in sorted(p.name for p in root.iterdir() if p.is_dir()):
+        for synset, broken in _folders(root):
+            if broken:
+                rows.append(self._row(synset, "", "", "dropped", "broken_link"))
+                continue
+            models = _folders(root / synset)
             if synset not in names:
-                logger.warning("folder %s is not in taxonomy.json: skipped", synset)
+                logger.warning("folder %s is not in taxonomy.json: its %d models are reported, not built",
+                               synset, len(models))
+                rows.extend(self._row(synset, m, "", "dropped", "synset_not_in_taxonomy")
+                            for m, _ in models or [("", False)])
                 continue
             category = names[synset]
-            for model in sorted(p.name for p in (root / synset).iterdir() if p.is_dir()):
+            for model, broken in models:
                 row = {"synset_id": synset, "model_id": model, "category": category}
-                if synset in self.dropped or self.merges.get(synset) in self.dropped:
+                if broken:
+                    rows.append({**row, "status": "dropped", "reason": "broken_link"})
+                elif synset in self.dropped or self.merges.get(synset) in self.dropped:
                     rows.append({**row, "status": "dropped", "reason": "category_dropped"})
                 elif wanted and category not in wanted and synset not in wanted:
                     rows.append({**row, "status": "dropped", "reason": "category_not_selected"})
@@ -196,12 +247,12 @@ class Clean:
         split_of = {c[1]: "test" for c in order[:n_test]}
         split_of.update({c[1]: "train" for c in order[n_test : n_test + n_train]})
         entries = []
-        for synset, model, category, obj, digest in kept:
+        for synset, model, category, obj, digest, note in kept:
             split = split_of.get(model)
             if split is None:
                 rows.append(self._row(synset, model, category, "dropped", "over_split_size"))
                 continue
-            rows.append(self._row(synset, model, category, "kept", "", split))
+            rows.append({**self._row(synset, model, category, "kept", "", split), "note": note})
             entries.append(ModelEntry(synset, model, category, split, os.path.abspath(obj), digest))
         self._write_report(rows, report_path)
         logger.info("clean: %d models kept (%d train, %d test), %d dropped",
@@ -214,7 +265,7 @@ class Clean:
                 "reason": reason, "split": split}
 
     def _check_models(self, candidates: list[tuple[str, str, str, str]], rows: list[dict]) -> list:
-        """The usable candidates as ``(synset, model, category, obj path, geometry hash)``; a row per drop."""
+        """The usable candidates as ``(synset, model, category, obj path, geometry hash, note)``; a row per drop."""
         by_model: dict[str, list] = {}
         for c in candidates:
             by_model.setdefault(c[1], []).append(c)
@@ -232,9 +283,14 @@ class Clean:
                 rows.append(self._row(synset, model, category, "dropped", "missing_obj"))
                 continue
             try:
-                mesh = load_mesh(obj)
+                mesh = load_model(obj)
             except MeshError as err:
-                rows.append(self._row(synset, model, category, "dropped", err.reason))
+                rows.append({**self._row(synset, model, category, "dropped", err.reason), "note": str(err)})
+                continue
+            except ITEM_ERRORS as err:  # a mesh no check foresaw: it costs only itself
+                logger.warning("%s/%s: %s: %s", synset, model, type(err).__name__, err)
+                rows.append({**self._row(synset, model, category, "dropped", "unreadable"),
+                             "note": f"{type(err).__name__}: {err}"})
                 continue
             digest = geometry_hash(mesh.vertices, mesh.faces)
             if digest in seen:
@@ -242,12 +298,14 @@ class Clean:
                 logger.info("%s/%s duplicates the geometry of %s", synset, model, seen[digest])
                 continue
             seen[digest] = f"{synset}/{model}"
-            kept.append((synset, model, category, obj, digest))
+            norm = mesh.metadata[NORMALIZATION]
+            note = f"normalized like model_normalized (scale {norm['scale']:g})" if norm["normalized"] else ""
+            kept.append((synset, model, category, obj, digest, note))
         return kept
 
     @staticmethod
     def _write_report(rows: list[dict], path: str) -> None:
-        columns = ["synset_id", "model_id", "category", "status", "reason", "split"]
+        columns = ["synset_id", "model_id", "category", "status", "reason", "split", "note"]
         rows = sorted(rows, key=lambda r: (r["synset_id"], r["model_id"]))
         table = pa.table({c: [r.get(c, "") for r in rows] for c in columns})
         buf = pa.BufferOutputStream()

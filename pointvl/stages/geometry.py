@@ -16,7 +16,15 @@ import numpy as np
 import open3d as o3d
 import pyarrow as pa
 
-from pointvl.stages.base import matrix_column, read_stage_table, to_numpy_matrix, vector_column, write_stage_table
+from pointvl.errors import check_range
+from pointvl.stages.base import (
+    Drops,
+    matrix_column,
+    read_stage_table,
+    to_numpy_matrix,
+    vector_column,
+    write_stage_table,
+)
 
 
 @dataclass
@@ -30,8 +38,7 @@ class GeometryConfig:
     num_keypoints: int = 16
 
     def __post_init__(self) -> None:
-        if self.num_keypoints < 1:
-            raise ValueError(f"geometry.num_keypoints must be >= 1, got {self.num_keypoints}")
+        check_range("geometry.num_keypoints", self.num_keypoints, 1, 1024, 16)
 
 
 class Geometry:
@@ -52,16 +59,21 @@ class Geometry:
         """Boxes and keypoints for every instance of the shard's point table."""
         start = time.perf_counter()
         points = read_stage_table(run_dir, "sample_points", shard_index)
-        boxes, kpts = [], []
-        for cell in points.column("points").to_pylist():
-            box, kp = self.run_points(to_numpy_matrix(cell))
-            boxes.append(box)
-            kpts.append(kp)
+        ids, boxes, kpts = [], [], []
+        drops = Drops("geometry")
+        for iid, cell in zip(points.column("instance_id").to_pylist(), points.column("points").to_pylist(),
+                             strict=True):
+            with drops.guard(iid):
+                box, kp = self.run_points(to_numpy_matrix(cell))
+                ids.append(iid)
+                boxes.append(box)
+                kpts.append(kp)
+        drops.check(points.num_rows)
         table = pa.table({
-            "instance_id": points.column("instance_id"),
+            "instance_id": pa.array(ids, pa.string()),
             "bbox3d": vector_column(boxes, 6),
             "kpts3d": matrix_column(kpts, 3),
         })
-        stats = {"instances": table.num_rows, "seconds": round(time.perf_counter() - start, 3)}
-        write_stage_table(run_dir, "geometry", shard_index, table, stats)
+        stats = {"instances": table.num_rows, **drops.stats(), "seconds": round(time.perf_counter() - start, 3)}
+        write_stage_table(run_dir, "geometry", shard_index, table, stats, inputs=("sample_points",))
         return stats

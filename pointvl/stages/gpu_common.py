@@ -30,9 +30,13 @@ import pyarrow as pa
 from pointvl import images, io
 from pointvl.models import load_pipeline, resolve_backend, resolve_device, resolve_dtype
 from pointvl.plan import stage_table_path
-from pointvl.stages.base import write_stage_table
+from pointvl.stages.base import Drops, write_stage_table
 
 PromptEncoder = Callable[[list[str]], dict[str, Any]]
+# The errors of one item's data (an undecodable image, a bad size). Unlike the CPU stages
+# (pointvl.errors.ITEM_ERRORS), RuntimeError is left out: torch raises it for device faults (CUDA
+# errors, a lost worker), which are faults of the run.
+ITEM_DATA_ERRORS = (ValueError, ArithmeticError, IndexError)
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +135,18 @@ def items_dir(run_dir: str, stage: str, shard_index: int) -> str:
     return stage_table_path(run_dir, stage, shard_index).removesuffix(".parquet") + ".items"
 
 
+def _process(process: Callable[[list[dict]], list[dict]], batch: list[dict], drops: Drops) -> list[dict]:
+    """``process(batch)``; after an item error, each item of a larger batch alone, so only the items that
+    fail alone are dropped (with the error as their reason)."""
+    try:
+        return process(batch)
+    except ITEM_DATA_ERRORS as err:
+        if len(batch) == 1:
+            drops.add(batch[0]["instance_id"], f"{drops.stage}_failed", f"{type(err).__name__}: {err}")
+            return []
+    return [out for row in batch for out in _process(process, [row], drops)]
+
+
 def run_items(
     run_dir: str,
     stage: str,
@@ -141,13 +157,15 @@ def run_items(
     batch_size: int = 1,
     keep_items: bool = False,
     extra_stats: Callable[[pa.Table], dict] | None = None,
+    made_from: tuple[str, ...] = (),
 ) -> dict:
     """Run ``process`` over the rows of ``inputs`` not finished yet, in batches; write the shard.
     (Callers skip a finished shard themselves, before they load a model.)
 
     ``process`` takes input rows (dicts) and returns one output row per input row, each with
     ``instance_id`` and the columns of ``schema``. ``extra_stats(table)`` adds entries to the stats
-    from the assembled table. Returns the shard's stats.
+    from the assembled table; ``made_from`` names the stages whose tables ``inputs`` came from (their
+    checksums are recorded in the shard table). Returns the shard's stats.
     """
     t0 = time.perf_counter()
     folder = items_dir(run_dir, stage, shard_index)
@@ -161,17 +179,20 @@ def run_items(
     if done:
         logger.info("%s shard %05d: resuming, %d/%d items already done", stage, shard_index, len(done), len(ids))
     n_done = len(done)
+    drops = Drops(stage)
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        outputs = process(batch)
-        if [o["instance_id"] for o in outputs] != [r["instance_id"] for r in batch]:
+        outputs = _process(process, batch, drops)
+        expected = [r["instance_id"] for r in batch if r["instance_id"] not in drops.items]
+        if [o["instance_id"] for o in outputs] != expected:
             raise RuntimeError(f"{stage}: process returned rows out of order or missing")
         for out in outputs:
             io.write_table(io.join(folder, f"{out['instance_id']}.parquet"), pa.Table.from_pylist([out], schema))
         n_done += len(batch)
         logger.info("%s shard %05d: %d/%d", stage, shard_index, n_done, len(ids))
+    drops.check(len(todo))
     # Assemble in input order; every item is read back from its file, fresh or resumed alike.
-    parts = [io.read_table(io.join(folder, f"{i}.parquet")) for i in ids]
+    parts = [io.read_table(io.join(folder, f"{i}.parquet")) for i in ids if i not in drops.items]
     table = (pa.concat_tables(parts) if parts else schema.empty_table()).cast(schema)
     stats = {
         "stage": stage,
@@ -179,9 +200,10 @@ def run_items(
         "items": len(ids),
         "generated": len(todo),
         "resumed": len(done),
+        **drops.stats(),
         "seconds": round(time.perf_counter() - t0, 4),
     } | (extra_stats(table) if extra_stats else {})
-    write_stage_table(run_dir, stage, shard_index, table, stats)
+    write_stage_table(run_dir, stage, shard_index, table, stats, inputs=made_from)
     if not keep_items and fs.exists(local):
         fs.rm(local, recursive=True)
     return stats

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +26,8 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from pointvl import images
-from pointvl.stages.base import matrix_column, read_stage_table, vector_column, write_stage_table
+from pointvl.errors import check_range
+from pointvl.stages.base import Drops, matrix_column, read_stage_table, vector_column, write_stage_table
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,8 @@ class Kpts2DConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"kpts2d.k must be >= 1 (paper: 16), got {self.k}")
-        if self.erode_px < 0:
-            raise ValueError(f"kpts2d.erode_px must be >= 0 (default 2), got {self.erode_px}")
+        check_range("kpts2d.k", self.k, 1, 1024, 16, "the paper's 16")
+        check_range("kpts2d.erode_px", self.erode_px, 0, 64, 2)
 
 
 def _check_mask(mask: NDArray) -> NDArray[np.bool_]:
@@ -124,18 +122,19 @@ class Kpts2D:
         """Boxes and keypoints from every mask of the shard's render table."""
         start = time.perf_counter()
         renders = read_stage_table(run_dir, "render", shard_index).select(["instance_id", "mask"]).to_pylist()
-        rows, dropped = [], Counter()
+        rows, drops = [], Drops("kpts2d")
         for row in renders:
-            try:
+            with drops.guard(row["instance_id"]):
+                if not images.decode_mask(row["mask"]).any():
+                    drops.add(row["instance_id"], "empty_mask", "the object is not in the view")
+                    continue
                 rows.append({"instance_id": row["instance_id"], **self.run_mask(row["mask"])})
-            except ValueError as err:  # an empty mask: the object is not in the view
-                logger.warning("%s dropped: %s", row["instance_id"], err)
-                dropped["dropped_empty_mask"] += 1
+        drops.check(len(renders))
         table = pa.table({
             "instance_id": pa.array([r["instance_id"] for r in rows], pa.string()),
             "bbox2d": vector_column([np.asarray(r["bbox2d"]) for r in rows], 4),
             "kpts2d": matrix_column([np.asarray(r["kpts2d"]) for r in rows], 2),
         })
-        stats = {"instances": len(rows), **dropped, "seconds": round(time.perf_counter() - start, 3)}
-        write_stage_table(run_dir, "kpts2d", shard_index, table, stats)
+        stats = {"instances": len(rows), **drops.stats(), "seconds": round(time.perf_counter() - start, 3)}
+        write_stage_table(run_dir, "kpts2d", shard_index, table, stats, inputs=("render",))
         return stats

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from pointvl import images
+from pointvl.errors import check_range
 from pointvl.models import BACKENDS
 from pointvl.plan import stage_table_path
 from pointvl.stages.base import finished, read_stage_table, read_stats
@@ -79,6 +80,8 @@ class RefineConfig:
             raise ValueError(f"refine.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.num_inference_steps < 1:
             raise ValueError(f"refine.num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        check_range("refine.num_inference_steps", self.num_inference_steps, 1, 1000, 50)
+        check_range("refine.batch_size", self.batch_size, 1, 256, 1)
         if self.true_cfg_scale < 0:
             raise ValueError(f"refine.true_cfg_scale must be >= 0 (<= 1 disables CFG), got {self.true_cfg_scale}")
         if self.batch_size < 1:
@@ -144,6 +147,7 @@ class Refine:
             run_dir, STAGE, shard_index, renders.select(list(INPUT_COLUMNS)), process, SCHEMA,
             batch_size=cfg.batch_size, keep_items=cfg.keep_items,
             extra_stats=lambda table: {"backend": backend, "model_seconds": round(self.model_seconds, 4)},
+            made_from=("render",),
         )
 
     def _edit(self, pipe: Any, rgbs: list[np.ndarray], seeds: list[int], prompt: str,

@@ -25,23 +25,23 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import time
 from abc import ABC, abstractmethod
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import trimesh
-import yaml
 from numpy.typing import NDArray
 
-from pointvl import images
-from pointvl.mesh import surface_colors
+from pointvl import images, io
+from pointvl.errors import check_range
+from pointvl.mesh import NORMALIZATION, surface_colors
 from pointvl.plan import load_plan
-from pointvl.stages.base import shard_meshes, write_stage_table
+from pointvl.stages.base import Drops, shard_meshes, write_stage_table
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ DEFAULT_VIEWS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "views.yaml"
 )
 BACKENDS = ("auto", "open3d", "pytorch3d")
+MAX_SIZE = 4096  # pixels a side
 
 Ranges = tuple[tuple[float, float], ...]
 Hit = tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]  # face ids, barycentric, depth
@@ -102,8 +103,7 @@ def load_view_config(path: str) -> ViewConfig:
     """Read and check a views YAML (format and azimuth convention: ``pointvl/configs/views.yaml``)."""
     if not os.path.isfile(path):
         raise ValueError(f"view config {path} does not exist; point RenderConfig.views_path at a views YAML")
-    with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f)
+    doc = io.read_yaml(path, "view config")
     if not isinstance(doc, dict) or "default" not in doc:
         raise ValueError(
             f"{path}: needs a `default:` entry with azimuth_deg (see pointvl/configs/views.yaml)"
@@ -156,12 +156,9 @@ class RenderConfig:
     def __post_init__(self) -> None:
         self.elevation_deg = (float(self.elevation_deg[0]), float(self.elevation_deg[1]))
         self.background = (int(self.background[0]), int(self.background[1]), int(self.background[2]))
-        if self.width < 1 or self.height < 1:
-            raise ValueError(
-                f"render width and height must be >= 1 (default 512), got {self.width}x{self.height}"
-            )
-        if self.views_per_model < 1:
-            raise ValueError(f"render.views_per_model must be >= 1, got {self.views_per_model}")
+        for name in ("width", "height"):  # memory grows with width x height (~100 bytes a pixel)
+            check_range(f"render.{name}", getattr(self, name), 1, MAX_SIZE, 512, "memory grows with the pixel count")
+        check_range("render.views_per_model", self.views_per_model, 1, 360, 1)
         lo, hi = self.elevation_deg
         if not -89.0 <= lo <= hi <= 89.0:
             raise ValueError(
@@ -181,6 +178,15 @@ class RenderConfig:
             )
         if not all(0 <= c <= 255 for c in self.background):
             raise ValueError(f"render.background must be RGB in [0, 255], got {self.background}")
+        # depth is stored as 16-bit z * depth_scale: a normalized mesh (bbox diagonal 1) is seen from
+        # its bounding sphere's fitting distance, so its farthest point is that distance + 0.5
+        half = np.radians(self.fov_deg) / 2
+        far = 0.5 / np.sin(np.arctan((1.0 - self.margin) * np.tan(half))) + 0.5
+        if far * self.depth_scale > 65535:
+            raise ValueError(
+                f"render.depth_scale {self.depth_scale} x the farthest depth {far:.2f} (fov_deg {self.fov_deg}, "
+                f"margin {self.margin}) exceeds 16 bits: lower depth_scale to <= {int(65535 / far)} or widen fov_deg"
+            )
         load_view_config(self.views_path)
 
 
@@ -430,6 +436,16 @@ def make_renderer(backend: str = "auto", config: RenderConfig | None = None) -> 
 
 # 4. the stage
 
+_matrix = pa.list_(pa.list_(pa.float64()))
+SCHEMA = pa.schema(
+    [("instance_id", pa.string())]
+    + [(c, pa.binary()) for c in ("render", "depth", "mask", "normal_map")]
+    + [("K", _matrix), ("R", _matrix), ("t", pa.list_(pa.float64()))]
+    + [(c, pa.int64()) for c in ("width", "height", "view_index")]
+    + [(c, pa.float64()) for c in ("elevation_deg", "azimuth_deg", "depth_scale")]
+    + [(c, pa.string()) for c in ("render_backend", "mesh_normalization", "synset_id", "model_id", "category")]
+)
+
 
 class Render:
     """Stage `render`: one model → one record per view with the render stage table columns."""
@@ -463,7 +479,8 @@ class Render:
             len(cameras),
             time.perf_counter() - start,
         )
-        # 3. encode
+        # 3. encode (the mesh's normalization goes to the records' provenance)
+        normalization = json.dumps(mesh.metadata.get(NORMALIZATION, {"normalized": False}), sort_keys=True)
         rows = []
         for cam, out in zip(cameras, outputs, strict=True):
             if not out.mask.any():
@@ -487,6 +504,7 @@ class Render:
                     "azimuth_deg": cam.azimuth_deg,
                     "depth_scale": cfg.depth_scale,
                     "render_backend": self.renderer.name,
+                    "mesh_normalization": normalization,
                 }
             )
         return rows
@@ -496,11 +514,13 @@ class Render:
         shard = load_plan(run_dir).shards[shard_index]
         start = time.perf_counter()
         rows: list[dict] = []
-        dropped: Counter[str] = Counter()
-        for model, mesh in shard_meshes(shard, "render", dropped):
+        drops = Drops("render")
+        for model, mesh in shard_meshes(shard, "render", drops):
             ids = {"synset_id": model.synset_id, "model_id": model.model_id, "category": model.category}
-            rows.extend({**row, **ids} for row in self.run_model(mesh, model.synset_id, model.model_id))
-        stats = {"instances": len(rows), **dropped, "backend": self.renderer.name,
+            with drops.guard(f"{model.synset_id}/{model.model_id}"):
+                rows.extend([{**row, **ids} for row in self.run_model(mesh, model.synset_id, model.model_id)])
+        drops.check(len(shard.models))
+        stats = {"instances": len(rows), **drops.stats(), "backend": self.renderer.name,
                  "seconds": round(time.perf_counter() - start, 3)}
-        write_stage_table(run_dir, "render", shard_index, pa.Table.from_pylist(rows), stats)
+        write_stage_table(run_dir, "render", shard_index, pa.Table.from_pylist(rows, schema=SCHEMA), stats)
         return stats

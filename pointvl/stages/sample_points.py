@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +19,9 @@ import open3d as o3d
 import pyarrow as pa
 import trimesh
 
+from pointvl.errors import check_range
 from pointvl.plan import instance_id, load_plan
-from pointvl.stages.base import matrix_column, shard_meshes, write_stage_table
+from pointvl.stages.base import Drops, matrix_column, shard_meshes, write_stage_table
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +46,9 @@ class SamplePointsConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_points < 16:
-            raise ValueError(f"sample_points.num_points must be >= 16 (16 keypoints are drawn), got {self.num_points}")
-        if self.init_factor < 1:
-            raise ValueError(f"sample_points.init_factor must be >= 1, got {self.init_factor}")
-        if self.knn < 3:
-            raise ValueError(f"sample_points.knn must be >= 3 to fit a plane, got {self.knn}")
+        check_range("sample_points.num_points", self.num_points, 16, 262_144, 8192, "16 keypoints are drawn")
+        check_range("sample_points.init_factor", self.init_factor, 1, 50, 5)
+        check_range("sample_points.knn", self.knn, 3, 1000, 30, "3 points fit a plane")
 
 
 def model_seed(seed: int, model_id: str) -> int:
@@ -92,18 +89,25 @@ class SamplePoints:
         shard = load_plan(run_dir).shards[shard_index]
         start = time.perf_counter()
         ids, points, normals = [], [], []
-        dropped: Counter[str] = Counter()
-        for model, mesh in shard_meshes(shard, "sample_points", dropped):
-            pts, nrm = self.run_mesh(mesh, model.model_id)
+        drops = Drops("sample_points")
+        for model, mesh in shard_meshes(shard, "sample_points", drops):
+            pts = None
+            with drops.guard(f"{model.synset_id}/{model.model_id}"):
+                pts, nrm = self.run_mesh(mesh, model.model_id)
+                if len(pts) < 16 or not np.isfinite(pts).all() or not np.isfinite(nrm).all():
+                    raise ValueError(f"sampling gave {len(pts)} points (or non-finite ones)")
+            if pts is None:
+                continue
             for view in range(shard.views_per_model):
                 ids.append(instance_id(model.synset_id, model.model_id, view))
                 points.append(pts)
                 normals.append(nrm)
+        drops.check(len(shard.models))
         table = pa.table({
             "instance_id": pa.array(ids, pa.string()),
             "points": matrix_column(points, 3),
             "normals": matrix_column(normals, 3),
         })
-        stats = {"instances": len(ids), **dropped, "seconds": round(time.perf_counter() - start, 3)}
+        stats = {"instances": len(ids), **drops.stats(), "seconds": round(time.perf_counter() - start, 3)}
         write_stage_table(run_dir, "sample_points", shard_index, table, stats)
         return stats

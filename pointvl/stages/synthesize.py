@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from pointvl import images
+from pointvl.errors import check_range
 from pointvl.models import BACKENDS
 from pointvl.plan import stage_table_path
 from pointvl.stages.base import finished, read_stage_table, read_stats
@@ -117,6 +118,8 @@ class SynthesizeConfig:
             raise ValueError(f"synthesize.control_guidance_end must be in (0, 1], got {self.control_guidance_end}")
         if self.num_inference_steps < 1 or self.batch_size < 1:
             raise ValueError("synthesize.num_inference_steps and batch_size must be >= 1")
+        check_range("synthesize.num_inference_steps", self.num_inference_steps, 1, 1000, 28)
+        check_range("synthesize.batch_size", self.batch_size, 1, 256, 1)
         if not 0.0 <= self.canny_low <= self.canny_high:
             raise ValueError(f"synthesize: need 0 <= canny_low <= canny_high, got {self.canny_low}, {self.canny_high}")
         if not 0.0 <= self.drift_threshold <= 1.0 or self.drift_tolerance_px < 0:
@@ -210,6 +213,7 @@ class Synthesize:
                 "model_seconds": round(self.model_seconds, 4),
                 "drift_flagged": int(sum(table.column("drift_flagged").to_pylist())),
             },
+            made_from=("refine", "render"),
         )
 
     def control_images(self, row: dict) -> list[np.ndarray]:

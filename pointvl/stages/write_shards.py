@@ -5,7 +5,13 @@ Required inputs: ``sample_points``, ``geometry``, ``render``, ``kpts2d``. Option
 their stage ran: ``refine`` (else ``refined`` is the render), ``synthesize`` (else ``image`` is
 ``refined``), ``annotate`` (QA, description, the chosen ``bbox2d``) and ``review`` (rejected
 instances are left out). Items whose annotation failed are left out and counted. Every record's
-``provenance`` says which stage ran with which backend.
+``provenance`` says which stage ran with which backend (and how the mesh was normalized).
+
+Like a stage table, a final shard is finished only when it checks out: its stats
+(``RUN/stages/write_shards/shard-{i:05d}.stats.json``, written first) record the file's SHA-256 and
+the checksums of the stage tables it joined. :meth:`WriteShards.up_to_date` compares content, not
+modification times: a final file that is truncated or altered is moved aside and rebuilt; one whose
+inputs changed since (e.g. failed annotations done again) is rebuilt.
 """
 
 from __future__ import annotations
@@ -13,20 +19,29 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from pointvl import __version__, io
-from pointvl.plan import Shard, load_plan, stage_table_path
+from pointvl.plan import Shard, load_plan
 from pointvl.record import IMAGE_COLUMNS, record_features
-from pointvl.stages.base import finished, read_stage_table
+from pointvl.stages.base import (
+    Drops,
+    file_sha256,
+    finished,
+    move_aside,
+    read_stage_table,
+    recorded_sha,
+    sha256_bytes,
+    stats_path,
+)
 
 logger = logging.getLogger(__name__)
 
 REQUIRED = ("sample_points", "geometry", "render", "kpts2d")
 OPTIONAL = ("refine", "synthesize", "annotate", "review")
+STAGE = "write_shards"
 
 
 @dataclass
@@ -54,16 +69,19 @@ class WriteShards:
 
     @staticmethod
     def up_to_date(run_dir: str, shard_index: int) -> bool:
-        """The final file exists and is newer than every stage table it joins (as `make` decides), so a
-        stage re-run after the fact (e.g. annotation of failed items) reaches the shard."""
+        """The final file exists, has the content recorded when it was written (else it is moved aside),
+        and was joined from the stage tables there are now (so a stage re-run reaches the shard)."""
         shard = load_plan(run_dir).shards[shard_index]
         final = io.join(shards_dir(run_dir), shard.final_name)
         if not io.exists(final):
             return False
-        fs, _ = io.filesystem(final)
-        built = fs.modified(io.filesystem(final)[1])
-        inputs = [stage_table_path(run_dir, s, shard_index) for s in (*REQUIRED, *OPTIONAL)]
-        return all(fs.modified(io.filesystem(p)[1]) <= built for p in inputs if io.exists(p))
+        recorded = recorded_sha(run_dir, STAGE, shard_index)
+        if recorded is None or file_sha256(final) != recorded:
+            why = ("no record of its checksum" if recorded is None
+                   else "its bytes do not match the checksum recorded when it was written (truncated or altered)")
+            move_aside(run_dir, [final], why)
+            return False
+        return io.read_json(stats_path(run_dir, STAGE, shard_index)).get("inputs") == _inputs(run_dir, shard_index)
 
     def run_shard(self, run_dir: str, shard_index: int) -> dict:
         """Write ``shards/{split}-{i:05d}-of-{n:05d}.parquet`` for one work shard; return its stats."""
@@ -72,33 +90,37 @@ class WriteShards:
         missing = [s for s in REQUIRED if not finished(run_dir, s, shard_index)]
         if missing:
             raise RuntimeError(f"{shard.name}: stages {missing} have not finished; run them first")
-        tables = {s: _rows_by_id(read_stage_table(run_dir, s, shard_index)) for s in REQUIRED}
-        for stage in OPTIONAL:
-            if finished(run_dir, stage, shard_index):
-                tables[stage] = _rows_by_id(read_stage_table(run_dir, stage, shard_index))
-        records, dropped = self._records(shard, tables)
+        inputs = _inputs(run_dir, shard_index)
+        tables = {s: _rows_by_id(read_stage_table(run_dir, s, shard_index)) for s in inputs}
+        records, drops = self._records(shard, tables)
         features = record_features(self.config.num_keypoints)
-        table = pa.Table.from_pylist(records, schema=features.arrow_schema)
-        io.write_table(io.join(shards_dir(run_dir), shard.final_name), table)
-        stats = {"records": len(records), **dropped, "seconds": round(time.perf_counter() - start, 3)}
+        data = io.table_bytes(pa.Table.from_pylist(records, schema=features.arrow_schema))
+        stats = {"records": len(records), **drops.stats(), "inputs": inputs, "table_sha256": sha256_bytes(data),
+                 "seconds": round(time.perf_counter() - start, 3)}
+        io.write_json(stats_path(run_dir, STAGE, shard_index), stats)  # stats first, the shard last
+        io.write_bytes(io.join(shards_dir(run_dir), shard.final_name), data)
         logger.info("write_shards %s → %s: %d records", shard.name, shard.final_name, len(records))
         return stats
 
-    def _records(self, shard: Shard, tables: dict[str, dict[str, dict]]) -> tuple[list[dict], Counter]:
+    def _records(self, shard: Shard, tables: dict[str, dict[str, dict]]) -> tuple[list[dict], Drops]:
         models = {(m.synset_id, m.model_id): m for m in shard.models}
-        dropped: Counter[str] = Counter()
+        planned = set(shard.instance_ids())
+        drops = Drops(STAGE)
         records = []
         for iid, render in tables["render"].items():
-            missing = [s for s in REQUIRED if iid not in tables[s]]
+            if iid not in planned:  # stage tables are checked against the plan; this is the last guard
+                drops.add(iid, "not_in_plan", f"not an instance of {shard.name}")
+                continue
+            missing = [s for s in (*REQUIRED, "refine", "synthesize") if s in tables and iid not in tables[s]]
             if missing:  # dropped by an earlier stage (e.g. an empty mask), counted there
                 continue
             review = tables.get("review", {}).get(iid)
             if review is not None and review["decision"] != "approved":  # rejected, or held for a person
-                dropped[f"dropped_{review['decision']}_in_review"] += 1
+                drops.add(iid, f"{review['decision']}_in_review", review.get("reason") or "", logging.INFO)
                 continue
             annotate = tables.get("annotate", {}).get(iid)
             if annotate is not None and annotate["annotate_status"] != "ok":
-                dropped["dropped_annotate_failed"] += 1
+                drops.add(iid, "annotate_failed", annotate.get("annotate_failure_reason") or "", logging.INFO)
                 continue
             refine = tables.get("refine", {}).get(iid)
             synth = tables.get("synthesize", {}).get(iid)
@@ -108,6 +130,7 @@ class WriteShards:
             provenance = {
                 "pipeline_version": __version__,
                 "render": {"backend": render["render_backend"]},
+                "mesh": json.loads(render.get("mesh_normalization") or '{"normalized": false}'),
                 "refine": json.loads(refine["refine_provenance"]) if refine else "not run",
                 "synthesize": json.loads(synth["synthesize_provenance"]) if synth else "not run",
                 "annotate": json.loads(annotate["annotate_provenance"]) if annotate else "not run",
@@ -136,7 +159,13 @@ class WriteShards:
                 "flagged": bool((synth and synth["drift_flagged"]) or (annotate and annotate["annotate_flagged"])),
                 "provenance": json.dumps(provenance, sort_keys=True),
             })
-        return records, dropped
+        return records, drops
+
+
+def _inputs(run_dir: str, shard_index: int) -> dict[str, str | None]:
+    """Checksums of the stage tables a final shard joins (required ones, and optional ones that ran)."""
+    return {s: recorded_sha(run_dir, s, shard_index) for s in (*REQUIRED, *OPTIONAL)
+            if s in REQUIRED or finished(run_dir, s, shard_index)}
 
 
 def _rows_by_id(table: pa.Table) -> dict[str, dict]:

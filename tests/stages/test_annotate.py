@@ -20,6 +20,7 @@ from pointvl.annotation import smart_resize, vlm_box_to_pixels
 from pointvl.images import encode_mask, encode_rgb
 from pointvl.llm import BatchPending, FatalAPIError, InvalidReply
 from pointvl.stages.annotate import Annotate, AnnotateConfig
+from pointvl.stages.base import write_stage_table
 
 KEY = "sk-test-SECRET-annotate-42"
 CATEGORIES = ["airplane", "car", "chair", "lamp", "table"]
@@ -99,19 +100,12 @@ def make_run(root: Path, n: int = 5, synthesize: bool = True) -> tuple[str, dict
             "height": rows["height"],
         }
     )
-    io.write_table(io.join(run, "stages/render/shard-00000.parquet"), render)
-    io.write_table(
-        io.join(run, "stages/geometry/shard-00000.parquet"),
-        pa.table({"instance_id": ids, "bbox3d": pa.array(rows["bbox3d"], f32)}),
-    )
-    io.write_table(
-        io.join(run, "stages/kpts2d/shard-00000.parquet"),
-        pa.table({"instance_id": ids, "bbox2d": pa.array(rows["bbox2d"], f32)}),
-    )
+    write_stage_table(run, "render", 0, render, {})
+    write_stage_table(run, "geometry", 0, pa.table({"instance_id": ids, "bbox3d": pa.array(rows["bbox3d"], f32)}), {})
+    write_stage_table(run, "kpts2d", 0, pa.table({"instance_id": ids, "bbox2d": pa.array(rows["bbox2d"], f32)}), {})
     if synthesize:
-        io.write_table(
-            io.join(run, "stages/synthesize/shard-00000.parquet"),
-            pa.table({"instance_id": ids, "image": pa.array(rows["image"], pa.binary())}),
+        write_stage_table(
+            run, "synthesize", 0, pa.table({"instance_id": ids, "image": pa.array(rows["image"], pa.binary())}), {}
         )
     return run, boxes, shas
 
@@ -307,6 +301,24 @@ def test_faults_lose_no_item_and_a_resume_pays_only_for_the_failed(
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert KEY.encode() not in f.read_bytes()
+
+
+def test_grounding_failures_with_the_mask_box_flag_items_and_malformed_replies_are_reasked(tmp_path: Path) -> None:
+    run, boxes, shas = make_run(tmp_path, n=4)
+    ids = list(shas)
+    with FakeOpenAI(api_key=KEY) as srv:
+        # the VLM never gives a box for item 0 (bbox2d_source: mask, the default): flagged, not a crash
+        srv.inject("bad_json", times=99, match=lambda b: "response_format" not in b and image_sha(b) == shas[ids[0]])
+        # HTTP 200 bodies that are not chat completions: re-asked, then the item goes on
+        srv.inject("text_plain", times=1, match=lambda b: image_sha(b) == shas[ids[1]])
+        srv.inject("null_message", times=1, match=lambda b: image_sha(b) == shas[ids[2]])
+        stats = Annotate(online(srv), CATEGORIES, api_key=SecretStr(KEY), vlm_api_key=SecretStr(KEY)).run_shard(run, 0)
+    rows = {r["instance_id"]: r for r in read(run)}
+    assert stats["failed"] == 0 and stats["ok"] == 4 and stats["reasks"] >= 4
+    first = rows[ids[0]]
+    assert first["annotate_flagged"] and first["bbox2d"] == pytest.approx(boxes[ids[0]])
+    assert first["annotate_failure_reason"].startswith("vlm: invalid reply after 3 attempts")
+    assert all(rows[i]["bbox2d_vlm"] is not None and rows[i]["annotate_failure_reason"] is None for i in ids[1:])
 
 
 def test_a_crash_mid_shard_resumes_without_paying_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

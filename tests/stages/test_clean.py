@@ -85,3 +85,40 @@ def test_a_taxonomy_entry_without_a_name_is_reported(tmp_path):
     (tmp_path / "taxonomy.json").write_text('[{"synsetId": "02958343", "numInstances": 1}]')
     with pytest.raises(InputError, match="synsetId, name"):
         read_taxonomy(str(tmp_path))
+
+
+def _subset(shapenet, tmp_path: Path, keep, entries=None) -> Path:
+    """A copy of the fixture's folders whose taxonomy lists only the synsets ``keep`` accepts."""
+    import json
+    import shutil
+
+    root = tmp_path / "subset"
+    shutil.copytree(shapenet.root, root)
+    taxonomy = json.loads((root / "taxonomy.json").read_text())
+    (root / "taxonomy.json").write_text(json.dumps(entries if entries is not None else
+                                                   [e for e in taxonomy if keep(e["synsetId"])]))
+    return root
+
+
+def test_a_subset_of_shapenet_builds_and_unlisted_folders_are_reported(shapenet, tmp_path):
+    root = _subset(shapenet, tmp_path, lambda s: s != "04401088")  # no telephone: cellphone is not merged
+    report_path = tmp_path / "r.csv"
+    kept = Clean(CleanConfig(test_size=0.25, train_size=None)).run(str(root), str(report_path))
+    cellphones = {e.category for e in kept if e.synset_id == "02992529"}
+    assert cellphones == {"cellular telephone"}
+    report = _report(report_path)
+    phones = [r for (s, _), r in report.items() if s == "04401088"]
+    assert phones and all(r["reason"] == "synset_not_in_taxonomy" for r in phones)
+    assert len(report) == sum(len(ids) for ids in shapenet.models.values())  # still one row per model folder
+
+
+def test_duplicate_or_no_synsets_in_the_taxonomy_are_refused(shapenet, tmp_path):
+    import json
+
+    taxonomy = json.loads(Path(shapenet.root, "taxonomy.json").read_text())
+    relabel = [*taxonomy, {"synsetId": "02691156", "name": "zeppelin"}]
+    with pytest.raises(InputError, match="lists synset 02691156 twice"):
+        read_taxonomy(str(_subset(shapenet, tmp_path / "a", None, relabel)))
+    assert read_taxonomy(str(_subset(shapenet, tmp_path / "b", None, [*taxonomy, taxonomy[0]])))  # same name: fine
+    with pytest.raises(InputError, match="lists no synsets"):
+        read_taxonomy(str(_subset(shapenet, tmp_path / "c", None, [])))

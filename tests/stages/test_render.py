@@ -199,7 +199,7 @@ def test_run_model_columns_and_encodings_round_trip() -> None:
     rows = Render(cfg).run_model(mesh, CAR, "m9")
     assert [r["instance_id"] for r in rows] == [f"{CAR}-m9-0", f"{CAR}-m9-1"]
     columns = {"render", "depth", "mask", "normal_map", "K", "R", "t", "width", "height", "view_index"}
-    columns |= {"elevation_deg", "azimuth_deg", "depth_scale", "render_backend", "instance_id"}
+    columns |= {"elevation_deg", "azimuth_deg", "depth_scale", "render_backend", "instance_id", "mesh_normalization"}
     assert set(rows[0]) == columns
     row = rows[1]
     assert row["render_backend"] == "open3d" and (row["width"], row["height"]) == (80, 64)
