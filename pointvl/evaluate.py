@@ -189,12 +189,25 @@ def _prediction(row: dict[str, Any], where: str) -> Prediction:
     return Prediction(output, tuple(answers) if answers is not None else None, output_limit(output))
 
 
+def _answer(pred: Prediction) -> str:
+    if pred.over_limit:
+        return ""
+    field = parse_output(pred.output)["answer"]
+    return field.value if field.valid else ""
+
+
 def read_predictions(path: str) -> dict[str, Prediction]:
-    """``{instance_id: Prediction}`` from a JSONL file; a repeated id keeps its last line (one warning)."""
+    """``{instance_id: Prediction}`` from a JSONL file; a repeated id keeps its last line (one warning).
+
+    A line with ``qa_index`` k > 0 answers the record's attribute question k with its output's
+    ``answer`` (one line per QA pair, as ``pointvl predict`` writes for a checkpoint); those answers
+    become the record's ``attribute_answers`` unless its main line gives them."""
     fs, p = pio.filesystem(path)
     if not fs.isfile(p):
         raise InputError(f"predictions file not found: {path}")
     out: dict[str, Prediction] = {}
+    attribute: defaultdict[str, dict[int, str]] = defaultdict(dict)
+    seen: set[tuple[str, int]] = set()
     duplicates: list[str] = []
     with fs.open(p, "rb") as f:
         for k, raw in enumerate(f, 1):
@@ -223,10 +236,21 @@ def read_predictions(path: str) -> dict[str, Prediction]:
             if not isinstance(row, dict) or "instance_id" not in row or "output" not in row:
                 raise InputError(f"{where}: expected {{\"instance_id\": ..., \"output\": ...}}")
             iid = str(row["instance_id"])
-            if iid in out:
+            qa_index = row.get("qa_index", 0)
+            if not isinstance(qa_index, int) or isinstance(qa_index, bool) or qa_index < 0:
+                raise InputError(f"{where}: qa_index must be a non-negative integer, got {qa_index!r}")
+            if (iid, qa_index) in seen:
                 duplicates.append(iid)
+            seen.add((iid, qa_index))
             pred = _prediction(row, where)
+            if qa_index:  # a line of its own per attribute question (`pointvl predict` of a checkpoint)
+                attribute[iid][qa_index] = _answer(pred)
+                continue
             out[iid] = Prediction(pred.output, pred.attribute_answers, over) if over else pred
+    for iid, answers in attribute.items():
+        if iid in out and out[iid].attribute_answers is None:
+            given = tuple(answers.get(k, "") for k in range(1, max(answers) + 1))
+            out[iid] = Prediction(out[iid].output, given, out[iid].over_limit)
     if not out:
         raise InputError(f"{path} holds no predictions (the file is empty)")
     if duplicates:

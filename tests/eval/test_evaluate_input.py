@@ -154,3 +154,20 @@ def test_bleu_is_sacrebleu_corpus_bleu_and_the_json_states_its_definitions(eval_
     chair = [k for k, rec in enumerate(iter_records(eval_shards, "test")) if rec["category"] == "chair"]
     expected = BLEU(max_ngram_order=2).corpus_score([hyps[k] for k in chair], [[refs[k] for k in chair]])
     assert per["chair"]["bleu2"] == pytest.approx(expected.score / 100)
+
+
+def test_one_line_per_qa_pair_scores_like_attribute_answers(eval_shards, tmp_path):
+    """`pointvl predict` of a checkpoint writes a line per QA pair (``qa_index``): the same scores as one line
+    per record with ``attribute_answers``."""
+    rows = _truth(eval_shards)
+    rows[0]["attribute_answers"] = ["maybe", rows[0]["attribute_answers"][1]]
+    per_pair = []
+    for r in rows:
+        for k, answer in enumerate(r["attribute_answers"], 1):
+            per_pair.append({"instance_id": r["instance_id"], "qa_index": k,
+                             "output": json.dumps({"answer": answer, "description": ""})})
+        per_pair.append({"instance_id": r["instance_id"], "qa_index": 0, "output": r["output"]})
+    one = evaluate(eval_shards, read_predictions(_lines(tmp_path / "one.jsonl", rows)))
+    pairs = evaluate(eval_shards, read_predictions(_lines(tmp_path / "pairs.jsonl", per_pair)))
+    keys = ("category_accuracy", "attribute_accuracy", "qa_accuracy", "iou2d", "bleu4")
+    assert {k: pairs[k] for k in keys} == {k: one[k] for k in keys} and one["attribute_accuracy"] < 1
