@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test bench lint train-demo eval-demo server deploy worker-cpu worker-gpu clean
+.PHONY: setup demo test test-all bench lint train-demo eval-demo server deploy worker-cpu worker-gpu clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check pointvl tasks flows tests
+	$(PY) -m pytest -q -x -m "not slow" tests
+
+# Also the slow end-to-end tests (e.g. a review left unanswered until its deadline).
+test-all: $(STAMP)
 	$(PY) -m pytest -q -x tests
 
 bench: $(STAMP)
