@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/pointvl build --shapenet $(DEMO_DIR)/shapenet --out $(DEMO_DIR)/build --config pointvl/configs/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m ruff check pointvl tasks flows tests
+	$(PY) -m ruff check pointvl tasks flows benchmarks tests
 	$(PY) -m pytest -q -x -m "not slow" tests
 
 # Also the slow end-to-end tests (e.g. a review left unanswered until its deadline).
@@ -37,10 +37,10 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -x tests
 
 bench: $(STAMP)
-	$(PY) -m pointvl.bench
+	$(PY) -m benchmarks.bench
 
 lint: $(STAMP)
-	$(PY) -m ruff check pointvl tasks flows tests
+	$(PY) -m ruff check pointvl tasks flows benchmarks tests
 
 # SFT -> routed GRPO -> evaluate with the tiny CPU preset on the demo's shards (run `make demo` first).
 train-demo: $(STAMP)

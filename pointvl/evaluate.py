@@ -36,7 +36,7 @@ then, reading JSON strings from the start and from inside a string, the brackets
 and those inside them, so an object starting anywhere is covered), is not parsed: it is unparsable
 and counted in ``n_over_limit`` too. A line nested too deep for the JSON reader counts the same way
 when its ``instance_id`` can be read. Every check is a linear pass; within the limits a parse costs
-at most about 0.3 s (``make bench``, ``pointvl.bench_evaluate``). Repeated problems (duplicate ids,
+at most about 0.3 s (``make bench``, ``benchmarks/bench_evaluate.py``). Repeated problems (duplicate ids,
 ids outside the split, missing predictions) are one warning line each. An empty file, or one whose
 ids match nothing in the split, is an error that names the split they belong to, if any.
 """

@@ -1,11 +1,20 @@
-"""`pointvl/` is a library usable without Prefect: importing any of its modules never imports Prefect.
+"""`pointvl/` is a library usable without Prefect: no module of it imports Prefect, ``flows`` or ``tasks``.
 
-The CLI (`pointvl.cli`, `pointvl.cli_ops`) and `pointvl.bench` are the application around it: their
-commands start flows, and import Prefect inside those commands only.
+The CLI entry modules (`pointvl.cli`, `pointvl.cli_ops`) are the application around it: their
+commands start flows, and import Prefect inside those commands only. Benchmarks live outside the
+package (``benchmarks/``).
 """
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+import pointvl
+
+LIBRARY = Path(pointvl.__file__).parent
+CLI_ENTRY = {"cli.py", "cli_ops.py"}
+FORBIDDEN = ("prefect", "flows", "tasks")
 
 SCRIPT = """
 import importlib, pkgutil, sys
@@ -16,6 +25,34 @@ for name in names:
 assert len(names) > 30, names
 print("prefect" in sys.modules or any(m.startswith("prefect.") for m in sys.modules))
 """
+
+
+def orchestrator_imports(source: str) -> list[tuple[int, str]]:
+    """``(line, module)`` of every import of a forbidden top-level package, at any depth of the code."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found += [(node.lineno, n) for n in names if n.split(".")[0] in FORBIDDEN]
+    return found
+
+
+def test_no_library_module_imports_the_orchestrator_even_lazily():
+    modules = sorted(p for p in LIBRARY.rglob("*.py") if p.relative_to(LIBRARY).as_posix() not in CLI_ENTRY)
+    assert len(modules) > 30
+    offenders = [f"{p.relative_to(LIBRARY.parent)}:{line} imports {name}"
+                 for p in modules for line, name in orchestrator_imports(p.read_text())]
+    assert offenders == []
+
+
+def test_the_static_check_sees_imports_inside_functions():
+    source = "def f():\n    from flows.build import x\n    import prefect.flows, json\n\nimport tasks.clean\n"
+    assert sorted(orchestrator_imports(source)) == [(2, "flows.build"), (3, "prefect.flows"), (5, "tasks.clean")]
+    assert orchestrator_imports("from . import tasks\nimport flowsx\nfrom pointvl import flows\n") == []
 
 
 def test_importing_the_library_does_not_import_prefect():

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pointvl.bench_grca import sample_outputs, train_toy_tokenizer
+from benchmarks.bench_grca import sample_outputs, train_toy_tokenizer
 from pointvl.geometry import project_box3d
 
 

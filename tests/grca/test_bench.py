@@ -1,10 +1,10 @@
-"""pointvl.bench_grca.run: the numbers it reports are consistent with each other (no timing thresholds)."""
+"""benchmarks.bench_grca.run: the numbers it reports are consistent with each other (no timing thresholds)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pointvl.bench_grca import run
+from benchmarks.bench_grca import run
 
 
 def test_run_reports_consistent_numbers() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pointvl.bench_grca import sample_outputs
+from benchmarks.bench_grca import sample_outputs
 from pointvl.grca import BACKGROUND, GEOMETRIC_FIELDS, offsets_from_decode, parse_output, token_field_ids
 
 

@@ -1,4 +1,4 @@
-"""Benchmarks of the GPU stages. ``python -m pointvl.bench_gpu`` prints ``run()``'s dict as JSON.
+"""Benchmarks of the GPU stages. ``python -m benchmarks.bench_gpu`` prints ``run()``'s dict as JSON.
 
 - Always (CPU): per-item overhead outside the model call (decode, control images, seeds, drift,
   atomic item writes, shard assembly) with the tiny pipelines of :mod:`pointvl.tiny` through the

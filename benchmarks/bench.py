@@ -140,7 +140,7 @@ def main() -> None:
             results[key] = orchestration_overhead(shapenet, config, os.path.join(work, key))
             print(json.dumps({key: results[key]}))
     for name in ("bench_render", "bench_grca", "bench_gpu", "bench_evaluate", "bench_train"):
-        module = __import__(f"pointvl.{name}", fromlist=["run"])
+        module = __import__(f"benchmarks.{name}", fromlist=["run"])
         results[name] = module.run()
         print(json.dumps({name: results[name]}))
 

@@ -34,7 +34,7 @@ def run() -> dict[str, float]:
     """``{name: seconds}`` for each backend/size/mesh combination measured here."""
     import torch
 
-    from pointvl.bench import shapenet_sized_mesh
+    from benchmarks.bench import shapenet_sized_mesh
     from pointvl.stages.render import Open3DRenderer, PyTorch3DRenderer, RenderConfig, sample_cameras
 
     results: dict[str, float] = {}

@@ -7,7 +7,7 @@ update at the paper's shapes, full-vocabulary vs chunked (:func:`pointvl.train.m
 synthetic records (random image and points, a canonical target). Random weights rarely emit
 ``<|im_end|>``, so every rollout runs to ``max_new_tokens``, and their outputs do not parse: the
 scoring share of a rollout step is a lower bound; ``score_valid_ms`` times :func:`pointvl.grca.score_group`
-on G parseable outputs instead. Run ``python -m pointvl.bench_train``; prints one JSON object.
+on G parseable outputs instead. Run ``python -m benchmarks.bench_train``; prints one JSON object.
 """
 
 from __future__ import annotations
