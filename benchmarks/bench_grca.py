@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pointvl.extras import require
 from pointvl.geometry import QuantConfig
 from pointvl.grca import format_output, score_group
 
@@ -49,10 +50,9 @@ def train_toy_tokenizer(texts: list[str], vocab_size: int = 300) -> Any:
     Without the splitting regex, merges cross punctuation and digits, so tokens such as ``": [1`` or
     ``], [3`` occur: the hardest case for span routing. Decodes with the byte-level decoder.
     """
-    try:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    except ImportError as err:
-        raise ImportError("the toy tokenizer needs `tokenizers`: pip install 'pointvl[dev]'") from err
+    require("tokenizers", extra="dev", purpose="the toy tokenizer")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -63,11 +63,11 @@ def train_toy_tokenizer(texts: list[str], vocab_size: int = 300) -> Any:
 
 
 def _tiny_forward_seconds(batch: int, length: int, vocab: int, repeats: int) -> tuple[float, int]:
-    try:
-        import torch
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-    except ImportError as err:
-        raise ImportError("the bench's tiny model needs transformers: pip install 'pointvl[train]'") from err
+    import torch
+
+    require("transformers", extra="train", purpose="the bench's tiny model")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=length + 8)

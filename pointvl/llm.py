@@ -38,6 +38,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from pointvl import io
+from pointvl.extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +86,7 @@ class BatchPending(RuntimeError):
 
 
 def _openai() -> Any:
-    try:
-        import openai
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError("the OpenAI backend needs the openai SDK: pip install 'pointvl[annotate]'") from e
-    return openai
+    return require("openai", extra="annotate", purpose="the OpenAI backend")
 
 
 def resolve_api_key(env_var: str) -> SecretStr | None:

@@ -25,6 +25,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from pointvl.extras import require
+
 logger = logging.getLogger(__name__)
 
 Stage = Literal["refine", "synthesize"]
@@ -49,12 +51,7 @@ class ModelConfig(Protocol):
 
 
 def _require_diffusers() -> None:
-    try:
-        import diffusers  # noqa: F401
-    except ImportError as err:
-        raise ImportError(
-            "the diffusers backend needs diffusers and transformers: pip install 'pointvl[gpu]'"
-        ) from err
+    require("diffusers", extra="gpu", purpose="the diffusers backend")
 
 
 def cuda_available() -> bool:

@@ -29,7 +29,6 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from string import Template
 from typing import Any
 
@@ -50,12 +49,13 @@ from pointvl.llm import (
     parse_json_reply,
     resolve_api_key,
 )
+from pointvl.package_data import prompts_root
 from pointvl.train.data import image_bytes, list_shards
 
 logger = logging.getLogger(__name__)
 
 COORDS: tuple[str, ...] = ("bins", "norm1000", "qwen2.5-vl")
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts" / "predict"
+PROMPTS_DIR = prompts_root() / "predict"
 _ANY_INT = 2**62  # parse the model's integers in any range; conversion clamps them to the bins
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from pointvl import io as pio
 from pointvl.errors import InputError
 from pointvl.evaluate import EvaluateConfig, RecordScore, read_predictions, score_records, summarize
+from pointvl.extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +66,9 @@ def tables(runs: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
+    require("matplotlib", extra="eval", purpose="the report's plots").use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError("the report's plots need matplotlib: `pip install 'pointvl[eval]'`") from e
     return plt
 
 

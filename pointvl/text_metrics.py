@@ -35,10 +35,8 @@ def package_version(name: str) -> str | None:
 
 
 def _sacrebleu() -> Any:
-    try:
-        from sacrebleu.metrics import BLEU
-    except ImportError as e:
-        raise ImportError("BLEU needs sacrebleu: `pip install 'pointvl[eval]'`") from e
+    from sacrebleu.metrics import BLEU  # a core dependency, imported when scoring (it is slow to import)
+
     return BLEU
 
 
@@ -60,10 +58,8 @@ class RougeScorer:
     """ROUGE-1/2/L F-measure of one hypothesis against one reference."""
 
     def __init__(self) -> None:
-        try:
-            from rouge_score import rouge_scorer
-        except ImportError as e:
-            raise ImportError("ROUGE needs rouge-score: `pip install 'pointvl[eval]'`") from e
+        from rouge_score import rouge_scorer
+
         self._rouge = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
 
     def __call__(self, hypothesis: str, reference: str) -> dict[str, float]:

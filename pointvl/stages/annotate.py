@@ -63,6 +63,7 @@ from pointvl.llm import (
     resolve_api_key,
     run_batch,
 )
+from pointvl.package_data import prompts_root, schema_path
 from pointvl.stages.base import finished, read_stage_table, read_stats, write_stage_table
 
 logger = logging.getLogger(__name__)
@@ -70,9 +71,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["Annotate", "AnnotateConfig"]
 
 STAGE = "annotate"
-_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_PROMPTS_DIR = str(_ROOT / "prompts" / "annotate")
-DEFAULT_SCHEMA = str(_ROOT / "schemas" / "annotation.schema.json")
 COORDINATES = ("qwen2.5-vl", "qwen3-vl", "absolute", "relative1000")
 # ShapeNet category names that give a one-category benchmark's category question a wrong choice.
 DISTRACTORS = ("airplane", "chair")
@@ -107,7 +105,8 @@ class AnnotateConfig:
         requests_per_minute, concurrency: the rate limit, per endpoint.
         cache_dir: response cache; ``""`` = ``RUN/cache/annotate``.
         prompt_version: selects ``prompts_dir/qa_{version}.txt`` and ``ground_{version}.txt``.
-        prompts_dir, schema_path: the prompt templates and the LLM output schema.
+        prompts_dir, schema_path: the prompt templates and the LLM output schema (``None``: the
+            package's ``prompts/annotate`` and ``schemas/annotation.schema.json``).
         batch: send the QA requests through the OpenAI Batch API (resumable); grounding stays live.
         batch_poll_interval_s, batch_max_wait_s: batch polling; past the wait the shard raises
             :class:`pointvl.llm.BatchPending` and a re-run picks the batch up.
@@ -140,8 +139,8 @@ class AnnotateConfig:
     concurrency: int = 4
     cache_dir: str = ""
     prompt_version: str = "v1"
-    prompts_dir: str = DEFAULT_PROMPTS_DIR
-    schema_path: str = DEFAULT_SCHEMA
+    prompts_dir: str | None = None
+    schema_path: str | None = None
     batch: bool = False
     batch_poll_interval_s: float = 30.0
     batch_max_wait_s: float = 3600.0
@@ -181,11 +180,19 @@ class AnnotateConfig:
         check_range("annotate.vlm_min_pixels", self.vlm_min_pixels, 28 * 28, self.vlm_max_pixels, 4 * 28 * 28,
                     "at most vlm_max_pixels")
         for kind in ("qa", "ground"):
-            p = Path(self.prompts_dir) / f"{kind}_{self.prompt_version}.txt"
+            p = self.prompt_file(kind)
             if not p.is_file():
                 raise ValueError(f"annotate.prompt_version {self.prompt_version!r}: no prompt file {p}")
-        if not Path(self.schema_path).is_file():
-            raise ValueError(f"annotate.schema_path: no such file {self.schema_path!r}")
+        if not self.schema_file().is_file():
+            raise ValueError(f"annotate.schema_path: no such file {str(self.schema_file())!r}")
+
+    def prompt_file(self, kind: str) -> Path:
+        """The ``qa`` or ``ground`` prompt template of :attr:`prompt_version`."""
+        root = Path(self.prompts_dir) if self.prompts_dir else prompts_root() / STAGE
+        return root / f"{kind}_{self.prompt_version}.txt"
+
+    def schema_file(self) -> Path:
+        return Path(self.schema_path) if self.schema_path else schema_path("annotation.schema.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,10 +237,8 @@ class Annotate:
             self.categories = sorted([*self.categories, extra])
         self._api_key = api_key
         self._vlm_api_key = vlm_api_key
-        self._schema = json.loads(Path(config.schema_path).read_text())
-        self._prompts = {
-            k: (Path(config.prompts_dir) / f"{k}_{config.prompt_version}.txt").read_text() for k in ("qa", "ground")
-        }
+        self._schema = json.loads(config.schema_file().read_text())
+        self._prompts = {k: config.prompt_file(k).read_text() for k in ("qa", "ground")}
 
     # 1. inputs -------------------------------------------------------------------------------
     def _load(self, run_dir: str, shard_index: int) -> tuple[list[_Item], tuple[str, ...]]:

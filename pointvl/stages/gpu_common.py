@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from pointvl import images, io
 from pointvl.models import load_pipeline, resolve_backend, resolve_device, resolve_dtype
+from pointvl.package_data import prompts_root
 from pointvl.plan import stage_table_path
 from pointvl.stages.base import Drops, write_stage_table
 
@@ -39,9 +40,6 @@ PromptEncoder = Callable[[list[str]], dict[str, Any]]
 ITEM_DATA_ERRORS = (ValueError, ArithmeticError, IndexError)
 
 logger = logging.getLogger(__name__)
-
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
-
 
 def package_versions() -> dict[str, str]:
     out = {}
@@ -121,7 +119,7 @@ def instance_seed(seed: int, stage: str, instance_id: str) -> int:
 
 def load_prompt(stage: str, version: str, prompts_dir: str | None = None) -> tuple[str, str | None, str]:
     """``(prompt, negative prompt or None, "stage/version")`` from ``prompts/<stage>/<version>[.negative].txt``."""
-    root = Path(prompts_dir) if prompts_dir else PROMPTS_DIR
+    root = Path(prompts_dir) if prompts_dir else prompts_root()
     path = root / stage / f"{version}.txt"
     if not path.is_file():
         raise ValueError(f"prompt {path} not found; set prompt_version to one of "

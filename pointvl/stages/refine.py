@@ -53,7 +53,7 @@ class RefineConfig:
         true_cfg_scale: true classifier-free guidance scale; CFG runs only when > 1, with the negative
             prompt (not in the paper; the model card's 4.0).
         prompt_version: ``prompts/refine/<version>.txt`` (+ ``.negative.txt``); stored in provenance.
-        prompts_dir: folder holding ``refine/``; ``None`` = the repository's ``prompts/``.
+        prompts_dir: folder holding ``refine/``; ``None`` = the package's ``prompts/``.
         seed: base seed; each item's seed is ``sha256(seed:refine:instance_id)``.
         device: ``auto`` (cuda if present), ``cuda``, ``cuda:N`` or ``cpu``.
         dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), or a torch dtype name.

@@ -1,6 +1,6 @@
 """Stage `write_shards`: join a work shard's stage tables into benchmark records (one Parquet file).
 
-The record contract is ``schemas/record.schema.json`` / :func:`pointvl.record.record_features`.
+The record contract is ``schemas/record.schema.json`` / :func:`pointvl.record.record_schema`.
 Required inputs: ``sample_points``, ``geometry``, ``render``, ``kpts2d``. Optional inputs, when
 their stage ran: ``refine`` (else ``refined`` is the render), ``synthesize`` (else ``image`` is
 ``refined``), ``annotate`` (QA, description, the chosen ``bbox2d``) and ``review`` (rejected
@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from pointvl import __version__, io
 from pointvl.plan import Shard, load_plan
-from pointvl.record import IMAGE_COLUMNS, record_features
+from pointvl.record import IMAGE_COLUMNS, record_schema
 from pointvl.stages.base import (
     Drops,
     file_sha256,
@@ -93,8 +93,7 @@ class WriteShards:
         inputs = _inputs(run_dir, shard_index)
         tables = {s: _rows_by_id(read_stage_table(run_dir, s, shard_index)) for s in inputs}
         records, drops = self._records(shard, tables)
-        features = record_features(self.config.num_keypoints)
-        data = io.table_bytes(pa.Table.from_pylist(records, schema=features.arrow_schema))
+        data = io.table_bytes(pa.Table.from_pylist(records, schema=record_schema(self.config.num_keypoints)))
         stats = {"records": len(records), **drops.stats(), "inputs": inputs, "table_sha256": sha256_bytes(data),
                  "seconds": round(time.perf_counter() - start, 3)}
         io.write_json(stats_path(run_dir, STAGE, shard_index), stats)  # stats first, the shard last

@@ -17,6 +17,7 @@ import pytest
 
 from pointvl.geometry import project_points
 from pointvl.images import decode_mask
+from pointvl.package_data import schema_path
 
 CONFIG = """
 shard_size: 8
@@ -58,7 +59,7 @@ def test_shards_follow_the_contract(built, shapenet):
     names = [f.name for f in files]
     n_train = sum(n.startswith("train-") for n in names)
     assert f"train-00000-of-{n_train:05d}.parquet" in names and any(n.startswith("test-") for n in names)
-    schema = json.loads((Path(__file__).parents[2] / "schemas" / "record.schema.json").read_text())
+    schema = json.loads(schema_path("record.schema.json").read_text())
     table = pq.read_table(files[0])
     assert table.column_names == list(schema["properties"])
     records = pq.read_table(files[0]).to_pylist()
