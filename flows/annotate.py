@@ -10,9 +10,10 @@ from __future__ import annotations
 from prefect import flow
 
 from pointvl.stages.annotate import AnnotateConfig
+from pointvl.strict_config import load
 from tasks.annotate import annotate
 
 
 @flow(name="annotate-shard", description="LLM/VLM QA, descriptions and 2D grounding of one shard (CPU, API)")
 def annotate_shard(run_dir: str, shard_index: int, config: dict | None = None) -> dict:
-    return annotate(run_dir, shard_index, AnnotateConfig(**(config or {})))
+    return annotate(run_dir, shard_index, load(AnnotateConfig, config, "annotate"))

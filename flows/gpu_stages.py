@@ -33,6 +33,7 @@ from prefect import flow
 
 from pointvl.stages.refine import RefineConfig
 from pointvl.stages.synthesize import SynthesizeConfig
+from pointvl.strict_config import load
 from tasks.refine import refine
 from tasks.synthesize import synthesize
 
@@ -59,12 +60,12 @@ def _run_shards(
 
 @flow(name="refine-shards", description="Qwen-Image-Edit refinement of render shards (GPU)")
 def refine_shards(run_dir: str, shard_indices: list[int], config: dict | None = None) -> list[dict]:
-    return _run_shards("refine", run_dir, shard_indices, RefineConfig(**(config or {})))
+    return _run_shards("refine", run_dir, shard_indices, load(RefineConfig, config, "refine"))
 
 
 @flow(name="synthesize-shards", description="FLUX + ControlNet-Union-Pro synthesis of refined shards (GPU)")
 def synthesize_shards(run_dir: str, shard_indices: list[int], config: dict | None = None) -> list[dict]:
-    return _run_shards("synthesize", run_dir, shard_indices, SynthesizeConfig(**(config or {})))
+    return _run_shards("synthesize", run_dir, shard_indices, load(SynthesizeConfig, config, "synthesize"))
 
 
 def split_round_robin(shard_indices: list[int], workers: int) -> list[list[int]]:
@@ -98,7 +99,7 @@ def run_gpu_stage(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if isinstance(config, dict | None):
-        config = CONFIGS[stage](**(config or {}))  # validate here, before any GPU job starts
+        config = load(CONFIGS[stage], config, stage)  # validate here, before any GPU job starts
     if not deployment:
         # one shard after another (one GPU, one job), as tasks of the calling flow: a sub-flow would
         # only add orchestration time; the calling process's model cache spans all the shards

@@ -30,17 +30,7 @@ from pointvl.stages.render import RenderConfig
 from pointvl.stages.review import ReviewConfig
 from pointvl.stages.sample_points import SamplePointsConfig
 from pointvl.stages.synthesize import SynthesizeConfig
-
-
-class ConfigError(InputError):
-    """A config file or value is unusable; the message names the key and the fix."""
-
-
-OPERATIONAL_SECTIONS = ("gpu_deployments", "gpu_workers", "review", "handoff")
-OPERATIONAL_FIELDS = {
-    "annotate": ("redo_failed", "requests_per_minute", "concurrency", "batch_poll_interval_s", "batch_max_wait_s",
-                 "llm_api_key_env", "vlm_api_key_env", "api_key_secret_block", "vlm_api_key_secret_block"),
-}
+from pointvl.strict_config import OPERATIONAL, ConfigError, check_types, load, output_values
 
 
 @dataclass
@@ -66,13 +56,13 @@ class BuildConfig:
     refine: RefineConfig = field(default_factory=RefineConfig)
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
-    review: ReviewConfig = field(default_factory=ReviewConfig)
-    handoff: HandoffConfig = field(default_factory=HandoffConfig)
-    gpu_deployments: dict[str, str] = field(default_factory=dict)
-    gpu_workers: int = 1
+    review: ReviewConfig = field(default_factory=ReviewConfig, metadata=OPERATIONAL)
+    handoff: HandoffConfig = field(default_factory=HandoffConfig, metadata=OPERATIONAL)
+    gpu_deployments: dict[str, str] = field(default_factory=dict, metadata=OPERATIONAL)
+    gpu_workers: int = field(default=1, metadata=OPERATIONAL)
 
     def __post_init__(self) -> None:
-        _check_types(self, "")
+        check_types(self, "")
         try:
             check_range("gpu_workers", self.gpu_workers, 1, 1024, 1)
             check_range("shard_size", self.shard_size, 1, 100_000, 256, "DESIGN: 64-512")
@@ -90,22 +80,7 @@ class BuildConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> BuildConfig:
-        data = dict(data or {})
-        sections = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(sections))
-        if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; known: {sorted(sections)}")
-        kwargs: dict[str, Any] = {}
-        for name, value in data.items():
-            factory = sections[name].default_factory
-            if dataclasses.is_dataclass(factory):
-                kwargs[name] = _section(name, factory, value)
-            else:
-                kwargs[name] = value
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(str(err)) from err
+        return load(cls, data)
 
     @classmethod
     def from_parameters(cls, config: dict[str, Any] | None, overrides: dict[str, Any] | None = None,
@@ -143,12 +118,11 @@ class BuildConfig:
         return dataclasses.asdict(self)
 
     def output_dict(self) -> dict[str, Any]:
-        """The settings that decide what the build writes; operational ones (where GPU stages run,
-        the review gate, the training hand-off, API pacing) can change between a run and its resume."""
-        sections = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_SECTIONS}
-        for section, keys in OPERATIONAL_FIELDS.items():
-            sections[section] = {k: v for k, v in sections[section].items() if k not in keys}
-        return sections
+        """The settings that decide what the build writes and differ from their defaults (the plan
+        fingerprint and the stage keys hash them): operational ones (where GPU stages run, the review
+        gate, the training hand-off, API pacing) can change between a run and its resume, and a field
+        added with a default keeps existing run folders valid (:mod:`pointvl.strict_config`)."""
+        return output_values(self)
 
 
 def json_copy(data: dict[str, Any]) -> dict[str, Any]:
@@ -160,48 +134,3 @@ def _mapping(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{name} must be a mapping, got {value!r}")
     return value
-
-
-def _section(name: str, cls: type, value: Any) -> Any:
-    if not isinstance(value, dict):
-        raise ConfigError(f"config section {name!r} must be a mapping, got {value!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown keys in {name!r}: {unknown}; known: {sorted(fields)}")
-    for key, v in value.items():  # before construction: a section's checks compare numbers
-        _check_type(v, str(fields[key].type), f"{name}.{key}", fields[key].default)
-    try:
-        section = cls(**value)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{name}: {err}") from err
-    _check_types(section, f"{name}.")
-    return section
-
-
-_SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
-    "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
-    "int | None": (int, type(None)), "float | None": (int, float, type(None)), "str | None": (str, type(None)),
-    "int | float": (int, float), "int | float | None": (int, float, type(None)),
-}
-
-
-def _check_type(value: Any, annotation: str, key: str, default: Any = dataclasses.MISSING) -> None:
-    """Reject a value of the wrong type for a scalar or list field (``width: "256"``), with the fix."""
-    allowed = _SIMPLE_TYPES.get(annotation)
-    wrong_bool = isinstance(value, bool) and bool not in (allowed or ()) and annotation != "bool"
-    example = f" (default {default!r})" if default is not dataclasses.MISSING else ""
-    if allowed is not None and (not isinstance(value, allowed) or wrong_bool):
-        hint = " (write the number without quotes)" if isinstance(value, str) and annotation != "str" else ""
-        raise ConfigError(f"{key} must be {annotation}{example}, got {value!r}{hint}")
-    if annotation.startswith(("list[", "tuple[")) and not isinstance(value, list | tuple):
-        raise ConfigError(f"{key} must be a list{example}, got {value!r}")
-
-
-def _check_types(obj: Any, where: str) -> None:
-    """Reject a value of the wrong type for a scalar or list field (``shard_size: 2.5``) before any work.
-
-    Dataclasses do not check their annotations; a YAML typo would otherwise fail deep in a stage.
-    """
-    for f in dataclasses.fields(obj):
-        _check_type(getattr(obj, f.name), str(f.type), f"{where}{f.name}", f.default)

@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from string import Template
@@ -65,6 +65,7 @@ from pointvl.llm import (
 )
 from pointvl.package_data import prompts_root, schema_path
 from pointvl.stages.base import finished, read_stage_table, read_stats, write_stage_table
+from pointvl.strict_config import OPERATIONAL
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +119,11 @@ class AnnotateConfig:
     backend: str = "offline"
     llm_model: str = "gpt-5"
     llm_base_url: str | None = None
-    llm_api_key_env: str = "OPENAI_API_KEY"
+    llm_api_key_env: str = field(default="OPENAI_API_KEY", metadata=OPERATIONAL)
     llm_temperature: float | None = None
     vlm_model: str = "Qwen/Qwen2.5-VL-32B-Instruct"
     vlm_base_url: str = "http://127.0.0.1:8000/v1"
-    vlm_api_key_env: str = "VLM_API_KEY"
+    vlm_api_key_env: str = field(default="VLM_API_KEY", metadata=OPERATIONAL)
     vlm_coordinates: str = "qwen2.5-vl"
     vlm_min_pixels: int = 4 * 28 * 28
     vlm_max_pixels: int = 16384 * 28 * 28
@@ -135,18 +136,18 @@ class AnnotateConfig:
     max_reasks: int = 2
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 30.0
-    requests_per_minute: float = 60.0
-    concurrency: int = 4
+    requests_per_minute: float = field(default=60.0, metadata=OPERATIONAL)
+    concurrency: int = field(default=4, metadata=OPERATIONAL)
     cache_dir: str = ""
     prompt_version: str = "v1"
     prompts_dir: str | None = None
     schema_path: str | None = None
     batch: bool = False
-    batch_poll_interval_s: float = 30.0
-    batch_max_wait_s: float = 3600.0
-    redo_failed: bool = False
-    api_key_secret_block: str = ""
-    vlm_api_key_secret_block: str = ""
+    batch_poll_interval_s: float = field(default=30.0, metadata=OPERATIONAL)
+    batch_max_wait_s: float = field(default=3600.0, metadata=OPERATIONAL)
+    redo_failed: bool = field(default=False, metadata=OPERATIONAL)
+    api_key_secret_block: str = field(default="", metadata=OPERATIONAL)
+    vlm_api_key_secret_block: str = field(default="", metadata=OPERATIONAL)
 
     def __post_init__(self) -> None:
         if self.backend not in ("offline", "openai"):
