@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pointvl.extras import require
 from pointvl.train.config import ModelConfig
 from pointvl.train.point_bert import PointBERT
 from pointvl.train.tokenizer import POINT_TOKENS, build_char_tokenizer
@@ -41,11 +42,7 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError("the PointVL-3D model needs `pip install pointvl[train]`") from e
-    return transformers
+    return require("transformers", extra="train", purpose="the PointVL-3D model")
 
 
 class PointVL3D(nn.Module):

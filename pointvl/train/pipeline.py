@@ -37,6 +37,7 @@ from pointvl import io as pio
 from pointvl.errors import InputError
 from pointvl.evaluate import EvaluateConfig
 from pointvl.evaluate import run as run_evaluate
+from pointvl.extras import require
 from pointvl.train import checkpoint as ckpt
 from pointvl.train.config import SFTConfig, TrainConfig, preflight
 from pointvl.train.data import ShardExamples
@@ -152,14 +153,10 @@ def evaluate_stage(config: TrainConfig, shards_dir: str, run_dir: str, checkpoin
 
 def plot_curves(run_dir: str, stages: list[str]) -> str:
     """Plot loss (and GRPO mean rewards) per step of each finished stage to ``RUN/curves.png``."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError("the training-curve plot needs `pip install pointvl[train]`") from e
+    require("matplotlib", extra="train", purpose="the training-curve plot").use("Agg")
     import io
+
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
     for ax, stage in zip(axes[0], stages, strict=True):
