@@ -119,7 +119,6 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) ->
     return result
 
 
-@pytest.mark.slow
 def test_the_wheel_installs_and_builds_outside_the_checkout(tmp_path):
     # 1. a wheel from a copy of the shipped files (an in-tree build would write build/ into the checkout)
     src = tmp_path / "src"
