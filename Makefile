@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-all bench lint train-demo eval-demo server deploy worker-cpu worker-gpu clean
+.PHONY: setup demo test test-all bench bench-scale lint train-demo eval-demo server deploy worker-cpu worker-gpu clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench
+
+# ~500 ShapeNet-like models (long-tailed face counts) with 1 and 2 workers; RSS at 48 vs 480 models.
+bench-scale: $(STAMP)
+	$(PY) -m benchmarks.bench_scale --models $(or $(MODELS),480)
 
 lint: $(STAMP)
 	$(PY) -m ruff check pointvl tasks flows benchmarks tests

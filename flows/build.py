@@ -26,18 +26,18 @@ from flows.gpu_stages import run_gpu_stage
 from flows.locking import build_lock, mark_crashed, record_build
 from flows.review import review_gate
 from pointvl.config import BuildConfig
+from pointvl.cpu_stages import CPU_STAGES
+from pointvl.executor import open_executor
 from pointvl.handoff import build_id, check_can_start
+from pointvl.local import cpu_config
 from pointvl.runlock import RunFolderLocked
 from pointvl.stages.write_shards import WriteShardsConfig
 from pointvl.summary import summarize
 from tasks.annotate import annotate
 from tasks.clean import clean
-from tasks.geometry import geometry
+from tasks.cpu_stages import cpu_stages
 from tasks.handoff import start_training
-from tasks.kpts2d import kpts2d
 from tasks.progress import publish_progress, wait_with_progress
-from tasks.render import render
-from tasks.sample_points import sample_points
 from tasks.summary import publish_summary
 from tasks.write_shards import write_shards
 
@@ -62,7 +62,8 @@ def holding(run_dir: str):
 
 @flow(name="build-benchmark", description="ShapeNetCore v2 → Generative-Refined 3D-VL benchmark shards")
 def build_benchmark(shapenet: str, out: str, config: dict | None = None, incremental: bool = False,
-                    overrides: dict[str, Any] | None = None, handoff: dict[str, Any] | None = None) -> State:
+                    overrides: dict[str, Any] | None = None, handoff: dict[str, Any] | None = None,
+                    workers: int | None = None, dask_scheduler: str | None = None) -> State:
     """Build (or resume) the benchmark from the ShapeNetCore v2 folder ``shapenet`` into ``out``.
 
     ``incremental`` (on in the scheduled deployment, which reuses one run folder): new or changed
@@ -70,29 +71,31 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
     stages they affect are recomputed, and what they replace moves to ``out/superseded/``.
     ``overrides`` changes single config values (``{"review.preview_port": 9000}``) and ``handoff``
     the training hand-off's keys (``{"preset": "tiny"}``), without restating ``config``.
+    ``workers`` (default: this machine's cores) or ``dask_scheduler`` (``tcp://HOST:PORT`` of a running
+    Dask cluster): where clean's mesh validation and the CPU stages run (:mod:`pointvl.executor`).
     """
     cfg = BuildConfig.from_parameters(config, overrides, handoff)
     if cfg.handoff.train:
         check_can_start(cfg.handoff)  # seconds, before any stage, GPU second or API call
     try:
         with holding(out):
-            summary, message = _build(shapenet, out, cfg, incremental)
+            summary, message = _build(shapenet, out, cfg, incremental, workers, dask_scheduler)
     except RunFolderLocked as err:
         get_run_logger().error("%s", err)
         return Cancelled(message=str(err))
     return Completed(message=message, data=summary)
 
 
-def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool) -> tuple[dict, str]:
-    shards = clean(shapenet, out, cfg, incremental)
-    bid = build_id(out)
-
-    points = [sample_points.submit(out, i, cfg.sample_points) for i in shards]
-    boxes = [geometry.submit(out, i, cfg.geometry, wait_for=[p]) for i, p in zip(shards, points, strict=True)]
-    renders = [render.submit(out, i, cfg.render) for i in shards]
-    masks = [kpts2d.submit(out, i, cfg.kpts2d, wait_for=[r]) for i, r in zip(shards, renders, strict=True)]
-    for stage, futures in (("sample_points", points), ("geometry", boxes), ("render", renders), ("kpts2d", masks)):
-        wait_with_progress(stage, futures, bid)  # a failed CPU stage stops the build here, before any GPU time
+def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers: int | None,
+           dask_scheduler: str | None) -> tuple[dict, str]:
+    with open_executor(workers, dask_scheduler, shapenet, out) as executor:
+        shards = clean(shapenet, out, cfg, incremental, executor)
+        bid = build_id(out)
+        # sample_points ─► geometry and render ─► kpts2d, each mesh read once for all four
+        cpu = [cpu_stages.submit(out, i, cpu_config(cfg), executor) for i in shards]
+        wait_with_progress("cpu_stages", cpu, bid)  # a failed CPU stage stops the build here, before any GPU time
+    for stage in CPU_STAGES:
+        publish_progress(out, stage, shards, bid)
 
     run_gpu_stage("refine", out, shards, cfg.gpu_deployments.get("refine"), cfg.refine, workers=cfg.gpu_workers)
     publish_progress(out, "refine", shards, bid)

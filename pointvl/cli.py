@@ -29,6 +29,7 @@ def _fixture(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from pointvl import io
     from pointvl.config import BuildConfig
+    from pointvl.executor import check_placement
     from pointvl.plan import fingerprint, load_plan, plan_path
     from pointvl.stages.clean import Clean, read_taxonomy
     from pointvl.summary import format_summary
@@ -38,8 +39,8 @@ def _build(args: argparse.Namespace) -> int:
     config.annotate.redo_failed |= args.redo_failed
     read_taxonomy(args.shapenet)
     Clean(config.clean).resolve_categories(read_taxonomy(args.shapenet))
-    shapenet = os.path.abspath(args.shapenet)
-    out = args.out if "://" in args.out else os.path.abspath(args.out)
+    shapenet, out = (p if "://" in p else os.path.abspath(p) for p in (args.shapenet, args.out))
+    check_placement(args.workers, args.dask_scheduler, shapenet, out)
     if io.exists(out) and not io.filesystem(out)[0].isdir(io.filesystem(out)[1]):
         raise InputError(f"--out {args.out} is a file; give a folder for the build")
     if not args.incremental and io.exists(plan_path(out)) and (
@@ -55,7 +56,8 @@ def _build(args: argparse.Namespace) -> int:
 
     try:
         check_unlocked(out)
-        summary = build_benchmark(shapenet=shapenet, out=out, config=config.to_dict(), incremental=args.incremental)
+        summary = build_benchmark(shapenet=shapenet, out=out, config=config.to_dict(), incremental=args.incremental,
+                                  workers=args.workers, dask_scheduler=args.dask_scheduler)
     except InputError:
         raise
     except Exception as err:  # a fault of the run (storage, orchestrator, a stage bug): one line, exit 1
@@ -155,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     build = commands.add_parser(
         "build", help="build (or resume) the benchmark from a ShapeNetCore v2 folder, as a Prefect flow"
     )
-    build.add_argument("--shapenet", required=True, help="the ShapeNetCore v2 folder (holds taxonomy.json)")
+    build.add_argument("--shapenet", required=True,
+                       help="the ShapeNetCore v2 folder (holds taxonomy.json): a path or fsspec URL (s3://...)")
     build.add_argument("--out", required=True, help="the run folder (path or fsspec URL); re-run to resume")
     build.add_argument("--config", help="YAML/JSON config, one section per component (default: the paper's)")
     build.add_argument(
@@ -165,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--redo-failed", action="store_true",
                        help="annotate again the items whose annotation failed (cached replies cost nothing)")
+    where = build.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="CPU stages in N worker processes (default: this machine's cores; 0: in this process)")
+    where.add_argument("--dask-scheduler", metavar="tcp://HOST:PORT",
+                       help="run the CPU stages on the workers of this running Dask scheduler instead")
     build.set_defaults(command_handler=_build)
 
     evaluate = commands.add_parser(

@@ -10,8 +10,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
@@ -115,3 +117,22 @@ def read_yaml(path: str, what: str = "config file") -> Any:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
         raise InputError(f"{what} {path} is not valid YAML/JSON{at}: {getattr(err, 'problem', None) or err}") from None
+
+
+@contextmanager
+def local_copy(path: str, levels: int = 1) -> Iterator[str]:
+    """``path`` as a local file for libraries that only open local files.
+
+    A local path is yielded as it is. A remote one has the folder ``levels`` above it (1: its own
+    folder) copied to a temporary local folder first, so files it refers to by relative path come
+    along; the copy is removed afterwards. A missing remote file yields a local path that does not exist.
+    """
+    fs, p = filesystem(path)
+    if isinstance(fs, LocalFileSystem):
+        yield p
+        return
+    folder = p.rsplit("/", levels)[0]
+    with tempfile.TemporaryDirectory(prefix="pointvl-") as tmp:
+        remote = fs.find(folder)
+        fs.get(remote, [os.path.join(tmp, r.removeprefix(folder + "/")) for r in remote])
+        yield os.path.join(tmp, p.removeprefix(folder + "/"))

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from pointvl import io
 from pointvl.config import BuildConfig
+from pointvl.cpu_stages import CpuStagesConfig, run_cpu_shard
+from pointvl.executor import Executor, open_executor
 from pointvl.incremental import invalidate_stale
 from pointvl.plan import (
     Plan,
@@ -22,15 +25,12 @@ from pointvl.plan import (
     plan_path,
     save_or_check_plan,
 )
+from pointvl.progress import Progress
 from pointvl.stages.annotate import Annotate
 from pointvl.stages.base import finished
 from pointvl.stages.clean import Clean
-from pointvl.stages.geometry import Geometry
-from pointvl.stages.kpts2d import Kpts2D
 from pointvl.stages.refine import Refine
-from pointvl.stages.render import Render
 from pointvl.stages.review import apply_decisions, policy_decisions
-from pointvl.stages.sample_points import SamplePoints
 from pointvl.stages.synthesize import Synthesize
 from pointvl.stages.write_shards import WriteShards, WriteShardsConfig, shards_dir
 from pointvl.summary import dataset_card, summarize
@@ -61,21 +61,35 @@ def remove_temp_files(run_dir: str, min_age_s: float = 60.0) -> int:
     return len(leftovers)
 
 
-def plan_run(shapenet: str, run_dir: str, config: BuildConfig, incremental: bool = False) -> Plan:
+def clean_cache_dir(run_dir: str) -> str:
+    """Per-model validation results of ``clean`` (:func:`pointvl.stages.clean.validate_models`)."""
+    return io.join(run_dir, "cache", "clean")
+
+
+def plan_run(
+    shapenet: str,
+    run_dir: str,
+    config: BuildConfig,
+    incremental: bool = False,
+    executor: Executor | None = None,
+    progress: Callable[[Progress], None] | None = None,
+) -> Plan:
     """The run's shard plan: the existing one when the run folder has it, else clean and plan.
 
     A run folder keeps the plan it started with (same input, same config), so a resumed build
     processes exactly the shards it started with; another input or config is refused. An
     incremental build cleans again (models may have been added, changed or dropped), extends the
     plan and moves aside every output made for another config or model list
-    (:mod:`pointvl.incremental`), so the stages then redo exactly those.
+    (:mod:`pointvl.incremental`), so the stages then redo exactly those. Meshes are validated on
+    ``executor``'s workers (default: in this process); ``progress`` follows the validation.
     """
     key = fingerprint(shapenet, config.output_dict())
     remove_temp_files(run_dir)
     if not incremental and (existing := existing_plan(run_dir, key)) is not None:
         logger.info("plan exists: cleaning skipped")
         return existing
-    models = Clean(config.clean).run(shapenet, cleaning_report_path(run_dir))
+    models = Clean(config.clean).run(shapenet, cleaning_report_path(run_dir), executor, clean_cache_dir(run_dir),
+                                     progress)
     io.write_json(io.join(run_dir, "config.json"), {"shapenet": shapenet, **config.to_dict()})
     views = config.render.views_per_model
     if not incremental:
@@ -88,24 +102,38 @@ def plan_run(shapenet: str, run_dir: str, config: BuildConfig, incremental: bool
     return plan
 
 
-def build_in_process(shapenet: str, run_dir: str, config: BuildConfig, incremental: bool = False) -> dict:
-    """Build (or resume) the benchmark in this process; returns the summary.
+def cpu_config(config: BuildConfig) -> CpuStagesConfig:
+    return CpuStagesConfig(config.sample_points, config.geometry, config.render, config.kpts2d)
+
+
+def build_in_process(
+    shapenet: str,
+    run_dir: str,
+    config: BuildConfig,
+    incremental: bool = False,
+    workers: int | None = None,
+    dask_scheduler: str | None = None,
+) -> dict:
+    """Build (or resume) the benchmark without Prefect; returns the summary.
 
     ``incremental``: reuse a run folder of another config or input (see :func:`plan_run`).
+    ``workers`` / ``dask_scheduler``: where clean's validation and the CPU stages run
+    (:func:`pointvl.executor.open_executor`); the GPU stages, annotation and the shards run here.
     """
-    plan = plan_run(shapenet, run_dir, config, incremental)
+    with open_executor(workers, dask_scheduler, shapenet, run_dir) as executor:
+        plan = plan_run(shapenet, run_dir, config, incremental, executor)
+        shards = [s for s in plan.shards if s.models]  # an emptied shard (incremental) has nothing to build
+        tracker = Progress("cpu stages:", len(shards), "shards")
+        for _ in executor.map(run_cpu_shard, [s.index for s in shards], run_dir, cpu_config(config)):
+            tracker.advance()
     categories = sorted({m.category for s in plan.shards for m in s.models})
     stages = [
-        ("sample_points", SamplePoints(config.sample_points).run_shard),
-        ("geometry", Geometry(config.geometry).run_shard),
-        ("render", Render(config.render).run_shard),
-        ("kpts2d", Kpts2D(config.kpts2d).run_shard),
         ("refine", Refine(config.refine).run_shard),
         ("synthesize", Synthesize(config.synthesize).run_shard),
         ("annotate", Annotate(config.annotate, categories).run_shard),
     ]
     writer = WriteShards(WriteShardsConfig(config.geometry.num_keypoints))
-    for shard in (s for s in plan.shards if s.models):  # an emptied shard (incremental) has nothing to build
+    for shard in shards:
         for name, run in stages:
             if not finished(run_dir, name, shard.index):
                 run(run_dir, shard.index)

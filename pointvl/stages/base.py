@@ -34,9 +34,9 @@ import trimesh
 
 from pointvl import io
 from pointvl.errors import ITEM_ERRORS, InputError
-from pointvl.mesh import MeshError, load_model
+from pointvl.mesh import MeshError
 from pointvl.plan import Shard, fingerprint, load_plan, plan_path, stage_table_path
-from pointvl.stages.clean import ModelEntry
+from pointvl.stages.clean import ModelEntry, load_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -289,12 +289,12 @@ def to_numpy_matrix(value: list) -> np.ndarray:
 
 
 def shard_meshes(shard: Shard, stage: str, drops: Drops) -> Iterator[tuple[ModelEntry, trimesh.Trimesh]]:
-    """Each model of the shard with its normalized mesh (:func:`pointvl.mesh.load_model`); a model that
-    fails to load is dropped with its reason."""
+    """Each model of the shard with its normalized mesh (:func:`pointvl.stages.clean.load_model_file`: a
+    local path or a URL); a model that fails to load is dropped with its reason."""
     for i, model in enumerate(shard.models, 1):
         mesh = None
         with drops.guard(f"{model.synset_id}/{model.model_id}"):
-            mesh = load_model(model.obj_path)
+            mesh = load_model_file(model.obj_path)
         if mesh is not None:
             yield model, mesh
         logger.debug("%s %s %d/%d", stage, shard.name, i, len(shard.models))

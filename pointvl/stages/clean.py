@@ -31,19 +31,26 @@ different names is refused (one of them would silently relabel the other's model
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import trimesh
+from fsspec.implementations.local import LocalFileSystem
 
 from pointvl import io
+from pointvl import mesh as mesh_module
 from pointvl.errors import ITEM_ERRORS, InputError
+from pointvl.executor import Executor, InProcess
 from pointvl.mesh import NORMALIZATION, MeshError, load_model
+from pointvl.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -101,18 +108,20 @@ class ModelEntry:
 
 
 def read_taxonomy(shapenet_dir: str) -> dict[str, dict]:
-    """``taxonomy.json`` as ``{synset_id: entry}``; raises :class:`InputError` when unusable."""
-    root = Path(shapenet_dir)
-    if not root.is_dir():
+    """``taxonomy.json`` as ``{synset_id: entry}``; raises :class:`InputError` when unusable.
+
+    ``shapenet_dir`` is a local folder or an fsspec URL (``s3://bucket/ShapeNetCore.v2``)."""
+    fs, root = io.filesystem(shapenet_dir)
+    if not fs.isdir(root):
         raise InputError(f"ShapeNet folder not found: {shapenet_dir}")
-    path = root / "taxonomy.json"
-    if not path.is_file():
+    path = io.join(shapenet_dir, "taxonomy.json")
+    if not io.exists(path):
         raise InputError(
             f"{shapenet_dir} has no taxonomy.json: point --shapenet at the ShapeNetCore.v2 folder "
             "(the one holding taxonomy.json and the <synset_id>/ folders)"
         )
     try:
-        entries = io.read_json(str(path))
+        entries = io.read_json(path)
     except ValueError as err:
         raise InputError(f"{path} is not JSON: {err}") from err
     usable = isinstance(entries, list) and all(
@@ -176,6 +185,102 @@ def _folders(folder: Path) -> list[tuple[str, bool]]:
     return sorted(out)
 
 
+ModelListing = tuple[str, bool, dict | None]  # model folder, broken link, its OBJ's info (None: no OBJ)
+
+
+def list_models(shapenet_dir: str) -> Iterator[tuple[str, bool, list[ModelListing]]]:
+    """Per synset folder (sorted): whether it is a broken link, and its model folders (sorted), each with
+    whether it is a broken link and its OBJ's fsspec info (size, mtime or ETag; ``None``: no OBJ).
+
+    Listing only, no file is read. On object storage one recursive listing per synset folder (a few
+    paged LIST calls, not a request per model); object stores have no links.
+    """
+    fs, root = io.filesystem(shapenet_dir)
+    if isinstance(fs, LocalFileSystem):
+        for synset, broken in _folders(Path(root)):
+            models = [] if broken else [
+                (model, gone, None if gone else _local_info(os.path.join(root, synset, model, OBJ_RELPATH)))
+                for model, gone in _folders(Path(root) / synset)
+            ]
+            yield synset, broken, models
+        return
+    for synset in sorted(e["name"].rsplit("/", 1)[-1] for e in fs.ls(root, detail=True) if e["type"] == "directory"):
+        base = f"{root}/{synset}/"
+        found: dict[str, dict | None] = {}
+        for path, info in fs.find(base, withdirs=True, detail=True).items():
+            rel = path.removeprefix(base)
+            if "/" not in rel and info["type"] == "directory":
+                found.setdefault(rel, None)
+            elif rel.count("/") == OBJ_RELPATH.count("/") + 1 and rel.endswith("/" + OBJ_RELPATH):
+                found[rel.split("/", 1)[0]] = info
+        yield synset, False, [(model, False, info) for model, info in sorted(found.items())]
+
+
+def _local_info(path: str) -> dict | None:
+    """Size and mtime of a local file (None: no such file)."""
+    if not os.path.isfile(path):
+        return None
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime": st.st_mtime}
+
+
+def model_path(shapenet_dir: str, synset: str, model: str) -> str:
+    """The OBJ of a model: an absolute local path, or a URL on the input's filesystem."""
+    path = io.join(shapenet_dir, synset, model, OBJ_RELPATH)
+    return path if "://" in path else os.path.abspath(path)
+
+
+def load_model_file(obj_path: str) -> trimesh.Trimesh:
+    """:func:`pointvl.mesh.load_model` of a local or remote OBJ (a remote model folder is copied to a
+    temporary local folder first, so its materials and ``../images/`` textures come along)."""
+    with io.local_copy(obj_path, levels=2) as local:
+        return load_model(local)
+
+
+def file_key(info: dict) -> str:
+    """What identifies a file's content without reading it: size and ETag (object storage) or mtime."""
+    return f"{info.get('size')}:{info.get('ETag') or info.get('mtime')}"
+
+
+@functools.cache
+def _loader_version() -> str:
+    """The mesh loader's source: a changed loader (new checks) invalidates cached validations."""
+    return hashlib.sha256(Path(mesh_module.__file__).read_bytes()).hexdigest()[:16]
+
+
+def validate_models(items: list[tuple[str, str, str]], cache_dir: str | None) -> list[tuple[str, str, str]]:
+    """``(reason, geometry hash, note)`` of each ``(obj path, file key, cache name)``; reason "" = usable.
+
+    Runs on a worker. With ``cache_dir``, a model's result is stored as ``<cache name>.json`` and reused
+    while the file key and the loader are the same, so a killed clean resumes where it stopped and a
+    re-clean only loads new or changed models.
+    """
+    out = []
+    for obj, key, name in items:
+        entry = io.join(cache_dir, f"{name}.json") if cache_dir else None
+        if entry and io.exists(entry):
+            cached = io.read_json(entry)
+            if cached.get("key") == key and cached.get("loader") == _loader_version():
+                out.append((cached["reason"], cached["geometry"], cached["note"]))
+                continue
+        try:
+            mesh = load_model_file(obj)
+        except MeshError as err:
+            result = (err.reason, "", str(err))
+        except ITEM_ERRORS as err:  # a mesh no check foresaw: it costs only itself
+            logger.warning("%s: %s: %s", name, type(err).__name__, err)
+            result = ("unreadable", "", f"{type(err).__name__}: {err}")
+        else:
+            norm = mesh.metadata[NORMALIZATION]
+            note = f"normalized like model_normalized (scale {norm['scale']:g})" if norm["normalized"] else ""
+            result = ("", geometry_hash(mesh.vertices, mesh.faces), note)
+        if entry:
+            io.write_json(entry, {"key": key, "loader": _loader_version(), "reason": result[0],
+                                  "geometry": result[1], "note": result[2]})
+        out.append(result)
+    return out
+
+
 def _split_key(seed: int, model_id: str) -> str:
     return hashlib.sha256(f"{seed}:{model_id}".encode()).hexdigest()
 
@@ -210,27 +315,37 @@ class Clean:
             )
         return names
 
-    def run(self, shapenet_dir: str, report_path: str) -> list[ModelEntry]:
-        """Return the kept models with their split; write the cleaning report atomically."""
+    def run(
+        self,
+        shapenet_dir: str,
+        report_path: str,
+        executor: Executor | None = None,
+        cache_dir: str | None = None,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> list[ModelEntry]:
+        """Return the kept models with their split; write the cleaning report atomically.
+
+        Listing (:func:`list_models`, in this process) is separate from validation (loading and hashing
+        each candidate mesh), which runs in chunks on ``executor``'s workers, cached per model in
+        ``cache_dir`` (:func:`validate_models`); ``progress`` gets its i/n, rate and ETA as chunks finish.
+        """
         taxonomy = read_taxonomy(shapenet_dir)
         names = self.resolve_categories(taxonomy)
         wanted = set(self.config.categories)
-        root = Path(shapenet_dir)
         rows: list[dict] = []
-        candidates: list[tuple[str, str, str, str]] = []  # synset, model, category, obj path
-        for synset, broken in _folders(root):
+        candidates: list[tuple[str, str, str, dict | None]] = []  # synset, model, category, OBJ info
+        for synset, broken, models in list_models(shapenet_dir):
             if broken:
                 rows.append(self._row(synset, "", "", "dropped", "broken_link"))
                 continue
-            models = _folders(root / synset)
             if synset not in names:
                 logger.warning("folder %s is not in taxonomy.json: its %d models are reported, not built",
                                synset, len(models))
                 rows.extend(self._row(synset, m, "", "dropped", "synset_not_in_taxonomy")
-                            for m, _ in models or [("", False)])
+                            for m, _, _ in models or [("", False, None)])
                 continue
             category = names[synset]
-            for model, broken in models:
+            for model, broken, info in models:
                 row = {"synset_id": synset, "model_id": model, "category": category}
                 if broken:
                     rows.append({**row, "status": "dropped", "reason": "broken_link"})
@@ -239,9 +354,9 @@ class Clean:
                 elif wanted and category not in wanted and synset not in wanted:
                     rows.append({**row, "status": "dropped", "reason": "category_not_selected"})
                 else:
-                    candidates.append((synset, model, category, str(root / synset / model / OBJ_RELPATH)))
+                    candidates.append((synset, model, category, info))
 
-        kept = self._check_models(candidates, rows)
+        kept = self._check_models(shapenet_dir, candidates, rows, executor or InProcess(), cache_dir, progress)
         n_train, n_test = _split_counts(len(kept), self.config)
         order = sorted(kept, key=lambda c: _split_key(self.config.seed, c[1]))
         split_of = {c[1]: "test" for c in order[:n_test]}
@@ -253,7 +368,7 @@ class Clean:
                 rows.append(self._row(synset, model, category, "dropped", "over_split_size"))
                 continue
             rows.append({**self._row(synset, model, category, "kept", "", split), "note": note})
-            entries.append(ModelEntry(synset, model, category, split, os.path.abspath(obj), digest))
+            entries.append(ModelEntry(synset, model, category, split, obj, digest))
         self._write_report(rows, report_path)
         logger.info("clean: %d models kept (%d train, %d test), %d dropped",
                     len(entries), n_train, n_test, len(rows) - len(entries))
@@ -264,7 +379,15 @@ class Clean:
         return {"synset_id": synset, "model_id": model, "category": category, "status": status,
                 "reason": reason, "split": split}
 
-    def _check_models(self, candidates: list[tuple[str, str, str, str]], rows: list[dict]) -> list:
+    def _check_models(
+        self,
+        shapenet_dir: str,
+        candidates: list[tuple[str, str, str, dict | None]],
+        rows: list[dict],
+        executor: Executor,
+        cache_dir: str | None,
+        progress: Callable[[Progress], None] | None,
+    ) -> list:
         """The usable candidates as ``(synset, model, category, obj path, geometry hash, note)``; a row per drop."""
         by_model: dict[str, list] = {}
         for c in candidates:
@@ -277,29 +400,23 @@ class Clean:
             unique.append(copies[0])
             rows.extend(self._row(s, m, cat, "dropped", "duplicate_model") for s, m, cat, _ in copies[1:])
 
-        kept, seen = [], {}
-        for synset, model, category, obj in sorted(unique):
-            if not Path(obj).is_file():
+        todo = []
+        for synset, model, category, info in sorted(unique, key=lambda c: c[:2]):
+            if info is None:
                 rows.append(self._row(synset, model, category, "dropped", "missing_obj"))
                 continue
-            try:
-                mesh = load_model(obj)
-            except MeshError as err:
-                rows.append({**self._row(synset, model, category, "dropped", err.reason), "note": str(err)})
+            todo.append((synset, model, category, model_path(shapenet_dir, synset, model), file_key(info)))
+        results = _validate_all(todo, executor, cache_dir, progress)
+        kept, seen = [], {}
+        for (synset, model, category, obj, _), (reason, digest, note) in zip(todo, results, strict=True):
+            if reason:
+                rows.append({**self._row(synset, model, category, "dropped", reason), "note": note})
                 continue
-            except ITEM_ERRORS as err:  # a mesh no check foresaw: it costs only itself
-                logger.warning("%s/%s: %s: %s", synset, model, type(err).__name__, err)
-                rows.append({**self._row(synset, model, category, "dropped", "unreadable"),
-                             "note": f"{type(err).__name__}: {err}"})
-                continue
-            digest = geometry_hash(mesh.vertices, mesh.faces)
             if digest in seen:
                 rows.append(self._row(synset, model, category, "dropped", "duplicate_geometry"))
                 logger.info("%s/%s duplicates the geometry of %s", synset, model, seen[digest])
                 continue
             seen[digest] = f"{synset}/{model}"
-            norm = mesh.metadata[NORMALIZATION]
-            note = f"normalized like model_normalized (scale {norm['scale']:g})" if norm["normalized"] else ""
             kept.append((synset, model, category, obj, digest, note))
         return kept
 
@@ -311,3 +428,20 @@ class Clean:
         buf = pa.BufferOutputStream()
         pacsv.write_csv(table, buf)
         io.write_bytes(path, buf.getvalue().to_pybytes())
+
+
+def _validate_all(
+    todo: list[tuple[str, str, str, str, str]],
+    executor: Executor,
+    cache_dir: str | None,
+    progress: Callable[[Progress], None] | None,
+) -> list[tuple[str, str, str]]:
+    """:func:`validate_models` over ``todo`` in chunks on the executor, results in ``todo``'s order."""
+    size = max(1, min(32, len(todo) // (4 * executor.workers)))  # a few chunks per worker balance big meshes
+    chunks = [[(obj, key, f"{s}/{m}") for s, m, _, obj, key in todo[i : i + size]] for i in range(0, len(todo), size)]
+    results: list[list[tuple[str, str, str]]] = [[] for _ in chunks]
+    tracker = Progress("clean: validated", len(todo), "models", progress)
+    for i, chunk_results in executor.map(validate_models, chunks, cache_dir):
+        results[i] = chunk_results
+        tracker.advance(len(chunk_results))
+    return [r for chunk in results for r in chunk]

@@ -55,25 +55,33 @@ class Geometry:
         kpts3d = np.asarray(pcd.farthest_point_down_sample(k).points, dtype=np.float32)
         return bbox3d, kpts3d
 
+    def rows(self, instance_ids: list[str], clouds: list[np.ndarray], drops: Drops) -> list[dict]:
+        """One row (``instance_id``, ``bbox3d``, ``kpts3d``) per instance's ``(N, 3)`` cloud; a failure
+        drops the instance into ``drops``."""
+        rows = []
+        for iid, cloud in zip(instance_ids, clouds, strict=True):
+            with drops.guard(iid):
+                box, kp = self.run_points(cloud)
+                rows.append({"instance_id": iid, "bbox3d": box, "kpts3d": kp})
+        drops.check(len(instance_ids))
+        return rows
+
+    def write_shard(self, run_dir: str, shard_index: int, rows: list[dict], stats: dict) -> dict:
+        table = pa.table({
+            "instance_id": pa.array([r["instance_id"] for r in rows], pa.string()),
+            "bbox3d": vector_column([r["bbox3d"] for r in rows], 6),
+            "kpts3d": matrix_column([r["kpts3d"] for r in rows], 3),
+        })
+        stats = {"instances": table.num_rows, **stats}
+        write_stage_table(run_dir, "geometry", shard_index, table, stats, inputs=("sample_points",))
+        return stats
+
     def run_shard(self, run_dir: str, shard_index: int) -> dict:
         """Boxes and keypoints for every instance of the shard's point table."""
         start = time.perf_counter()
         points = read_stage_table(run_dir, "sample_points", shard_index)
-        ids, boxes, kpts = [], [], []
+        clouds = [to_numpy_matrix(cell) for cell in points.column("points").to_pylist()]
         drops = Drops("geometry")
-        for iid, cell in zip(points.column("instance_id").to_pylist(), points.column("points").to_pylist(),
-                             strict=True):
-            with drops.guard(iid):
-                box, kp = self.run_points(to_numpy_matrix(cell))
-                ids.append(iid)
-                boxes.append(box)
-                kpts.append(kp)
-        drops.check(points.num_rows)
-        table = pa.table({
-            "instance_id": pa.array(ids, pa.string()),
-            "bbox3d": vector_column(boxes, 6),
-            "kpts3d": matrix_column(kpts, 3),
-        })
-        stats = {"instances": table.num_rows, **drops.stats(), "seconds": round(time.perf_counter() - start, 3)}
-        write_stage_table(run_dir, "geometry", shard_index, table, stats, inputs=("sample_points",))
-        return stats
+        rows = self.rows(points.column("instance_id").to_pylist(), clouds, drops)
+        seconds = round(time.perf_counter() - start, 3)
+        return self.write_shard(run_dir, shard_index, rows, {**drops.stats(), "seconds": seconds})

@@ -118,11 +118,10 @@ class Kpts2D:
         kpts = keypoints_from_mask(mask, k=cfg.k, seed=cfg.seed, erode_px=cfg.erode_px)
         return {"bbox2d": bbox_from_mask(mask), "kpts2d": kpts.tolist()}
 
-    def run_shard(self, run_dir: str, shard_index: int) -> dict:
-        """Boxes and keypoints from every mask of the shard's render table."""
-        start = time.perf_counter()
-        renders = read_stage_table(run_dir, "render", shard_index).select(["instance_id", "mask"]).to_pylist()
-        rows, drops = [], Drops("kpts2d")
+    def rows(self, renders: list[dict], drops: Drops) -> list[dict]:
+        """Box and keypoints for each render row (``instance_id``, ``mask``); an empty mask or a failure
+        drops the view into ``drops``."""
+        rows = []
         for row in renders:
             with drops.guard(row["instance_id"]):
                 if not images.decode_mask(row["mask"]).any():
@@ -130,11 +129,23 @@ class Kpts2D:
                     continue
                 rows.append({"instance_id": row["instance_id"], **self.run_mask(row["mask"])})
         drops.check(len(renders))
+        return rows
+
+    def write_shard(self, run_dir: str, shard_index: int, rows: list[dict], stats: dict) -> dict:
         table = pa.table({
             "instance_id": pa.array([r["instance_id"] for r in rows], pa.string()),
             "bbox2d": vector_column([np.asarray(r["bbox2d"]) for r in rows], 4),
             "kpts2d": matrix_column([np.asarray(r["kpts2d"]) for r in rows], 2),
         })
-        stats = {"instances": len(rows), **drops.stats(), "seconds": round(time.perf_counter() - start, 3)}
+        stats = {"instances": len(rows), **stats}
         write_stage_table(run_dir, "kpts2d", shard_index, table, stats, inputs=("render",))
         return stats
+
+    def run_shard(self, run_dir: str, shard_index: int) -> dict:
+        """Boxes and keypoints from every mask of the shard's render table."""
+        start = time.perf_counter()
+        renders = read_stage_table(run_dir, "render", shard_index).select(["instance_id", "mask"]).to_pylist()
+        drops = Drops("kpts2d")
+        rows = self.rows(renders, drops)
+        seconds = round(time.perf_counter() - start, 3)
+        return self.write_shard(run_dir, shard_index, rows, {**drops.stats(), "seconds": seconds})

@@ -42,6 +42,7 @@ from pointvl.errors import check_range
 from pointvl.mesh import NORMALIZATION, surface_colors
 from pointvl.plan import load_plan
 from pointvl.stages.base import Drops, shard_meshes, write_stage_table
+from pointvl.stages.clean import ModelEntry
 
 logger = logging.getLogger(__name__)
 
@@ -509,6 +510,18 @@ class Render:
             )
         return rows
 
+    def model_rows(self, model: ModelEntry, mesh: trimesh.Trimesh, drops: Drops) -> list[dict]:
+        """:meth:`run_model`'s rows with the model's ids and category; a failure drops the model into ``drops``."""
+        ids = {"synset_id": model.synset_id, "model_id": model.model_id, "category": model.category}
+        with drops.guard(f"{model.synset_id}/{model.model_id}"):
+            return [{**row, **ids} for row in self.run_model(mesh, model.synset_id, model.model_id)]
+        return []
+
+    def write_shard(self, run_dir: str, shard_index: int, rows: list[dict], stats: dict) -> dict:
+        stats = {"instances": len(rows), **stats, "backend": self.renderer.name}
+        write_stage_table(run_dir, "render", shard_index, pa.Table.from_pylist(rows, schema=SCHEMA), stats)
+        return stats
+
     def run_shard(self, run_dir: str, shard_index: int) -> dict:
         """Render every model of the shard; write the stage table. Returns the shard's stats."""
         shard = load_plan(run_dir).shards[shard_index]
@@ -516,11 +529,7 @@ class Render:
         rows: list[dict] = []
         drops = Drops("render")
         for model, mesh in shard_meshes(shard, "render", drops):
-            ids = {"synset_id": model.synset_id, "model_id": model.model_id, "category": model.category}
-            with drops.guard(f"{model.synset_id}/{model.model_id}"):
-                rows.extend([{**row, **ids} for row in self.run_model(mesh, model.synset_id, model.model_id)])
+            rows.extend(self.model_rows(model, mesh, drops))
         drops.check(len(shard.models))
-        stats = {"instances": len(rows), **drops.stats(), "backend": self.renderer.name,
-                 "seconds": round(time.perf_counter() - start, 3)}
-        write_stage_table(run_dir, "render", shard_index, pa.Table.from_pylist(rows, schema=SCHEMA), stats)
-        return stats
+        seconds = round(time.perf_counter() - start, 3)
+        return self.write_shard(run_dir, shard_index, rows, {**drops.stats(), "seconds": seconds})

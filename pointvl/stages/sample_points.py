@@ -22,6 +22,7 @@ import trimesh
 from pointvl.errors import check_range
 from pointvl.plan import instance_id, load_plan
 from pointvl.stages.base import Drops, matrix_column, shard_meshes, write_stage_table
+from pointvl.stages.clean import ModelEntry
 
 logger = logging.getLogger(__name__)
 
@@ -84,30 +85,36 @@ class SamplePoints:
         normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
         return points, normals
 
+    def model_rows(self, model: ModelEntry, mesh: trimesh.Trimesh, views_per_model: int, drops: Drops) -> list[dict]:
+        """One row per view of ``model`` (every view shares the model's cloud); a failed sampling drops
+        the model into ``drops`` and gives no rows."""
+        with drops.guard(f"{model.synset_id}/{model.model_id}"):
+            pts, nrm = self.run_mesh(mesh, model.model_id)
+            if len(pts) < 16 or not np.isfinite(pts).all() or not np.isfinite(nrm).all():
+                raise ValueError(f"sampling gave {len(pts)} points (or non-finite ones)")
+            return [{"instance_id": instance_id(model.synset_id, model.model_id, view), "points": pts, "normals": nrm}
+                    for view in range(views_per_model)]
+        return []
+
+    def write_shard(self, run_dir: str, shard_index: int, rows: list[dict], stats: dict) -> dict:
+        """Write the stage table of ``rows`` with ``stats`` (drops, seconds) beside it; returns the stats."""
+        table = pa.table({
+            "instance_id": pa.array([r["instance_id"] for r in rows], pa.string()),
+            "points": matrix_column([r["points"] for r in rows], 3),
+            "normals": matrix_column([r["normals"] for r in rows], 3),
+        })
+        stats = {"instances": len(rows), **stats}
+        write_stage_table(run_dir, "sample_points", shard_index, table, stats)
+        return stats
+
     def run_shard(self, run_dir: str, shard_index: int) -> dict:
         """Sample every model of the shard; write the stage table. Returns the shard's stats."""
         shard = load_plan(run_dir).shards[shard_index]
         start = time.perf_counter()
-        ids, points, normals = [], [], []
+        rows: list[dict] = []
         drops = Drops("sample_points")
         for model, mesh in shard_meshes(shard, "sample_points", drops):
-            pts = None
-            with drops.guard(f"{model.synset_id}/{model.model_id}"):
-                pts, nrm = self.run_mesh(mesh, model.model_id)
-                if len(pts) < 16 or not np.isfinite(pts).all() or not np.isfinite(nrm).all():
-                    raise ValueError(f"sampling gave {len(pts)} points (or non-finite ones)")
-            if pts is None:
-                continue
-            for view in range(shard.views_per_model):
-                ids.append(instance_id(model.synset_id, model.model_id, view))
-                points.append(pts)
-                normals.append(nrm)
+            rows.extend(self.model_rows(model, mesh, shard.views_per_model, drops))
         drops.check(len(shard.models))
-        table = pa.table({
-            "instance_id": pa.array(ids, pa.string()),
-            "points": matrix_column(points, 3),
-            "normals": matrix_column(normals, 3),
-        })
-        stats = {"instances": len(ids), **drops.stats(), "seconds": round(time.perf_counter() - start, 3)}
-        write_stage_table(run_dir, "sample_points", shard_index, table, stats)
-        return stats
+        seconds = round(time.perf_counter() - start, 3)
+        return self.write_shard(run_dir, shard_index, rows, {**drops.stats(), "seconds": seconds})

@@ -1,0 +1,130 @@
+"""The four CPU stages of one shard in one pass: each mesh is read once for all of them.
+
+``sample_points`` and ``render`` read the mesh; ``geometry`` uses the fresh clouds and ``kpts2d``
+the fresh masks, so a model's mesh is loaded once and its outputs never re-read from the run folder.
+The tables written are the ones the stages write alone (``SamplePoints.run_shard`` etc.), stage by
+stage, with the same finished test: a shard whose tables partly exist (a kill between two writes)
+redoes only the missing stages. Stats also say which process built the shard (``worker``) and how
+long reading its meshes took (``mesh_load_seconds``, shared by ``sample_points`` and ``render``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import trimesh
+
+from pointvl import io
+from pointvl.errors import ITEM_ERRORS
+from pointvl.executor import worker_id
+from pointvl.mesh import MeshError
+from pointvl.plan import Plan, Shard, load_plan, plan_path
+from pointvl.stages.base import Drops, finished, read_stats
+from pointvl.stages.clean import ModelEntry, file_key, load_model_file
+from pointvl.stages.geometry import Geometry, GeometryConfig
+from pointvl.stages.kpts2d import Kpts2D, Kpts2DConfig
+from pointvl.stages.render import Render, RenderConfig
+from pointvl.stages.sample_points import SamplePoints, SamplePointsConfig
+
+CPU_STAGES = ("sample_points", "geometry", "render", "kpts2d")
+
+
+@dataclass
+class CpuStagesConfig:
+    """The configs of the four CPU stages (sections of :class:`pointvl.config.BuildConfig`)."""
+
+    sample_points: SamplePointsConfig
+    geometry: GeometryConfig
+    render: RenderConfig
+    kpts2d: Kpts2DConfig
+
+
+_plans: dict[tuple[str, str], Plan] = {}
+
+
+def _plan(run_dir: str) -> Plan:
+    """The run's plan, read once per worker process and plan version (a plan of 52k models is ~20 MB)."""
+    fs, path = io.filesystem(plan_path(run_dir))
+    stamp = (run_dir, file_key(fs.info(path)))
+    if stamp not in _plans:
+        _plans.clear()
+        _plans[stamp] = load_plan(run_dir)
+    return _plans[stamp]
+
+
+def run_cpu_shard(shard_index: int, run_dir: str, config: CpuStagesConfig) -> dict[str, dict]:
+    """Run the CPU stages not finished yet for work shard ``shard_index``; returns each stage's stats
+    (``skipped`` when finished before)."""
+    shard = _plan(run_dir).shards[shard_index]
+    todo = [s for s in CPU_STAGES if not finished(run_dir, s, shard.index)]
+    stats = {s: read_stats(run_dir, s, shard.index) | {"skipped": True} for s in CPU_STAGES if s not in todo}
+    if not todo:
+        return stats
+    sampler, renderer = SamplePoints(config.sample_points), Render(config.render)
+    rows: dict[str, list[dict]] = {s: [] for s in ("sample_points", "render") if s in todo}
+    drops = {s: Drops(s) for s in CPU_STAGES}
+    seconds: Counter[str] = Counter()
+    mark = time.perf_counter()
+    for model, mesh in _meshes(shard, [drops[s] for s in rows]) if rows else ():
+        loaded = time.perf_counter()
+        seconds["mesh_load"] += loaded - mark
+        if "sample_points" in rows:
+            rows["sample_points"].extend(sampler.model_rows(model, mesh, shard.views_per_model, drops["sample_points"]))
+        sampled = time.perf_counter()
+        if "render" in rows:
+            rows["render"].extend(renderer.model_rows(model, mesh, drops["render"]))
+        mark = time.perf_counter()
+        seconds["sample_points"] += sampled - loaded
+        seconds["render"] += mark - sampled
+    seconds["mesh_load"] += time.perf_counter() - mark  # the failed loads after the last model
+    for stage in rows:
+        drops[stage].check(len(shard.models))
+
+    def extra(stage: str) -> dict:
+        mesh = {"mesh_load_seconds": round(seconds["mesh_load"], 3)} if stage in rows else {}
+        return {**drops[stage].stats(), **mesh, "worker": worker_id(), "seconds": round(seconds[stage], 3)}
+
+    if "sample_points" in todo:
+        stats["sample_points"] = sampler.write_shard(run_dir, shard.index, rows["sample_points"],
+                                                     extra("sample_points"))
+    # geometry and kpts2d use the clouds and masks just made; alone (their input table was finished
+    # earlier) they read them from the run folder, as when run on their own
+    if "geometry" in todo and "sample_points" not in rows:
+        stats["geometry"] = Geometry(config.geometry).run_shard(run_dir, shard.index)
+    elif "geometry" in todo:
+        mark, geometry = time.perf_counter(), Geometry(config.geometry)
+        geo_rows = geometry.rows([r["instance_id"] for r in rows["sample_points"]],
+                                 [r["points"] for r in rows["sample_points"]], drops["geometry"])
+        seconds["geometry"] = time.perf_counter() - mark
+        stats["geometry"] = geometry.write_shard(run_dir, shard.index, geo_rows, extra("geometry"))
+    if "render" in todo:
+        stats["render"] = renderer.write_shard(run_dir, shard.index, rows["render"], extra("render"))
+    if "kpts2d" in todo and "render" not in rows:
+        stats["kpts2d"] = Kpts2D(config.kpts2d).run_shard(run_dir, shard.index)
+    elif "kpts2d" in todo:
+        mark, kpts = time.perf_counter(), Kpts2D(config.kpts2d)
+        kpts_rows = kpts.rows(rows["render"], drops["kpts2d"])
+        seconds["kpts2d"] = time.perf_counter() - mark
+        stats["kpts2d"] = kpts.write_shard(run_dir, shard.index, kpts_rows, extra("kpts2d"))
+    return stats
+
+
+def _meshes(shard: Shard, drops: list[Drops]) -> Iterator[tuple[ModelEntry, trimesh.Trimesh]]:
+    """Each model of the shard with its mesh, read once; a model whose mesh cannot be loaded is dropped
+    from every stage in ``drops``, with the reason each gives when it loads the mesh on its own."""
+    for model in shard.models:
+        item = f"{model.synset_id}/{model.model_id}"
+        try:
+            mesh = load_model_file(model.obj_path)
+        except MeshError as err:
+            for d in drops:
+                d.add(item, err.reason, str(err))
+            continue
+        except ITEM_ERRORS as err:
+            for d in drops:
+                d.add(item, f"{d.stage}_failed", f"{type(err).__name__}: {err}")
+            continue
+        yield model, mesh
