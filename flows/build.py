@@ -26,7 +26,6 @@ from flows.gpu_stages import run_gpu_stage
 from flows.locking import build_lock, mark_crashed, record_build
 from flows.review import review_gate
 from pointvl.config import BuildConfig
-from pointvl.cpu_stages import CPU_STAGES
 from pointvl.executor import open_executor
 from pointvl.handoff import build_id, check_can_start
 from pointvl.local import cpu_config
@@ -94,8 +93,6 @@ def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers
         # sample_points ─► geometry and render ─► kpts2d, each mesh read once for all four
         cpu = [cpu_stages.submit(out, i, cpu_config(cfg), executor) for i in shards]
         wait_with_progress("cpu_stages", cpu, bid)  # a failed CPU stage stops the build here, before any GPU time
-    for stage in CPU_STAGES:
-        publish_progress(out, stage, shards, bid)
 
     run_gpu_stage("refine", out, shards, cfg.gpu_deployments.get("refine"), cfg.refine, workers=cfg.gpu_workers)
     publish_progress(out, "refine", shards, bid)

@@ -32,7 +32,9 @@ def join(root: str, *parts: str) -> str:
 
 def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``path`` and the path as that filesystem spells it."""
-    fs, _, paths = fsspec.get_fs_token_paths(path)
+    # no listings cache: worker processes write the same run folder, so a cached listing (and an
+    # object store's cached ETag) in this process goes stale
+    fs, _, paths = fsspec.get_fs_token_paths(path, storage_options={"use_listings_cache": False})
     return fs, paths[0]
 
 
