@@ -111,8 +111,8 @@ def parallel_and_overhead(work: str, models: int = 48, faces: int = 20_000, work
     """On a ShapeNet-layout tree of ``models`` × ``faces`` at 512²: the CPU stages with 1 and ``workers``
     processes (issue 13: ≥ 1.7× on 2 cores), and the whole build as the Prefect flow vs the plain loop
     at the same worker count (≤ 1.05)."""
-    from flows.build import build_benchmark
     from benchmarks.bench_scale import write_tree
+    from flows.build import build_benchmark
     from pointvl.config import BuildConfig
     from pointvl.local import build_in_process
 

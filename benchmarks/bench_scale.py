@@ -27,8 +27,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from pointvl import io
 from benchmarks.bench import shapenet_sized_mesh
+from pointvl import io
 
 logger = logging.getLogger(__name__)
 
