@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import logging.handlers
 import multiprocessing
 import os
 import socket
@@ -46,8 +47,21 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _warm() -> None:
-    """Import what the CPU stages use once per worker, not once per shard."""
+class _ToOwnLogger(logging.Handler):
+    """Hands a worker's log record to the logger of the same name here (and so to its handlers)."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        logging.getLogger(record.name).handle(record)
+        return True
+
+
+def _warm(log_queue: Any = None, level: int = logging.INFO) -> None:
+    """Import what the CPU stages use once per worker, not once per shard; send its log records to
+    ``log_queue`` (the build's process logs them as its own: a dropped model's warning is not lost)."""
+    if log_queue is not None:
+        root = logging.getLogger()
+        root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
+        root.setLevel(level)
     import open3d  # noqa: F401
     import pyarrow.parquet  # noqa: F401
     import trimesh  # noqa: F401
@@ -94,13 +108,19 @@ class ProcessPool(Executor):
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self.pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_warm)
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        self.logs = logging.handlers.QueueListener(queue, _ToOwnLogger())
+        self.logs.start()
+        level = logging.getLogger("pointvl").getEffectiveLevel()
+        self.pool = cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_warm, initargs=(queue, level))
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
         return self.pool.submit(fn, *args)
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
+        self.logs.stop()
 
 
 class DaskCluster(Executor):
