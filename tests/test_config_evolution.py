@@ -55,8 +55,9 @@ def test_an_added_field_keeps_a_run_folder_resumable_with_nothing_recomputed(sha
     evolved = later_release().from_dict(CONFIG)
     assert evolved.render.specular == 0.0 and evolved.denoise.strength == 0.0
     assert fingerprint(str(source), evolved.output_dict()) == plan.fingerprint
-    build_in_process(str(source), str(run), evolved)  # a plain resume: the plan is accepted
-    build_in_process(str(source), str(run), evolved, incremental=True)  # every stored stage key still matches
+    # workers=0: the later release's config classes exist in this process only (a worker cannot import them)
+    build_in_process(str(source), str(run), evolved, workers=0)  # a plain resume: the plan is accepted
+    build_in_process(str(source), str(run), evolved, incremental=True, workers=0)  # every stage key still matches
 
     changed = sorted(p for p, t in _mtimes(run).items() if before.get(p) != t)
     # cleaning runs again in the incremental build (it must, to see new models); no plan, key, stage or shard
