@@ -83,7 +83,7 @@ def test_every_import_on_the_build_path_is_declared():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     modules = result.stdout.split()
-    assert "pointvl.stages.write_shards" in modules and "tasks.render" in modules
+    assert "pointvl.stages.write_shards" in modules and "tasks.cpu_stages" in modules
     core, extras = _declared()
     distributions = importlib.metadata.packages_distributions()
     undeclared = []
