@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from pointvl import images, io
-from pointvl.plan import stage_table_path
+from pointvl.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _disk_run(run_dir: str, n: int, side: int) -> None:
             "render": images.encode_rgb(rgb), "depth": images.encode_depth(depth, 1000.0),
             "mask": images.encode_mask(mask), "depth_scale": 1000.0,
         })
-    io.write_table(stage_table_path(run_dir, "render", 0), pa.Table.from_pylist(rows))
+    io.write_table(RunFolder.of(run_dir).stage_table("render", 0), pa.Table.from_pylist(rows))
 
 
 def cpu_overhead(n: int = 8, side: int = 64, steps: int = 2) -> dict[str, float]:

@@ -23,6 +23,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import Crashed
 
 from pointvl import io
+from pointvl.run_folder import RunFolder
 from pointvl.runlock import UNKNOWN, RunLock, describe, read_holder
 
 logger = logging.getLogger(__name__)
@@ -34,10 +35,6 @@ STALE_AFTER_S = float(os.environ.get("POINTVL_LOCK_STALE_S", "120"))
 def api_url() -> str:
     """The Prefect API of this process; empty for the embedded server, which no other process can reach."""
     return PREFECT_API_URL.value() or ""
-
-
-def last_build_path(run_dir: str) -> str:
-    return io.join(run_dir, "reports", "last_build.json")
 
 
 def holder_state(holder: dict[str, Any]) -> str | None:
@@ -93,4 +90,4 @@ def mark_crashed(holder: dict[str, Any]) -> None:
 def record_build(run_dir: str, lock: RunLock) -> None:
     """Remember where this build runs, for ``pointvl resume RUN_DIR``."""
     keys = ("flow_run_id", "deployment", "deployment_id", "api_url", "since")
-    io.write_json(last_build_path(run_dir), {k: lock.holder[k] for k in keys})
+    io.write_json(RunFolder.of(run_dir).last_build, {k: lock.holder[k] for k in keys})

@@ -36,13 +36,12 @@ from pydantic import BaseModel, Field, create_model
 
 from pointvl import io
 from pointvl.preview import PreviewServer, serve_detached, stop_detached
+from pointvl.run_folder import RunFolder
 from pointvl.stages.review import (
     ReviewConfig,
     form_decisions,
     items,
-    pending_path,
     policy_decisions,
-    previews_dir,
     unreviewed,
 )
 from tasks.review import apply_review, contact_sheets
@@ -109,7 +108,8 @@ def review_gate(run_dir: str, shard_indices: list[int], config: ReviewConfig, bu
 
 
 def _read_pending(run_dir: str) -> dict | None:
-    return io.read_json(pending_path(run_dir)) if io.exists(pending_path(run_dir)) else None
+    folder = RunFolder.of(run_dir)
+    return io.read_json(folder.review_pending) if io.exists(folder.review_pending) else None
 
 
 def _expired_wait(run_dir: str) -> list[int]:
@@ -123,8 +123,9 @@ def _expired_wait(run_dir: str) -> list[int]:
 
 def _finish_wait(run_dir: str) -> None:
     """The wait is over: stop its preview server, drop its timeout follow-up and its pending file."""
+    folder = RunFolder.of(run_dir)
     pending = _read_pending(run_dir)
-    stop_detached(_preview_state(run_dir))
+    stop_detached(folder.preview_server)
     follow_up = (pending or {}).get("timeout_run_id")
     if follow_up and follow_up != str(get_run_context().flow_run.id):
         try:
@@ -133,12 +134,8 @@ def _finish_wait(run_dir: str) -> None:
         except ObjectNotFound:
             pass
     if pending is not None:
-        fs, path = io.filesystem(pending_path(run_dir))
+        fs, path = io.filesystem(folder.review_pending)
         fs.rm(path)
-
-
-def _preview_state(run_dir: str) -> str:
-    return io.join(run_dir, "reports", "preview_server.json")
 
 
 def _flagged(run_dir: str, todo: list[int]) -> dict[int, list[str]]:
@@ -159,11 +156,12 @@ def _decisions(run_dir: str, todo: list[int], answer: ReviewInput) -> dict[int, 
 
 
 def _suspend(run_dir: str, todo: list[int], config: ReviewConfig, build_id: str) -> dict:
+    folder = RunFolder.of(run_dir)
     run = get_run_context().flow_run
     pending = _read_pending(run_dir)
     if pending is None or pending["flow_run_id"] != str(run.id) or pending["shards"] != todo:
         base_url = config.preview_base_url or serve_detached(
-            previews_dir(run_dir), _preview_state(run_dir), io.join(run_dir, "logs", "preview.log"),
+            folder.previews, folder.preview_server, folder.log("preview.log"),
             config.preview_host, config.preview_port)
         urls = contact_sheets(run_dir, todo, config, base_url, build_id)
         deadline = datetime.now(UTC) + timedelta(seconds=config.timeout_s)
@@ -175,9 +173,9 @@ def _suspend(run_dir: str, todo: list[int], config: ReviewConfig, build_id: str)
                    "sheets": {str(i): u for i, u in urls.items()}, "expires_at": deadline.timestamp(),
                    "key": "review-" + hashlib.sha256(repr(todo).encode()).hexdigest()[:16],
                    "timeout_run_id": str(follow_up.id)}
-        io.write_json(pending_path(run_dir), pending)
+        io.write_json(folder.review_pending, pending)
     elif not config.preview_base_url:  # re-entered on another worker or after a restart: serve again
-        serve_detached(previews_dir(run_dir), _preview_state(run_dir), io.join(run_dir, "logs", "preview.log"),
+        serve_detached(folder.previews, folder.preview_server, folder.log("preview.log"),
                        config.preview_host, config.preview_port)
     flagged = _flagged(run_dir, todo)
     urls = {int(i): u for i, u in pending["sheets"].items()}
@@ -193,19 +191,20 @@ def _suspend(run_dir: str, todo: list[int], config: ReviewConfig, build_id: str)
         except ValueError as err:  # a typo in an id: ask again, saying what was wrong
             logger.warning("review answer refused: %s", err)
             pending.update(attempt=pending["attempt"] + 1, error=str(err))
-            io.write_json(pending_path(run_dir), pending)
+            io.write_json(folder.review_pending, pending)
     result = apply_review(run_dir, decisions, build_id)
     _finish_wait(run_dir)
     return result
 
 
 def _pause_in_process(run_dir: str, todo: list[int], config: ReviewConfig, build_id: str) -> dict:
+    folder = RunFolder.of(run_dir)
     flow_run_id = get_run_context().flow_run.id
-    with PreviewServer(previews_dir(run_dir), config.preview_host, config.preview_port,
+    with PreviewServer(folder.previews, config.preview_host, config.preview_port,
                        config.preview_base_url) as server:
         urls = contact_sheets(run_dir, todo, config, server.url, build_id)
         flagged = _flagged(run_dir, todo)
-        io.write_json(pending_path(run_dir), {"flow_run_id": str(flow_run_id), "run_dir": run_dir, "shards": todo,
+        io.write_json(folder.review_pending, {"flow_run_id": str(flow_run_id), "run_dir": run_dir, "shards": todo,
                                               "sheets": {str(i): u for i, u in urls.items()},
                                               "expires_at": time.time() + config.timeout_s})
         error = ""
@@ -228,7 +227,7 @@ def _pause_in_process(run_dir: str, todo: list[int], config: ReviewConfig, build
                 client.set_flow_run_state(flow_run_id, Running(message="review timed out"), force=True)
             decisions = policy_decisions(run_dir, todo, config.timeout_policy, "timeout")
     result = apply_review(run_dir, decisions, build_id)
-    fs, path = io.filesystem(pending_path(run_dir))
+    fs, path = io.filesystem(folder.review_pending)
     fs.rm(path)
     return result
 

@@ -14,6 +14,7 @@ from pointvl.cli_eval import add_eval_commands, add_predict_sources, predict_fro
 from pointvl.cli_ops import add_ops_commands
 from pointvl.errors import InputError
 from pointvl.fixture import write_fixture
+from pointvl.run_folder import RunFolder
 
 
 def _fixture(args: argparse.Namespace) -> int:
@@ -30,7 +31,7 @@ def _build(args: argparse.Namespace) -> int:
     from pointvl import io
     from pointvl.config import BuildConfig
     from pointvl.executor import check_placement
-    from pointvl.plan import fingerprint, load_plan, plan_path
+    from pointvl.plan import fingerprint, load_plan
     from pointvl.stages.clean import Clean, read_taxonomy
     from pointvl.summary import format_summary
 
@@ -43,7 +44,7 @@ def _build(args: argparse.Namespace) -> int:
     check_placement(args.workers, args.dask_scheduler, shapenet, out)
     if io.exists(out) and not io.filesystem(out)[0].isdir(io.filesystem(out)[1]):
         raise InputError(f"--out {args.out} is a file; give a folder for the build")
-    if not args.incremental and io.exists(plan_path(out)) and (
+    if not args.incremental and io.exists(RunFolder.of(out).plan) and (
         load_plan(out).fingerprint != fingerprint(shapenet, config.output_dict())
     ):
         raise InputError(

@@ -23,6 +23,7 @@ from typing import Any
 
 from pointvl import io
 from pointvl.errors import InputError
+from pointvl.run_folder import RunFolder
 
 
 def _flow_run_id(target: str) -> uuid.UUID | None:
@@ -33,11 +34,11 @@ def _flow_run_id(target: str) -> uuid.UUID | None:
 
 
 def _pending(run_dir: str) -> dict:
-    from pointvl.stages.review import pending_path
 
-    if not io.exists(pending_path(run_dir)):
-        raise InputError(f"{run_dir} has no build waiting for review ({pending_path(run_dir)} does not exist)")
-    return io.read_json(pending_path(run_dir))
+    folder = RunFolder.of(run_dir)
+    if not io.exists(folder.review_pending):
+        raise InputError(f"{run_dir} has no build waiting for review ({folder.review_pending} does not exist)")
+    return io.read_json(folder.review_pending)
 
 
 def _parse_rejections(values: list[str]) -> dict[str, str]:
@@ -51,11 +52,11 @@ def _parse_rejections(values: list[str]) -> dict[str, str]:
 
 
 def _review(args: argparse.Namespace) -> int:
-    from pointvl.stages.review import form_decisions, items, pending_path
+    from pointvl.stages.review import form_decisions, items
 
     rejected = _parse_rejections(args.reject)
     run_id = _flow_run_id(args.target)
-    if run_id is None and not io.exists(pending_path(args.target)):
+    if run_id is None and not io.exists(RunFolder.of(args.target).review_pending):
         return _review_held(args, rejected)
     if run_id is None:
         pending = _pending(args.target)
@@ -93,10 +94,10 @@ def _review(args: argparse.Namespace) -> int:
 
 def _review_held(args: argparse.Namespace, rejected: dict[str, str]) -> int:
     """No build is waiting: answer for the items a timeout policy held back, after the fact."""
-    from pointvl.plan import load_plan, plan_path
+    from pointvl.plan import load_plan
     from pointvl.stages.review import decide_held, held_items
 
-    if not io.exists(plan_path(args.target)):
+    if not io.exists(RunFolder.of(args.target).plan):
         raise InputError(f"{args.target} is neither a build folder nor a flow run id")
     shards = [s.index for s in load_plan(args.target).shards]
     held = held_items(args.target, shards)
@@ -117,7 +118,7 @@ def _review_held(args: argparse.Namespace, rejected: dict[str, str]) -> int:
 
 
 def _local_parameters(run_dir: str) -> dict[str, Any]:
-    path = io.join(run_dir, "config.json")
+    path = RunFolder.of(run_dir).config
     if not io.exists(path):
         raise InputError(f"{run_dir} is not a run folder with a plan (no config.json): use `pointvl build`")
     config = io.read_json(path)
@@ -129,11 +130,11 @@ def _deployed_origin(target: str) -> tuple[uuid.UUID, uuid.UUID] | None:
     """(flow run, deployment) of the build to resume, when it ran from a deployment; None for a local one."""
     run_id = _flow_run_id(target)
     if run_id is None:
-        from flows.locking import api_url, last_build_path
+        from flows.locking import api_url
 
-        if not io.exists(last_build_path(target)):
+        if not io.exists(RunFolder.of(target).last_build):
             return None
-        origin = io.read_json(last_build_path(target))
+        origin = io.read_json(RunFolder.of(target).last_build)
         if not origin.get("deployment_id"):
             return None
         if origin["api_url"] != api_url():
@@ -182,10 +183,9 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _preview(args: argparse.Namespace) -> int:
     from pointvl.preview import PreviewServer
-    from pointvl.stages.review import previews_dir
 
-    with PreviewServer(previews_dir(os.path.abspath(args.run_dir)), args.host, args.port) as server:
-        print(f"serving {previews_dir(args.run_dir)} at {server.url} (Ctrl-C stops)")
+    with PreviewServer(RunFolder.of(os.path.abspath(args.run_dir)).previews, args.host, args.port) as server:
+        print(f"serving {RunFolder.of(args.run_dir).previews} at {server.url} (Ctrl-C stops)")
         try:
             while True:
                 time.sleep(3600)

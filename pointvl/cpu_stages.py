@@ -21,7 +21,8 @@ from pointvl import io
 from pointvl.errors import ITEM_ERRORS
 from pointvl.executor import worker_id
 from pointvl.mesh import MeshError
-from pointvl.plan import Plan, Shard, load_plan, plan_path
+from pointvl.plan import Plan, Shard, load_plan
+from pointvl.run_folder import RunFolder
 from pointvl.stages.base import Drops, finished, read_stats
 from pointvl.stages.clean import ModelEntry, file_key, load_model_file
 from pointvl.stages.geometry import Geometry, GeometryConfig
@@ -47,7 +48,7 @@ _plans: dict[tuple[str, str], Plan] = {}
 
 def _plan(run_dir: str) -> Plan:
     """The run's plan, read once per worker process and plan version (a plan of 52k models is ~20 MB)."""
-    fs, path = io.filesystem(plan_path(run_dir))
+    fs, path = io.filesystem(RunFolder.of(run_dir).plan)
     stamp = (run_dir, file_key(fs.info(path)))
     if stamp not in _plans:
         _plans.clear()

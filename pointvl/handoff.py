@@ -19,7 +19,7 @@ from typing import Any
 from pointvl import io
 from pointvl.errors import InputError
 from pointvl.plan import fingerprint, load_plan
-from pointvl.stages.write_shards import shards_dir
+from pointvl.run_folder import RunFolder
 
 
 @dataclass
@@ -61,7 +61,7 @@ def train_parameters(run_dir: str, config: HandoffConfig, build_flow_run_id: str
     """The ``train`` flow's parameters for this build's finished shards."""
     root = config.train_root or io.join(run_dir, "train")
     return {
-        "shards": shards_dir(run_dir),
+        "shards": RunFolder.of(run_dir).shards,
         "build_id": build_id(run_dir),
         "run_dir": io.join(root, build_id(run_dir)),
         "preset": config.preset,
@@ -83,18 +83,16 @@ def check_can_start(config: HandoffConfig) -> None:
                          "tiny, or set handoff.train false") from err
 
 
-def record_path(run_dir: str) -> str:
-    return io.join(run_dir, "reports", "handoff.json")
-
-
 def started_run(run_dir: str, bid: str) -> str | None:
     """The training flow run already started for build ``bid``, if any."""
-    if not io.exists(record_path(run_dir)):
+    folder = RunFolder.of(run_dir)
+    if not io.exists(folder.handoff):
         return None
-    return io.read_json(record_path(run_dir)).get(bid, {}).get("flow_run_id")
+    return io.read_json(folder.handoff).get(bid, {}).get("flow_run_id")
 
 
 def record_start(run_dir: str, bid: str, flow_run_id: str, deployment: str) -> None:
-    records = io.read_json(record_path(run_dir)) if io.exists(record_path(run_dir)) else {}
+    folder = RunFolder.of(run_dir)
+    records = io.read_json(folder.handoff) if io.exists(folder.handoff) else {}
     records[bid] = {"flow_run_id": flow_run_id, "deployment": deployment}
-    io.write_json(record_path(run_dir), records)
+    io.write_json(folder.handoff, records)

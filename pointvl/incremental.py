@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from datetime import UTC, datetime
 
 from pointvl import io
 from pointvl.config import BuildConfig
-from pointvl.plan import Plan, Shard, fingerprint, stage_table_path
-from pointvl.stages.base import stats_path
-from pointvl.stages.gpu_common import items_dir
-from pointvl.stages.write_shards import shards_dir
+from pointvl.plan import Plan, Shard, fingerprint
+from pointvl.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +55,6 @@ def stage_keys(shard: Shard, config: BuildConfig, categories: list[str]) -> dict
     return keys
 
 
-def stage_key_path(run_dir: str, stage: str, shard_index: int) -> str:
-    return stage_table_path(run_dir, stage, shard_index).removesuffix(".parquet") + ".key"
-
-
-def final_key_path(run_dir: str, shard: Shard) -> str:
-    """Named without the ``-of-{n}`` part, which changes when shards are added to the split."""
-    return io.join(shards_dir(run_dir), ".keys", f"{shard.split}-{shard.split_index:05d}.key")
-
-
 def invalidate_stale(run_dir: str, plan: Plan, config: BuildConfig) -> dict[str, int]:
     """Move outputs made for another key to ``RUN/superseded/<time>/``, record the current keys.
 
@@ -75,20 +63,21 @@ def invalidate_stale(run_dir: str, plan: Plan, config: BuildConfig) -> dict[str,
     unknown. Final shards whose key is current but whose ``-of-{n}`` is outdated are renamed.
     Returns the number of superseded shard outputs per stage.
     """
+    folder = RunFolder.of(run_dir)
     fs, root = io.filesystem(run_dir)
-    finals_dir = io.filesystem(shards_dir(run_dir))[1]
-    aside = f"{root}/superseded/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}"
+    finals_dir = io.filesystem(folder.shards)[1]
+    aside = io.filesystem(RunFolder.of(run_dir).superseded_now())[1]
     categories = sorted({m.category for s in plan.shards for m in s.models})
     superseded: Counter[str] = Counter()
     for shard in plan.shards:
         keys = stage_keys(shard, config, categories)
         for stage in TABLE_STAGES:
-            outputs = [stage_table_path(run_dir, stage, shard.index), stats_path(run_dir, stage, shard.index),
-                       items_dir(run_dir, stage, shard.index)]
+            outputs = [folder.stage_table(stage, shard.index), folder.stage_stats(stage, shard.index),
+                       folder.stage_items(stage, shard.index)]
             paths = [io.filesystem(p)[1] for p in outputs]
-            superseded[stage] += _refresh(stage_key_path(run_dir, stage, shard.index), keys[stage], paths, root, aside)
+            superseded[stage] += _refresh(folder.stage_key(stage, shard.index), keys[stage], paths, root, aside)
         finals = fs.glob(f"{finals_dir}/{shard.split}-{shard.split_index:05d}-of-*.parquet")
-        if _refresh(final_key_path(run_dir, shard), keys["write_shards"], finals, root, aside):
+        if _refresh(folder.final_key(shard), keys["write_shards"], finals, root, aside):
             superseded["write_shards"] += 1
             continue
         for path in finals:

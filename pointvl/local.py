@@ -22,24 +22,20 @@ from pointvl.plan import (
     fingerprint,
     load_plan,
     make_plan,
-    plan_path,
     save_or_check_plan,
 )
 from pointvl.progress import Progress
+from pointvl.run_folder import RunFolder
 from pointvl.stages.annotate import Annotate
 from pointvl.stages.base import finished
 from pointvl.stages.clean import Clean
 from pointvl.stages.refine import Refine
 from pointvl.stages.review import apply_decisions, policy_decisions
 from pointvl.stages.synthesize import Synthesize
-from pointvl.stages.write_shards import WriteShards, WriteShardsConfig, shards_dir
+from pointvl.stages.write_shards import WriteShards, WriteShardsConfig
 from pointvl.summary import dataset_card, summarize
 
 logger = logging.getLogger(__name__)
-
-
-def cleaning_report_path(run_dir: str) -> str:
-    return io.join(run_dir, "reports", "cleaning.csv")
 
 
 def remove_temp_files(run_dir: str, min_age_s: float = 60.0) -> int:
@@ -61,11 +57,6 @@ def remove_temp_files(run_dir: str, min_age_s: float = 60.0) -> int:
     return len(leftovers)
 
 
-def clean_cache_dir(run_dir: str) -> str:
-    """Per-model validation results of ``clean`` (:func:`pointvl.stages.clean.validate_models`)."""
-    return io.join(run_dir, "cache", "clean")
-
-
 def plan_run(
     shapenet: str,
     run_dir: str,
@@ -83,21 +74,22 @@ def plan_run(
     (:mod:`pointvl.incremental`), so the stages then redo exactly those. Meshes are validated on
     ``executor``'s workers (default: in this process); ``progress`` follows the validation.
     """
+    folder = RunFolder.of(run_dir)
     key = fingerprint(shapenet, config.output_dict())
     remove_temp_files(run_dir)
     if not incremental and (existing := existing_plan(run_dir, key)) is not None:
         logger.info("plan exists: cleaning skipped")
         return existing
-    models = Clean(config.clean).run(shapenet, cleaning_report_path(run_dir), executor, clean_cache_dir(run_dir),
+    models = Clean(config.clean).run(shapenet, folder.cleaning_report, executor, folder.cache("clean"),
                                      progress)
-    io.write_json(io.join(run_dir, "config.json"), {"shapenet": shapenet, **config.to_dict()})
+    io.write_json(folder.config, {"shapenet": shapenet, **config.to_dict()})
     views = config.render.views_per_model
     if not incremental:
         return save_or_check_plan(run_dir, make_plan(models, config.shard_size, views, key))
-    old = load_plan(run_dir) if io.exists(plan_path(run_dir)) else Plan(())
+    old = load_plan(run_dir) if io.exists(folder.plan) else Plan(())
     plan = extend_plan(old, models, config.shard_size, views, key)
     if plan != old:  # an unchanged run folder stays byte for byte (and mtime for mtime) as it was
-        io.write_json(plan_path(run_dir), plan.to_json())
+        io.write_json(folder.plan, plan.to_json())
     invalidate_stale(run_dir, plan, config)
     return plan
 
@@ -143,5 +135,5 @@ def build_in_process(
         if not WriteShards.up_to_date(run_dir, shard.index):
             writer.run_shard(run_dir, shard.index)
     summary = summarize(run_dir)
-    io.write_bytes(io.join(shards_dir(run_dir), "README.md"), dataset_card(summary).encode())
+    io.write_bytes(RunFolder.of(run_dir).dataset_card, dataset_card(summary).encode())
     return summary

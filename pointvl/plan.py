@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from pointvl import io
 from pointvl.errors import InputError
+from pointvl.run_folder import RunFolder
 from pointvl.stages.clean import ModelEntry
 
 SPLITS = ("train", "test")
@@ -65,15 +66,6 @@ def instance_id(synset_id: str, model_id: str, view_index: int) -> str:
     return f"{synset_id}-{model_id}-{view_index}"
 
 
-def plan_path(run_dir: str) -> str:
-    return io.join(run_dir, "plan.json")
-
-
-def stage_table_path(run_dir: str, stage: str, shard_index: int) -> str:
-    """Where stage ``stage`` writes its table for work shard ``shard_index``."""
-    return io.join(run_dir, "stages", stage, f"shard-{shard_index:05d}.parquet")
-
-
 def make_plan(models: list[ModelEntry], shard_size: int, views_per_model: int, fingerprint: str) -> Plan:
     """Chunk each split's models (in their given order) into shards of ``shard_size`` instances."""
     return extend_plan(Plan(()), models, shard_size, views_per_model, fingerprint)
@@ -116,7 +108,7 @@ class DamagedPlanError(InputError):
 
 def load_plan(run_dir: str) -> Plan:
     """The run's plan; a damaged ``plan.json`` raises :class:`DamagedPlanError` saying what to do."""
-    path = plan_path(run_dir)
+    path = RunFolder.of(run_dir).plan
     try:
         return Plan.from_json(io.read_json(path))
     except FileNotFoundError:
@@ -134,7 +126,7 @@ def existing_plan(run_dir: str, fingerprint: str) -> Plan | None:
 
     Checked before cleaning, so a refused run keeps its cleaning report as its plan was made.
     """
-    if not io.exists(plan_path(run_dir)):
+    if not io.exists(RunFolder.of(run_dir).plan):
         return None
     existing = load_plan(run_dir)
     if existing.fingerprint != fingerprint:
@@ -156,7 +148,7 @@ def save_or_check_plan(run_dir: str, plan: Plan) -> Plan:
     existing = existing_plan(run_dir, plan.fingerprint)
     if existing is not None:
         return existing
-    io.write_json(plan_path(run_dir), plan.to_json())
+    io.write_json(RunFolder.of(run_dir).plan, plan.to_json())
     return plan
 
 

@@ -37,6 +37,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pointvl import io
 from pointvl.errors import InputError
+from pointvl.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +55,10 @@ class RunFolderLocked(InputError):
         self.holder = holder
         if state == UNKNOWN:
             what = (f"its flow run lives on the Prefect API at {holder.get('api_url')}: set PREFECT_API_URL to it, "
-                    f"or remove {lock_path(run_dir)} if that build is gone")
+                    f"or remove {RunFolder.of(run_dir).lock} if that build is gone")
         else:
             what = f"wait for it, or answer its review with `pointvl review {run_dir}`"
         super().__init__(f"{run_dir} is in use by {describe(holder, state)}; this build did not start ({what})")
-
-
-def lock_path(run_dir: str) -> str:
-    return io.join(run_dir, "build.lock")
 
 
 def describe(holder: dict[str, Any], state: str | None = None) -> str:
@@ -73,7 +70,7 @@ def describe(holder: dict[str, Any], state: str | None = None) -> str:
 
 def read_holder(run_dir: str) -> dict[str, Any] | None:
     """The lock's holder record, or None when the folder is not locked (or the lock is unreadable)."""
-    path = lock_path(run_dir)
+    path = RunFolder.of(run_dir).lock
     try:
         return json.loads(io.read_bytes(path))
     except FileNotFoundError:
@@ -164,7 +161,7 @@ class RunLock:
         return (json.dumps({**self.holder, "heartbeat": time.time()}, indent=2, sort_keys=True) + "\n").encode()
 
     def _create(self) -> None:
-        fs, path = io.filesystem(lock_path(self.run_dir))
+        fs, path = io.filesystem(RunFolder.of(self.run_dir).lock)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if isinstance(fs, LocalFileSystem):
             try:
@@ -174,13 +171,13 @@ class RunLock:
             with os.fdopen(fd, "wb") as f:
                 f.write(self._record())
             return
-        io.write_bytes(lock_path(self.run_dir), self._record())
+        io.write_bytes(RunFolder.of(self.run_dir).lock, self._record())
         time.sleep(1.0)  # let a concurrent writer land, then see who won
         if (read_holder(self.run_dir) or {}).get("token") != self.holder["token"]:
             raise RunFolderLocked(self.run_dir, read_holder(self.run_dir) or {}, None)
 
     def _remove(self) -> None:
-        fs, path = io.filesystem(lock_path(self.run_dir))
+        fs, path = io.filesystem(RunFolder.of(self.run_dir).lock)
         if fs.exists(path):
             fs.rm(path)
 
@@ -190,7 +187,7 @@ class RunLock:
             if current is None or current.get("token") != self.holder["token"]:
                 logger.error("%s: the build lock was taken by %s", self.run_dir, describe(current or {}))
                 return
-            io.write_bytes(lock_path(self.run_dir), self._record())
+            io.write_bytes(RunFolder.of(self.run_dir).lock, self._record())
 
     def keep(self) -> None:
         """Stop the heartbeat but leave the lock in place: the flow run goes on without this process

@@ -14,15 +14,17 @@ import pyarrow.parquet as pq
 
 from pointvl import io
 from pointvl.plan import load_plan
-from pointvl.stages.base import finished, read_stats, stats_path
-from pointvl.stages.write_shards import OPTIONAL, REQUIRED, shards_dir
+from pointvl.run_folder import RunFolder
+from pointvl.stages.base import finished, read_stats
+from pointvl.stages.write_shards import OPTIONAL, REQUIRED
 from pointvl.stages.write_shards import STAGE as WRITE_SHARDS
 
 
 def summarize(run_dir: str) -> dict:
+    folder = RunFolder.of(run_dir)
     plan = load_plan(run_dir)
     fs, _ = io.filesystem(run_dir)
-    with fs.open(io.filesystem(io.join(run_dir, "reports", "cleaning.csv"))[1], "rb") as f:
+    with fs.open(io.filesystem(folder.cleaning_report)[1], "rb") as f:
         report = pacsv.read_csv(f).to_pylist()
     dropped = Counter(f"clean:{r['reason']}" for r in report if r["status"] == "dropped")
     backends: Counter[str] = Counter()
@@ -31,7 +33,7 @@ def summarize(run_dir: str) -> dict:
     for shard in plan.shards:
         for stage in (*REQUIRED, *OPTIONAL, WRITE_SHARDS):
             if stage == WRITE_SHARDS:  # a final shard's stats exist once it was written
-                if not io.exists(stats_path(run_dir, stage, shard.index)):
+                if not io.exists(folder.stage_stats(stage, shard.index)):
                     continue
             elif not finished(run_dir, stage, shard.index):
                 continue
@@ -49,7 +51,7 @@ def summarize(run_dir: str) -> dict:
     shard_files = []
     flagged = 0
     for shard in plan.shards:
-        path = io.join(shards_dir(run_dir), shard.final_name)
+        path = folder.final_shard(shard)
         if not io.exists(path):
             continue
         shard_files.append(path)
@@ -65,12 +67,12 @@ def summarize(run_dir: str) -> dict:
     per_split = Counter()
     for (split, _), n in counts.items():
         per_split[split] += n
-    config = io.read_json(io.join(run_dir, "config.json")) if io.exists(io.join(run_dir, "config.json")) else {}
+    config = io.read_json(folder.config) if io.exists(folder.config) else {}
     retry = (f"pointvl build --shapenet {config.get('shapenet', 'SHAPENET')} --out {run_dir} "
              "--config CONFIG --redo-failed")
     return {
         "run_dir": run_dir,
-        "shards_dir": shards_dir(run_dir),
+        "shards_dir": folder.shards,
         "shard_files": shard_files,
         "shards_planned": len(plan.shards),
         "records": sum(counts.values()),

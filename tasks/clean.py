@@ -6,8 +6,9 @@ from prefect.logging import get_run_logger
 from pointvl.config import BuildConfig
 from pointvl.executor import Executor
 from pointvl.handoff import build_id
-from pointvl.local import cleaning_report_path, plan_run
+from pointvl.local import plan_run
 from pointvl.progress import Progress
+from pointvl.run_folder import RunFolder
 
 
 @task(name="clean", cache_policy=NO_CACHE)
@@ -36,7 +37,7 @@ def clean(
             update_progress_artifact(artifact, percent, description=p.line())
 
     plan = plan_run(shapenet, run_dir, config, incremental, executor, publish)
-    create_link_artifact(key=f"cleaning-report-{build_id(run_dir)}", link=cleaning_report_path(run_dir),
+    create_link_artifact(key=f"cleaning-report-{build_id(run_dir)}", link=RunFolder.of(run_dir).cleaning_report,
                          description="Kept and dropped models, with reasons")
     get_run_logger().info("%d shards planned", len(plan.shards))
     return [s.index for s in plan.shards if s.models]

@@ -21,6 +21,7 @@ from pointvl.config import BuildConfig
 from pointvl.fixture import FixtureManifest, write_fixture
 from pointvl.local import build_in_process, plan_run
 from pointvl.plan import load_plan
+from pointvl.run_folder import RunFolder
 from pointvl.stages.base import Drops, read_stage_table, read_stats, write_stage_table
 from pointvl.stages.write_shards import WriteShards, WriteShardsConfig
 from pointvl.summary import dataset_card, format_summary, summarize
@@ -220,14 +221,14 @@ def test_a_fault_of_the_run_exits_1_with_one_line(catalogue, tmp_path):
 
 def test_a_table_of_an_earlier_pointvl_is_adopted_if_it_reads_and_moved_aside_if_not(tmp_path):
     from pointvl import io
-    from pointvl.plan import stage_table_path
-    from pointvl.stages.base import finished, stats_path
+    from pointvl.stages.base import finished
 
     run = str(tmp_path)
+    folder = RunFolder.of(run)
     table = pa.table({"instance_id": ["a-b-0"], "x": [1.0]})
     for shard, data in ((0, io.table_bytes(table)), (1, io.table_bytes(table)[:40])):
-        io.write_bytes(stage_table_path(run, "geometry", shard), data)
-        io.write_json(stats_path(run, "geometry", shard), {"instances": 1})  # no checksum: written before them
+        io.write_bytes(folder.stage_table("geometry", shard), data)
+        io.write_json(folder.stage_stats("geometry", shard), {"instances": 1})  # no checksum: written before them
     assert finished(run, "geometry", 0) and "table_sha256" in read_stats(run, "geometry", 0)
     assert read_stage_table(run, "geometry", 0).equals(table)
     assert not finished(run, "geometry", 1) and list(tmp_path.glob("superseded/*/stages/geometry/shard-00001.parquet"))

@@ -1,12 +1,13 @@
 from pointvl import io
 from pointvl.handoff import HandoffConfig, build_id, train_parameters
-from pointvl.plan import make_plan, plan_path
+from pointvl.plan import make_plan
+from pointvl.run_folder import RunFolder
 from pointvl.stages.clean import ModelEntry
 
 
 def _write_plan(run_dir: str, n_models: int, geometry: str = "g") -> None:
     models = [ModelEntry("02958343", f"m{i}", "car", "train", f"/x/{i}.obj", geometry) for i in range(n_models)]
-    io.write_json(plan_path(run_dir), make_plan(models, 4, 1, "config-fingerprint").to_json())
+    io.write_json(RunFolder.of(run_dir).plan, make_plan(models, 4, 1, "config-fingerprint").to_json())
 
 
 def test_build_id_changes_with_the_models_so_training_gets_a_new_folder(tmp_path):

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from pointvl.runlock import RunFolderLocked, RunLock, lock_path, read_holder
+from pointvl.run_folder import RunFolder
+from pointvl.runlock import RunFolderLocked, RunLock, read_holder
 
 
 def test_a_second_build_is_refused_with_one_line_naming_the_holder(tmp_path):
@@ -83,7 +84,7 @@ def test_a_lock_on_an_object_store_serialises_builds():
     with RunLock(run, {"flow_run_id": "a"}):
         with pytest.raises(RunFolderLocked):
             RunLock(run, {"flow_run_id": "b"}).acquire()
-    assert read_holder(run) is None and lock_path(run).endswith("build.lock")
+    assert read_holder(run) is None and RunFolder.of(run).lock.endswith("build.lock")
 
 
 def test_a_holder_on_an_api_this_process_cannot_ask_is_assumed_alive(tmp_path):

@@ -64,6 +64,7 @@ from pointvl.llm import (
     run_batch,
 )
 from pointvl.package_data import prompts_root, schema_path
+from pointvl.run_folder import RunFolder
 from pointvl.stages.base import finished, read_stage_table, read_stats, write_stage_table
 from pointvl.strict_config import OPERATIONAL
 
@@ -476,7 +477,7 @@ class Annotate:
         if c.backend == "offline":
             results = [self._offline(it) for it in items]
         else:
-            cache = ResponseCache(c.cache_dir or io.join(run_dir, "cache", "annotate"))
+            cache = ResponseCache(c.cache_dir or RunFolder.of(run_dir).cache("annotate"))
             llm, vlm = self._clients(cache)
             if c.batch:
                 self._run_batch(llm, cache, items, io.join(cache.root, "batches", f"shard-{shard_index:05d}.json"))

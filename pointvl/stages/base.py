@@ -25,7 +25,6 @@ import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +34,8 @@ import trimesh
 from pointvl import io
 from pointvl.errors import ITEM_ERRORS, InputError
 from pointvl.mesh import MeshError
-from pointvl.plan import Shard, fingerprint, load_plan, plan_path, stage_table_path
+from pointvl.plan import Shard, fingerprint, load_plan
+from pointvl.run_folder import RunFolder
 from pointvl.stages.clean import ModelEntry, load_model_file
 
 logger = logging.getLogger(__name__)
@@ -86,10 +86,6 @@ class Drops:
         return out
 
 
-def stats_path(run_dir: str, stage: str, shard_index: int) -> str:
-    return stage_table_path(run_dir, stage, shard_index).removesuffix(".parquet") + ".stats.json"
-
-
 def _identity(path: str) -> tuple | None:
     """``(path, size, mtime)`` of a file, to memoize work on unchanged files (None: cannot tell)."""
     fs, p = io.filesystem(path)
@@ -127,7 +123,7 @@ def shard_digest(shard: Shard) -> str:
 
 def _plan_digest(run_dir: str, shard_index: int) -> str:
     """The current plan's digest of shard ``shard_index``; "" without a plan (a stage run on its own)."""
-    key = _identity(plan_path(run_dir))
+    key = _identity(RunFolder.of(run_dir).plan)
     if key is None:
         return ""
     if key not in _plan_memo:
@@ -137,7 +133,7 @@ def _plan_digest(run_dir: str, shard_index: int) -> str:
 
 def _stats_or_none(run_dir: str, stage: str, shard_index: int) -> dict | None:
     try:
-        stats = io.read_json(stats_path(run_dir, stage, shard_index))
+        stats = io.read_json(RunFolder.of(run_dir).stage_stats(stage, shard_index))
     except (FileNotFoundError, ValueError):  # no stats, or damaged (UnicodeDecodeError is a ValueError)
         return None
     return stats if isinstance(stats, dict) else None
@@ -152,7 +148,8 @@ def recorded_sha(run_dir: str, stage: str, shard_index: int) -> str | None:
 def _adopt(run_dir: str, stage: str, shard_index: int, stats: dict) -> str | None:
     """A table written before tables recorded their origin: if it reads as Parquet, record its checksum
     (so it is checked from now on) rather than pay for it again; else say why it cannot be used."""
-    path = stage_table_path(run_dir, stage, shard_index)
+    folder = RunFolder.of(run_dir)
+    path = folder.stage_table(stage, shard_index)
     data = io.read_bytes(path)
     try:
         meta = pq.read_metadata(pa.BufferReader(data)).metadata or {}
@@ -160,7 +157,7 @@ def _adopt(run_dir: str, stage: str, shard_index: int, stats: dict) -> str | Non
         return f"it is not a readable Parquet file ({type(err).__name__})"
     if MADE_FROM in meta:
         return "its stats lack the checksum it was written with"
-    io.write_json(stats_path(run_dir, stage, shard_index), {**stats, "table_sha256": sha256_bytes(data)})
+    io.write_json(folder.stage_stats(stage, shard_index), {**stats, "table_sha256": sha256_bytes(data)})
     logger.info("%s: written by an earlier pointvl; its checksum is recorded now", path)
     return None
 
@@ -173,6 +170,7 @@ def write_stage_table(
     ``inputs``: the stages whose tables this one was computed from (their checksums are recorded, so
     a changed input makes this table stale).
     """
+    folder = RunFolder.of(run_dir)
     made_from = {
         "stage": stage,
         "shard": shard_index,
@@ -181,14 +179,14 @@ def write_stage_table(
     }
     meta = {**(table.schema.metadata or {}), MADE_FROM: json.dumps(made_from, sort_keys=True).encode()}
     data = io.table_bytes(table.replace_schema_metadata(meta))
-    io.write_json(stats_path(run_dir, stage, shard_index), {**stats, "table_sha256": sha256_bytes(data)})
-    io.write_bytes(stage_table_path(run_dir, stage, shard_index), data)
+    io.write_json(folder.stage_stats(stage, shard_index), {**stats, "table_sha256": sha256_bytes(data)})
+    io.write_bytes(folder.stage_table(stage, shard_index), data)
 
 
 def _problem(run_dir: str, stage: str, shard_index: int, data: bytes | None = None) -> str | None:
     """Why the shard's table of ``stage`` (its bytes ``data``, else read from the file, which exists)
     cannot be used; None when it checks out."""
-    path = stage_table_path(run_dir, stage, shard_index)
+    path = RunFolder.of(run_dir).stage_table(stage, shard_index)
     stats = _stats_or_none(run_dir, stage, shard_index)
     if stats is None:
         return "its stats file is missing or damaged, so its content cannot be checked"
@@ -226,7 +224,7 @@ def move_aside(run_dir: str, paths: Sequence[str], why: str) -> str:
     Nothing is deleted: a person can inspect or restore what was moved. Returns the folder used.
     """
     fs, root = io.filesystem(run_dir)
-    aside = f"{root}/superseded/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}"
+    aside = io.filesystem(RunFolder.of(run_dir).superseded_now())[1]
     for path in paths:
         p = io.filesystem(path)[1]
         if fs.exists(p):
@@ -241,19 +239,20 @@ def move_aside(run_dir: str, paths: Sequence[str], why: str) -> str:
 def finished(run_dir: str, stage: str, shard_index: int) -> bool:
     """Whether the shard's table of ``stage`` exists and checks out; a table that does not is moved
     aside (with a warning) and the shard counts as not finished."""
-    path = stage_table_path(run_dir, stage, shard_index)
+    folder = RunFolder.of(run_dir)
+    path = folder.stage_table(stage, shard_index)
     if not io.exists(path):
         return False
     problem = _problem(run_dir, stage, shard_index)
     if problem is None:
         return True
-    move_aside(run_dir, [path, stats_path(run_dir, stage, shard_index)], problem)
+    move_aside(run_dir, [path, folder.stage_stats(stage, shard_index)], problem)
     return False
 
 
 def read_stage_table(run_dir: str, stage: str, shard_index: int) -> pa.Table:
     """The shard's table of ``stage``, verified (raises :class:`StageTableError` when it does not check out)."""
-    path = stage_table_path(run_dir, stage, shard_index)
+    path = RunFolder.of(run_dir).stage_table(stage, shard_index)
     if not io.exists(path):
         raise FileNotFoundError(f"{path} is missing: run the {stage} stage for shard {shard_index} first")
     data = io.read_bytes(path)
@@ -265,7 +264,7 @@ def read_stage_table(run_dir: str, stage: str, shard_index: int) -> pa.Table:
 
 
 def read_stats(run_dir: str, stage: str, shard_index: int) -> dict:
-    return io.read_json(stats_path(run_dir, stage, shard_index))
+    return io.read_json(RunFolder.of(run_dir).stage_stats(stage, shard_index))
 
 
 def matrix_column(arrays: list[np.ndarray], width: int) -> pa.Array:

@@ -30,7 +30,7 @@ import pyarrow as pa
 from pointvl import images, io
 from pointvl.models import load_pipeline, resolve_backend, resolve_device, resolve_dtype
 from pointvl.package_data import prompts_root
-from pointvl.plan import stage_table_path
+from pointvl.run_folder import RunFolder
 from pointvl.stages.base import Drops, write_stage_table
 
 PromptEncoder = Callable[[list[str]], dict[str, Any]]
@@ -129,10 +129,6 @@ def load_prompt(stage: str, version: str, prompts_dir: str | None = None) -> tup
     return path.read_text().strip(), neg, f"{stage}/{version}"
 
 
-def items_dir(run_dir: str, stage: str, shard_index: int) -> str:
-    return stage_table_path(run_dir, stage, shard_index).removesuffix(".parquet") + ".items"
-
-
 def _process(process: Callable[[list[dict]], list[dict]], batch: list[dict], drops: Drops) -> list[dict]:
     """``process(batch)``; after an item error, each item of a larger batch alone, so only the items that
     fail alone are dropped (with the error as their reason)."""
@@ -166,7 +162,7 @@ def run_items(
     checksums are recorded in the shard table). Returns the shard's stats.
     """
     t0 = time.perf_counter()
-    folder = items_dir(run_dir, stage, shard_index)
+    folder = RunFolder.of(run_dir).stage_items(stage, shard_index)
     ids = inputs.column("instance_id").to_pylist()
     if len(set(ids)) != len(ids):
         raise ValueError(f"{stage} shard {shard_index:05d}: duplicate instance_id in the input table")

@@ -22,7 +22,7 @@ import pyarrow as pa
 from pointvl import images
 from pointvl.errors import check_range
 from pointvl.models import BACKENDS
-from pointvl.plan import stage_table_path
+from pointvl.run_folder import RunFolder
 from pointvl.stages.base import finished, read_stage_table, read_stats
 from pointvl.stages.gpu_common import (
     PromptEncoder,
@@ -110,7 +110,7 @@ class Refine:
         # 1. check inputs and the backend before any model work; a finished shard loads nothing
         if finished(run_dir, STAGE, shard_index):
             return read_stats(run_dir, STAGE, shard_index) | {"skipped": True}
-        source = stage_table_path(run_dir, "render", shard_index)
+        source = RunFolder.of(run_dir).stage_table("render", shard_index)
         renders = read_stage_table(run_dir, "render", shard_index)
         missing = [c for c in INPUT_COLUMNS if c not in renders.column_names]
         if missing:

@@ -30,6 +30,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
 from pointvl import io
+from pointvl.run_folder import RunFolder
 from pointvl.stages.base import finished, read_stage_table, write_stage_table
 
 logger = logging.getLogger(__name__)
@@ -105,21 +106,8 @@ class Item:
     vlm_agreement: float | None
 
 
-def previews_dir(run_dir: str) -> str:
-    return io.join(run_dir, "previews")
-
-
 def sheet_name(shard_index: int) -> str:
     return f"review-shard-{shard_index:05d}.png"
-
-
-def log_path(run_dir: str) -> str:
-    return io.join(run_dir, "reports", "review_log.jsonl")
-
-
-def pending_path(run_dir: str) -> str:
-    """Written while a build waits for review: which flow run to answer, and which shards it covers."""
-    return io.join(run_dir, "reports", "review_pending.json")
 
 
 def unreviewed(run_dir: str, shard_indices: list[int]) -> list[int]:
@@ -207,12 +195,13 @@ def contact_sheet(run_dir: str, shard_index: int, config: ReviewConfig) -> bytes
 
 def write_contact_sheets(run_dir: str, shard_indices: list[int], config: ReviewConfig) -> list[str]:
     """Write ``RUN/previews/review-shard-{i:05d}.png`` for each shard; return their paths."""
+    folder = RunFolder.of(run_dir)
     paths = []
     for i in shard_indices:
-        path = io.join(previews_dir(run_dir), sheet_name(i))
+        path = io.join(folder.previews, sheet_name(i))
         io.write_bytes(path, contact_sheet(run_dir, i, config))
         paths.append(path)
-    logger.info("review: wrote %d contact sheets under %s", len(paths), previews_dir(run_dir))
+    logger.info("review: wrote %d contact sheets under %s", len(paths), folder.previews)
     return paths
 
 
@@ -290,7 +279,7 @@ def apply_decisions(run_dir: str, shard_index: int, decisions: list[dict]) -> di
 
 def _append_log(run_dir: str, shard_index: int, decisions: list[dict]) -> None:
     lines = "".join(json.dumps({"shard_index": shard_index, **d}, sort_keys=True) + "\n" for d in decisions)
-    path = log_path(run_dir)
+    path = RunFolder.of(run_dir).review_log
     io.write_bytes(path, (io.read_bytes(path) if io.exists(path) else b"") + lines.encode())
 
 
@@ -340,7 +329,7 @@ def decide_held(run_dir: str, shard_indices: list[int], approve_all: bool, rejec
 
 
 def read_log(run_dir: str) -> list[dict]:
-    path = log_path(run_dir)
+    path = RunFolder.of(run_dir).review_log
     if not io.exists(path):
         return []
     return [json.loads(line) for line in io.read_bytes(path).decode().splitlines() if line.strip()]

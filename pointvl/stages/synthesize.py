@@ -26,7 +26,7 @@ import pyarrow as pa
 from pointvl import images
 from pointvl.errors import check_range
 from pointvl.models import BACKENDS
-from pointvl.plan import stage_table_path
+from pointvl.run_folder import RunFolder
 from pointvl.stages.base import finished, read_stage_table, read_stats
 from pointvl.stages.drift import canny_control, depth_control, drift_score
 from pointvl.stages.gpu_common import (
@@ -159,7 +159,8 @@ class Synthesize:
         renders = read_stage_table(run_dir, "render", shard_index)
         missing = [c for c in RENDER_COLUMNS if c not in renders.column_names]
         if missing:
-            raise ValueError(f"{stage_table_path(run_dir, 'render', shard_index)} lacks {missing}; re-run render")
+            path = RunFolder.of(run_dir).stage_table("render", shard_index)
+            raise ValueError(f"{path} lacks {missing}; re-run render")
         by_id = {r["instance_id"]: r for r in renders.select(list(RENDER_COLUMNS)).to_pylist()}
         lost = [i for i in refined.column("instance_id").to_pylist() if i not in by_id]
         if lost:

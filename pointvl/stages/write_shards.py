@@ -26,6 +26,7 @@ import pyarrow as pa
 from pointvl import __version__, io
 from pointvl.plan import Shard, load_plan
 from pointvl.record import IMAGE_COLUMNS, record_schema
+from pointvl.run_folder import RunFolder
 from pointvl.stages.base import (
     Drops,
     file_sha256,
@@ -34,7 +35,6 @@ from pointvl.stages.base import (
     read_stage_table,
     recorded_sha,
     sha256_bytes,
-    stats_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,10 +59,6 @@ class WriteShardsConfig:
             raise ValueError(f"write_shards.num_keypoints must be >= 1, got {self.num_keypoints}")
 
 
-def shards_dir(run_dir: str) -> str:
-    return io.join(run_dir, "shards")
-
-
 class WriteShards:
     def __init__(self, config: WriteShardsConfig) -> None:
         self.config = config
@@ -71,8 +67,9 @@ class WriteShards:
     def up_to_date(run_dir: str, shard_index: int) -> bool:
         """The final file exists, has the content recorded when it was written (else it is moved aside),
         and was joined from the stage tables there are now (so a stage re-run reaches the shard)."""
+        folder = RunFolder.of(run_dir)
         shard = load_plan(run_dir).shards[shard_index]
-        final = io.join(shards_dir(run_dir), shard.final_name)
+        final = folder.final_shard(shard)
         if not io.exists(final):
             return False
         recorded = recorded_sha(run_dir, STAGE, shard_index)
@@ -81,10 +78,11 @@ class WriteShards:
                    else "its bytes do not match the checksum recorded when it was written (truncated or altered)")
             move_aside(run_dir, [final], why)
             return False
-        return io.read_json(stats_path(run_dir, STAGE, shard_index)).get("inputs") == _inputs(run_dir, shard_index)
+        return io.read_json(folder.stage_stats(STAGE, shard_index)).get("inputs") == _inputs(run_dir, shard_index)
 
     def run_shard(self, run_dir: str, shard_index: int) -> dict:
         """Write ``shards/{split}-{i:05d}-of-{n:05d}.parquet`` for one work shard; return its stats."""
+        folder = RunFolder.of(run_dir)
         start = time.perf_counter()
         shard = load_plan(run_dir).shards[shard_index]
         missing = [s for s in REQUIRED if not finished(run_dir, s, shard_index)]
@@ -96,8 +94,8 @@ class WriteShards:
         data = io.table_bytes(pa.Table.from_pylist(records, schema=record_schema(self.config.num_keypoints)))
         stats = {"records": len(records), **drops.stats(), "inputs": inputs, "table_sha256": sha256_bytes(data),
                  "seconds": round(time.perf_counter() - start, 3)}
-        io.write_json(stats_path(run_dir, STAGE, shard_index), stats)  # stats first, the shard last
-        io.write_bytes(io.join(shards_dir(run_dir), shard.final_name), data)
+        io.write_json(folder.stage_stats(STAGE, shard_index), stats)  # stats first, the shard last
+        io.write_bytes(folder.final_shard(shard), data)
         logger.info("write_shards %s → %s: %d records", shard.name, shard.final_name, len(records))
         return stats
 

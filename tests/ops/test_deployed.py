@@ -31,8 +31,8 @@ from PIL import Image
 
 from pointvl.plan import load_plan
 from pointvl.preview import stop_detached
+from pointvl.run_folder import RunFolder
 from pointvl.stages.base import read_stats
-from pointvl.stages.gpu_common import items_dir
 from pointvl.stages.review import items, read_log
 
 ROOT = Path(__file__).parents[2]
@@ -249,7 +249,7 @@ def test_a_killed_worker_is_resumed_on_the_deployment_without_redoing_finished_s
     config = BuildConfig.from_parameters(d.deployment("on-demand")["parameters"]["config"], SMALL)
     plan_run(d.env["POINTVL_SHAPENET"], str(out), config)  # fix the plan to know shard 1's ids
     ids = load_plan(str(out)).shards[1].instance_ids()
-    folder = Path(items_dir(str(out), "synthesize", 1))
+    folder = Path(RunFolder.of(str(out)).stage_items("synthesize", 1))
     folder.mkdir(parents=True)
     blocker = folder / f"{ids[-1]}.parquet"
     os.mkfifo(blocker)  # the stage blocks reading this item back: the worker is killed there

@@ -22,8 +22,8 @@ from pointvl.config import BuildConfig
 from pointvl.handoff import build_id
 from pointvl.local import plan_run
 from pointvl.plan import load_plan
+from pointvl.run_folder import RunFolder
 from pointvl.stages.base import read_stats
-from pointvl.stages.gpu_common import items_dir
 from pointvl.stages.review import MASK_BOX, items, read_log
 
 ROOT = Path(__file__).parents[2]
@@ -151,7 +151,7 @@ def test_a_build_whose_gpu_stage_fails_resumes_without_redoing_finished_items(pr
     plan_run(shapenet.root, str(out), BuildConfig.from_file(str(config)))  # fix the plan to know shard 1's ids
     shard = load_plan(str(out)).shards[1]
     ids = shard.instance_ids()
-    folder = Path(items_dir(str(out), "synthesize", 1))
+    folder = Path(RunFolder.of(str(out)).stage_items("synthesize", 1))
     folder.mkdir(parents=True)
     blocker = folder / f"{ids[-1]}.parquet"
     os.mkfifo(blocker)

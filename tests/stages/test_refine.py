@@ -11,8 +11,9 @@ import torch
 from gpu_inputs import write_render_shard
 
 from pointvl import images, io, models
+from pointvl.run_folder import RunFolder
 from pointvl.stages.base import read_stage_table, read_stats
-from pointvl.stages.gpu_common import instance_seed, items_dir
+from pointvl.stages.gpu_common import instance_seed
 from pointvl.stages.refine import Refine, RefineConfig
 from pointvl.tiny import HashPromptEncoder, save_tiny_models, tiny_refine_pipeline
 
@@ -44,7 +45,7 @@ def test_passthrough_carries_the_render_forward(tmp_path):
     assert prov["backend"] == "passthrough" and prov["prompt_version"] == "refine/v1"
     assert prov["seed"] == instance_seed(0, "refine", ids[0])
     assert stats["generated"] == 3 and stats["backend"] == "passthrough"
-    assert not io.exists(items_dir(run, "refine", 0))
+    assert not io.exists(RunFolder.of(run).stage_items("refine", 0))
     assert read_stats(run, "refine", 0)["items"] == 3
 
 
@@ -66,7 +67,7 @@ def test_diffusers_without_weights_fails_at_start(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
         Refine(tiny_config(model="Qwen/Qwen-Image-Edit")).run_shard(run, 0)
-    assert not io.exists(items_dir(run, "refine", 0))
+    assert not io.exists(RunFolder.of(run).stage_items("refine", 0))
     with pytest.raises(ValueError, match="backend must be one of"):
         RefineConfig(backend="cuda")
 
@@ -107,6 +108,7 @@ def test_model_loaded_once_per_process(tmp_path):
 
 def test_resume_skips_finished_items(tmp_path):
     run = str(tmp_path)
+    folder = RunFolder.of(run)
     ids = write_render_shard(run, 0, n=4)
     pipe = tiny_refine_pipeline()
     calls_per_item = STEPS * 2  # true CFG: a conditional and an unconditional pass per step
@@ -123,9 +125,9 @@ def test_resume_skips_finished_items(tmp_path):
         stage.run_shard(run, 0)
     hook.remove()
     assert not io.exists(f"{run}/stages/refine/shard-00000.parquet")
-    assert [io.exists(io.join(items_dir(run, "refine", 0), f"{i}.parquet")) for i in ids] == [
+    assert [io.exists(io.join(folder.stage_items("refine", 0), f"{i}.parquet")) for i in ids] == [
         True, True, False, False]
-    first_two = [io.read_table(io.join(items_dir(run, "refine", 0), f"{i}.parquet")) for i in ids[:2]]
+    first_two = [io.read_table(io.join(folder.stage_items("refine", 0), f"{i}.parquet")) for i in ids[:2]]
 
     calls.clear()
     hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)

@@ -8,8 +8,9 @@ import pytest
 from gpu_inputs import write_render_shard
 
 from pointvl import images, io, models
+from pointvl.run_folder import RunFolder
 from pointvl.stages.base import read_stage_table
-from pointvl.stages.gpu_common import instance_seed, items_dir
+from pointvl.stages.gpu_common import instance_seed
 from pointvl.stages.refine import Refine, RefineConfig
 from pointvl.stages.synthesize import Synthesize, SynthesizeConfig
 from pointvl.tiny import HashPromptEncoder, save_tiny_models, tiny_synthesize_pipeline
@@ -101,6 +102,7 @@ def test_model_loaded_once_per_process(tmp_path):
 
 def test_resume_skips_finished_items(tmp_path):
     run = str(tmp_path)
+    folder = RunFolder.of(run)
     ids = prepared_run(run, n=3)
     pipe = tiny_synthesize_pipeline()
     calls = []
@@ -115,7 +117,7 @@ def test_resume_skips_finished_items(tmp_path):
     with pytest.raises(RuntimeError, match="preempted"):
         stage.run_shard(run, 0)
     hook.remove()
-    assert io.exists(io.join(items_dir(run, "synthesize", 0), f"{ids[0]}.parquet"))
+    assert io.exists(io.join(folder.stage_items("synthesize", 0), f"{ids[0]}.parquet"))
     assert not io.exists(f"{run}/stages/synthesize/shard-00000.parquet")
     calls.clear()
     hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
@@ -123,7 +125,7 @@ def test_resume_skips_finished_items(tmp_path):
     hook.remove()
     assert len(calls) == 2 * 2 and stats["generated"] == 2 and stats["resumed"] == 1
     assert read_stage_table(run, "synthesize", 0).column("instance_id").to_pylist() == ids
-    assert not io.exists(items_dir(run, "synthesize", 0))
+    assert not io.exists(folder.stage_items("synthesize", 0))
 
 
 def test_config_validation():
