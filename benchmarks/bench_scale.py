@@ -73,7 +73,7 @@ def write_tree(root: str, face_counts: list[int], seed: int = 0) -> str:
 def build_once(shapenet: str, run: str, workers: int) -> dict:
     """Clean + CPU stages of the tree with ``workers`` processes, in this process; timings, stats, RSS."""
     from pointvl.config import BuildConfig
-    from pointvl.cpu_stages import CPU_STAGES, run_cpu_shard
+    from pointvl.cpu_stages import STAGE_NAMES, run_cpu_shard
     from pointvl.executor import open_executor
     from pointvl.local import cpu_config, plan_run
     from pointvl.stages.base import read_stats
@@ -89,7 +89,7 @@ def build_once(shapenet: str, run: str, workers: int) -> dict:
     seconds: dict[str, float] = defaultdict(float)
     instances = 0
     for i in shards:
-        for stage in CPU_STAGES:
+        for stage in STAGE_NAMES:
             stats = read_stats(run, stage, i)
             seconds[stage] += stats["seconds"]
             if stage == "sample_points":

@@ -26,6 +26,7 @@ from flows.gpu_stages import run_gpu_stage
 from flows.locking import build_lock, mark_crashed, record_build
 from flows.review import review_gate
 from pointvl.config import BuildConfig
+from pointvl.dag import GPU_STAGES
 from pointvl.executor import open_executor
 from pointvl.handoff import build_id, check_can_start
 from pointvl.local import cpu_config
@@ -94,11 +95,10 @@ def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers
         cpu = [cpu_stages.submit(out, i, cpu_config(cfg), executor) for i in shards]
         wait_with_progress("cpu_stages", cpu, bid)  # a failed CPU stage stops the build here, before any GPU time
 
-    run_gpu_stage("refine", out, shards, cfg.gpu_deployments.get("refine"), cfg.refine, workers=cfg.gpu_workers)
-    publish_progress(out, "refine", shards, bid)
-    run_gpu_stage("synthesize", out, shards, cfg.gpu_deployments.get("synthesize"), cfg.synthesize,
-                  workers=cfg.gpu_workers)
-    publish_progress(out, "synthesize", shards, bid)
+    for stage in GPU_STAGES:  # refine ─► synthesize: in-process, or on the GPU pool's deployment
+        run_gpu_stage(stage.name, out, shards, cfg.gpu_deployments.get(stage.name), getattr(cfg, stage.name),
+                      workers=cfg.gpu_workers)
+        publish_progress(out, stage.name, shards, bid)
 
     wait_with_progress("annotate", [annotate.submit(out, i, cfg.annotate) for i in shards], bid)
     review_gate(out, shards, cfg.review, bid)

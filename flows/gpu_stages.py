@@ -31,6 +31,7 @@ import time
 
 from prefect import flow
 
+from pointvl.dag import GPU_STAGES
 from pointvl.stages.refine import RefineConfig
 from pointvl.stages.synthesize import SynthesizeConfig
 from pointvl.strict_config import load
@@ -39,7 +40,7 @@ from tasks.synthesize import synthesize
 
 logger = logging.getLogger(__name__)
 
-CONFIGS = {"refine": RefineConfig, "synthesize": SynthesizeConfig}
+CONFIGS = {stage.name: stage.config_class for stage in GPU_STAGES}
 TASKS = {"refine": refine, "synthesize": synthesize}
 
 

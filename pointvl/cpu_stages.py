@@ -18,19 +18,20 @@ from dataclasses import dataclass
 import trimesh
 
 from pointvl import io
+from pointvl.dag import CPU_STAGES
 from pointvl.errors import ITEM_ERRORS
 from pointvl.executor import worker_id
 from pointvl.mesh import MeshError
 from pointvl.plan import Plan, Shard, load_plan
 from pointvl.run_folder import RunFolder
-from pointvl.stages.base import Drops, finished, read_stats
+from pointvl.stages.base import Drops, ShardOutput, finished, read_stats
 from pointvl.stages.clean import ModelEntry, file_key, load_model_file
 from pointvl.stages.geometry import Geometry, GeometryConfig
 from pointvl.stages.kpts2d import Kpts2D, Kpts2DConfig
 from pointvl.stages.render import Render, RenderConfig
 from pointvl.stages.sample_points import SamplePoints, SamplePointsConfig
 
-CPU_STAGES = ("sample_points", "geometry", "render", "kpts2d")
+STAGE_NAMES = tuple(stage.name for stage in CPU_STAGES)
 
 
 @dataclass
@@ -60,13 +61,13 @@ def run_cpu_shard(shard_index: int, run_dir: str, config: CpuStagesConfig) -> di
     """Run the CPU stages not finished yet for work shard ``shard_index``; returns each stage's stats
     (``skipped`` when finished before)."""
     shard = _plan(run_dir).shards[shard_index]
-    todo = [s for s in CPU_STAGES if not finished(run_dir, s, shard.index)]
-    stats = {s: read_stats(run_dir, s, shard.index) | {"skipped": True} for s in CPU_STAGES if s not in todo}
+    todo = [s for s in STAGE_NAMES if not finished(run_dir, s, shard.index)]
+    stats = {s: read_stats(run_dir, s, shard.index) | {"skipped": True} for s in STAGE_NAMES if s not in todo}
     if not todo:
         return stats
     sampler, renderer = SamplePoints(config.sample_points), Render(config.render)
     rows: dict[str, list[dict]] = {s: [] for s in ("sample_points", "render") if s in todo}
-    drops = {s: Drops(s) for s in CPU_STAGES}
+    drops = {s: Drops(s) for s in STAGE_NAMES}
     seconds: Counter[str] = Counter()
     mark = time.perf_counter()
     for model, mesh in _meshes(shard, [drops[s] for s in rows]) if rows else ():
@@ -84,13 +85,13 @@ def run_cpu_shard(shard_index: int, run_dir: str, config: CpuStagesConfig) -> di
     for stage in rows:
         drops[stage].check(len(shard.models))
 
-    def extra(stage: str) -> dict:
+    def output(stage: str, made: list[dict], extra: dict | None = None) -> ShardOutput:
         mesh = {"mesh_load_seconds": round(seconds["mesh_load"], 3)} if stage in rows else {}
-        return {**drops[stage].stats(), **mesh, "worker": worker_id(), "seconds": round(seconds[stage], 3)}
+        return ShardOutput(made, {**mesh, **(extra or {}), "worker": worker_id()})
 
     if "sample_points" in todo:
-        stats["sample_points"] = sampler.write_shard(run_dir, shard.index, rows["sample_points"],
-                                                     extra("sample_points"))
+        stats["sample_points"] = sampler.write(run_dir, shard.index, output("sample_points", rows["sample_points"]),
+                                               drops["sample_points"], seconds["sample_points"])
     # geometry and kpts2d use the clouds and masks just made; alone (their input table was finished
     # earlier) they read them from the run folder, as when run on their own
     if "geometry" in todo and "sample_points" not in rows:
@@ -99,17 +100,19 @@ def run_cpu_shard(shard_index: int, run_dir: str, config: CpuStagesConfig) -> di
         mark, geometry = time.perf_counter(), Geometry(config.geometry)
         geo_rows = geometry.rows([r["instance_id"] for r in rows["sample_points"]],
                                  [r["points"] for r in rows["sample_points"]], drops["geometry"])
-        seconds["geometry"] = time.perf_counter() - mark
-        stats["geometry"] = geometry.write_shard(run_dir, shard.index, geo_rows, extra("geometry"))
+        stats["geometry"] = geometry.write(run_dir, shard.index, output("geometry", geo_rows), drops["geometry"],
+                                           time.perf_counter() - mark)
     if "render" in todo:
-        stats["render"] = renderer.write_shard(run_dir, shard.index, rows["render"], extra("render"))
+        stats["render"] = renderer.write(run_dir, shard.index,
+                                         output("render", rows["render"], {"backend": renderer.renderer.name}),
+                                         drops["render"], seconds["render"])
     if "kpts2d" in todo and "render" not in rows:
         stats["kpts2d"] = Kpts2D(config.kpts2d).run_shard(run_dir, shard.index)
     elif "kpts2d" in todo:
         mark, kpts = time.perf_counter(), Kpts2D(config.kpts2d)
         kpts_rows = kpts.rows(rows["render"], drops["kpts2d"])
-        seconds["kpts2d"] = time.perf_counter() - mark
-        stats["kpts2d"] = kpts.write_shard(run_dir, shard.index, kpts_rows, extra("kpts2d"))
+        stats["kpts2d"] = kpts.write(run_dir, shard.index, output("kpts2d", kpts_rows), drops["kpts2d"],
+                                     time.perf_counter() - mark)
     return stats
 
 

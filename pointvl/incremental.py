@@ -16,26 +16,11 @@ from collections import Counter
 
 from pointvl import io
 from pointvl.config import BuildConfig
+from pointvl.dag import STAGES, TABLE_STAGES
 from pointvl.plan import Plan, Shard, fingerprint
 from pointvl.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
-
-# The stages each stage reads (flows/build.py's DAG), in an order where inputs come first.
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "sample_points": (),
-    "geometry": ("sample_points",),
-    "render": (),
-    "kpts2d": ("render",),
-    "refine": ("render",),
-    "synthesize": ("refine", "render"),
-    "annotate": ("render", "geometry", "kpts2d", "synthesize"),
-    "review": ("annotate", "synthesize"),
-    "write_shards": ("sample_points", "geometry", "render", "kpts2d", "refine", "synthesize", "annotate", "review"),
-}
-# The stages with a table per work shard; write_shards' output is the final file, named by split.
-TABLE_STAGES = tuple(s for s in STAGE_INPUTS if s != "write_shards")
-
 
 def stage_keys(shard: Shard, config: BuildConfig, categories: list[str]) -> dict[str, str]:
     """The current key of each stage's output for ``shard``.
@@ -47,11 +32,11 @@ def stage_keys(shard: Shard, config: BuildConfig, categories: list[str]) -> dict
     sections = config.output_dict()
     models = [(m.synset_id, m.model_id, m.category, m.split, m.geometry) for m in shard.models]
     keys: dict[str, str] = {}
-    for stage, inputs in STAGE_INPUTS.items():
-        parts = [stage, sections.get(stage), [keys[s] for s in inputs], models, shard.views_per_model]
-        if stage == "annotate":
+    for stage in STAGES:
+        parts = [stage.name, sections.get(stage.name), [keys[s] for s in stage.inputs], models, shard.views_per_model]
+        if stage.name == "annotate":
             parts.append(sorted(categories))
-        keys[stage] = fingerprint(*parts)
+        keys[stage.name] = fingerprint(*parts)
     return keys
 
 

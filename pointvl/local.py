@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pointvl import io
 from pointvl.config import BuildConfig
 from pointvl.cpu_stages import CpuStagesConfig, run_cpu_shard
+from pointvl.dag import CPU_STAGES, STAGES, make_stage
 from pointvl.executor import Executor, open_executor
 from pointvl.incremental import invalidate_stale
 from pointvl.plan import (
@@ -26,13 +27,7 @@ from pointvl.plan import (
 )
 from pointvl.progress import Progress
 from pointvl.run_folder import RunFolder
-from pointvl.stages.annotate import Annotate
-from pointvl.stages.base import finished
 from pointvl.stages.clean import Clean
-from pointvl.stages.refine import Refine
-from pointvl.stages.review import apply_decisions, policy_decisions
-from pointvl.stages.synthesize import Synthesize
-from pointvl.stages.write_shards import WriteShards, WriteShardsConfig
 from pointvl.summary import dataset_card, summarize
 
 logger = logging.getLogger(__name__)
@@ -119,21 +114,12 @@ def build_in_process(
         for _ in executor.map(run_cpu_shard, [s.index for s in shards], run_dir, cpu_config(config)):
             tracker.advance()
     categories = sorted({m.category for s in plan.shards for m in s.models})
-    stages = [
-        ("refine", Refine(config.refine).run_shard),
-        ("synthesize", Synthesize(config.synthesize).run_shard),
-        ("annotate", Annotate(config.annotate, categories).run_shard),
-    ]
-    writer = WriteShards(WriteShardsConfig(config.geometry.num_keypoints))
+    # the CPU stages are done above, model by model; the rest in DAG order, shard by shard (review:
+    # no one to ask here, so its policy decides)
+    later = [make_stage(s.name, config, categories) for s in STAGES if s not in CPU_STAGES]
     for shard in shards:
-        for name, run in stages:
-            if not finished(run_dir, name, shard.index):
-                run(run_dir, shard.index)
-        if not finished(run_dir, "review", shard.index):  # no one to ask here: the review policy applies
-            decisions = policy_decisions(run_dir, [shard.index], config.review.timeout_policy, "gate off")
-            apply_decisions(run_dir, shard.index, decisions[shard.index])
-        if not WriteShards.up_to_date(run_dir, shard.index):
-            writer.run_shard(run_dir, shard.index)
+        for stage in later:
+            stage.run_shard(run_dir, shard.index)
     summary = summarize(run_dir)
     io.write_bytes(RunFolder.of(run_dir).dataset_card, dataset_card(summary).encode())
     return summary

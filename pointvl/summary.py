@@ -13,10 +13,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pointvl import io
+from pointvl.dag import STAGES
 from pointvl.plan import load_plan
 from pointvl.run_folder import RunFolder
 from pointvl.stages.base import finished, read_stats
-from pointvl.stages.write_shards import OPTIONAL, REQUIRED
 from pointvl.stages.write_shards import STAGE as WRITE_SHARDS
 
 
@@ -31,7 +31,7 @@ def summarize(run_dir: str) -> dict:
     review: Counter[str] = Counter()
     failed: Counter[str] = Counter()  # annotation failures by kind (qa, vlm), over finished shards
     for shard in plan.shards:
-        for stage in (*REQUIRED, *OPTIONAL, WRITE_SHARDS):
+        for stage in (s.name for s in STAGES):
             if stage == WRITE_SHARDS:  # a final shard's stats exist once it was written
                 if not io.exists(folder.stage_stats(stage, shard.index)):
                     continue

@@ -6,13 +6,13 @@ from prefect import Task, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
-from prefect.logging import get_run_logger
 from prefect.states import State
 from pydantic import SecretStr
 
 from pointvl.llm import FatalAPIError
 from pointvl.plan import load_plan
 from pointvl.stages.annotate import Annotate, AnnotateConfig
+from tasks.common import run_stage
 
 
 def _secret(block_name: str) -> SecretStr | None:
@@ -51,7 +51,6 @@ def annotate(run_dir: str, shard_index: int, config: AnnotateConfig) -> dict:
     Keys come from the Secret blocks named in ``config`` when set, else from the environment variables
     it names. Categories are those of the run's plan.
     """
-    logger = get_run_logger()
     categories = sorted({m.category for s in load_plan(run_dir).shards for m in s.models})
     stage = Annotate(
         config,
@@ -59,8 +58,7 @@ def annotate(run_dir: str, shard_index: int, config: AnnotateConfig) -> dict:
         api_key=_secret(config.api_key_secret_block),
         vlm_api_key=_secret(config.vlm_api_key_secret_block),
     )
-    stats = stage.run_shard(run_dir, shard_index)
-    logger.info("annotate shard-%05d: %s", shard_index, stats)
+    stats = run_stage(stage, run_dir, shard_index)
     if not stats.get("skipped"):
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats.items()) if k.startswith("failed_")) or "none"
         create_markdown_artifact(

@@ -3,13 +3,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pointvl.stages.refine import Refine, RefineConfig
-from tasks.common import run_shard_stage
+from tasks.common import run_stage
 
 
 @task(name="refine", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=30, task_run_name="refine-{shard_index:05d}")
 def refine(run_dir: str, shard_index: int, config: RefineConfig) -> dict:
     """Qwen-Image-Edit refinement of one shard's renders; a retry resumes at the first unfinished item."""
-    stats = run_shard_stage("refine", Refine(config).run_shard, run_dir, shard_index)
+    stats = run_stage(Refine(config), run_dir, shard_index)
     if not stats.get("skipped"):
         create_markdown_artifact(
             key=f"refine-shard-{shard_index:05d}",

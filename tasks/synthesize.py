@@ -3,7 +3,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pointvl.stages.synthesize import Synthesize, SynthesizeConfig
-from tasks.common import run_shard_stage
+from tasks.common import run_stage
 
 
 @task(
@@ -12,7 +12,7 @@ from tasks.common import run_shard_stage
 )
 def synthesize(run_dir: str, shard_index: int, config: SynthesizeConfig) -> dict:
     """FLUX + ControlNet-Union-Pro synthesis of one shard, with drift scores; a retry resumes per item."""
-    stats = run_shard_stage("synthesize", Synthesize(config).run_shard, run_dir, shard_index)
+    stats = run_stage(Synthesize(config), run_dir, shard_index)
     if not stats.get("skipped"):
         create_markdown_artifact(
             key=f"synthesize-shard-{shard_index:05d}",

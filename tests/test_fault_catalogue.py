@@ -187,7 +187,7 @@ def test_failed_annotations_are_counted_with_the_command_that_retries_them(built
     stats = {**read_stats(str(run), "annotate", 0), "failed": n, "ok": 0, "failed_qa": n}
     write_stage_table(str(run), "annotate", 0, failed, stats, inputs=("render", "geometry", "kpts2d"))
     # the final shard of shard 0 joined the old annotations: it is rebuilt without the failed items
-    assert not WriteShards.up_to_date(str(run), 0)
+    assert not WriteShards().finished(str(run), 0)
     WriteShards(WriteShardsConfig()).run_shard(str(run), 0)
     summary = summarize(str(run))
     assert summary["annotate_failed"]["items"] == n and summary["annotate_failed"]["qa"] == n

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pointvl.config import BuildConfig
-from pointvl.incremental import TABLE_STAGES
+from pointvl.dag import TABLE_STAGES
 from pointvl.local import build_in_process
 from pointvl.plan import PlanMismatchError, extend_plan, load_plan, make_plan
 from pointvl.stages.base import read_stats

@@ -27,7 +27,6 @@ import hashlib
 import itertools
 import json
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,7 +64,7 @@ from pointvl.llm import (
 )
 from pointvl.package_data import prompts_root, schema_path
 from pointvl.run_folder import RunFolder
-from pointvl.stages.base import finished, read_stage_table, read_stats, write_stage_table
+from pointvl.stages.base import Drops, ShardOutput, Stage, finished, read_stage_table
 from pointvl.strict_config import OPERATIONAL
 
 logger = logging.getLogger(__name__)
@@ -76,6 +75,20 @@ STAGE = "annotate"
 COORDINATES = ("qwen2.5-vl", "qwen3-vl", "absolute", "relative1000")
 # ShapeNet category names that give a one-category benchmark's category question a wrong choice.
 DISTRACTORS = ("airplane", "chair")
+
+_BOX = pa.list_(pa.float32())
+SCHEMA = pa.schema([
+    ("instance_id", pa.string()),
+    ("qa", pa.string()),
+    ("description", pa.string()),
+    ("bbox2d", _BOX),
+    ("bbox2d_vlm", _BOX),
+    ("vlm_agreement", pa.float64()),
+    ("annotate_flagged", pa.bool_()),
+    ("annotate_status", pa.string()),
+    ("annotate_failure_reason", pa.string()),
+    ("annotate_provenance", pa.string()),
+])
 
 
 @dataclass
@@ -213,25 +226,31 @@ class _Item:
     choices: list[str]
 
 
-class Annotate:
-    """Annotate one work shard: ``Annotate(config, categories).run_shard(run_dir, shard_index)``.
+class Annotate(Stage):
+    """Stage ``annotate``: ``Annotate(config, categories).run_shard(run, shard_index)``.
 
     ``categories`` is the benchmark's category list (the category question's choices come from it).
     Keys: pass ``api_key``/``vlm_api_key`` (e.g. from a Prefect Secret block), else they are read
     from the environment variables named in the config when the first shard runs.
     """
 
+    name = STAGE
+    inputs = ("render", "geometry", "kpts2d", "synthesize")  # synthesize when it ran
+    schema = SCHEMA
+    config_class = AnnotateConfig
+
     def __init__(
         self,
-        config: AnnotateConfig,
-        categories: list[str],
+        config: AnnotateConfig | None = None,
+        categories: list[str] | None = None,
         *,
         api_key: SecretStr | None = None,
         vlm_api_key: SecretStr | None = None,
     ) -> None:
         if not categories:
             raise ValueError("annotate needs the benchmark's category list")
-        self.config = config
+        super().__init__(config)
+        config = self.config
         self.categories = sorted(set(categories))
         if len(self.categories) < 2:  # the category question needs a distractor (a one-category subset)
             extra = next(c for c in DISTRACTORS if c != self.categories[0])
@@ -451,33 +470,27 @@ class Annotate:
             }
         return json.dumps(prov, sort_keys=True)
 
-    def run_shard(self, run_dir: str, shard_index: int) -> dict[str, Any]:
-        """Annotate work shard ``shard_index`` of ``run_dir``; -> stats (also written beside the table).
+    def finished(self, run: RunFolder | str, shard_index: int) -> bool:
+        """Finished when its table checks out, unless ``redo_failed`` and the shard has failed items."""
+        if not finished(run, STAGE, shard_index):
+            return False
+        status = read_stage_table(run, STAGE, shard_index).column("annotate_status").to_pylist()
+        return not (self.config.redo_failed and "failed" in status)
 
-        A shard whose table exists is skipped (unless ``redo_failed`` and it has failed items).
-        Raises :class:`pointvl.llm.FatalAPIError` when the endpoint refuses the key/model/URL and
-        :class:`pointvl.llm.BatchPending` when a batch outlives ``batch_max_wait_s``.
+    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> ShardOutput:
+        """Annotate the shard's items. Raises :class:`pointvl.llm.FatalAPIError` when the endpoint
+        refuses the key/model/URL and :class:`pointvl.llm.BatchPending` when a batch outlives
+        ``batch_max_wait_s``.
         """
         c = self.config
-        if finished(run_dir, STAGE, shard_index):
-            done = read_stage_table(run_dir, STAGE, shard_index).column("annotate_status").to_pylist()
-            if not (c.redo_failed and "failed" in done):
-                logger.info("annotate shard %05d: finished (%d failed), skipped", shard_index, done.count("failed"))
-                return {**read_stats(run_dir, STAGE, shard_index), "skipped": True}
-        t0 = time.monotonic()
         # 1. check and load inputs (before any API call)
-        items, inputs = self._load(run_dir, shard_index)
-        stats: dict[str, Any] = {
-            "shard": shard_index,
-            "backend": c.backend,
-            "n": len(items),
-            "skipped": False,
-        }
+        items, inputs = self._load(run, shard_index)
+        stats: dict[str, Any] = {"backend": c.backend}
         # 2. annotate
         if c.backend == "offline":
             results = [self._offline(it) for it in items]
         else:
-            cache = ResponseCache(c.cache_dir or RunFolder.of(run_dir).cache("annotate"))
+            cache = ResponseCache(c.cache_dir or run.cache("annotate"))
             llm, vlm = self._clients(cache)
             if c.batch:
                 self._run_batch(llm, cache, items, io.join(cache.root, "batches", f"shard-{shard_index:05d}.json"))
@@ -504,28 +517,20 @@ class Annotate:
             pool.shutdown()
             for k in ("api_calls", "cache_hits", "reasks"):
                 stats[k] = llm.stats[k] + vlm.stats[k]
-        # 3. write
+        # 3. the table and its counts
         table = _table(items, results, self._provenance())
         status = table.column("annotate_status").to_pylist()
         stats.update(
             ok=status.count("ok"),
             failed=status.count("failed"),
             flagged=sum(table.column("annotate_flagged").to_pylist()),
-            seconds=round(time.monotonic() - t0, 3),
         )
         for r in results:
             for f in r["failures"]:
                 stats[f"failed_{f.split(':')[0]}"] = stats.get(f"failed_{f.split(':')[0]}", 0) + 1
-        # stats first, the table last
-        write_stage_table(run_dir, STAGE, shard_index, table, stats, inputs=inputs)
-        logger.info(
-            "annotate shard %05d: %d ok, %d failed, %d flagged",
-            shard_index,
-            stats["ok"],
-            stats["failed"],
-            stats["flagged"],
-        )
-        return stats
+        logger.info("annotate shard %05d: %d ok, %d failed, %d flagged", shard_index, stats["ok"], stats["failed"],
+                    stats["flagged"])
+        return ShardOutput(table, stats, made_from=inputs)
 
     def _run_batch(self, llm: ChatClient, cache: ResponseCache, items: list[_Item], state_path: str) -> None:
         """QA requests not yet cached go through the Batch API; valid replies land in the cache."""
@@ -563,7 +568,6 @@ def _data_url(png: bytes) -> str:
 
 
 def _table(items: list[_Item], results: list[dict[str, Any]], provenance: str) -> pa.Table:
-    box = pa.list_(pa.float32())
     rows = {
         "instance_id": [it.instance_id for it in items],
         "qa": [json.dumps(r["qa"], ensure_ascii=False) if r["qa"] is not None else None for r in results],
@@ -576,18 +580,4 @@ def _table(items: list[_Item], results: list[dict[str, Any]], provenance: str) -
         "annotate_failure_reason": ["; ".join(r["failures"] + r.get("notes", [])) or None for r in results],
         "annotate_provenance": [provenance] * len(items),
     }
-    schema = pa.schema(
-        [
-            ("instance_id", pa.string()),
-            ("qa", pa.string()),
-            ("description", pa.string()),
-            ("bbox2d", box),
-            ("bbox2d_vlm", box),
-            ("vlm_agreement", pa.float64()),
-            ("annotate_flagged", pa.bool_()),
-            ("annotate_status", pa.string()),
-            ("annotate_failure_reason", pa.string()),
-            ("annotate_provenance", pa.string()),
-        ]
-    )
-    return pa.Table.from_pydict(rows, schema=schema)
+    return pa.Table.from_pydict(rows, schema=SCHEMA)

@@ -12,6 +12,15 @@ made from inputs that have changed since, or without its stats is moved to
 ``RUN/superseded/<time>/`` (never deleted) with a warning naming it, and counts as not finished,
 so the stage recomputes it.
 
+The contract. Every stage is a :class:`Stage` (datatrove's ``PipelineStep`` is the model): it
+declares its ``name``, the stages whose tables it reads (``inputs``), its output ``schema`` and its
+``config_class``, and implements only :meth:`Stage.process_shard`, the work of one shard. The base
+owns the rest, the same for every stage: the finished test (a finished shard is skipped), timing,
+uniform stats (``instances``: the rows written; ``dropped_<reason>``; ``seconds``), the check that
+the table has the declared schema, and writing stats first and the table last.
+:data:`pointvl.dag.STAGES` declares the DAG once; ``tests/stages/test_contract.py`` holds every
+stage to the contract.
+
 Drops. An error that belongs to one model or view (:data:`pointvl.errors.ITEM_ERRORS`) drops that item with a
 named reason (:class:`Drops`, used through :meth:`Drops.guard`); the shard goes on. Storage errors
 (``OSError``) and anything else still fail the shard: they are faults of the run, not of the item.
@@ -22,9 +31,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -267,6 +280,10 @@ def read_stats(run_dir: str, stage: str, shard_index: int) -> dict:
     return io.read_json(RunFolder.of(run_dir).stage_stats(stage, shard_index))
 
 
+MATRIX3 = pa.list_(pa.list_(pa.float32(), 3))
+"""The type of a column of ``(n, 3)`` float32 matrices (point clouds, keypoints)."""
+
+
 def matrix_column(arrays: list[np.ndarray], width: int) -> pa.Array:
     """A list of ``(n_i, width)`` float32 arrays as ``list<fixed_size_list<float32, width>>``."""
     lengths = [len(a) for a in arrays]
@@ -297,3 +314,60 @@ def shard_meshes(shard: Shard, stage: str, drops: Drops) -> Iterator[tuple[Model
         if mesh is not None:
             yield model, mesh
         logger.debug("%s %s %d/%d", stage, shard.name, i, len(shard.models))
+
+
+@dataclass
+class ShardOutput:
+    """What :meth:`Stage.process_shard` made: the rows (or a table) and the stage's own stats entries."""
+
+    rows: list[dict] | pa.Table
+    stats: dict = field(default_factory=dict)
+    made_from: tuple[str, ...] | None = None
+    """The input tables actually read, when a stage reads only some of its ``inputs`` (else all)."""
+
+
+class Stage(ABC):
+    """One stage of the build: one table per work shard, made from the plan and its input tables."""
+
+    name: ClassVar[str]
+    inputs: ClassVar[tuple[str, ...]] = ()
+    schema: pa.Schema
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.config_class()
+
+    def finished(self, run: RunFolder | str, shard_index: int) -> bool:
+        """Whether the shard's table exists and checks out (:func:`finished`)."""
+        return finished(run, self.name, shard_index)
+
+    def run_shard(self, run: RunFolder | str, shard_index: int) -> dict:
+        """Make the shard's table unless it is finished; returns the shard's stats (``skipped`` when it was)."""
+        if self.finished(run, shard_index):
+            logger.info("%s shard-%05d already finished: skipped", self.name, shard_index)
+            return read_stats(run, self.name, shard_index) | {"skipped": True}
+        start = time.perf_counter()
+        drops = Drops(self.name)
+        out = self.process_shard(RunFolder.of(run), shard_index, drops)
+        out = out if isinstance(out, ShardOutput) else ShardOutput(out)
+        return self.write(run, shard_index, out, drops, time.perf_counter() - start)
+
+    @abstractmethod
+    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> list[dict] | ShardOutput:
+        """The rows of one shard's table (an item that fails goes into ``drops`` with its reason)."""
+
+    def to_table(self, rows: list[dict] | pa.Table) -> pa.Table:
+        """The rows as a table of :attr:`schema` (stages with matrix columns build them faster)."""
+        return rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=self.schema)
+
+    def write(self, run: RunFolder | str, shard_index: int, out: ShardOutput | list[dict], drops: Drops,
+              seconds: float) -> dict:
+        """Write the shard's table and its stats (stats first, the table last); returns the stats."""
+        out = out if isinstance(out, ShardOutput) else ShardOutput(out)
+        table = self.to_table(out.rows)
+        if not table.schema.equals(self.schema):
+            raise TypeError(f"{self.name}: the table's schema {table.schema} is not the declared {self.schema}")
+        stats = {"instances": table.num_rows, **drops.stats(), **out.stats, "seconds": round(seconds, 3)}
+        made_from = self.inputs if out.made_from is None else out.made_from
+        write_stage_table(run, self.name, shard_index, table, stats, inputs=made_from)
+        return stats

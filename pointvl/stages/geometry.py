@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,14 +16,8 @@ import open3d as o3d
 import pyarrow as pa
 
 from pointvl.errors import check_range
-from pointvl.stages.base import (
-    Drops,
-    matrix_column,
-    read_stage_table,
-    to_numpy_matrix,
-    vector_column,
-    write_stage_table,
-)
+from pointvl.run_folder import RunFolder
+from pointvl.stages.base import MATRIX3, Drops, Stage, matrix_column, read_stage_table, to_numpy_matrix, vector_column
 
 
 @dataclass
@@ -41,9 +34,13 @@ class GeometryConfig:
         check_range("geometry.num_keypoints", self.num_keypoints, 1, 1024, 16)
 
 
-class Geometry:
-    def __init__(self, config: GeometryConfig) -> None:
-        self.config = config
+class Geometry(Stage):
+    """Stage ``geometry``: ``bbox3d`` and ``kpts3d`` of each instance's point cloud."""
+
+    name = "geometry"
+    inputs = ("sample_points",)
+    schema = pa.schema([("instance_id", pa.string()), ("bbox3d", pa.list_(pa.float32(), 6)), ("kpts3d", MATRIX3)])
+    config_class = GeometryConfig
 
     def run_points(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(bbox3d (6,), kpts3d (K, 3))`` as float32 for an ``(N, 3)`` cloud."""
@@ -66,22 +63,15 @@ class Geometry:
         drops.check(len(instance_ids))
         return rows
 
-    def write_shard(self, run_dir: str, shard_index: int, rows: list[dict], stats: dict) -> dict:
-        table = pa.table({
+    def to_table(self, rows: list[dict] | pa.Table) -> pa.Table:
+        return pa.table({
             "instance_id": pa.array([r["instance_id"] for r in rows], pa.string()),
             "bbox3d": vector_column([r["bbox3d"] for r in rows], 6),
             "kpts3d": matrix_column([r["kpts3d"] for r in rows], 3),
         })
-        stats = {"instances": table.num_rows, **stats}
-        write_stage_table(run_dir, "geometry", shard_index, table, stats, inputs=("sample_points",))
-        return stats
 
-    def run_shard(self, run_dir: str, shard_index: int) -> dict:
+    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> list[dict]:
         """Boxes and keypoints for every instance of the shard's point table."""
-        start = time.perf_counter()
-        points = read_stage_table(run_dir, "sample_points", shard_index)
+        points = read_stage_table(run, "sample_points", shard_index)
         clouds = [to_numpy_matrix(cell) for cell in points.column("points").to_pylist()]
-        drops = Drops("geometry")
-        rows = self.rows(points.column("instance_id").to_pylist(), clouds, drops)
-        seconds = round(time.perf_counter() - start, 3)
-        return self.write_shard(run_dir, shard_index, rows, {**drops.stats(), "seconds": seconds})
+        return self.rows(points.column("instance_id").to_pylist(), clouds, drops)

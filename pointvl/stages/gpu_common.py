@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -31,7 +30,7 @@ from pointvl import images, io
 from pointvl.models import load_pipeline, resolve_backend, resolve_device, resolve_dtype
 from pointvl.package_data import prompts_root
 from pointvl.run_folder import RunFolder
-from pointvl.stages.base import Drops, write_stage_table
+from pointvl.stages.base import Drops, ShardOutput, Stage
 
 PromptEncoder = Callable[[list[str]], dict[str, Any]]
 # The errors of one item's data (an undecodable image, a bad size). Unlike the CPU stages
@@ -142,27 +141,22 @@ def _process(process: Callable[[list[dict]], list[dict]], batch: list[dict], dro
 
 
 def run_items(
-    run_dir: str,
+    run: RunFolder,
     stage: str,
     shard_index: int,
     inputs: pa.Table,
     process: Callable[[list[dict]], list[dict]],
     schema: pa.Schema,
+    drops: Drops,
     batch_size: int = 1,
-    keep_items: bool = False,
-    extra_stats: Callable[[pa.Table], dict] | None = None,
-    made_from: tuple[str, ...] = (),
-) -> dict:
-    """Run ``process`` over the rows of ``inputs`` not finished yet, in batches; write the shard.
-    (Callers skip a finished shard themselves, before they load a model.)
+) -> ShardOutput:
+    """Run ``process`` over the rows of ``inputs`` not finished yet, in batches, each item's output
+    written to its own file at once; returns the shard's rows, every item read back from its file.
 
     ``process`` takes input rows (dicts) and returns one output row per input row, each with
-    ``instance_id`` and the columns of ``schema``. ``extra_stats(table)`` adds entries to the stats
-    from the assembled table; ``made_from`` names the stages whose tables ``inputs`` came from (their
-    checksums are recorded in the shard table). Returns the shard's stats.
+    ``instance_id`` and the columns of ``schema``.
     """
-    t0 = time.perf_counter()
-    folder = RunFolder.of(run_dir).stage_items(stage, shard_index)
+    folder = run.stage_items(stage, shard_index)
     ids = inputs.column("instance_id").to_pylist()
     if len(set(ids)) != len(ids):
         raise ValueError(f"{stage} shard {shard_index:05d}: duplicate instance_id in the input table")
@@ -173,7 +167,6 @@ def run_items(
     if done:
         logger.info("%s shard %05d: resuming, %d/%d items already done", stage, shard_index, len(done), len(ids))
     n_done = len(done)
-    drops = Drops(stage)
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         outputs = _process(process, batch, drops)
@@ -188,16 +181,18 @@ def run_items(
     # Assemble in input order; every item is read back from its file, fresh or resumed alike.
     parts = [io.read_table(io.join(folder, f"{i}.parquet")) for i in ids if i not in drops.items]
     table = (pa.concat_tables(parts) if parts else schema.empty_table()).cast(schema)
-    stats = {
-        "stage": stage,
-        "shard_index": shard_index,
-        "items": len(ids),
-        "generated": len(todo),
-        "resumed": len(done),
-        **drops.stats(),
-        "seconds": round(time.perf_counter() - t0, 4),
-    } | (extra_stats(table) if extra_stats else {})
-    write_stage_table(run_dir, stage, shard_index, table, stats, inputs=made_from)
-    if not keep_items and fs.exists(local):
-        fs.rm(local, recursive=True)
-    return stats
+    return ShardOutput(table, {"generated": len(todo), "resumed": len(done)})
+
+
+class GpuStage(Stage):
+    """A stage whose items run on a GPU model: resumable item by item (this module's docstring). Its
+    finished test comes before any model is loaded, so a finished shard costs no GPU time."""
+
+    def write(self, run: RunFolder | str, shard_index: int, out: ShardOutput | list[dict], drops: Drops,
+              seconds: float) -> dict:
+        """The shard's table, then (unless ``keep_items``) its per-item files are removed."""
+        stats = super().write(run, shard_index, out, drops, seconds)
+        fs, items = io.filesystem(RunFolder.of(run).stage_items(self.name, shard_index))
+        if not self.config.keep_items and fs.exists(items):
+            fs.rm(items, recursive=True)
+        return stats

@@ -17,7 +17,6 @@ The paper generates 2D keypoints "via morphological foreground mask processing".
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +26,8 @@ from scipy import ndimage
 
 from pointvl import images
 from pointvl.errors import check_range
-from pointvl.stages.base import Drops, matrix_column, read_stage_table, vector_column, write_stage_table
+from pointvl.run_folder import RunFolder
+from pointvl.stages.base import Drops, Stage, matrix_column, read_stage_table, vector_column
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +105,14 @@ def keypoints_from_mask(mask: NDArray, k: int = 16, seed: int = 0, erode_px: int
     return chosen.astype(np.float32)
 
 
-class Kpts2D:
+class Kpts2D(Stage):
     """Stage `kpts2d`: a render record's mask → ``bbox2d`` and ``kpts2d`` columns."""
 
-    def __init__(self, config: Kpts2DConfig) -> None:
-        self.config = config
+    name = "kpts2d"
+    inputs = ("render",)
+    schema = pa.schema([("instance_id", pa.string()), ("bbox2d", pa.list_(pa.float32(), 4)),
+                        ("kpts2d", pa.list_(pa.list_(pa.float32(), 2)))])
+    config_class = Kpts2DConfig
 
     def run_mask(self, mask_png: bytes) -> dict[str, list]:
         """``{"bbox2d": [x1, y1, x2, y2], "kpts2d": [[x, y] * k]}`` for one view's mask PNG."""
@@ -131,21 +134,14 @@ class Kpts2D:
         drops.check(len(renders))
         return rows
 
-    def write_shard(self, run_dir: str, shard_index: int, rows: list[dict], stats: dict) -> dict:
-        table = pa.table({
+    def to_table(self, rows: list[dict] | pa.Table) -> pa.Table:
+        return pa.table({
             "instance_id": pa.array([r["instance_id"] for r in rows], pa.string()),
             "bbox2d": vector_column([np.asarray(r["bbox2d"]) for r in rows], 4),
             "kpts2d": matrix_column([np.asarray(r["kpts2d"]) for r in rows], 2),
         })
-        stats = {"instances": len(rows), **stats}
-        write_stage_table(run_dir, "kpts2d", shard_index, table, stats, inputs=("render",))
-        return stats
 
-    def run_shard(self, run_dir: str, shard_index: int) -> dict:
+    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> list[dict]:
         """Boxes and keypoints from every mask of the shard's render table."""
-        start = time.perf_counter()
-        renders = read_stage_table(run_dir, "render", shard_index).select(["instance_id", "mask"]).to_pylist()
-        drops = Drops("kpts2d")
-        rows = self.rows(renders, drops)
-        seconds = round(time.perf_counter() - start, 3)
-        return self.write_shard(run_dir, shard_index, rows, {**drops.stats(), "seconds": seconds})
+        renders = read_stage_table(run, "render", shard_index).select(["instance_id", "mask"]).to_pylist()
+        return self.rows(renders, drops)

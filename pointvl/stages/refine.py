@@ -23,8 +23,9 @@ from pointvl import images
 from pointvl.errors import check_range
 from pointvl.models import BACKENDS
 from pointvl.run_folder import RunFolder
-from pointvl.stages.base import finished, read_stage_table, read_stats
+from pointvl.stages.base import Drops, ShardOutput, read_stage_table
 from pointvl.stages.gpu_common import (
+    GpuStage,
     PromptEncoder,
     encode_outputs,
     generation_size,
@@ -94,24 +95,30 @@ class RefineConfig:
         return {"model": self.model}
 
 
-class Refine:
-    """Refine one shard of renders. ``pipeline``: a ready ``QwenImageEditPipeline`` (else loaded once per
-    process from ``config.model``). ``encode_prompt``: maps prompt strings to the pipeline's embedding
-    keywords, for pipelines built without a text encoder (tests, benchmarks)."""
+class Refine(GpuStage):
+    """Stage ``refine``: one shard of renders, refined.
 
-    def __init__(self, config: RefineConfig, pipeline: Any = None, encode_prompt: PromptEncoder | None = None):
-        self.config = config
+    ``pipeline``: a ready ``QwenImageEditPipeline`` (else loaded once per process from
+    ``config.model``). ``encode_prompt``: maps prompt strings to the pipeline's embedding keywords,
+    for pipelines built without a text encoder (tests, benchmarks)."""
+
+    name = STAGE
+    inputs = ("render",)
+    schema = SCHEMA
+    config_class = RefineConfig
+
+    def __init__(self, config: RefineConfig | None = None, pipeline: Any = None,
+                 encode_prompt: PromptEncoder | None = None):
+        super().__init__(config)
         self.pipeline = pipeline
         self.encode_prompt = encode_prompt
         self.model_seconds = 0.0
 
-    def run_shard(self, run_dir: str, shard_index: int) -> dict:
+    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> ShardOutput:
         cfg = self.config
-        # 1. check inputs and the backend before any model work; a finished shard loads nothing
-        if finished(run_dir, STAGE, shard_index):
-            return read_stats(run_dir, STAGE, shard_index) | {"skipped": True}
-        source = RunFolder.of(run_dir).stage_table("render", shard_index)
-        renders = read_stage_table(run_dir, "render", shard_index)
+        # 1. check inputs and the backend before any model work (a finished shard never gets here)
+        source = run.stage_table("render", shard_index)
+        renders = read_stage_table(run, "render", shard_index)
         missing = [c for c in INPUT_COLUMNS if c not in renders.column_names]
         if missing:
             raise ValueError(f"{source} lacks columns {missing}; re-run the render stage")
@@ -142,13 +149,11 @@ class Refine:
                 for r, out, s in zip(rows, outs, seeds, strict=True)
             ]
 
-        # 4. run the items not finished yet, then write the shard atomically
-        return run_items(
-            run_dir, STAGE, shard_index, renders.select(list(INPUT_COLUMNS)), process, SCHEMA,
-            batch_size=cfg.batch_size, keep_items=cfg.keep_items,
-            extra_stats=lambda table: {"backend": backend, "model_seconds": round(self.model_seconds, 4)},
-            made_from=("render",),
-        )
+        # 4. run the items not finished yet; the base writes the shard
+        out = run_items(run, STAGE, shard_index, renders.select(list(INPUT_COLUMNS)), process, SCHEMA, drops,
+                        batch_size=cfg.batch_size)
+        out.stats |= {"backend": backend, "model_seconds": round(self.model_seconds, 4)}
+        return out
 
     def _edit(self, pipe: Any, rgbs: list[np.ndarray], seeds: list[int], prompt: str,
               negative: str | None) -> list[bytes]:

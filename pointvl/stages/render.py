@@ -41,7 +41,8 @@ from pointvl import images, io
 from pointvl.errors import check_range
 from pointvl.mesh import NORMALIZATION, surface_colors
 from pointvl.plan import load_plan
-from pointvl.stages.base import Drops, shard_meshes, write_stage_table
+from pointvl.run_folder import RunFolder
+from pointvl.stages.base import Drops, ShardOutput, Stage, shard_meshes
 from pointvl.stages.clean import ModelEntry
 
 logger = logging.getLogger(__name__)
@@ -448,11 +449,15 @@ SCHEMA = pa.schema(
 )
 
 
-class Render:
+class Render(Stage):
     """Stage `render`: one model → one record per view with the render stage table columns."""
 
-    def __init__(self, config: RenderConfig) -> None:
-        self.config = config
+    name = "render"
+    schema = SCHEMA
+    config_class = RenderConfig
+
+    def __init__(self, config: RenderConfig | None = None) -> None:
+        super().__init__(config)
         self._renderer: Renderer | None = None
 
     @property
@@ -517,19 +522,11 @@ class Render:
             return [{**row, **ids} for row in self.run_model(mesh, model.synset_id, model.model_id)]
         return []
 
-    def write_shard(self, run_dir: str, shard_index: int, rows: list[dict], stats: dict) -> dict:
-        stats = {"instances": len(rows), **stats, "backend": self.renderer.name}
-        write_stage_table(run_dir, "render", shard_index, pa.Table.from_pylist(rows, schema=SCHEMA), stats)
-        return stats
-
-    def run_shard(self, run_dir: str, shard_index: int) -> dict:
-        """Render every model of the shard; write the stage table. Returns the shard's stats."""
-        shard = load_plan(run_dir).shards[shard_index]
-        start = time.perf_counter()
+    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> ShardOutput:
+        """Render every model of the shard."""
+        shard = load_plan(run).shards[shard_index]
         rows: list[dict] = []
-        drops = Drops("render")
-        for model, mesh in shard_meshes(shard, "render", drops):
+        for model, mesh in shard_meshes(shard, self.name, drops):
             rows.extend(self.model_rows(model, mesh, drops))
         drops.check(len(shard.models))
-        seconds = round(time.perf_counter() - start, 3)
-        return self.write_shard(run_dir, shard_index, rows, {**drops.stats(), "seconds": seconds})
+        return ShardOutput(rows, {"backend": self.renderer.name})

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pointvl import io
 from pointvl.run_folder import RunFolder
-from pointvl.stages.base import finished, read_stage_table, write_stage_table
+from pointvl.stages.base import Drops, ShardOutput, Stage, finished, read_stage_table
 
 logger = logging.getLogger(__name__)
 
@@ -284,10 +284,31 @@ def _append_log(run_dir: str, shard_index: int, decisions: list[dict]) -> None:
 
 
 def _write_review_table(run_dir: str, shard_index: int, decisions: list[dict], t0: float) -> dict:
-    counts = {d: sum(row["decision"] == d for row in decisions) for d in DECISIONS}
-    stats = {"items": len(decisions), **counts, "seconds": round(time.perf_counter() - t0, 4)}
-    write_stage_table(run_dir, STAGE, shard_index, pa.Table.from_pylist(decisions, schema=SCHEMA), stats)
-    return stats
+    review = Review()
+    return review.write(run_dir, shard_index, review.output(decisions), Drops(STAGE), time.perf_counter() - t0)
+
+
+class Review(Stage):
+    """Stage ``review``: one decision per item of the shard. A person's answer (the Prefect form, the
+    CLI) is written by :func:`apply_decisions`; run as a stage, where there is no one to ask, the
+    ``timeout_policy`` decides (a build with the gate off)."""
+
+    name = STAGE
+    inputs = ("annotate", "synthesize")
+    schema = SCHEMA
+    config_class = ReviewConfig
+
+    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> ShardOutput:
+        decisions = policy_decisions(str(run), [shard_index], self.config.timeout_policy, "gate off")[shard_index]
+        _append_log(str(run), shard_index, decisions)
+        return self.output(decisions)
+
+    @staticmethod
+    def output(decisions: list[dict]) -> ShardOutput:
+        """The table of ``decisions`` with their counts. Made from no table: a person's decisions stay
+        valid when an input is recomputed under the same key."""
+        return ShardOutput(decisions, {d: sum(row["decision"] == d for row in decisions) for d in DECISIONS},
+                           made_from=())
 
 
 def held_items(run_dir: str, shard_indices: list[int]) -> dict[int, list[str]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +20,8 @@ import trimesh
 
 from pointvl.errors import check_range
 from pointvl.plan import instance_id, load_plan
-from pointvl.stages.base import Drops, matrix_column, shard_meshes, write_stage_table
+from pointvl.run_folder import RunFolder
+from pointvl.stages.base import MATRIX3, Drops, Stage, matrix_column, shard_meshes
 from pointvl.stages.clean import ModelEntry
 
 logger = logging.getLogger(__name__)
@@ -57,9 +57,12 @@ def model_seed(seed: int, model_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{model_id}".encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
-class SamplePoints:
-    def __init__(self, config: SamplePointsConfig) -> None:
-        self.config = config
+class SamplePoints(Stage):
+    """Stage ``sample_points``: one point cloud per model, repeated for each of its views."""
+
+    name = "sample_points"
+    schema = pa.schema([("instance_id", pa.string()), ("points", MATRIX3), ("normals", MATRIX3)])
+    config_class = SamplePointsConfig
 
     def run_mesh(self, mesh: trimesh.Trimesh, model_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(points, normals)``, both ``(N, 3) float32``, deterministic for (seed, model_id)."""
@@ -96,25 +99,18 @@ class SamplePoints:
                     for view in range(views_per_model)]
         return []
 
-    def write_shard(self, run_dir: str, shard_index: int, rows: list[dict], stats: dict) -> dict:
-        """Write the stage table of ``rows`` with ``stats`` (drops, seconds) beside it; returns the stats."""
-        table = pa.table({
+    def to_table(self, rows: list[dict] | pa.Table) -> pa.Table:
+        return pa.table({
             "instance_id": pa.array([r["instance_id"] for r in rows], pa.string()),
             "points": matrix_column([r["points"] for r in rows], 3),
             "normals": matrix_column([r["normals"] for r in rows], 3),
         })
-        stats = {"instances": len(rows), **stats}
-        write_stage_table(run_dir, "sample_points", shard_index, table, stats)
-        return stats
 
-    def run_shard(self, run_dir: str, shard_index: int) -> dict:
-        """Sample every model of the shard; write the stage table. Returns the shard's stats."""
-        shard = load_plan(run_dir).shards[shard_index]
-        start = time.perf_counter()
+    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> list[dict]:
+        """Sample every model of the shard."""
+        shard = load_plan(run).shards[shard_index]
         rows: list[dict] = []
-        drops = Drops("sample_points")
-        for model, mesh in shard_meshes(shard, "sample_points", drops):
+        for model, mesh in shard_meshes(shard, self.name, drops):
             rows.extend(self.model_rows(model, mesh, shard.views_per_model, drops))
         drops.check(len(shard.models))
-        seconds = round(time.perf_counter() - start, 3)
-        return self.write_shard(run_dir, shard_index, rows, {**drops.stats(), "seconds": seconds})
+        return rows

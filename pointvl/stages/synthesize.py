@@ -27,9 +27,10 @@ from pointvl import images
 from pointvl.errors import check_range
 from pointvl.models import BACKENDS
 from pointvl.run_folder import RunFolder
-from pointvl.stages.base import finished, read_stage_table, read_stats
+from pointvl.stages.base import Drops, ShardOutput, read_stage_table
 from pointvl.stages.drift import canny_control, depth_control, drift_score
 from pointvl.stages.gpu_common import (
+    GpuStage,
     PromptEncoder,
     encode_outputs,
     generation_size,
@@ -139,28 +140,33 @@ def category_name(category: str) -> str:
     return category.split(",")[0].strip()
 
 
-class Synthesize:
-    """Synthesize one shard. ``pipeline``: a ready ``FluxControlNetPipeline`` whose ``controlnet`` is a
+class Synthesize(GpuStage):
+    """Stage ``synthesize``: one shard of refined renders, synthesized.
+
+    ``pipeline``: a ready ``FluxControlNetPipeline`` whose ``controlnet`` is a
     ``FluxMultiControlNetModel`` (else loaded once per process). ``encode_prompt``: as in
     :class:`pointvl.stages.refine.Refine`."""
 
-    def __init__(self, config: SynthesizeConfig, pipeline: Any = None, encode_prompt: PromptEncoder | None = None):
-        self.config = config
+    name = STAGE
+    inputs = ("refine", "render")
+    schema = SCHEMA
+    config_class = SynthesizeConfig
+
+    def __init__(self, config: SynthesizeConfig | None = None, pipeline: Any = None,
+                 encode_prompt: PromptEncoder | None = None):
+        super().__init__(config)
         self.pipeline = pipeline
         self.encode_prompt = encode_prompt
         self.model_seconds = 0.0
 
-    def run_shard(self, run_dir: str, shard_index: int) -> dict:
+    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> ShardOutput:
         cfg = self.config
-        # 1. check inputs and the backend before any model work; a finished shard loads nothing
-        if finished(run_dir, STAGE, shard_index):
-            return read_stats(run_dir, STAGE, shard_index) | {"skipped": True}
-        refined = read_stage_table(run_dir, "refine", shard_index)
-        renders = read_stage_table(run_dir, "render", shard_index)
+        # 1. check inputs and the backend before any model work (a finished shard never gets here)
+        refined = read_stage_table(run, "refine", shard_index)
+        renders = read_stage_table(run, "render", shard_index)
         missing = [c for c in RENDER_COLUMNS if c not in renders.column_names]
         if missing:
-            path = RunFolder.of(run_dir).stage_table("render", shard_index)
-            raise ValueError(f"{path} lacks {missing}; re-run render")
+            raise ValueError(f"{run.stage_table('render', shard_index)} lacks {missing}; re-run render")
         by_id = {r["instance_id"]: r for r in renders.select(list(RENDER_COLUMNS)).to_pylist()}
         lost = [i for i in refined.column("instance_id").to_pylist() if i not in by_id]
         if lost:
@@ -205,17 +211,11 @@ class Synthesize:
                 })
             return result
 
-        # 4. run the items not finished yet, then write the shard atomically
-        return run_items(
-            run_dir, STAGE, shard_index, inputs, process, SCHEMA, batch_size=cfg.batch_size,
-            keep_items=cfg.keep_items,
-            extra_stats=lambda table: {
-                "backend": backend,
-                "model_seconds": round(self.model_seconds, 4),
-                "drift_flagged": int(sum(table.column("drift_flagged").to_pylist())),
-            },
-            made_from=("refine", "render"),
-        )
+        # 4. run the items not finished yet; the base writes the shard
+        out = run_items(run, STAGE, shard_index, inputs, process, SCHEMA, drops, batch_size=cfg.batch_size)
+        out.stats |= {"backend": backend, "model_seconds": round(self.model_seconds, 4),
+                      "drift_flagged": int(sum(out.rows.column("drift_flagged").to_pylist()))}
+        return out
 
     def control_images(self, row: dict) -> list[np.ndarray]:
         """The control images for one item, in ``config.controls`` order."""

@@ -9,7 +9,7 @@ instances are left out). Items whose annotation failed are left out and counted.
 
 Like a stage table, a final shard is finished only when it checks out: its stats
 (``RUN/stages/write_shards/shard-{i:05d}.stats.json``, written first) record the file's SHA-256 and
-the checksums of the stage tables it joined. :meth:`WriteShards.up_to_date` compares content, not
+the checksums of the stage tables it joined. :meth:`WriteShards.finished` compares content, not
 modification times: a final file that is truncated or altered is moved aside and rebuilt; one whose
 inputs changed since (e.g. failed annotations done again) is rebuilt.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -29,6 +28,8 @@ from pointvl.record import IMAGE_COLUMNS, record_schema
 from pointvl.run_folder import RunFolder
 from pointvl.stages.base import (
     Drops,
+    ShardOutput,
+    Stage,
     file_sha256,
     finished,
     move_aside,
@@ -59,50 +60,59 @@ class WriteShardsConfig:
             raise ValueError(f"write_shards.num_keypoints must be >= 1, got {self.num_keypoints}")
 
 
-class WriteShards:
-    def __init__(self, config: WriteShardsConfig) -> None:
-        self.config = config
+class WriteShards(Stage):
+    """Stage ``write_shards``: the final shard of a work shard, joined from its stage tables."""
 
-    @staticmethod
-    def up_to_date(run_dir: str, shard_index: int) -> bool:
+    name = STAGE
+    inputs = (*REQUIRED, *OPTIONAL)
+    config_class = WriteShardsConfig
+
+    @property
+    def schema(self) -> pa.Schema:  # type: ignore[override]  # the keypoint count is configured
+        return record_schema(self.config.num_keypoints)
+
+    def finished(self, run: RunFolder | str, shard_index: int) -> bool:
         """The final file exists, has the content recorded when it was written (else it is moved aside),
         and was joined from the stage tables there are now (so a stage re-run reaches the shard)."""
-        folder = RunFolder.of(run_dir)
-        shard = load_plan(run_dir).shards[shard_index]
-        final = folder.final_shard(shard)
+        folder = RunFolder.of(run)
+        final = folder.final_shard(load_plan(folder).shards[shard_index])
         if not io.exists(final):
             return False
-        recorded = recorded_sha(run_dir, STAGE, shard_index)
+        recorded = recorded_sha(folder, STAGE, shard_index)
         if recorded is None or file_sha256(final) != recorded:
             why = ("no record of its checksum" if recorded is None
                    else "its bytes do not match the checksum recorded when it was written (truncated or altered)")
-            move_aside(run_dir, [final], why)
+            move_aside(folder, [final], why)
             return False
-        return io.read_json(folder.stage_stats(STAGE, shard_index)).get("inputs") == _inputs(run_dir, shard_index)
+        return io.read_json(folder.stage_stats(STAGE, shard_index)).get("inputs") == _inputs(folder, shard_index)
 
-    def run_shard(self, run_dir: str, shard_index: int) -> dict:
-        """Write ``shards/{split}-{i:05d}-of-{n:05d}.parquet`` for one work shard; return its stats."""
-        folder = RunFolder.of(run_dir)
-        start = time.perf_counter()
-        shard = load_plan(run_dir).shards[shard_index]
-        missing = [s for s in REQUIRED if not finished(run_dir, s, shard_index)]
+    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> ShardOutput:
+        shard = load_plan(run).shards[shard_index]
+        missing = [s for s in REQUIRED if not finished(run, s, shard_index)]
         if missing:
             raise RuntimeError(f"{shard.name}: stages {missing} have not finished; run them first")
-        inputs = _inputs(run_dir, shard_index)
-        tables = {s: _rows_by_id(read_stage_table(run_dir, s, shard_index)) for s in inputs}
-        records, drops = self._records(shard, tables)
-        data = io.table_bytes(pa.Table.from_pylist(records, schema=record_schema(self.config.num_keypoints)))
-        stats = {"records": len(records), **drops.stats(), "inputs": inputs, "table_sha256": sha256_bytes(data),
-                 "seconds": round(time.perf_counter() - start, 3)}
-        io.write_json(folder.stage_stats(STAGE, shard_index), stats)  # stats first, the shard last
+        inputs = _inputs(run, shard_index)
+        tables = {s: _rows_by_id(read_stage_table(run, s, shard_index)) for s in inputs}
+        return ShardOutput(self._records(shard, tables, drops), {"inputs": inputs}, made_from=tuple(inputs))
+
+    def write(self, run: RunFolder | str, shard_index: int, out: ShardOutput | list[dict], drops: Drops,
+              seconds: float) -> dict:
+        """Write ``shards/{split}-{i:05d}-of-{n:05d}.parquet``: its stats, with the file's checksum and its
+        inputs', first; the file last."""
+        folder, out = RunFolder.of(run), out if isinstance(out, ShardOutput) else ShardOutput(out)
+        shard = load_plan(folder).shards[shard_index]
+        table = self.to_table(out.rows)
+        data = io.table_bytes(table)
+        stats = {"instances": table.num_rows, **drops.stats(), **out.stats, "table_sha256": sha256_bytes(data),
+                 "seconds": round(seconds, 3)}
+        io.write_json(folder.stage_stats(STAGE, shard_index), stats)
         io.write_bytes(folder.final_shard(shard), data)
-        logger.info("write_shards %s → %s: %d records", shard.name, shard.final_name, len(records))
+        logger.info("write_shards %s → %s: %d records", shard.name, shard.final_name, table.num_rows)
         return stats
 
-    def _records(self, shard: Shard, tables: dict[str, dict[str, dict]]) -> tuple[list[dict], Drops]:
+    def _records(self, shard: Shard, tables: dict[str, dict[str, dict]], drops: Drops) -> list[dict]:
         models = {(m.synset_id, m.model_id): m for m in shard.models}
         planned = set(shard.instance_ids())
-        drops = Drops(STAGE)
         records = []
         for iid, render in tables["render"].items():
             if iid not in planned:  # stage tables are checked against the plan; this is the last guard
@@ -156,7 +166,7 @@ class WriteShards:
                 "flagged": bool((synth and synth["drift_flagged"]) or (annotate and annotate["annotate_flagged"])),
                 "provenance": json.dumps(provenance, sort_keys=True),
             })
-        return records, drops
+        return records
 
 
 def _inputs(run_dir: str, shard_index: int) -> dict[str, str | None]:

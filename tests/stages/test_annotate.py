@@ -160,7 +160,7 @@ def test_offline_default_is_deterministic_and_uses_the_mask_box(tmp_path: Path) 
     assert pa_ == pb
     rows = read(a)
     assert pq.read_schema(Path(a, "stages/annotate/shard-00000.parquet")).names == COLUMNS
-    assert stats["n"] == stats["ok"] == 5 and stats["failed"] == 0
+    assert stats["instances"] == stats["ok"] == 5 and stats["failed"] == 0
     assert json.loads(Path(a, "stages/annotate/shard-00000.stats.json").read_text())["ok"] == 5
     for i, r in enumerate(rows):
         qa = json.loads(r["qa"])

@@ -46,7 +46,7 @@ def test_passthrough_carries_the_render_forward(tmp_path):
     assert prov["seed"] == instance_seed(0, "refine", ids[0])
     assert stats["generated"] == 3 and stats["backend"] == "passthrough"
     assert not io.exists(RunFolder.of(run).stage_items("refine", 0))
-    assert read_stats(run, "refine", 0)["items"] == 3
+    assert read_stats(run, "refine", 0)["instances"] == 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU default")
