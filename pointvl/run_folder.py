@@ -49,6 +49,9 @@ class RunFolder:
     def __str__(self) -> str:
         return self.root
 
+    def __fspath__(self) -> str:  # so fsspec, open() and os.path take a RunFolder where they take a path
+        return self.root
+
     def path(self, *parts: str) -> str:
         return io.join(self.root, *parts)
 

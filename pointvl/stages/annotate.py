@@ -64,7 +64,7 @@ from pointvl.llm import (
 )
 from pointvl.package_data import prompts_root, schema_path
 from pointvl.run_folder import RunFolder
-from pointvl.stages.base import Drops, ShardOutput, Stage, finished, read_stage_table
+from pointvl.stages.base import Drops, ShardOutput, Stage, finished, ran, read_stage_table
 from pointvl.strict_config import OPERATIONAL
 
 logger = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ class Annotate(Stage):
         inputs: tuple[str, ...] = ("render", "geometry", "kpts2d")
         tables = {stage: read_stage_table(run_dir, stage, shard_index).to_pylist() for stage in inputs}
         images = {}
-        if finished(run_dir, "synthesize", shard_index):
+        if ran(run_dir, "synthesize", shard_index):
             inputs += ("synthesize",)
             synthesized = read_stage_table(run_dir, "synthesize", shard_index).to_pylist()
             images = {r["instance_id"]: r["image"] for r in synthesized}

@@ -276,6 +276,13 @@ def read_stage_table(run_dir: str, stage: str, shard_index: int) -> pa.Table:
     return table.replace_schema_metadata({k: v for k, v in (table.schema.metadata or {}).items() if k != MADE_FROM})
 
 
+def ran(run_dir: RunFolder | str, stage: str, shard_index: int) -> bool:
+    """Whether ``stage`` ran for the shard: its table exists. An optional input (synthesize, annotate, ...)
+    is left out only when it did not run; one that ran is read with :func:`read_stage_table`, so a damaged
+    table is refused, never taken for a stage that did not run."""
+    return io.exists(RunFolder.of(run_dir).stage_table(stage, shard_index))
+
+
 def read_stats(run_dir: str, stage: str, shard_index: int) -> dict:
     return io.read_json(RunFolder.of(run_dir).stage_stats(stage, shard_index))
 

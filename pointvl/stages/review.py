@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pointvl import io
 from pointvl.run_folder import RunFolder
-from pointvl.stages.base import Drops, ShardOutput, Stage, finished, read_stage_table
+from pointvl.stages.base import Drops, ShardOutput, Stage, finished, ran, read_stage_table
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def unreviewed(run_dir: str, shard_indices: list[int]) -> list[int]:
 
 
 def _optional_rows(run_dir: str, stage: str, shard_index: int) -> dict[str, dict]:
-    if not finished(run_dir, stage, shard_index):
+    if not ran(run_dir, stage, shard_index):
         return {}
     return {r["instance_id"]: r for r in read_stage_table(run_dir, stage, shard_index).to_pylist()}
 

@@ -33,6 +33,7 @@ from pointvl.stages.base import (
     file_sha256,
     finished,
     move_aside,
+    ran,
     read_stage_table,
     recorded_sha,
     sha256_bytes,
@@ -172,7 +173,7 @@ class WriteShards(Stage):
 def _inputs(run_dir: str, shard_index: int) -> dict[str, str | None]:
     """Checksums of the stage tables a final shard joins (required ones, and optional ones that ran)."""
     return {s: recorded_sha(run_dir, s, shard_index) for s in (*REQUIRED, *OPTIONAL)
-            if s in REQUIRED or finished(run_dir, s, shard_index)}
+            if s in REQUIRED or ran(run_dir, s, shard_index)}
 
 
 def _rows_by_id(table: pa.Table) -> dict[str, dict]:
