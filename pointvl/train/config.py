@@ -280,7 +280,10 @@ def preset_config(preset: str, variant: str, overrides: dict | None) -> TrainCon
             raise ConfigError(f"variant must be one of {VARIANTS}, got {given!r}")
     variant = nested.get("variant", variant)
     # the preset of the variant asked for runs GRPO in that mode, unless the overrides set grpo.mode
-    return load(TrainConfig, merge(TrainConfig, PRESETS[preset](variant).to_dict(), nested))
+    try:
+        return load(TrainConfig, merge(TrainConfig, PRESETS[preset](variant).to_dict(), nested))
+    except ConfigError as err:
+        raise ConfigError(f"invalid training config: {err}") from None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
