@@ -54,8 +54,8 @@ if __name__ == "__main__":
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override (repeatable)")
     args = parser.parse_args()
     from pointvl.evaluate import format_table
-    from pointvl.train.config import merge_overrides, parse_overrides, read_config_file
+    from pointvl.train.config import command_line_overrides
 
-    overrides = merge_overrides(read_config_file(args.config) if args.config else {}, parse_overrides(args.set))
-    metrics = train(args.shards, args.run, preset=args.preset, variant=args.variant, config=overrides)
+    metrics = train(args.shards, args.run, preset=args.preset, variant=args.variant,
+                    config=command_line_overrides(args.config, args.set))
     print(format_table(metrics, name=args.variant))

@@ -80,10 +80,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace, variant: str):
     """The TrainConfig of ``--preset`` with ``--config FILE`` then every ``--set KEY=VALUE`` merged in."""
-    from pointvl.train.config import merge_overrides, parse_overrides, preset_config, read_config_file
+    from pointvl.train.config import command_line_overrides, preset_config
 
-    overrides = merge_overrides(read_config_file(args.config) if args.config else {}, parse_overrides(args.set or []))
-    return preset_config(args.preset, variant, overrides)
+    return preset_config(args.preset, variant, command_line_overrides(args.config, args.set or []))
 
 
 def _predict(args: argparse.Namespace) -> int:

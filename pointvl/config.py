@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from pointvl import io
-from pointvl.errors import InputError, check_range
+from pointvl.errors import check_range
 from pointvl.handoff import HandoffConfig
 from pointvl.stages.annotate import AnnotateConfig
 from pointvl.stages.clean import CleanConfig
@@ -30,7 +28,7 @@ from pointvl.stages.render import RenderConfig
 from pointvl.stages.review import ReviewConfig
 from pointvl.stages.sample_points import SamplePointsConfig
 from pointvl.stages.synthesize import SynthesizeConfig
-from pointvl.strict_config import OPERATIONAL, ConfigError, check_types, load, output_values
+from pointvl.strict_config import OPERATIONAL, ConfigError, check_types, load, merge, nest, output_values, read_file
 
 
 @dataclass
@@ -88,31 +86,15 @@ class BuildConfig:
         """The config of a flow run: ``config``, then ``handoff`` merged key by key into its ``handoff``
         section, then ``overrides`` (dotted ``section.field`` keys, e.g. ``{"review.preview_port": 9000}``),
         through the same strict checks as a file. A deployment's run changes one value this way
-        without restating the whole config."""
-        data = json_copy(config or {})
+        without restating the whole config; the deployment's parameters are never changed."""
+        data = _mapping("config", config or {})
         if handoff is not None:
-            data["handoff"] = {**data.get("handoff", {}), **_mapping("handoff", handoff)}
-        for key, value in _mapping("overrides", overrides or {}).items():
-            section, dot, name = key.partition(".")
-            if not dot:
-                data[key] = value
-                continue
-            if section not in {f.name for f in dataclasses.fields(cls)}:
-                raise ConfigError(f"overrides: unknown config section {section!r} in {key!r}")
-            data[section] = {**_mapping(section, data.get(section, {})), name: value}
-        return cls.from_dict(data)
+            data = merge(cls, data, {"handoff": _mapping("handoff", handoff)})
+        return cls.from_dict(merge(cls, data, nest(cls, _mapping("overrides", overrides or {}))))
 
     @classmethod
     def from_file(cls, path: str) -> BuildConfig:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = io.read_yaml(path)
-        except InputError as err:
-            raise ConfigError(str(err)) from None
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(read_file(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,11 +105,6 @@ class BuildConfig:
         gate, the training hand-off, API pacing) can change between a run and its resume, and a field
         added with a default keeps existing run folders valid (:mod:`pointvl.strict_config`)."""
         return output_values(self)
-
-
-def json_copy(data: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of plain config data (never mutate a caller's, or a deployment's, parameters)."""
-    return {k: json_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
 def _mapping(name: str, value: Any) -> dict[str, Any]:

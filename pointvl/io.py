@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -100,6 +101,22 @@ def read_table(path: str) -> pa.Table:
         return pq.read_table(f)
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading ``1e-5`` as a float, as YAML 1.2 and JSON do (YAML 1.1 wants ``1.0e-5``)."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str | bytes) -> Any:
+    """YAML (or JSON) text as plain data: no arbitrary objects (a SafeLoader), ``1e-5`` a float."""
+    return yaml.load(text, Loader=_YAMLLoader)
+
+
 def read_yaml(path: str, what: str = "config file") -> Any:
     """A YAML (or JSON) file's content; anything unreadable raises :class:`InputError` in one line.
 
@@ -114,7 +131,7 @@ def read_yaml(path: str, what: str = "config file") -> Any:
     if "\x00" in text:
         raise InputError(f"{what} {path} is binary, not YAML or JSON text")
     try:
-        return yaml.safe_load(text)  # YAML is a superset of JSON
+        return parse_yaml(text)  # YAML is a superset of JSON
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""

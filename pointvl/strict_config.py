@@ -2,7 +2,10 @@
 
 Every entry point (the CLI, the flows and their deployments, training) builds its config through
 :func:`load`: a section is a mapping of its dataclass's field names, an unknown key or a value of the
-wrong type is an error naming it, and anything left out keeps its default.
+wrong type is an error naming it, and anything left out keeps its default. Files are read with
+:func:`read_file`; overrides in dotted paths (``--set sft.max_steps=6``, a flow's ``overrides``) become
+sections with :func:`nest` and meet their base (a file, a preset, a deployment's parameters) with
+:func:`merge`; :func:`check` checks overrides alone, before they meet a base.
 
 **Which settings fingerprint a run.** :func:`output_values` keeps a field only when it decides
 outputs and differs from its default. Fields marked ``metadata=OPERATIONAL`` (where GPU stages run,
@@ -18,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from pointvl import io
 from pointvl.errors import InputError
 
 OPERATIONAL = {"operational": True}
@@ -34,22 +38,48 @@ def load(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
     ``where`` is the dotted path of ``data`` in the whole config (``"render"``), for the messages.
     """
     data = dict(data or {})
+    check(cls, data, where)
+    return _build(cls, data, where)
+
+
+def check(cls: type, data: dict[str, Any], where: str = "") -> None:
+    """Raise :class:`ConfigError` naming the first key of plain ``data`` that ``cls`` lacks or types otherwise,
+    sections checked alike. Nothing is built: overrides are checked before they are merged into a base."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         if where:
-            raise ConfigError(f"unknown keys in {where!r}: {unknown}; known: {sorted(fields)}")
+            paths = [f"{where}.{k}" for k in unknown]
+            raise ConfigError(f"unknown keys in {where!r}: {paths}; known: {sorted(fields)}")
         raise ConfigError(f"unknown config keys {unknown}; known: {sorted(fields)}")
-    kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        check_type(value, str(fields[name].type), f"{where}.{name}" if where else name, fields[name].default)
-        section = fields[name].default_factory
-        if dataclasses.is_dataclass(section) and not dataclasses.is_dataclass(value):
-            path = f"{where}.{name}" if where else name
+        path = f"{where}.{name}" if where else name
+        check_type(value, str(fields[name].type), path, fields[name].default)
+        section = _section(fields[name])
+        if section is not None and not dataclasses.is_dataclass(value):
             if not isinstance(value, dict):
                 raise ConfigError(f"config section {path!r} must be a mapping, got {value!r}")
-            value = load(section, value, path)
-        kwargs[name] = value
+            check(section, value, path)
+
+
+def _section(f: dataclasses.Field) -> type | None:
+    """The config dataclass of a section field (one whose default is made by a dataclass), else None."""
+    return f.default_factory if dataclasses.is_dataclass(f.default_factory) else None  # type: ignore[return-value]
+
+
+def _sections(cls: type) -> dict[str, type | None]:
+    """Field name of ``cls`` -> its section's dataclass, None where the field is not a section."""
+    return {f.name: _section(f) for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value, section = data[f.name], _section(f)
+            if section is not None and isinstance(value, dict):
+                value = _build(section, value, f"{where}.{f.name}" if where else f.name)
+            kwargs[f.name] = value
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as err:
@@ -58,6 +88,62 @@ def load(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
         raise ConfigError(f"{where}: {err}" if where else str(err)) from err
     check_types(obj, f"{where}." if where else "")
     return obj
+
+
+def nest(cls: type, overrides: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Overrides of ``cls`` with dotted keys made sections: ``{"sft.max_steps": 6, "grpo": {"lam": 0.3}}`` ->
+    ``{"sft": {"max_steps": 6}, "grpo": {"lam": 0.3}}``. Dotted and nested keys mix at any depth and a
+    later key wins, merged into the sections an earlier one set; the value of a field that is not a
+    section (a number, a list, a ``dict[str, str]``) is taken whole, as given."""
+    sections = _sections(cls)
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"bad config key {key!r}: use a dotted path of config fields (section.field)")
+        head, dot, rest = key.partition(".")
+        path = f"{where}.{head}" if where else head
+        section = sections.get(head)
+        if dot and section is None:
+            if head in sections:
+                raise ConfigError(f"config key {path}.{rest}: {path} is not a section; give its whole value")
+            raise ConfigError(f"unknown config section {path!r} in {path + '.' + rest!r}")
+        if dot:
+            value = {rest: value}
+        if section is not None and isinstance(value, dict):
+            value = nest(section, value, path)
+            if isinstance(out.get(head), dict):
+                value = merge(section, out[head], value)
+        out[head] = value
+    return out
+
+
+def merge(cls: type, base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Nested ``overrides`` of ``cls`` over ``base``: a section's mapping merged at every depth, any other
+    value replaced whole (``gpu_deployments: {}`` clears them); neither argument is changed."""
+    sections = _sections(cls)
+    merged = dict(base)
+    for k, v in overrides.items():
+        section = sections.get(k)
+        both = isinstance(v, dict) and isinstance(base.get(k), dict)
+        merged[k] = merge(section, base[k], v) if section is not None and both else v
+    return merged
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """The mapping in a YAML or JSON config file (``{}`` for an empty one), local or any fsspec URL;
+    :class:`ConfigError` in one line for a missing, unreadable or invalid file, or one not holding a mapping."""
+    fs, local = io.filesystem(path)
+    if not fs.isfile(local):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = io.read_yaml(path)
+    except InputError as err:
+        raise ConfigError(str(err)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
 
 
 def output_values(obj: Any) -> dict[str, Any]:

@@ -78,6 +78,21 @@ def test_flow_parameters_override_single_values_through_the_strict_checks():
             BuildConfig.from_parameters(deployed, overrides, handoff)
 
 
+def test_flow_overrides_merge_into_sections_and_replace_any_other_value():
+    deployed = {"gpu_deployments": {"refine": "refine-shards/refine"}, "review": {"gate": "auto", "timeout_s": 60}}
+    cfg = BuildConfig.from_parameters(deployed, {"gpu_deployments": {}, "review": {"gate": "off"}})
+    assert cfg.gpu_deployments == {}  # a mapping that is a value, not a section: replaced, so it can be cleared
+    assert (cfg.review.gate, cfg.review.timeout_s) == ("off", 60)  # a section: merged
+    with pytest.raises(ConfigError, match="gpu_deployments is not a section; give its whole value"):
+        BuildConfig.from_parameters(deployed, {"gpu_deployments.refine": "other/refine"})
+
+
+def test_a_config_file_reads_exponents_as_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("render: {depth_scale: 1e3}\n")
+    assert BuildConfig.from_file(str(path)).render.depth_scale == 1000.0
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

@@ -1,4 +1,4 @@
-"""What the two GPU stages (refine, synthesize) share: per-item resume, prompts, seeds.
+"""What the two GPU stages (refine, synthesize) share: their common settings, per-item resume, prompts, seeds.
 
 Per-item resume. A GPU shard is slow, so its unit of restart is the item, not the shard:
 
@@ -19,15 +19,17 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
 from pointvl import images, io
-from pointvl.models import load_pipeline, resolve_backend, resolve_device, resolve_dtype
+from pointvl.errors import check_range
+from pointvl.models import BACKENDS, load_pipeline, resolve_backend, resolve_device, resolve_dtype
 from pointvl.package_data import prompts_root
 from pointvl.run_folder import RunFolder
 from pointvl.stages.base import Drops, ShardOutput, Stage
@@ -39,6 +41,52 @@ PromptEncoder = Callable[[list[str]], dict[str, Any]]
 ITEM_DATA_ERRORS = (ValueError, ArithmeticError, IndexError)
 
 logger = logging.getLogger(__name__)
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class GpuStageConfig:
+    """The settings both GPU stages share, checked here; each stage's config adds its models and
+    generation settings (:class:`pointvl.stages.refine.RefineConfig`,
+    :class:`pointvl.stages.synthesize.SynthesizeConfig`) and names its ``stage``.
+
+    Args:
+        backend: ``auto`` (diffusers with CUDA and local weights, else passthrough), ``diffusers`` or
+            ``passthrough`` (the stage's input image is carried forward byte for byte).
+        prompt_version: ``prompts/<stage>/<version>.txt`` (+ ``.negative.txt``); stored in provenance.
+        prompts_dir: folder holding ``<stage>/``; ``None`` = the package's ``prompts/``.
+        seed: base seed; each item's seed is ``sha256(seed:<stage>:instance_id)`` (:func:`instance_seed`).
+        device: ``auto`` (cuda if present), ``cuda``, ``cuda:N`` or ``cpu``.
+        dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), or a torch dtype name.
+        cpu_offload: ``enable_model_cpu_offload`` for GPUs that cannot hold the model (Qwen-Image-Edit: 20B).
+        batch_size: images per pipeline call.
+        keep_items: keep the per-item files after the shard table is written.
+    """
+
+    stage: ClassVar[str]
+    backend: str = "auto"
+    prompt_version: str = "v1"
+    prompts_dir: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    cpu_offload: bool = False
+    batch_size: int = 1
+    keep_items: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"{self.stage}.backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_range(f"{self.stage}.batch_size", self.batch_size, 1, 256, 1)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"{self.stage}.dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        self.prompt()  # raises when the prompt file is missing
+
+    def prompt(self) -> tuple[str, str | None, str]:
+        """This stage's ``(prompt, negative prompt or None, "stage/version")`` (:func:`load_prompt`)."""
+        return load_prompt(self.stage, self.prompt_version, self.prompts_dir)
+
 
 def package_versions() -> dict[str, str]:
     out = {}

@@ -21,16 +21,15 @@ import pyarrow as pa
 
 from pointvl import images
 from pointvl.errors import check_range
-from pointvl.models import BACKENDS
 from pointvl.run_folder import RunFolder
 from pointvl.stages.base import Drops, ShardOutput, read_stage_table
 from pointvl.stages.gpu_common import (
     GpuStage,
+    GpuStageConfig,
     PromptEncoder,
     encode_outputs,
     generation_size,
     instance_seed,
-    load_prompt,
     prepare,
     run_items,
     text_inputs,
@@ -43,53 +42,29 @@ INPUT_COLUMNS = ("instance_id", "render")
 SCHEMA = pa.schema([("instance_id", pa.string()), ("refined", pa.binary()), ("refine_provenance", pa.string())])
 
 @dataclass
-class RefineConfig:
-    """Qwen-Image-Edit refinement of the renders (paper §4.1.2).
+class RefineConfig(GpuStageConfig):
+    """Qwen-Image-Edit refinement of the renders (paper §4.1.2), with the settings of
+    :class:`~pointvl.stages.gpu_common.GpuStageConfig` (backend, prompt, seed, device, batching).
 
     Args:
-        backend: ``auto`` (diffusers with CUDA and local weights, else passthrough), ``diffusers`` or
-            ``passthrough``.
         model: Hub id or local folder of the Qwen-Image-Edit pipeline (paper: Qwen-Image-Edit).
         num_inference_steps: denoising steps (not in the paper; the model card's 50).
         true_cfg_scale: true classifier-free guidance scale; CFG runs only when > 1, with the negative
             prompt (not in the paper; the model card's 4.0).
-        prompt_version: ``prompts/refine/<version>.txt`` (+ ``.negative.txt``); stored in provenance.
-        prompts_dir: folder holding ``refine/``; ``None`` = the package's ``prompts/``.
-        seed: base seed; each item's seed is ``sha256(seed:refine:instance_id)``.
-        device: ``auto`` (cuda if present), ``cuda``, ``cuda:N`` or ``cpu``.
-        dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), or a torch dtype name.
-        cpu_offload: ``enable_model_cpu_offload`` for GPUs that cannot hold the 20B model.
-        batch_size: images per pipeline call.
-        keep_items: keep the per-item files after the shard table is written.
     """
 
-    backend: str = "auto"
+    stage = STAGE
     model: str = "Qwen/Qwen-Image-Edit"
     num_inference_steps: int = 50
     true_cfg_scale: float = 4.0
-    prompt_version: str = "v1"
-    prompts_dir: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    cpu_offload: bool = False
-    batch_size: int = 1
-    keep_items: bool = False
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"refine.backend must be one of {BACKENDS}, got {self.backend!r}")
+        super().__post_init__()
         if self.num_inference_steps < 1:
             raise ValueError(f"refine.num_inference_steps must be >= 1, got {self.num_inference_steps}")
         check_range("refine.num_inference_steps", self.num_inference_steps, 1, 1000, 50)
-        check_range("refine.batch_size", self.batch_size, 1, 256, 1)
         if self.true_cfg_scale < 0:
             raise ValueError(f"refine.true_cfg_scale must be >= 0 (<= 1 disables CFG), got {self.true_cfg_scale}")
-        if self.batch_size < 1:
-            raise ValueError(f"refine.batch_size must be >= 1, got {self.batch_size}")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"refine.dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
-        load_prompt(STAGE, self.prompt_version, self.prompts_dir)  # raises when the prompt file is missing
 
     def model_ids(self) -> dict[str, str]:
         return {"model": self.model}
@@ -122,7 +97,7 @@ class Refine(GpuStage):
         missing = [c for c in INPUT_COLUMNS if c not in renders.column_names]
         if missing:
             raise ValueError(f"{source} lacks columns {missing}; re-run the render stage")
-        prompt, negative, version = load_prompt(STAGE, cfg.prompt_version, cfg.prompts_dir)
+        prompt, negative, version = cfg.prompt()
         # 2. load the model once per process (resident across shards)
         settings = {
             "num_inference_steps": cfg.num_inference_steps,

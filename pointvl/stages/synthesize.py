@@ -25,17 +25,16 @@ import pyarrow as pa
 
 from pointvl import images
 from pointvl.errors import check_range
-from pointvl.models import BACKENDS
 from pointvl.run_folder import RunFolder
 from pointvl.stages.base import Drops, ShardOutput, read_stage_table
 from pointvl.stages.drift import canny_control, depth_control, drift_score
 from pointvl.stages.gpu_common import (
     GpuStage,
+    GpuStageConfig,
     PromptEncoder,
     encode_outputs,
     generation_size,
     instance_seed,
-    load_prompt,
     prepare,
     run_items,
     text_inputs,
@@ -57,12 +56,12 @@ SCHEMA = pa.schema([
 
 
 @dataclass
-class SynthesizeConfig:
-    """FLUX + ControlNet-Union-Pro synthesis from the refined renders (paper §4.1.2).
+class SynthesizeConfig(GpuStageConfig):
+    """FLUX + ControlNet-Union-Pro synthesis from the refined renders (paper §4.1.2), with the settings
+    of :class:`~pointvl.stages.gpu_common.GpuStageConfig` (backend, prompt, seed, device, batching);
+    ``passthrough`` carries the refined image forward.
 
     Args:
-        backend: ``auto`` (diffusers with CUDA and local weights, else passthrough), ``diffusers`` or
-            ``passthrough`` (the refined image is carried forward).
         model: Hub id or local folder of the base FLUX pipeline (paper: FLUX.1-Krea-dev).
         controlnet_model: Hub id or local folder of the Union ControlNet (paper: ControlNet-Union-Pro;
             its modes: canny 0, tile 1, depth 2, blur 3, pose 4, gray 5, low quality 6).
@@ -76,11 +75,9 @@ class SynthesizeConfig:
         canny_sigma, canny_low, canny_high: Canny parameters for the control and the drift score.
         drift_tolerance_px: silhouette-to-edge distance still counted as agreement.
         drift_threshold: items with drift above it are flagged for review.
-        prompt_version, prompts_dir, seed, device, dtype, cpu_offload, batch_size, keep_items: as in
-            :class:`pointvl.stages.refine.RefineConfig`.
     """
 
-    backend: str = "auto"
+    stage = STAGE
     model: str = "black-forest-labs/FLUX.1-Krea-dev"
     controlnet_model: str = "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro"
     controls: tuple[str, ...] = ("depth", "canny")
@@ -94,20 +91,11 @@ class SynthesizeConfig:
     canny_high: float = 0.2
     drift_tolerance_px: float = 3.0
     drift_threshold: float = 0.5
-    prompt_version: str = "v1"
-    prompts_dir: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    cpu_offload: bool = False
-    batch_size: int = 1
-    keep_items: bool = False
 
     def __post_init__(self) -> None:
         self.controls = tuple(self.controls)  # YAML/JSON give lists
         self.conditioning_scales = tuple(float(s) for s in self.conditioning_scales)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"synthesize.backend must be one of {BACKENDS}, got {self.backend!r}")
+        super().__post_init__()
         if not self.controls or any(c not in CONTROL_MODES for c in self.controls) or len(
                 set(self.controls)) != len(self.controls):
             raise ValueError(f"synthesize.controls must be distinct names from {sorted(CONTROL_MODES)}, "
@@ -117,18 +105,14 @@ class SynthesizeConfig:
                              f"got {self.conditioning_scales}")
         if not 0.0 < self.control_guidance_end <= 1.0:
             raise ValueError(f"synthesize.control_guidance_end must be in (0, 1], got {self.control_guidance_end}")
-        if self.num_inference_steps < 1 or self.batch_size < 1:
-            raise ValueError("synthesize.num_inference_steps and batch_size must be >= 1")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"synthesize.num_inference_steps must be >= 1, got {self.num_inference_steps}")
         check_range("synthesize.num_inference_steps", self.num_inference_steps, 1, 1000, 28)
-        check_range("synthesize.batch_size", self.batch_size, 1, 256, 1)
         if not 0.0 <= self.canny_low <= self.canny_high:
             raise ValueError(f"synthesize: need 0 <= canny_low <= canny_high, got {self.canny_low}, {self.canny_high}")
         if not 0.0 <= self.drift_threshold <= 1.0 or self.drift_tolerance_px < 0:
             raise ValueError("synthesize.drift_threshold must be in [0, 1] and drift_tolerance_px >= 0")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"synthesize.dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
-        prompt, _, _ = load_prompt(STAGE, self.prompt_version, self.prompts_dir)
-        if "{category}" not in prompt:
+        if "{category}" not in self.prompt()[0]:
             raise ValueError(f"prompts/synthesize/{self.prompt_version}.txt must contain a {{category}} placeholder")
 
     def model_ids(self) -> dict[str, str]:
@@ -173,7 +157,7 @@ class Synthesize(GpuStage):
             raise ValueError(f"refine shard {shard_index:05d} has ids missing from render: {lost[:3]}")
         inputs = pa.Table.from_pylist(
             [r | by_id[r["instance_id"]] for r in refined.select(["instance_id", "refined"]).to_pylist()])
-        template, negative, version = load_prompt(STAGE, cfg.prompt_version, cfg.prompts_dir)
+        template, negative, version = cfg.prompt()
         # 2. load the model once per process (resident across shards)
         settings = {
             "controls": list(cfg.controls),

@@ -225,10 +225,11 @@ def load_training_state(acc: Any, model: Any, optimizer: Any, scheduler: Any, fo
 def load_policy(folder: str) -> tuple[Any, PointVL3D]:
     """The tokenizer and the policy of a checkpoint folder, rebuilt from its own files (``config.json``,
     the tokenizer, ``model.safetensors``): no run config, hub download or Point-BERT file is needed."""
-    from pointvl.train.config import TrainConfig
+    from pointvl.strict_config import load
+    from pointvl.train.config import ModelConfig
     from pointvl.train.model import build_model, build_tokenizer
 
-    saved = TrainConfig(model=pio.read_json(pio.join(folder, "config.json"))["pointvl_model"]).model
+    saved = load(ModelConfig, pio.read_json(pio.join(folder, "config.json"))["pointvl_model"], "pointvl_model")
     local = dataclasses.replace(
         saved, checkpoint=folder if saved.architecture == "checkpoint" else saved.checkpoint, random_init=True,
         point_bert=dataclasses.replace(saved.point_bert, checkpoint=None, random_init=True),

@@ -8,20 +8,18 @@ its text; the values here are ours and say so.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import re
-import types
-import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import yaml
 
+from pointvl import io as pio
 from pointvl.errors import InputError
 from pointvl.geometry import QuantConfig
 from pointvl.grca import GRCAConfig
+from pointvl.strict_config import ConfigError, check, load, merge, nest, read_file
 from pointvl.train.point_bert import PointBertConfig
 
 logger = logging.getLogger(__name__)
@@ -69,10 +67,6 @@ class ModelConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.point_bert, dict):
-            self.point_bert = PointBertConfig(**self.point_bert)
-        if isinstance(self.quant, dict):
-            self.quant = QuantConfig(**self.quant)
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"ModelConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.image_size % 28:
@@ -184,9 +178,6 @@ class GRPOTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.grca, dict):
-            quant = self.grca.get("quant", {})
-            self.grca = GRCAConfig(**{**self.grca, "quant": QuantConfig(**quant) if isinstance(quant, dict) else quant})
         if self.mode not in ("broadcast", "grca", "grca_rpc"):
             raise ValueError(f"GRPOTrainConfig.mode must be broadcast, grca or grca_rpc, got {self.mode!r}")
         if self.num_generations < 2:
@@ -228,9 +219,6 @@ class TrainConfig:
     eval_batch_size: int = 8
 
     def __post_init__(self) -> None:
-        for name, cls in (("model", ModelConfig), ("sft", SFTConfig), ("grpo", GRPOTrainConfig)):
-            if isinstance(getattr(self, name), dict):
-                setattr(self, name, cls(**getattr(self, name)))
         if self.variant not in VARIANTS:
             raise ValueError(f"TrainConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.variant in ("broadcast", "grca", "grca_rpc") and self.grpo.mode != self.variant:
@@ -276,139 +264,60 @@ def tiny_preset(variant: str = "grca_rpc") -> TrainConfig:
 PRESETS = {"paper": paper_preset, "tiny": tiny_preset}
 
 
-class _YAMLLoader(yaml.SafeLoader):
-    """PyYAML's safe loader reading ``1e-5`` as a float, as YAML 1.2 and JSON do (YAML 1.1 wants ``1.0e-5``)."""
-
-
-_YAMLLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _yaml(text: str | bytes) -> Any:
-    return yaml.load(text, Loader=_YAMLLoader)  # a SafeLoader subclass: no arbitrary objects
-
-
-def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
-    """``{"sft.max_steps": 6, "grpo": {"lam": 0.3}}`` -> ``{"sft": {"max_steps": 6}, "grpo": {"lam": 0.3}}``."""
-    out: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
-            raise InputError(f"bad config key {key!r}: use dotted TrainConfig paths such as sft.max_steps")
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise InputError(f"config key {key!r} conflicts with a value set for {part!r}")
-        if isinstance(value, dict):
-            value = _nest(value)
-            if isinstance(node.get(leaf), dict):
-                value = merge_overrides(node[leaf], value)
-        node[leaf] = value
-    return out
-
-
-def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``overrides`` (nested) merged into ``base`` at every depth; later wins."""
-    merged = dict(base)
-    for k, v in overrides.items():
-        merged[k] = merge_overrides(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return merged
-
-
-def _check_types(cls: type, values: dict[str, Any], prefix: str = "") -> None:
-    """InputError naming the first key of ``values`` that ``cls`` (a config dataclass) lacks or types otherwise."""
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        path = f"{prefix}{key}"
-        if key not in hints:
-            known = ", ".join(f.name for f in dataclasses.fields(cls))
-            raise InputError(f"unknown config key {path!r} (known at this level: {known})")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise InputError(f"config key {path!r} is a section: give a mapping or set {path}.<field>")
-            _check_types(hint, value, f"{path}.")
-            continue
-        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        if not any(_is_a(value, t) for t in allowed):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-            raise InputError(f"config key {path!r} must be {names}, got {value!r}")
-
-
-def _is_a(value: Any, t: type) -> bool:
-    """YAML's typing of a config value: an int is a float too, a bool is not an int."""
-    if t is type(None):
-        return value is None
-    if isinstance(value, bool):
-        return t is bool
-    return isinstance(value, (int, float) if t is float else t)
-
-
 def preset_config(preset: str, variant: str, overrides: dict | None) -> TrainConfig:
-    """The preset for ``variant`` with ``overrides`` merged in.
+    """The preset for ``variant`` with ``overrides`` merged in, through the strict loader
+    (:mod:`pointvl.strict_config`) every other entry point uses.
 
     ``overrides`` nests like :class:`TrainConfig` (``{"sft": {"max_steps": 6}}``), uses dotted paths
     (``{"sft.max_steps": 6}``) or mixes both; a full ``TrainConfig.to_dict()`` (a run's ``config.json``)
-    reproduces that config. Unknown keys, wrong types and invalid values raise :class:`InputError` (one line).
+    reproduces that config. Unknown keys, wrong types and invalid values raise :class:`ConfigError` (one line).
     """
     if preset not in PRESETS:
-        raise InputError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    if variant not in VARIANTS:
-        raise InputError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    nested = _nest(dict(overrides or {}))
-    _check_types(TrainConfig, nested)
-    base = merge_overrides(PRESETS[preset](nested.get("variant", variant)).to_dict(), nested)
-    if "variant" in nested and "mode" not in nested.get("grpo", {}) and nested["variant"] in GRPO_MODES:
-        base["grpo"]["mode"] = nested["variant"]
+        raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    nested = nest(TrainConfig, dict(overrides or {}))
+    for given in (variant, nested.get("variant", variant)):
+        if given not in VARIANTS:
+            raise ConfigError(f"variant must be one of {VARIANTS}, got {given!r}")
+    variant = nested.get("variant", variant)
+    # the preset of the variant asked for runs GRPO in that mode, unless the overrides set grpo.mode
     try:
-        return TrainConfig(**base)
-    except (ValueError, TypeError) as err:
-        raise InputError(f"invalid training config: {err}") from err
+        return load(TrainConfig, merge(TrainConfig, PRESETS[preset](variant).to_dict(), nested))
+    except ConfigError as err:
+        raise ConfigError(f"invalid training config: {err}") from None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``["sft.max_steps=6", "grpo.lam=0.3"]`` (repeatable ``--set KEY=VALUE``) -> a nested overrides dict.
 
     Values are read as YAML (``6`` an int, ``0.3`` a float, ``null``, ``true``, ``/w/x.pt`` a string);
-    keys must be dotted :class:`TrainConfig` paths. InputError (one line, naming the key) otherwise.
+    keys must be dotted :class:`TrainConfig` paths. ConfigError (one line, naming the key) otherwise.
     """
     flat: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise InputError(f"--set {pair!r}: expected KEY=VALUE with a dotted TrainConfig key (sft.max_steps=6)")
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE with a dotted TrainConfig key (sft.max_steps=6)")
         try:
-            flat[key] = _yaml(raw) if raw.strip() else ""
+            flat[key] = pio.parse_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
-            raise InputError(f"--set {key}: value {raw!r} is not valid YAML ({str(err).splitlines()[0]})") from err
-    nested = _nest(flat)
-    _check_types(TrainConfig, nested)
+            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({str(err).splitlines()[0]})") from err
+    nested = nest(TrainConfig, flat)
+    check(TrainConfig, nested)
     return nested
 
 
 def read_config_file(path: str) -> dict[str, Any]:
     """Nested overrides from a TrainConfig YAML/JSON file (a run's ``config.json`` or some of its fields,
-    nested or dotted); InputError (one line) for a missing file, bad YAML or an unknown key."""
-    from pointvl import io as pio
-
-    if not pio.exists(path):
-        raise InputError(f"config file not found: {path}")
-    try:
-        data = _yaml(pio.read_bytes(path))  # YAML is a superset of JSON
-    except yaml.YAMLError as err:
-        raise InputError(f"{path} is not valid YAML/JSON: {str(err).splitlines()[0]}") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise InputError(f"{path} must hold a mapping of TrainConfig fields, got {type(data).__name__}")
-    nested = _nest(data)
-    _check_types(TrainConfig, nested)
+    nested or dotted); ConfigError (one line) for a missing file, bad YAML or an unknown key."""
+    nested = nest(TrainConfig, read_file(path))
+    check(TrainConfig, nested)
     return nested
+
+
+def command_line_overrides(config_file: str | None, pairs: list[str]) -> dict[str, Any]:
+    """The overrides of ``--config FILE`` (if given) with every ``--set KEY=VALUE`` merged over them."""
+    return merge(TrainConfig, read_config_file(config_file) if config_file else {}, parse_overrides(pairs))
 
 
 def _hf_cached(repo_id: str, filename: str) -> bool:

@@ -39,6 +39,9 @@ def test_parse_overrides_types_values_as_yaml():
     ("grpo.lam=[1", "grpo.lam"),
     ("model.point_bert=3", "model.point_bert"),
     ("sft.save_steps=true", "sft.save_steps"),
+    ("model.quant.bins=1.5", "model.quant.bins"),
+    ("grpo.grca.quant.nope=1", "grpo.grca.quant.nope"),
+    ("eval_batch_size.x=1", "eval_batch_size"),
     ("novalue", "novalue"),
 ])
 def test_bad_overrides_name_the_key_in_one_line(pair, named):
@@ -56,9 +59,9 @@ def test_invalid_values_are_one_line_input_errors():
 
 def test_config_file_reads_yaml(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("sft:\n  max_steps: 4\ngrpo.lam: 0.2\n")
+    path.write_text("sft:\n  max_steps: 4\n  learning_rate: 1e-5\ngrpo.lam: 0.2\n")
     cfg = preset_config("tiny", "grca_rpc", read_config_file(str(path)))
-    assert (cfg.sft.max_steps, cfg.grpo.lam) == (4, 0.2)
+    assert (cfg.sft.max_steps, cfg.sft.learning_rate, cfg.grpo.lam) == (4, 1e-5, 0.2)
     path.write_text("- a list\n")
     with pytest.raises(InputError, match="mapping"):
         read_config_file(str(path))
