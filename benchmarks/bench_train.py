@@ -23,8 +23,9 @@ import torch
 
 from pointvl.geometry import box3d_corners, project_box3d, project_points
 from pointvl.grca import score_group
+from pointvl.record import target_text
 from pointvl.train.config import ModelConfig, tiny_preset
-from pointvl.train.data import Collator, Example, target_text
+from pointvl.train.data import Collator, Example
 from pointvl.train.grpo import completion_logps, rollout, token_offsets
 from pointvl.train.model import build_image_processor, build_model, build_tokenizer
 

@@ -89,9 +89,9 @@ def _predict(args: argparse.Namespace) -> int:
     if args.endpoint or args.reference:
         return predict_from_source(args)
     from pointvl import io as pio
+    from pointvl.record import list_shards
     from pointvl.train.checkpoint import latest_checkpoint, load_policy
     from pointvl.train.config import preflight
-    from pointvl.train.data import list_shards
     from pointvl.train.model import build_image_processor
     from pointvl.train.pipeline import load
     from pointvl.train.predict import predict
@@ -116,8 +116,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from pointvl.evaluate import format_table
+    from pointvl.record import list_shards
     from pointvl.train.config import preflight
-    from pointvl.train.data import list_shards
     from pointvl.train.pipeline import run_pipeline
 
     list_shards(args.shards, "train")  # before any model is built

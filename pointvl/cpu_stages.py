@@ -22,10 +22,10 @@ from pointvl.dag import CPU_STAGES
 from pointvl.errors import ITEM_ERRORS
 from pointvl.executor import worker_id
 from pointvl.mesh import MeshError
-from pointvl.plan import Plan, Shard, load_plan
+from pointvl.plan import ModelEntry, Plan, Shard, load_plan
 from pointvl.run_folder import RunFolder
 from pointvl.stages.base import Drops, ShardOutput, finished, read_stats
-from pointvl.stages.clean import ModelEntry, file_key, load_model_file
+from pointvl.stages.clean import file_key, load_model_file
 from pointvl.stages.geometry import Geometry, GeometryConfig
 from pointvl.stages.kpts2d import Kpts2D, Kpts2DConfig
 from pointvl.stages.render import Render, RenderConfig

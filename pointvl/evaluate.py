@@ -59,7 +59,7 @@ from pointvl.errors import InputError
 from pointvl.geometry import QuantConfig
 from pointvl.grca.parse import FIELDS, parse_output
 from pointvl.grca.rewards import output_rewards
-from pointvl.train.data import iter_records, list_shards, record_camera, record_target
+from pointvl.record import iter_records, list_shards, record_camera, record_target
 
 logger = logging.getLogger(__name__)
 

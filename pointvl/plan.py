@@ -16,9 +16,22 @@ from dataclasses import asdict, dataclass, field
 from pointvl import io
 from pointvl.errors import InputError
 from pointvl.run_folder import RunFolder
-from pointvl.stages.clean import ModelEntry
 
 SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One kept model (cleaning's result, the plan's unit). ``geometry`` is its
+    :func:`pointvl.stages.clean.geometry_hash`, so an incremental build sees a changed mesh under the
+    same id (empty in plans written before it was recorded)."""
+
+    synset_id: str
+    model_id: str
+    category: str
+    split: str
+    obj_path: str
+    geometry: str = ""
 
 
 @dataclass(frozen=True)

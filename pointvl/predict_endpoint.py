@@ -50,7 +50,7 @@ from pointvl.llm import (
     resolve_api_key,
 )
 from pointvl.package_data import prompts_root
-from pointvl.train.data import image_bytes, list_shards
+from pointvl.record import image_bytes, list_shards
 
 logger = logging.getLogger(__name__)
 

@@ -5,14 +5,25 @@ them in their Arrow schema metadata (``huggingface``), so ``datasets.load_datase
 decodes the PNG columns as images and the arrays with their fixed shapes. The features are written
 here in ``datasets``' own serialised form, so the build needs pyarrow only, not ``datasets``
 (``tests/test_record.py`` checks them against ``datasets.Features``).
+
+Reading records back (:func:`iter_records`, :func:`record_target`, :func:`record_camera`,
+:func:`target_text`, ...) is here too, so training, evaluation and the reference predictors read a
+record the same way without depending on each other.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+
+from pointvl import io as pio
+from pointvl.errors import InputError
+from pointvl.geometry import QuantConfig
+from pointvl.grca.parse import format_output
 
 IMAGE_COLUMNS = ("render", "refined", "image", "mask", "depth", "normal_map")
 
@@ -84,3 +95,87 @@ def record_schema(num_keypoints: int = 16) -> pa.Schema:
     features = record_features(num_keypoints)
     metadata = {"huggingface": json.dumps({"info": {"features": features}})}
     return pa.schema([pa.field(name, _arrow_type(f)) for name, f in features.items()], metadata=metadata)
+
+
+INSTRUCTION = (
+    "Look at the object in the image and its point cloud. {question} Choices: {choices}.\n"
+    "Reply with one JSON object with keys answer, description, bbox2d, bbox3d, kpts2d, kpts3d "
+    "(coordinates as integer bins)."
+)
+"""Instruction template (version 1); ``{question}`` and ``{choices}`` come from the QA pair asked."""
+
+
+def list_shards(shards_dir: str, split: str) -> list[str]:
+    """Paths of ``{split}-*-of-*.parquet`` under ``shards_dir``, sorted; InputError if there are none."""
+    fs, root = pio.filesystem(shards_dir)
+    paths = sorted(fs.glob(f"{root.rstrip('/')}/{split}-*-of-*.parquet"))
+    if not paths:
+        raise InputError(f"no {split}-*-of-*.parquet shards under {shards_dir}; run `pointvl build` first")
+    return [fs.unstrip_protocol(p) if "://" in shards_dir else p for p in paths]
+
+
+def iter_records(shards_dir: str, split: str) -> Iterator[dict[str, Any]]:
+    """Records of ``split`` as dicts (one shard in memory at a time), in shard and row order."""
+    for path in list_shards(shards_dir, split):
+        yield from pio.read_table(path).to_pylist()
+
+
+def qa_pairs(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The QA pairs of a record (``qa`` is a JSON string list of ``{question, choices, answer}``)."""
+    qa = json.loads(record["qa"]) if isinstance(record["qa"], str) else record["qa"]
+    if not qa:
+        raise ValueError(f"record {record['instance_id']} has no QA pair; the annotate stage writes >= 1")
+    return qa
+
+
+def first_qa(record: dict[str, Any]) -> dict[str, Any]:
+    """``qa[0]`` of a record: the category question."""
+    return qa_pairs(record)[0]
+
+
+def record_target(record: dict[str, Any], qa_index: int = 0) -> dict[str, Any]:
+    """Continuous targets of a record for QA pair ``qa_index``: ``bbox2d`` (px), ``bbox3d`` (world), ``answer``,
+    ``description``."""
+    return {
+        "bbox2d": np.asarray(record["bbox2d"], dtype=np.float64).reshape(4),
+        "bbox3d": np.asarray(record["bbox3d"], dtype=np.float64).reshape(6),
+        "answer": str(qa_pairs(record)[qa_index]["answer"]),
+        "description": str(record["description"]),
+    }
+
+
+def record_camera(record: dict[str, Any]) -> dict[str, Any]:
+    """``K`` (3, 3), ``R`` (3, 3), ``t`` (3,), ``width``, ``height`` of a record."""
+    return {
+        "K": np.asarray(record["K"], dtype=np.float64).reshape(3, 3),
+        "R": np.asarray(record["R"], dtype=np.float64).reshape(3, 3),
+        "t": np.asarray(record["t"], dtype=np.float64).reshape(3),
+        "width": int(record["width"]),
+        "height": int(record["height"]),
+    }
+
+
+def instruction(record: dict[str, Any], qa_index: int = 0) -> str:
+    qa = qa_pairs(record)[qa_index]
+    return INSTRUCTION.format(question=qa["question"], choices=", ".join(map(str, qa["choices"])))
+
+
+def target_text(record: dict[str, Any], quant: QuantConfig, qa_index: int = 0) -> str:
+    """The SFT target: the canonical quantized output JSON of a record, answering QA pair ``qa_index``."""
+    t = record_target(record, qa_index)
+    return format_output(
+        answer=t["answer"],
+        description=t["description"],
+        bbox2d=t["bbox2d"],
+        bbox3d=t["bbox3d"],
+        kpts2d=np.asarray(record["kpts2d"], dtype=np.float64).reshape(-1, 2),
+        kpts3d=np.asarray(record["kpts3d"], dtype=np.float64).reshape(-1, 3),
+        width=int(record["width"]),
+        height=int(record["height"]),
+        quant=quant,
+    )
+
+
+def image_bytes(value: bytes | dict[str, Any]) -> bytes:
+    """PNG bytes of an image column: plain bytes, or the ``datasets`` Image struct ``{bytes, path}``."""
+    return value["bytes"] if isinstance(value, dict) else value

@@ -24,7 +24,7 @@ from pointvl import io as pio
 from pointvl.errors import InputError
 from pointvl.geometry import QuantConfig
 from pointvl.grca.parse import format_output
-from pointvl.train.data import iter_records, target_text
+from pointvl.record import iter_records, target_text
 
 REFERENCES: tuple[str, ...] = ("ground-truth", "mean-box")
 

@@ -19,8 +19,7 @@ import pointvl
 from pointvl.config import BuildConfig
 from pointvl.incremental import stage_keys
 from pointvl.local import build_in_process
-from pointvl.plan import Shard, fingerprint, load_plan
-from pointvl.stages.clean import ModelEntry
+from pointvl.plan import ModelEntry, Shard, fingerprint, load_plan
 from pointvl.stages.render import RenderConfig
 from pointvl.strict_config import OPERATIONAL, ConfigError
 

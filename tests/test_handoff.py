@@ -1,8 +1,7 @@
 from pointvl import io
 from pointvl.handoff import HandoffConfig, build_id, train_parameters
-from pointvl.plan import make_plan
+from pointvl.plan import ModelEntry, make_plan
 from pointvl.run_folder import RunFolder
-from pointvl.stages.clean import ModelEntry
 
 
 def _write_plan(run_dir: str, n_models: int, geometry: str = "g") -> None:

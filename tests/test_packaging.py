@@ -40,7 +40,7 @@ synthesize: {backend: passthrough}
 PREDICT_GROUND_TRUTH = """
 import json
 from pointvl.geometry import QuantConfig
-from pointvl.train.data import iter_records, target_text
+from pointvl.record import iter_records, target_text
 with open("preds.jsonl", "w") as f:
     for r in iter_records("run/shards", "test"):
         f.write(json.dumps({"instance_id": r["instance_id"], "output": target_text(r, QuantConfig())}) + "\\n")

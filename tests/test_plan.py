@@ -1,7 +1,6 @@
 import pytest
 
-from pointvl.plan import PlanMismatchError, make_plan, save_or_check_plan
-from pointvl.stages.clean import ModelEntry
+from pointvl.plan import ModelEntry, PlanMismatchError, make_plan, save_or_check_plan
 
 
 def _models(n_train: int, n_test: int) -> list[ModelEntry]:

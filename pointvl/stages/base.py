@@ -47,9 +47,9 @@ import trimesh
 from pointvl import io
 from pointvl.errors import ITEM_ERRORS, InputError
 from pointvl.mesh import MeshError
-from pointvl.plan import Shard, fingerprint, load_plan
+from pointvl.plan import ModelEntry, Shard, fingerprint, load_plan
 from pointvl.run_folder import RunFolder
-from pointvl.stages.clean import ModelEntry, load_model_file
+from pointvl.stages.clean import load_model_file
 
 logger = logging.getLogger(__name__)
 

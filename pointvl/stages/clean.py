@@ -50,6 +50,7 @@ from pointvl import mesh as mesh_module
 from pointvl.errors import ITEM_ERRORS, InputError
 from pointvl.executor import Executor, InProcess
 from pointvl.mesh import NORMALIZATION, MeshError, load_model
+from pointvl.plan import ModelEntry
 from pointvl.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -92,19 +93,6 @@ class CleanConfig:
                 raise ValueError(f"clean.{name} must be >= 0, got {value}")
         if not Path(self.category_config).is_file():
             raise ValueError(f"clean.category_config: no such file {self.category_config!r}")
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """One kept model. ``geometry`` is its :func:`geometry_hash`, so an incremental build sees a changed
-    mesh under the same id (empty in plans written before it was recorded)."""
-
-    synset_id: str
-    model_id: str
-    category: str
-    split: str
-    obj_path: str
-    geometry: str = ""
 
 
 def read_taxonomy(shapenet_dir: str) -> dict[str, dict]:

@@ -40,10 +40,9 @@ from numpy.typing import NDArray
 from pointvl import images, io
 from pointvl.errors import check_range
 from pointvl.mesh import NORMALIZATION, surface_colors
-from pointvl.plan import load_plan
+from pointvl.plan import ModelEntry, load_plan
 from pointvl.run_folder import RunFolder
 from pointvl.stages.base import Drops, ShardOutput, Stage, shard_meshes
-from pointvl.stages.clean import ModelEntry
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,9 @@ import pyarrow as pa
 import trimesh
 
 from pointvl.errors import check_range
-from pointvl.plan import instance_id, load_plan
+from pointvl.plan import ModelEntry, instance_id, load_plan
 from pointvl.run_folder import RunFolder
 from pointvl.stages.base import MATRIX3, Drops, Stage, matrix_column, shard_meshes
-from pointvl.stages.clean import ModelEntry
 
 logger = logging.getLogger(__name__)
 

@@ -3,15 +3,15 @@
 Every QA pair of a record gives one example (the policy answers one question per prompt):
 
 - **prompt**: the final photoreal ``image``, the ``points`` (resampled to ``num_points``) and the
-  instruction :data:`INSTRUCTION`, which asks the pair's question (``qa[k]``; ``qa[0]`` is the
+  instruction :data:`pointvl.record.INSTRUCTION`, which asks the pair's question (``qa[k]``; ``qa[0]`` is the
   multiple-choice category question, the others ask attributes) with its choices and the six-field
   JSON answer;
 - **target**: the canonical quantized JSON (:func:`pointvl.grca.parse.format_output`) with
   ``answer = qa[k].answer``, the record's ``description`` and its four geometric targets.
 
 Shards are read one at a time (``{split}-{i:05d}-of-{n:05d}.parquet`` in file-name order), so a
-split of any size streams with one shard in memory. The same helpers give the evaluation its
-targets and cameras, so training and scoring read a record the same way.
+split of any size streams with one shard in memory. The record helpers (:mod:`pointvl.record`) give the
+evaluation its targets and cameras, so training and scoring read a record the same way.
 """
 
 from __future__ import annotations
@@ -30,89 +30,10 @@ import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
 from pointvl import io as pio
-from pointvl.errors import InputError
 from pointvl.geometry import QuantConfig
-from pointvl.grca.parse import format_output
+from pointvl.record import image_bytes, instruction, list_shards, record_camera, record_target, target_text
 
 logger = logging.getLogger(__name__)
-
-INSTRUCTION = (
-    "Look at the object in the image and its point cloud. {question} Choices: {choices}.\n"
-    "Reply with one JSON object with keys answer, description, bbox2d, bbox3d, kpts2d, kpts3d "
-    "(coordinates as integer bins)."
-)
-"""Instruction template (version 1); ``{question}`` and ``{choices}`` come from the QA pair asked."""
-
-
-def list_shards(shards_dir: str, split: str) -> list[str]:
-    """Paths of ``{split}-*-of-*.parquet`` under ``shards_dir``, sorted; InputError if there are none."""
-    fs, root = pio.filesystem(shards_dir)
-    paths = sorted(fs.glob(f"{root.rstrip('/')}/{split}-*-of-*.parquet"))
-    if not paths:
-        raise InputError(f"no {split}-*-of-*.parquet shards under {shards_dir}; run `pointvl build` first")
-    return [fs.unstrip_protocol(p) if "://" in shards_dir else p for p in paths]
-
-
-def iter_records(shards_dir: str, split: str) -> Iterator[dict[str, Any]]:
-    """Records of ``split`` as dicts (one shard in memory at a time), in shard and row order."""
-    for path in list_shards(shards_dir, split):
-        yield from pio.read_table(path).to_pylist()
-
-
-def qa_pairs(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """The QA pairs of a record (``qa`` is a JSON string list of ``{question, choices, answer}``)."""
-    qa = json.loads(record["qa"]) if isinstance(record["qa"], str) else record["qa"]
-    if not qa:
-        raise ValueError(f"record {record['instance_id']} has no QA pair; the annotate stage writes >= 1")
-    return qa
-
-
-def first_qa(record: dict[str, Any]) -> dict[str, Any]:
-    """``qa[0]`` of a record: the category question."""
-    return qa_pairs(record)[0]
-
-
-def record_target(record: dict[str, Any], qa_index: int = 0) -> dict[str, Any]:
-    """Continuous targets of a record for QA pair ``qa_index``: ``bbox2d`` (px), ``bbox3d`` (world), ``answer``,
-    ``description``."""
-    return {
-        "bbox2d": np.asarray(record["bbox2d"], dtype=np.float64).reshape(4),
-        "bbox3d": np.asarray(record["bbox3d"], dtype=np.float64).reshape(6),
-        "answer": str(qa_pairs(record)[qa_index]["answer"]),
-        "description": str(record["description"]),
-    }
-
-
-def record_camera(record: dict[str, Any]) -> dict[str, Any]:
-    """``K`` (3, 3), ``R`` (3, 3), ``t`` (3,), ``width``, ``height`` of a record."""
-    return {
-        "K": np.asarray(record["K"], dtype=np.float64).reshape(3, 3),
-        "R": np.asarray(record["R"], dtype=np.float64).reshape(3, 3),
-        "t": np.asarray(record["t"], dtype=np.float64).reshape(3),
-        "width": int(record["width"]),
-        "height": int(record["height"]),
-    }
-
-
-def instruction(record: dict[str, Any], qa_index: int = 0) -> str:
-    qa = qa_pairs(record)[qa_index]
-    return INSTRUCTION.format(question=qa["question"], choices=", ".join(map(str, qa["choices"])))
-
-
-def target_text(record: dict[str, Any], quant: QuantConfig, qa_index: int = 0) -> str:
-    """The SFT target: the canonical quantized output JSON of a record, answering QA pair ``qa_index``."""
-    t = record_target(record, qa_index)
-    return format_output(
-        answer=t["answer"],
-        description=t["description"],
-        bbox2d=t["bbox2d"],
-        bbox3d=t["bbox3d"],
-        kpts2d=np.asarray(record["kpts2d"], dtype=np.float64).reshape(-1, 2),
-        kpts3d=np.asarray(record["kpts3d"], dtype=np.float64).reshape(-1, 3),
-        width=int(record["width"]),
-        height=int(record["height"]),
-        quant=quant,
-    )
 
 
 def resample_points(points: NDArray, num_points: int, seed: int) -> NDArray[np.float32]:
@@ -137,11 +58,6 @@ class Example:
     reward_target: dict[str, Any]
     camera: dict[str, Any]
     qa_index: int = 0
-
-
-def image_bytes(value: bytes | dict[str, Any]) -> bytes:
-    """PNG bytes of an image column: plain bytes, or the ``datasets`` Image struct ``{bytes, path}``."""
-    return value["bytes"] if isinstance(value, dict) else value
 
 
 def make_example(record: dict[str, Any], num_points: int, quant: QuantConfig, qa_index: int = 0) -> Example:

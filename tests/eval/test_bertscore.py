@@ -8,8 +8,8 @@ import pytest
 
 from pointvl.evaluate import EvaluateConfig, evaluate
 from pointvl.geometry import QuantConfig
+from pointvl.record import iter_records, target_text
 from pointvl.text_metrics import bertscore_f1, bertscore_unavailable
-from pointvl.train.data import iter_records, target_text
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pointvl.evaluate import (
     run,
 )
 from pointvl.geometry import QuantConfig
-from pointvl.train.data import iter_records, target_text
+from pointvl.record import iter_records, target_text
 
 
 def _lines(path, rows) -> str:

@@ -12,7 +12,7 @@ from pointvl.cli import main
 from pointvl.errors import InputError
 from pointvl.evaluate import evaluate, read_predictions
 from pointvl.predict_endpoint import EndpointConfig, predict_endpoint
-from pointvl.train.data import iter_records
+from pointvl.record import iter_records
 
 KEY = "sk-eval-test"
 

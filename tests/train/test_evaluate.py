@@ -15,7 +15,7 @@ from pointvl.evaluate import (
     read_predictions,
 )
 from pointvl.geometry import QuantConfig
-from pointvl.train.data import iter_records, target_text
+from pointvl.record import iter_records, target_text
 
 
 def _write_predictions(path, rows):
