@@ -7,7 +7,7 @@ from pathlib import Path
 
 from scale.conftest import cli, shard_tables
 
-from pointvl.cpu_stages import CPU_STAGES
+from pointvl.cpu_stages import STAGE_NAMES
 
 
 def test_a_build_on_a_dask_cluster_equals_the_local_build_and_ran_on_its_workers(
@@ -23,7 +23,7 @@ def test_a_build_on_a_dask_cluster_equals_the_local_build_and_ran_on_its_workers
         assert table.equals(reference[name]), name
     # every CPU stage table was written by a process of the cluster, and both workers took shards
     ran_on = set()
-    for stage in CPU_STAGES:
+    for stage in STAGE_NAMES:
         for stats in (out / "stages" / stage).glob("*.stats.json"):
             ran_on.add(int(json.loads(stats.read_text())["worker"].rsplit(":", 1)[1]))
     assert ran_on == dask_cluster["worker_pids"]
