@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from pointvl.config import BuildConfig
+from pointvl.dag import make_stage
 from pointvl.local import build_in_process
+from pointvl.plan import load_plan
 from pointvl.stages.base import read_stage_table, write_stage_table
 from pointvl.stages.review import (
     HELD_REASON,
@@ -35,11 +37,19 @@ def run(shapenet, tmp_path_factory) -> str:
     """A finished local build whose synthesize shard 0 has its first item flagged for pose drift."""
     out = str(tmp_path_factory.mktemp("review") / "run")
     build_in_process(shapenet.root, out, BuildConfig.from_dict(CONFIG))
-    table = read_stage_table(out, "synthesize", 0)
+    flag_first_item(out)
+    return out
+
+
+def flag_first_item(run: str) -> None:
+    """Flag synthesize shard 0's first item for pose drift. Annotate was made from the table replaced,
+    so it is recomputed from the new one (a stale input is refused when read)."""
+    table = read_stage_table(run, "synthesize", 0)
     flags = [True] + [False] * (table.num_rows - 1)
     flagged = table.set_column(table.schema.get_field_index("drift_flagged"), "drift_flagged", pa.array(flags))
-    write_stage_table(out, "synthesize", 0, flagged, {"drift_flagged": 1})
-    return out
+    write_stage_table(run, "synthesize", 0, flagged, {"drift_flagged": 1})
+    categories = sorted({m.category for s in load_plan(run).shards for m in s.models})
+    make_stage("annotate", BuildConfig.from_dict(CONFIG), categories).run_shard(run, 0)
 
 
 def test_policies_hold_only_flagged_items(run):
@@ -96,10 +106,7 @@ def test_held_items_stay_out_of_the_shards_until_a_person_approves_them(shapenet
     out = str(tmp_path / "run")
     cfg = BuildConfig.from_dict(CONFIG)
     build_in_process(shapenet.root, out, cfg)  # the gate is off: the policy applies at once
-    table = read_stage_table(out, "synthesize", 0)
-    flags = [True] + [False] * (table.num_rows - 1)
-    write_stage_table(out, "synthesize", 0, table.set_column(
-        table.schema.get_field_index("drift_flagged"), "drift_flagged", pa.array(flags)), {})
+    flag_first_item(out)
     first = items(out, 0)[0].instance_id
     apply_decisions(out, 0, policy_decisions(out, [0], "accept_unflagged", "timeout")[0])
     build_in_process(shapenet.root, out, cfg)
