@@ -119,6 +119,7 @@ def test_rerun_recomputes_nothing(built, shapenet, config_file):
     assert not (built / "build.lock").exists()
 
 
+@pytest.mark.slow  # killed and resumed in make test too: on S3 (tests/scale/test_s3.py), deployed (tests/ops)
 def test_sigkill_mid_build_then_resume_gives_identical_shards(built, shapenet, config_file, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}

@@ -140,6 +140,7 @@ def test_the_scheduled_deployment_carries_the_cron_schedule(prefect_server):
     BuildConfig.from_dict(d["parameters"]["config"])  # the deployed config is a valid build config
 
 
+@pytest.mark.slow  # per-item GPU resume after a kill is in make test: tests/ops/test_deployed.py
 def test_a_build_whose_gpu_stage_fails_resumes_without_redoing_finished_items(prefect_server, shapenet, tmp_path):
     """The synthesize stage of shard 1 stops after all but one item (a FIFO stands in for that item's
     file, so the stage blocks reading it back); the build is killed there, as a lost GPU worker

@@ -26,6 +26,7 @@ def _built(s3, run: str) -> dict:
     return shard_tables(sorted(fs.glob(f"{run}/shards/*.parquet")), open_file=fs.open)
 
 
+@pytest.mark.slow  # make test keeps the S3 build that is killed, resumed and compared with the local one
 def test_an_s3_to_s3_build_equals_the_local_build(s3, s3_shapenet, config_file, reference):
     result = cli("build", "--shapenet", s3_shapenet, "--out", f"s3://{BUCKET}/run", "--config", config_file,
                  "--workers", "2", env=s3["env"])
