@@ -243,24 +243,36 @@ def test_a_one_category_build_gets_a_distractor_for_its_category_question(tmp_pa
 def test_a_gpu_stage_item_that_fails_alone_is_dropped_and_a_device_fault_fails_the_shard(tmp_path):
     from gpu_inputs import write_render_shard
 
-    from pointvl.stages.gpu_common import run_items
+    from pointvl.stages.gpu_common import GpuStage, run_items
+    from pointvl.stages.refine import RefineConfig
 
     run = str(tmp_path)
     ids = write_render_shard(run, 0, n=4)
-    schema = pa.schema([("instance_id", pa.string()), ("refined", pa.binary())])
+
+    class Edit(GpuStage):  # a GPU stage whose model is ``process``
+        name, inputs, config_class = "refine", ("render",), RefineConfig
+        schema = pa.schema([("instance_id", pa.string()), ("refined", pa.binary())])
+
+        def __init__(self, process):
+            super().__init__()
+            self.process = process
+
+        def process_shard(self, run, shard_index, drops):
+            inputs = read_stage_table(run, "render", shard_index).select(["instance_id", "render"])
+            return run_items(run, self.name, shard_index, inputs, self.process, self.schema, drops, batch_size=2)
 
     def process(rows: list[dict]) -> list[dict]:
         if any(r["instance_id"] == ids[1] for r in rows):
             raise ValueError("cannot identify image file")
         return [{"instance_id": r["instance_id"], "refined": r["render"]} for r in rows]
 
-    inputs = read_stage_table(run, "render", 0).select(["instance_id", "render"])
-    stats = run_items(run, "refine", 0, inputs, process, schema, batch_size=2, made_from=("render",))
+    stats = Edit(process).run_shard(run, 0)
     assert stats["dropped_refine_failed"] == 1 and list(stats["drops"]) == [ids[1]]
     assert read_stage_table(run, "refine", 0).column("instance_id").to_pylist() == [ids[0], *ids[2:]]
 
     def lost(rows: list[dict]) -> list[dict]:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
+    (tmp_path / "stages" / "refine" / "shard-00000.parquet").unlink()
     with pytest.raises(RuntimeError, match="CUDA error"):
-        run_items(run, "synthesize", 0, inputs, lost, schema)
+        Edit(lost).run_shard(run, 0)
