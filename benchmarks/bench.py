@@ -37,9 +37,9 @@ def shapenet_sized_mesh(faces: int, seed: int = 0) -> trimesh.Trimesh:
 
 def cpu_stages_per_instance(faces: int, repeats: int = 2) -> dict[str, float]:
     """Seconds per instance of sample_points (8192) + geometry + one 512² Open3D view."""
-    from pointvl.stages.geometry import Geometry, GeometryConfig
-    from pointvl.stages.render import Render, RenderConfig
-    from pointvl.stages.sample_points import SamplePoints, SamplePointsConfig
+    from pointvl.build.stages.geometry import Geometry, GeometryConfig
+    from pointvl.build.stages.render import Render, RenderConfig
+    from pointvl.build.stages.sample_points import SamplePoints, SamplePointsConfig
 
     mesh = shapenet_sized_mesh(faces)
     sampler, geometry = SamplePoints(SamplePointsConfig()), Geometry(GeometryConfig())
@@ -69,8 +69,8 @@ def integrity_overhead(work: str, faces: int = 80_000, table_mb: int = 64) -> di
     """
     import pyarrow as pa
 
-    from pointvl.mesh import normalize
-    from pointvl.stages.base import _sha_memo, finished, write_stage_table
+    from pointvl.build.mesh import normalize
+    from pointvl.build.stages.base import _sha_memo, finished, write_stage_table
 
     mesh = shapenet_sized_mesh(faces)
     mesh.apply_scale(250.0)  # other units: the full normalization path
@@ -94,10 +94,10 @@ def integrity_overhead(work: str, faces: int = 80_000, table_mb: int = 64) -> di
 
 def _cpu_part(shapenet: str, run: str, config: dict, workers: int) -> float:
     """Seconds for clean + the four CPU stages with ``workers`` processes (pool start-up included)."""
-    from pointvl.config import BuildConfig
-    from pointvl.cpu_stages import run_cpu_shard
-    from pointvl.executor import open_executor
-    from pointvl.local import cpu_config, plan_run
+    from pointvl.build.config import BuildConfig
+    from pointvl.build.cpu_stages import run_cpu_shard
+    from pointvl.build.executor import open_executor
+    from pointvl.build.runner import cpu_config, plan_run
 
     cfg = BuildConfig.from_dict(config)
     t0 = time.perf_counter()
@@ -113,8 +113,8 @@ def parallel_and_overhead(work: str, models: int = 48, faces: int = 20_000, work
     at the same worker count (≤ 1.05)."""
     from benchmarks.bench_scale import write_tree
     from flows.build import build_benchmark
-    from pointvl.config import BuildConfig
-    from pointvl.local import build_in_process
+    from pointvl.build.config import BuildConfig
+    from pointvl.build.runner import build_in_process
 
     shapenet = write_tree(os.path.join(work, "tree"), [faces] * models)
     config = {"shard_size": 8, "clean": {"test_size": 0.25, "train_size": None},

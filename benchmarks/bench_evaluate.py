@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import time
 
-from pointvl.evaluate import MAX_OUTPUT_CHARS, output_limit
-from pointvl.geometry import QuantConfig
+from pointvl.core.geometry import QuantConfig
+from pointvl.evaluation.scoring import MAX_OUTPUT_CHARS, output_limit
 from pointvl.grca.parse import parse_output
 
 

@@ -1,7 +1,7 @@
 """Benchmarks of the GPU stages. ``python -m benchmarks.bench_gpu`` prints ``run()``'s dict as JSON.
 
 - Always (CPU): per-item overhead outside the model call (decode, control images, seeds, drift,
-  atomic item writes, shard assembly) with the tiny pipelines of :mod:`pointvl.tiny` through the
+  atomic item writes, shard assembly) with the tiny pipelines of :mod:`pointvl.testing.tiny_pipelines` through the
   real stage code: ``(stage seconds - pipeline seconds) / items``, in ms.
 - With CUDA: images/s per stage at the paper's settings with the real model classes at full size
   and random bf16 weights (Qwen-Image-Edit 20B transformer + its VAE, 1024², 50 steps, true CFG 4;
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pointvl import images, io
-from pointvl.run_folder import RunFolder
+from pointvl.build.run_folder import RunFolder
+from pointvl.core import images, io
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +73,9 @@ def _disk_run(run_dir: str, n: int, side: int) -> None:
 
 def cpu_overhead(n: int = 8, side: int = 64, steps: int = 2) -> dict[str, float]:
     """Per-item ms outside the pipeline call, for both stages, plus the passthrough ms per item."""
-    from pointvl.stages.refine import Refine, RefineConfig
-    from pointvl.stages.synthesize import Synthesize, SynthesizeConfig
-    from pointvl.tiny import HashPromptEncoder, tiny_refine_pipeline, tiny_synthesize_pipeline
+    from pointvl.build.stages.refine import Refine, RefineConfig
+    from pointvl.build.stages.synthesize import Synthesize, SynthesizeConfig
+    from pointvl.testing.tiny_pipelines import HashPromptEncoder, tiny_refine_pipeline, tiny_synthesize_pipeline
 
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp, small_qwen_condition():

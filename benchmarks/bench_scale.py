@@ -28,7 +28,7 @@ from collections import defaultdict
 import numpy as np
 
 from benchmarks.bench import shapenet_sized_mesh
-from pointvl import io
+from pointvl.core import io
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +72,11 @@ def write_tree(root: str, face_counts: list[int], seed: int = 0) -> str:
 
 def build_once(shapenet: str, run: str, workers: int) -> dict:
     """Clean + CPU stages of the tree with ``workers`` processes, in this process; timings, stats, RSS."""
-    from pointvl.config import BuildConfig
-    from pointvl.cpu_stages import STAGE_NAMES, run_cpu_shard
-    from pointvl.executor import open_executor
-    from pointvl.local import cpu_config, plan_run
-    from pointvl.stages.base import read_stats
+    from pointvl.build.config import BuildConfig
+    from pointvl.build.cpu_stages import STAGE_NAMES, run_cpu_shard
+    from pointvl.build.executor import open_executor
+    from pointvl.build.runner import cpu_config, plan_run
+    from pointvl.build.stages.base import read_stats
 
     cfg = BuildConfig.from_dict(CONFIG)
     t0 = time.perf_counter()

@@ -21,9 +21,9 @@ import time
 import numpy as np
 import torch
 
-from pointvl.geometry import box3d_corners, project_box3d, project_points
+from pointvl.core.geometry import box3d_corners, project_box3d, project_points
+from pointvl.core.record import target_text
 from pointvl.grca import score_group
-from pointvl.record import target_text
 from pointvl.train.config import ModelConfig, tiny_preset
 from pointvl.train.data import Collator, Example
 from pointvl.train.grpo import completion_logps, rollout, token_offsets

@@ -53,7 +53,7 @@ if __name__ == "__main__":
     parser.add_argument("--config", help="a TrainConfig YAML/JSON (overrides the preset)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override (repeatable)")
     args = parser.parse_args()
-    from pointvl.evaluate import format_table
+    from pointvl.evaluation.scoring import format_table
     from pointvl.train.config import command_line_overrides
 
     metrics = train(args.shards, args.run, preset=args.preset, variant=args.variant,

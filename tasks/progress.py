@@ -7,7 +7,7 @@ from typing import Any
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 
-from pointvl.stages.base import finished
+from pointvl.build.stages.base import finished
 
 
 def _key(stage: str, build_id: str) -> str:

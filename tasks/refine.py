@@ -2,7 +2,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pointvl.stages.refine import Refine, RefineConfig
+from pointvl.build.stages.refine import Refine, RefineConfig
 from tasks.common import run_stage
 
 

@@ -1,4 +1,4 @@
-"""Prefect task that publishes the evaluation report (``pointvl.report``) of a training run."""
+"""Prefect task that publishes the evaluation report (``pointvl.evaluation.report``) of a training run."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pointvl import io as pio
-from pointvl.report import report
+from pointvl.core import io as pio
+from pointvl.evaluation.report import report
 
 
 @task(name="report", cache_policy=NO_CACHE)

@@ -2,7 +2,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pointvl.stages.synthesize import Synthesize, SynthesizeConfig
+from pointvl.build.stages.synthesize import Synthesize, SynthesizeConfig
 from tasks.common import run_stage
 
 

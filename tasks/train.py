@@ -7,8 +7,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from pointvl import io as pio
-from pointvl.evaluate import format_table
+from pointvl.core import io as pio
+from pointvl.evaluation.scoring import format_table
 from pointvl.train import pipeline
 from pointvl.train.config import TrainConfig
 

@@ -1,7 +1,7 @@
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pointvl.stages.write_shards import WriteShards, WriteShardsConfig
+from pointvl.build.stages.write_shards import WriteShards, WriteShardsConfig
 from tasks.common import run_stage
 
 

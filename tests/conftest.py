@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pointvl.fixture import FixtureManifest, write_fixture
+from pointvl.testing.fixture import FixtureManifest, write_fixture
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 

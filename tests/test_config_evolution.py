@@ -1,7 +1,7 @@
 """Configs that evolve: a release adding a config field with a default keeps every run folder valid.
 
 The plan fingerprint and the stage keys hash only output-deciding values that differ from their
-defaults (:mod:`pointvl.strict_config`), so a new field at its default changes neither: an existing
+defaults (:mod:`pointvl.core.strict_config`), so a new field at its default changes neither: an existing
 run folder resumes, plainly or incrementally, with nothing recomputed. The price is that an existing
 default never changes in place; ``data/output_defaults.json`` holds them to that.
 """
@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 import pointvl
-from pointvl.config import BuildConfig
-from pointvl.incremental import stage_keys
-from pointvl.local import build_in_process
-from pointvl.plan import ModelEntry, Shard, fingerprint, load_plan
-from pointvl.stages.render import RenderConfig
-from pointvl.strict_config import OPERATIONAL, ConfigError
+from pointvl.build.config import BuildConfig
+from pointvl.build.incremental import stage_keys
+from pointvl.build.plan import ModelEntry, Shard, fingerprint, load_plan
+from pointvl.build.runner import build_in_process
+from pointvl.build.stages.render import RenderConfig
+from pointvl.core.strict_config import OPERATIONAL, ConfigError
 
 CONFIG = {"shard_size": 8, "clean": {"test_size": 3, "train_size": None},
           "sample_points": {"num_points": 256}, "render": {"width": 48, "height": 48}}

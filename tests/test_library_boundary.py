@@ -1,6 +1,6 @@
 """`pointvl/` is a library usable without Prefect: no module of it imports Prefect, ``flows`` or ``tasks``.
 
-The CLI entry modules (`pointvl.cli`, `pointvl.cli_ops`) are the application around it: their
+The CLI entry modules (`pointvl.cli`, `pointvl.cli.operations`) are the application around it: their
 commands start flows, and import Prefect inside those commands only. Benchmarks live outside the
 package (``benchmarks/``).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pointvl
 
 LIBRARY = Path(pointvl.__file__).parent
-CLI_ENTRY = {"cli.py", "cli_ops.py"}
+CLI_ENTRY = {"cli/__init__.py", "cli/operations.py"}
 FORBIDDEN = ("prefect", "flows", "tasks")
 
 SCRIPT = """

@@ -1,4 +1,4 @@
-"""pointvl.llm against a real OpenAI-compatible HTTP server on 127.0.0.1 (tests/fake_openai.py)."""
+"""pointvl.core.chat_client against a real OpenAI-compatible HTTP server on 127.0.0.1 (tests/fake_openai.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from fake_openai import FakeOpenAI
 from pydantic import SecretStr
 
-from pointvl.llm import (
+from pointvl.core.chat_client import (
     BatchPending,
     CallFailed,
     ChatClient,

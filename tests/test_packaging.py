@@ -26,8 +26,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_PARTY = ("pointvl", "flows", "tasks")
 # The modules the commands fixture, build (the flow and its tasks) and evaluate import.
-BUILD_PATH = ("pointvl.cli", "pointvl.local", "pointvl.evaluate", "pointvl.fixture", "flows.build",
-              "flows.gpu_stages", "flows.annotate")
+BUILD_PATH = ("pointvl.cli", "pointvl.build.runner", "pointvl.evaluation.scoring", "pointvl.testing.fixture",
+              "flows.build", "flows.gpu_stages", "flows.annotate")
 CONFIG = """
 shard_size: 64
 clean: {test_size: 0.25, train_size: null, categories: [chair, mug]}
@@ -39,8 +39,8 @@ synthesize: {backend: passthrough}
 
 PREDICT_GROUND_TRUTH = """
 import json
-from pointvl.geometry import QuantConfig
-from pointvl.record import iter_records, target_text
+from pointvl.core.geometry import QuantConfig
+from pointvl.core.record import iter_records, target_text
 with open("preds.jsonl", "w") as f:
     for r in iter_records("run/shards", "test"):
         f.write(json.dumps({"instance_id": r["instance_id"], "output": target_text(r, QuantConfig())}) + "\\n")
@@ -76,14 +76,14 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
 
 def test_every_import_on_the_build_path_is_declared():
     """Module-level imports of the build path's modules are core dependencies; imports inside functions
-    are core or an extra's (and go through :func:`pointvl.extras.require` when optional)."""
+    are core or an extra's (and go through :func:`pointvl.core.extras.require` when optional)."""
     script = (f"import importlib, sys\nfor m in {BUILD_PATH!r}: importlib.import_module(m)\n"
               "print('\\n'.join(sorted(n for n in sys.modules if n.split('.')[0] in "
               f"{FIRST_PARTY!r} and getattr(sys.modules[n], '__file__', None))))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     modules = result.stdout.split()
-    assert "pointvl.stages.write_shards" in modules and "tasks.cpu_stages" in modules
+    assert "pointvl.build.stages.write_shards" in modules and "tasks.cpu_stages" in modules
     core, extras = _declared()
     distributions = importlib.metadata.packages_distributions()
     undeclared = []
@@ -103,8 +103,8 @@ def test_every_import_on_the_build_path_is_declared():
 
 
 def test_a_missing_extra_names_it_in_one_line():
-    from pointvl.errors import InputError
-    from pointvl.extras import MissingExtra, require
+    from pointvl.core.errors import InputError
+    from pointvl.core.extras import MissingExtra, require
 
     assert require("json", extra="annotate", purpose="x").dumps({}) == "{}"
     with pytest.raises(MissingExtra) as err:
@@ -148,8 +148,9 @@ def test_the_wheel_installs_and_builds_outside_the_checkout(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    where = _run([str(python), "-c", "import pointvl, flows, tasks, pointvl.package_data as d; print(pointvl.__file__,"
-                  " flows.__file__, tasks.__file__, d.prompts_root(), d.schema_path('record.schema.json'))"],
+    where = _run([str(python), "-c", "import pointvl, flows, tasks, pointvl.core.package_data as d; "
+                  "print(pointvl.__file__, flows.__file__, tasks.__file__, d.prompts_root(),"
+                  " d.schema_path('record.schema.json'))"],
                  work, env).stdout.split()
     assert all(p.startswith(str(site)) for p in where), where
     pointvl = str(target / "bin" / "pointvl")

@@ -3,7 +3,7 @@
 import datasets
 import pytest
 
-from pointvl.record import record_features, record_schema
+from pointvl.core.record import record_features, record_schema
 
 
 @pytest.mark.parametrize("num_keypoints", [16, 5])

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from pointvl.geometry import QuantConfig
+from pointvl.core.geometry import QuantConfig
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pointvl import io as pio
+from pointvl.core import io as pio
 from pointvl.train.model import PointVL3D
 
 logger = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def load_training_state(acc: Any, model: Any, optimizer: Any, scheduler: Any, fo
 def load_policy(folder: str) -> tuple[Any, PointVL3D]:
     """The tokenizer and the policy of a checkpoint folder, rebuilt from its own files (``config.json``,
     the tokenizer, ``model.safetensors``): no run config, hub download or Point-BERT file is needed."""
-    from pointvl.strict_config import load
+    from pointvl.core.strict_config import load
     from pointvl.train.config import ModelConfig
     from pointvl.train.model import build_model, build_tokenizer
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import yaml
 
-from pointvl import io as pio
-from pointvl.errors import InputError
-from pointvl.geometry import QuantConfig
+from pointvl.core import io as pio
+from pointvl.core.errors import InputError
+from pointvl.core.geometry import QuantConfig
+from pointvl.core.strict_config import ConfigError, check, load, merge, nest, read_file
 from pointvl.grca import GRCAConfig
-from pointvl.strict_config import ConfigError, check, load, merge, nest, read_file
 from pointvl.train.point_bert import PointBertConfig
 
 logger = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ PRESETS = {"paper": paper_preset, "tiny": tiny_preset}
 
 def preset_config(preset: str, variant: str, overrides: dict | None) -> TrainConfig:
     """The preset for ``variant`` with ``overrides`` merged in, through the strict loader
-    (:mod:`pointvl.strict_config`) every other entry point uses.
+    (:mod:`pointvl.core.strict_config`) every other entry point uses.
 
     ``overrides`` nests like :class:`TrainConfig` (``{"sft": {"max_steps": 6}}``), uses dotted paths
     (``{"sft.max_steps": 6}``) or mixes both; a full ``TrainConfig.to_dict()`` (a run's ``config.json``)

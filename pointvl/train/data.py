@@ -3,14 +3,14 @@
 Every QA pair of a record gives one example (the policy answers one question per prompt):
 
 - **prompt**: the final photoreal ``image``, the ``points`` (resampled to ``num_points``) and the
-  instruction :data:`pointvl.record.INSTRUCTION`, which asks the pair's question (``qa[k]``; ``qa[0]`` is the
+  instruction :data:`pointvl.core.record.INSTRUCTION`, which asks the pair's question (``qa[k]``; ``qa[0]`` is the
   multiple-choice category question, the others ask attributes) with its choices and the six-field
   JSON answer;
 - **target**: the canonical quantized JSON (:func:`pointvl.grca.parse.format_output`) with
   ``answer = qa[k].answer``, the record's ``description`` and its four geometric targets.
 
 Shards are read one at a time (``{split}-{i:05d}-of-{n:05d}.parquet`` in file-name order), so a
-split of any size streams with one shard in memory. The record helpers (:mod:`pointvl.record`) give the
+split of any size streams with one shard in memory. The record helpers (:mod:`pointvl.core.record`) give the
 evaluation its targets and cameras, so training and scoring read a record the same way.
 """
 
@@ -29,9 +29,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
-from pointvl import io as pio
-from pointvl.geometry import QuantConfig
-from pointvl.record import image_bytes, instruction, list_shards, record_camera, record_target, target_text
+from pointvl.core import io as pio
+from pointvl.core.geometry import QuantConfig
+from pointvl.core.record import image_bytes, instruction, list_shards, record_camera, record_target, target_text
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pointvl.extras import require
+from pointvl.core.extras import require
 from pointvl.train.config import ModelConfig
 from pointvl.train.point_bert import PointBERT
 from pointvl.train.tokenizer import POINT_TOKENS, build_char_tokenizer

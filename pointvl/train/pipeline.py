@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
-from pointvl import io as pio
-from pointvl.errors import InputError
-from pointvl.evaluate import EvaluateConfig
-from pointvl.evaluate import run as run_evaluate
-from pointvl.extras import require
+from pointvl.core import io as pio
+from pointvl.core.errors import InputError
+from pointvl.core.extras import require
+from pointvl.evaluation.scoring import EvaluateConfig
+from pointvl.evaluation.scoring import run as run_evaluate
 from pointvl.train import checkpoint as ckpt
 from pointvl.train.config import SFTConfig, TrainConfig, preflight
 from pointvl.train.data import ShardExamples

@@ -1,4 +1,4 @@
-"""Write a predictions file for :mod:`pointvl.evaluate`: greedy answers to every QA pair of a split.
+"""Write a predictions file for :mod:`pointvl.evaluation.scoring`: greedy answers to every QA pair of a split.
 
 One JSON line per prompt, ``{"instance_id": ..., "qa_index": k, "output": "<raw model text>"}`` (one
 prompt per QA pair, :mod:`pointvl.train.data`), written atomically once all prompts are done. Lines
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pointvl import io as pio
+from pointvl.core import io as pio
 from pointvl.train.data import Collator, ShardExamples
 from pointvl.train.model import PointVL3D
 

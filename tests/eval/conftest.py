@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from train.conftest import make_record
 
-from pointvl import io as pio
+from pointvl.core import io as pio
 
 SIZE = 90
 

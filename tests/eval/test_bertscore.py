@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from pointvl.evaluate import EvaluateConfig, evaluate
-from pointvl.geometry import QuantConfig
-from pointvl.record import iter_records, target_text
-from pointvl.text_metrics import bertscore_f1, bertscore_unavailable
+from pointvl.core.geometry import QuantConfig
+from pointvl.core.record import iter_records, target_text
+from pointvl.evaluation.scoring import EvaluateConfig, evaluate
+from pointvl.evaluation.text_metrics import bertscore_f1, bertscore_unavailable
 
 
 @pytest.fixture(scope="module")

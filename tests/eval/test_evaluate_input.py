@@ -8,10 +8,12 @@ import logging
 import pytest
 from sacrebleu.metrics import BLEU
 
-from pointvl import io as pio
 from pointvl.cli import main
-from pointvl.errors import InputError
-from pointvl.evaluate import (
+from pointvl.core import io as pio
+from pointvl.core.errors import InputError
+from pointvl.core.geometry import QuantConfig
+from pointvl.core.record import iter_records, target_text
+from pointvl.evaluation.scoring import (
     MAX_DEPTH,
     MAX_OUTPUT_CHARS,
     METRIC_KEYS,
@@ -22,8 +24,6 @@ from pointvl.evaluate import (
     read_predictions,
     run,
 )
-from pointvl.geometry import QuantConfig
-from pointvl.record import iter_records, target_text
 
 
 def _lines(path, rows) -> str:
@@ -89,7 +89,7 @@ def test_other_output_types_and_malformed_lines_are_one_line_errors(eval_shards,
 
 def test_duplicate_ids_give_one_warning_line(eval_shards, tmp_path, caplog):
     rows = _truth(eval_shards)
-    with caplog.at_level(logging.WARNING, logger="pointvl.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="pointvl.evaluation.scoring"):
         preds = read_predictions(_lines(tmp_path / "dup.jsonl", rows + [rows[0]] * 5000))
     assert len(preds) == 8
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -9,10 +9,10 @@ import pytest
 from fake_openai import FakeOpenAI, first_image, prompt_text
 
 from pointvl.cli import main
-from pointvl.errors import InputError
-from pointvl.evaluate import evaluate, read_predictions
-from pointvl.predict_endpoint import EndpointConfig, predict_endpoint
-from pointvl.record import iter_records
+from pointvl.core.errors import InputError
+from pointvl.core.record import iter_records
+from pointvl.evaluation.predict_endpoint import EndpointConfig, predict_endpoint
+from pointvl.evaluation.scoring import evaluate, read_predictions
 
 KEY = "sk-eval-test"
 

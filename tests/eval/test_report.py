@@ -8,12 +8,12 @@ import json
 import pytest
 from PIL import Image
 
-from pointvl import io as pio
 from pointvl.cli import main
-from pointvl.errors import InputError
-from pointvl.evaluate import evaluate, read_predictions
-from pointvl.reference import write_reference
-from pointvl.report import parse_runs, report, tables
+from pointvl.core import io as pio
+from pointvl.core.errors import InputError
+from pointvl.evaluation.predict_reference import write_reference
+from pointvl.evaluation.report import parse_runs, report, tables
+from pointvl.evaluation.scoring import evaluate, read_predictions
 
 
 @pytest.fixture(scope="module")

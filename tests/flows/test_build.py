@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pointvl.geometry import project_points
-from pointvl.images import decode_mask
-from pointvl.package_data import schema_path
+from pointvl.core.geometry import project_points
+from pointvl.core.images import decode_mask
+from pointvl.core.package_data import schema_path
 
 CONFIG = """
 shard_size: 8

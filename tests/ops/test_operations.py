@@ -18,13 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pointvl.config import BuildConfig
-from pointvl.handoff import build_id
-from pointvl.local import plan_run
-from pointvl.plan import load_plan
-from pointvl.run_folder import RunFolder
-from pointvl.stages.base import read_stats
-from pointvl.stages.review import MASK_BOX, items, read_log
+from pointvl.build.config import BuildConfig
+from pointvl.build.handoff import build_id
+from pointvl.build.plan import load_plan
+from pointvl.build.run_folder import RunFolder
+from pointvl.build.runner import plan_run
+from pointvl.build.stages.base import read_stats
+from pointvl.build.stages.review import MASK_BOX, items, read_log
 
 ROOT = Path(__file__).parents[2]
 CONFIG = """
@@ -181,7 +181,7 @@ def test_a_build_whose_gpu_stage_fails_resumes_without_redoing_finished_items(pr
 
 
 def test_preview_server_serves_only_its_folder(tmp_path):
-    from pointvl.preview import PreviewServer
+    from pointvl.build.preview import PreviewServer
 
     (tmp_path / "previews").mkdir()
     (tmp_path / "previews" / "a.png").write_bytes(b"\x89PNG sheet")

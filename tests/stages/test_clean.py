@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pointvl.errors import InputError
-from pointvl.stages.clean import Clean, CleanConfig, read_taxonomy
+from pointvl.build.stages.clean import Clean, CleanConfig, read_taxonomy
+from pointvl.core.errors import InputError
 
 
 def _report(path: Path) -> dict[tuple[str, str], dict]:

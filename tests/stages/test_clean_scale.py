@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pointvl.executor import open_executor
-from pointvl.stages.clean import Clean, CleanConfig, file_key, list_models, model_path, validate_models
+from pointvl.build.executor import open_executor
+from pointvl.build.stages.clean import Clean, CleanConfig, file_key, list_models, model_path, validate_models
 
 CFG = CleanConfig(test_size=0.25, train_size=None)
 

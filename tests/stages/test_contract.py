@@ -1,7 +1,7 @@
 """The stage contract, held on every stage of the DAG (diffusers' ``PipelineTesterMixin`` is the model).
 
 A reference build of a small subset of the mini ShapeNet is made once; each test copies it and
-checks one promise of :class:`pointvl.stages.base.Stage` for one stage: a finished shard is skipped
+checks one promise of :class:`pointvl.build.stages.base.Stage` for one stage: a finished shard is skipped
 untouched; stats are written before the table; recomputing a shard gives the same table; the table
 has the declared schema; a damaged input is refused in one line naming it, and nothing is written.
 """
@@ -14,15 +14,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pointvl import io
-from pointvl.config import BuildConfig
-from pointvl.dag import STAGES, make_stage
-from pointvl.errors import InputError
-from pointvl.local import build_in_process
-from pointvl.plan import load_plan
-from pointvl.run_folder import RunFolder
-from pointvl.stages.base import read_stage_table
-from pointvl.stages.write_shards import WriteShards
+from pointvl.build.config import BuildConfig
+from pointvl.build.dag import STAGES, make_stage
+from pointvl.build.plan import load_plan
+from pointvl.build.run_folder import RunFolder
+from pointvl.build.runner import build_in_process
+from pointvl.build.stages.base import read_stage_table
+from pointvl.build.stages.write_shards import WriteShards
+from pointvl.core import io
+from pointvl.core.errors import InputError
 
 CONFIG = {"shard_size": 4, "clean": {"test_size": 2, "train_size": 2},
           "sample_points": {"num_points": 256}, "render": {"width": 48, "height": 48}}

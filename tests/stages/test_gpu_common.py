@@ -4,10 +4,10 @@ import dataclasses
 
 import pytest
 
-from pointvl.config import BuildConfig, ConfigError
-from pointvl.stages.gpu_common import GpuStageConfig
-from pointvl.stages.refine import RefineConfig
-from pointvl.stages.synthesize import SynthesizeConfig
+from pointvl.build.config import BuildConfig, ConfigError
+from pointvl.build.stages.gpu_common import GpuStageConfig
+from pointvl.build.stages.refine import RefineConfig
+from pointvl.build.stages.synthesize import SynthesizeConfig
 
 SHARED = {f.name for f in dataclasses.fields(GpuStageConfig)}
 

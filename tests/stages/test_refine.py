@@ -10,12 +10,13 @@ import pytest
 import torch
 from gpu_inputs import write_render_shard
 
-from pointvl import images, io, models
-from pointvl.run_folder import RunFolder
-from pointvl.stages.base import read_stage_table, read_stats
-from pointvl.stages.gpu_common import instance_seed
-from pointvl.stages.refine import Refine, RefineConfig
-from pointvl.tiny import HashPromptEncoder, save_tiny_models, tiny_refine_pipeline
+from pointvl.build import diffusion_pipelines
+from pointvl.build.run_folder import RunFolder
+from pointvl.build.stages.base import read_stage_table, read_stats
+from pointvl.build.stages.gpu_common import instance_seed
+from pointvl.build.stages.refine import Refine, RefineConfig
+from pointvl.core import images, io
+from pointvl.testing.tiny_pipelines import HashPromptEncoder, save_tiny_models, tiny_refine_pipeline
 
 STEPS = 2
 
@@ -52,7 +53,7 @@ def test_passthrough_carries_the_render_forward(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU default")
 def test_auto_is_passthrough_without_cuda_and_says_so(tmp_path, caplog):
     write_render_shard(str(tmp_path), 0, n=1)
-    with caplog.at_level(logging.INFO, logger="pointvl.models"):
+    with caplog.at_level(logging.INFO, logger="pointvl.build.diffusion_pipelines"):
         stats = Refine(RefineConfig()).run_shard(str(tmp_path), 0)
     assert stats["backend"] == "passthrough"
     assert "backend auto -> passthrough (no CUDA device)" in caplog.text
@@ -95,15 +96,15 @@ def test_tiny_pipeline_keeps_render_size_and_is_seeded(tmp_path, batch_size):
 
 def test_model_loaded_once_per_process(tmp_path):
     paths = save_tiny_models(str(tmp_path / "models"))
-    models.clear_cache()
+    diffusion_pipelines.clear_cache()
     cfg = tiny_config(model=paths["refine"])
     for shard in (0, 1):
         write_render_shard(str(tmp_path / "run"), shard, n=2)
         Refine(cfg, encode_prompt=HashPromptEncoder("refine")).run_shard(str(tmp_path / "run"), shard)
-    assert models.LOAD_COUNTS["refine"] == 1
+    assert diffusion_pipelines.LOAD_COUNTS["refine"] == 1
     table = read_stage_table(str(tmp_path / "run"), "refine", 1)
     assert json.loads(table.column("refine_provenance")[0].as_py())["models"] == {"model": paths["refine"]}
-    models.clear_cache()
+    diffusion_pipelines.clear_cache()
 
 
 def test_resume_skips_finished_items(tmp_path):

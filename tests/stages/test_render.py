@@ -8,10 +8,8 @@ import torch
 import trimesh
 from PIL import Image
 
-from pointvl import images
-from pointvl.geometry import camera_depth, project_points
-from pointvl.mesh import load_mesh
-from pointvl.stages.render import (
+from pointvl.build.mesh import load_mesh
+from pointvl.build.stages.render import (
     Camera,
     Open3DRenderer,
     PyTorch3DRenderer,
@@ -21,6 +19,8 @@ from pointvl.stages.render import (
     make_renderer,
     sample_cameras,
 )
+from pointvl.core import images
+from pointvl.core.geometry import camera_depth, project_points
 
 CAR, CHAIR = "02958343", "03001627"
 SIZE = 112

@@ -7,13 +7,14 @@ import json
 import pytest
 from gpu_inputs import write_render_shard
 
-from pointvl import images, io, models
-from pointvl.run_folder import RunFolder
-from pointvl.stages.base import read_stage_table
-from pointvl.stages.gpu_common import instance_seed
-from pointvl.stages.refine import Refine, RefineConfig
-from pointvl.stages.synthesize import Synthesize, SynthesizeConfig
-from pointvl.tiny import HashPromptEncoder, save_tiny_models, tiny_synthesize_pipeline
+from pointvl.build import diffusion_pipelines
+from pointvl.build.run_folder import RunFolder
+from pointvl.build.stages.base import read_stage_table
+from pointvl.build.stages.gpu_common import instance_seed
+from pointvl.build.stages.refine import Refine, RefineConfig
+from pointvl.build.stages.synthesize import Synthesize, SynthesizeConfig
+from pointvl.core import images, io
+from pointvl.testing.tiny_pipelines import HashPromptEncoder, save_tiny_models, tiny_synthesize_pipeline
 
 STEPS = 5
 
@@ -90,14 +91,14 @@ def test_tiny_pipeline_size_seed_and_flags(tmp_path, controls, scales):
 
 def test_model_loaded_once_per_process(tmp_path):
     paths = save_tiny_models(str(tmp_path / "models"))
-    models.clear_cache()
+    diffusion_pipelines.clear_cache()
     cfg = tiny_config(model=paths["synthesize"], controlnet_model=paths["controlnet"], num_inference_steps=2)
     run = str(tmp_path / "run")
     for shard in (0, 1, 2):
         prepared_run(run, shard, n=2)
         Synthesize(cfg, encode_prompt=HashPromptEncoder("synthesize")).run_shard(run, shard)
-    assert models.LOAD_COUNTS["synthesize"] == 1
-    models.clear_cache()
+    assert diffusion_pipelines.LOAD_COUNTS["synthesize"] == 1
+    diffusion_pipelines.clear_cache()
 
 
 def test_resume_skips_finished_items(tmp_path):

@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pointvl import io as pio
-from pointvl.geometry import box3d_corners, project_box3d, project_points
-from pointvl.images import encode_rgb
+from pointvl.core import io as pio
+from pointvl.core.geometry import box3d_corners, project_box3d, project_points
+from pointvl.core.images import encode_rgb
 
 CATEGORIES = ("chair", "table", "car", "lamp")
 

@@ -55,7 +55,7 @@ def test_trainer_layout_and_transformers_loads_the_language_model(shards_dir, tm
 
 KILLED = textwrap.dedent("""
     import os, signal, sys
-    from pointvl import io as pio
+    from pointvl.core import io as pio
     from pointvl.train.config import parse_overrides, preset_config
     from pointvl.train.pipeline import train_stage
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pointvl.errors import InputError
+from pointvl.core.errors import InputError
 from pointvl.train.config import parse_overrides, preflight, preset_config, read_config_file
 
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from pointvl import io as pio
-from pointvl.evaluate import METRIC_KEYS
+from pointvl.core import io as pio
+from pointvl.evaluation.scoring import METRIC_KEYS
 from pointvl.train.config import tiny_preset
 from pointvl.train.pipeline import format_compute, run_pipeline
 

@@ -4,7 +4,7 @@ import io
 
 import torch
 
-from pointvl import io as pio
+from pointvl.core import io as pio
 from pointvl.train.config import preset_config
 from pointvl.train.pipeline import load
 from pointvl.train.sft import run_sft

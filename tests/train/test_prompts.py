@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pointvl import io as pio
 from pointvl.cli import main
+from pointvl.core import io as pio
 from pointvl.train.config import preset_config
 from pointvl.train.data import ShardExamples
 from pointvl.train.model import selective_logps

@@ -1,0 +1,1 @@
+"""The benchmark build: config, shard plan, DAG, runner, executors and the stages."""

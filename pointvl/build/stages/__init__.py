@@ -1,0 +1,1 @@
+"""The build's stages, one module each, and the parts they share."""

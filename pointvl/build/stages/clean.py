@@ -1,0 +1,436 @@
+"""Stage `clean`: ShapeNetCore v2 folder → the models the benchmark keeps, and why the rest went.
+
+Paper §4.1.1: merge semantically overlapping categories (hyponyms), drop categories with poor
+generation quality, and drop broken models. Every model found on disk gets one row in the cleaning
+report (`reports/cleaning.csv`): kept, or dropped with a reason. The train/test split is made here,
+by model, so no model (and none of its views) is in both splits.
+
+Drop reasons:
+- ``category_dropped``: its category is listed under ``dropped`` in the category config.
+- ``missing_obj``: the model folder has no ``models/model_normalized.obj`` (empty or texture-only).
+- ``unreadable`` / ``no_faces`` / ``no_vertices`` / ``non_finite`` / ``out_of_range`` /
+  ``degenerate`` / ``stray_geometry``: the mesh could not be used (:class:`pointvl.build.mesh.MeshError`
+  reasons; any other error of one mesh is ``unreadable`` with its message in the log).
+- ``synset_not_in_taxonomy``: the model's synset folder is not listed in ``taxonomy.json``.
+- ``broken_link``: a synset or model folder is a symbolic link that leads nowhere (or to itself).
+- ``model_in_two_categories``: the same model id sits under two synsets whose categories differ
+  after merging; its label is ambiguous, so every copy is dropped.
+- ``duplicate_model``: the same model id again under a synset merged into the same category; the
+  first copy (sorted by synset id) is kept.
+- ``duplicate_geometry``: byte-identical geometry to an earlier kept model (sorted by synset id,
+  model id); dropped so a shape cannot leak across splits.
+
+Kept models that were not unit-normalized (OBJ files from other tools come in any unit) are normalized
+like ShapeNet's ``model_normalized`` (:func:`pointvl.build.mesh.normalize`); the report's ``note`` says so.
+
+Taxonomy. Merges and drops of the category config apply to the synsets the taxonomy lists, so any
+subset of ShapeNet, or other data in ShapeNet's layout with its own ``taxonomy.json``, builds; a merge
+whose target is absent leaves its source as a category of its own. A synset id listed twice with
+different names is refused (one of them would silently relabel the other's models).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import trimesh
+from fsspec.implementations.local import LocalFileSystem
+
+from pointvl.build import mesh as mesh_module
+from pointvl.build.executor import Executor, InProcess
+from pointvl.build.mesh import NORMALIZATION, MeshError, load_model
+from pointvl.build.plan import ModelEntry
+from pointvl.core import io
+from pointvl.core.errors import ITEM_ERRORS, InputError
+from pointvl.core.package_data import config_path
+from pointvl.core.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CATEGORY_CONFIG = str(config_path("categories.yaml"))
+OBJ_RELPATH = "models/model_normalized.obj"
+
+
+@dataclass
+class CleanConfig:
+    """Category cleaning and the train/test split (paper §4.1.1, §4.1.2).
+
+    Args:
+        category_config: YAML with ``merges`` (hyponym synset → target synset) and ``dropped``
+            (synset → reason). Defaults to the checked-in ``pointvl/configs/categories.yaml``.
+        categories: keep only these categories (synset ids or names, after merging); empty = all.
+        train_size: training models: an int count, or a float fraction of the kept models, or
+            ``None`` for all models not in the test split. Paper: 11,347.
+        test_size: test models: an int count or a float fraction. Paper: 1,000. When fewer models
+            exist than the counts ask for, both are scaled down in proportion (with a warning).
+        seed: seeds the split.
+    """
+
+    category_config: str = DEFAULT_CATEGORY_CONFIG
+    categories: list[str] = field(default_factory=list)
+    train_size: int | float | None = 11_347
+    test_size: int | float = 1_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("train_size", "test_size"):
+            value = getattr(self, name)
+            if value is None and name == "train_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"clean.{name} must be an int count or a float fraction, got {value!r}")
+            if isinstance(value, float) and not 0.0 < value < 1.0:
+                raise ValueError(f"clean.{name} as a fraction must be in (0, 1), got {value}")
+            if isinstance(value, int) and value < 0:
+                raise ValueError(f"clean.{name} must be >= 0, got {value}")
+        if not Path(self.category_config).is_file():
+            raise ValueError(f"clean.category_config: no such file {self.category_config!r}")
+
+
+def read_taxonomy(shapenet_dir: str) -> dict[str, dict]:
+    """``taxonomy.json`` as ``{synset_id: entry}``; raises :class:`InputError` when unusable.
+
+    ``shapenet_dir`` is a local folder or an fsspec URL (``s3://bucket/ShapeNetCore.v2``)."""
+    fs, root = io.filesystem(shapenet_dir)
+    if not fs.isdir(root):
+        raise InputError(f"ShapeNet folder not found: {shapenet_dir}")
+    path = io.join(shapenet_dir, "taxonomy.json")
+    if not io.exists(path):
+        raise InputError(
+            f"{shapenet_dir} has no taxonomy.json: point --shapenet at the ShapeNetCore.v2 folder "
+            "(the one holding taxonomy.json and the <synset_id>/ folders)"
+        )
+    try:
+        entries = io.read_json(path)
+    except ValueError as err:
+        raise InputError(f"{path} is not JSON: {err}") from err
+    usable = isinstance(entries, list) and all(
+        isinstance(e, dict) and isinstance(e.get("synsetId"), str) and isinstance(e.get("name"), str) for e in entries
+    )
+    if not usable:
+        raise InputError(f"{path} is not a ShapeNet taxonomy: expected a JSON list of {{synsetId, name, ...}} objects")
+    if not entries:
+        raise InputError(f"{path} lists no synsets: add a {{synsetId, name}} entry per category folder")
+    taxonomy: dict[str, dict] = {}
+    for e in entries:
+        first = taxonomy.setdefault(e["synsetId"], e)
+        if category_name(first) != category_name(e):
+            raise InputError(
+                f"{path} lists synset {e['synsetId']} twice, as {first['name']!r} and {e['name']!r}: "
+                "keep one entry per synsetId"
+            )
+    return taxonomy
+
+
+def category_name(entry: dict) -> str:
+    """ShapeNet names are comma-separated synonyms ("car,auto,automobile"): the first one."""
+    return entry["name"].split(",")[0].strip()
+
+
+def geometry_hash(vertices: np.ndarray, faces: np.ndarray) -> str:
+    """Hash of the exact geometry (vertex coordinates and face indices), ignoring materials."""
+    h = hashlib.sha256(np.ascontiguousarray(vertices, dtype=np.float64).tobytes())
+    h.update(np.ascontiguousarray(faces, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _split_counts(n: int, cfg: CleanConfig) -> tuple[int, int]:
+    def count(size: int | float) -> int:
+        return round(size * n) if isinstance(size, float) else size
+
+    n_test = count(cfg.test_size)
+    n_train = n - n_test if cfg.train_size is None else count(cfg.train_size)
+    if n_train + n_test > n:
+        scale = n / (n_train + n_test)
+        logger.warning(
+            "asked for %d train + %d test models but %d are kept: scaling both by %.3f", n_train, n_test, n, scale
+        )
+        n_test = max(1, round(n_test * scale)) if n > 1 else 0
+        n_train = n - n_test
+    return n_train, n_test
+
+
+def _folders(folder: Path) -> list[tuple[str, bool]]:
+    """The sub-folders of ``folder``, sorted, each with whether it is a link that leads nowhere.
+
+    Plain files are not models and are left out; a symbolic link to itself or to nothing is kept,
+    so it gets a report row instead of vanishing.
+    """
+    out = []
+    for entry in os.scandir(folder):
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            out.append((entry.name, True))
+        elif entry.is_dir():
+            out.append((entry.name, False))
+    return sorted(out)
+
+
+ModelListing = tuple[str, bool, dict | None]  # model folder, broken link, its OBJ's info (None: no OBJ)
+
+
+def list_models(shapenet_dir: str) -> Iterator[tuple[str, bool, list[ModelListing]]]:
+    """Per synset folder (sorted): whether it is a broken link, and its model folders (sorted), each with
+    whether it is a broken link and its OBJ's fsspec info (size, mtime or ETag; ``None``: no OBJ).
+
+    Listing only, no file is read. On object storage one recursive listing per synset folder (a few
+    paged LIST calls, not a request per model); object stores have no links.
+    """
+    fs, root = io.filesystem(shapenet_dir)
+    if isinstance(fs, LocalFileSystem):
+        for synset, broken in _folders(Path(root)):
+            models = [] if broken else [
+                (model, gone, None if gone else _local_info(os.path.join(root, synset, model, OBJ_RELPATH)))
+                for model, gone in _folders(Path(root) / synset)
+            ]
+            yield synset, broken, models
+        return
+    for synset in sorted(e["name"].rsplit("/", 1)[-1] for e in fs.ls(root, detail=True) if e["type"] == "directory"):
+        base = f"{root}/{synset}/"
+        found: dict[str, dict | None] = {}
+        for path, info in fs.find(base, withdirs=True, detail=True).items():
+            rel = path.removeprefix(base)
+            if "/" not in rel and info["type"] == "directory":
+                found.setdefault(rel, None)
+            elif rel.count("/") == OBJ_RELPATH.count("/") + 1 and rel.endswith("/" + OBJ_RELPATH):
+                found[rel.split("/", 1)[0]] = info
+        yield synset, False, [(model, False, info) for model, info in sorted(found.items())]
+
+
+def _local_info(path: str) -> dict | None:
+    """Size and mtime of a local file (None: no such file)."""
+    if not os.path.isfile(path):
+        return None
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime": st.st_mtime}
+
+
+def model_path(shapenet_dir: str, synset: str, model: str) -> str:
+    """The OBJ of a model: an absolute local path, or a URL on the input's filesystem."""
+    path = io.join(shapenet_dir, synset, model, OBJ_RELPATH)
+    return path if "://" in path else os.path.abspath(path)
+
+
+def load_model_file(obj_path: str) -> trimesh.Trimesh:
+    """:func:`pointvl.build.mesh.load_model` of a local or remote OBJ (a remote model folder is copied to a
+    temporary local folder first, so its materials and ``../images/`` textures come along)."""
+    with io.local_copy(obj_path, levels=2) as local:
+        return load_model(local)
+
+
+def file_key(info: dict) -> str:
+    """What identifies a file's content without reading it: size and ETag (object storage) or mtime."""
+    return f"{info.get('size')}:{info.get('ETag') or info.get('mtime')}"
+
+
+@functools.cache
+def _loader_version() -> str:
+    """The mesh loader's source: a changed loader (new checks) invalidates cached validations."""
+    return hashlib.sha256(Path(mesh_module.__file__).read_bytes()).hexdigest()[:16]
+
+
+def validate_models(items: list[tuple[str, str, str]], cache_dir: str | None) -> list[tuple[str, str, str]]:
+    """``(reason, geometry hash, note)`` of each ``(obj path, file key, cache name)``; reason "" = usable.
+
+    Runs on a worker. With ``cache_dir``, a model's result is stored as ``<cache name>.json`` and reused
+    while the file key and the loader are the same, so a killed clean resumes where it stopped and a
+    re-clean only loads new or changed models.
+    """
+    out = []
+    for obj, key, name in items:
+        entry = io.join(cache_dir, f"{name}.json") if cache_dir else None
+        if entry and io.exists(entry):
+            cached = io.read_json(entry)
+            if cached.get("key") == key and cached.get("loader") == _loader_version():
+                out.append((cached["reason"], cached["geometry"], cached["note"]))
+                continue
+        try:
+            mesh = load_model_file(obj)
+        except MeshError as err:
+            result = (err.reason, "", str(err))
+        except ITEM_ERRORS as err:  # a mesh no check foresaw: it costs only itself
+            logger.warning("%s: %s: %s", name, type(err).__name__, err)
+            result = ("unreadable", "", f"{type(err).__name__}: {err}")
+        else:
+            norm = mesh.metadata[NORMALIZATION]
+            note = f"normalized like model_normalized (scale {norm['scale']:g})" if norm["normalized"] else ""
+            result = ("", geometry_hash(mesh.vertices, mesh.faces), note)
+        if entry:
+            io.write_json(entry, {"key": key, "loader": _loader_version(), "reason": result[0],
+                                  "geometry": result[1], "note": result[2]})
+        out.append(result)
+    return out
+
+
+def _split_key(seed: int, model_id: str) -> str:
+    return hashlib.sha256(f"{seed}:{model_id}".encode()).hexdigest()
+
+
+class Clean:
+    """Scan a ShapeNetCore v2 folder, apply the category config, drop bad models, split by model."""
+
+    def __init__(self, config: CleanConfig) -> None:
+        self.config = config
+        spec = io.read_yaml(config.category_config, "category config") or {}
+        if not isinstance(spec, dict):
+            raise InputError(f"category config {config.category_config} must be a mapping with merges/dropped")
+        self.merges: dict[str, str] = {str(k): str(v) for k, v in (spec.get("merges") or {}).items()}
+        self.dropped: dict[str, str] = {str(k): str(v) for k, v in (spec.get("dropped") or {}).items()}
+
+    def resolve_categories(self, taxonomy: dict[str, dict]) -> dict[str, str]:
+        """Synset id → category name after merges, for every synset present in the taxonomy.
+
+        A merge applies when both synsets are listed; one whose target is absent (a subset of
+        ShapeNet) leaves its source as a category of its own.
+        """
+        for src, dst in self.merges.items():
+            if src in taxonomy and dst not in taxonomy:
+                logger.info("category config merges %s into %s, which taxonomy.json does not list: "
+                            "%s stays a category of its own", src, dst, src)
+        merges = {src: dst for src, dst in self.merges.items() if dst in taxonomy}
+        names = {sid: category_name(taxonomy[merges.get(sid, sid)]) for sid in taxonomy}
+        unknown = [c for c in self.config.categories if c not in names and c not in names.values()]
+        if unknown:
+            raise InputError(
+                f"unknown categories in config: {unknown}; known: {sorted(set(names.values()))}"
+            )
+        return names
+
+    def run(
+        self,
+        shapenet_dir: str,
+        report_path: str,
+        executor: Executor | None = None,
+        cache_dir: str | None = None,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> list[ModelEntry]:
+        """Return the kept models with their split; write the cleaning report atomically.
+
+        Listing (:func:`list_models`, in this process) is separate from validation (loading and hashing
+        each candidate mesh), which runs in chunks on ``executor``'s workers, cached per model in
+        ``cache_dir`` (:func:`validate_models`); ``progress`` gets its i/n, rate and ETA as chunks finish.
+        """
+        taxonomy = read_taxonomy(shapenet_dir)
+        names = self.resolve_categories(taxonomy)
+        wanted = set(self.config.categories)
+        rows: list[dict] = []
+        candidates: list[tuple[str, str, str, dict | None]] = []  # synset, model, category, OBJ info
+        for synset, broken, models in list_models(shapenet_dir):
+            if broken:
+                rows.append(self._row(synset, "", "", "dropped", "broken_link"))
+                continue
+            if synset not in names:
+                logger.warning("folder %s is not in taxonomy.json: its %d models are reported, not built",
+                               synset, len(models))
+                rows.extend(self._row(synset, m, "", "dropped", "synset_not_in_taxonomy")
+                            for m, _, _ in models or [("", False, None)])
+                continue
+            category = names[synset]
+            for model, broken, info in models:
+                row = {"synset_id": synset, "model_id": model, "category": category}
+                if broken:
+                    rows.append({**row, "status": "dropped", "reason": "broken_link"})
+                elif synset in self.dropped or self.merges.get(synset) in self.dropped:
+                    rows.append({**row, "status": "dropped", "reason": "category_dropped"})
+                elif wanted and category not in wanted and synset not in wanted:
+                    rows.append({**row, "status": "dropped", "reason": "category_not_selected"})
+                else:
+                    candidates.append((synset, model, category, info))
+
+        kept = self._check_models(shapenet_dir, candidates, rows, executor or InProcess(), cache_dir, progress)
+        n_train, n_test = _split_counts(len(kept), self.config)
+        order = sorted(kept, key=lambda c: _split_key(self.config.seed, c[1]))
+        split_of = {c[1]: "test" for c in order[:n_test]}
+        split_of.update({c[1]: "train" for c in order[n_test : n_test + n_train]})
+        entries = []
+        for synset, model, category, obj, digest, note in kept:
+            split = split_of.get(model)
+            if split is None:
+                rows.append(self._row(synset, model, category, "dropped", "over_split_size"))
+                continue
+            rows.append({**self._row(synset, model, category, "kept", "", split), "note": note})
+            entries.append(ModelEntry(synset, model, category, split, obj, digest))
+        self._write_report(rows, report_path)
+        logger.info("clean: %d models kept (%d train, %d test), %d dropped",
+                    len(entries), n_train, n_test, len(rows) - len(entries))
+        return entries
+
+    @staticmethod
+    def _row(synset: str, model: str, category: str, status: str, reason: str, split: str = "") -> dict:
+        return {"synset_id": synset, "model_id": model, "category": category, "status": status,
+                "reason": reason, "split": split}
+
+    def _check_models(
+        self,
+        shapenet_dir: str,
+        candidates: list[tuple[str, str, str, dict | None]],
+        rows: list[dict],
+        executor: Executor,
+        cache_dir: str | None,
+        progress: Callable[[Progress], None] | None,
+    ) -> list:
+        """The usable candidates as ``(synset, model, category, obj path, geometry hash, note)``; a row per drop."""
+        by_model: dict[str, list] = {}
+        for c in candidates:
+            by_model.setdefault(c[1], []).append(c)
+        unique = []
+        for copies in by_model.values():
+            if len({c[2] for c in copies}) > 1:
+                rows.extend(self._row(s, m, cat, "dropped", "model_in_two_categories") for s, m, cat, _ in copies)
+                continue
+            unique.append(copies[0])
+            rows.extend(self._row(s, m, cat, "dropped", "duplicate_model") for s, m, cat, _ in copies[1:])
+
+        todo = []
+        for synset, model, category, info in sorted(unique, key=lambda c: c[:2]):
+            if info is None:
+                rows.append(self._row(synset, model, category, "dropped", "missing_obj"))
+                continue
+            todo.append((synset, model, category, model_path(shapenet_dir, synset, model), file_key(info)))
+        results = _validate_all(todo, executor, cache_dir, progress)
+        kept, seen = [], {}
+        for (synset, model, category, obj, _), (reason, digest, note) in zip(todo, results, strict=True):
+            if reason:
+                rows.append({**self._row(synset, model, category, "dropped", reason), "note": note})
+                continue
+            if digest in seen:
+                rows.append(self._row(synset, model, category, "dropped", "duplicate_geometry"))
+                logger.info("%s/%s duplicates the geometry of %s", synset, model, seen[digest])
+                continue
+            seen[digest] = f"{synset}/{model}"
+            kept.append((synset, model, category, obj, digest, note))
+        return kept
+
+    @staticmethod
+    def _write_report(rows: list[dict], path: str) -> None:
+        columns = ["synset_id", "model_id", "category", "status", "reason", "split", "note"]
+        rows = sorted(rows, key=lambda r: (r["synset_id"], r["model_id"]))
+        table = pa.table({c: [r.get(c, "") for r in rows] for c in columns})
+        buf = pa.BufferOutputStream()
+        pacsv.write_csv(table, buf)
+        io.write_bytes(path, buf.getvalue().to_pybytes())
+
+
+def _validate_all(
+    todo: list[tuple[str, str, str, str, str]],
+    executor: Executor,
+    cache_dir: str | None,
+    progress: Callable[[Progress], None] | None,
+) -> list[tuple[str, str, str]]:
+    """:func:`validate_models` over ``todo`` in chunks on the executor, results in ``todo``'s order."""
+    size = max(1, min(32, len(todo) // (4 * executor.workers)))  # a few chunks per worker balance big meshes
+    chunks = [[(obj, key, f"{s}/{m}") for s, m, _, obj, key in todo[i : i + size]] for i in range(0, len(todo), size)]
+    results: list[list[tuple[str, str, str]]] = [[] for _ in chunks]
+    tracker = Progress("clean: validated", len(todo), "models", progress)
+    for i, chunk_results in executor.map(validate_models, chunks, cache_dir):
+        results[i] = chunk_results
+        tracker.advance(len(chunk_results))
+    return [r for chunk in results for r in chunk]

@@ -1,0 +1,1 @@
+"""Test fixtures and tiny models, used by the tests, the demo and the benchmarks."""
