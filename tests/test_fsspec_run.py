@@ -2,6 +2,7 @@
 
 import fsspec
 import pyarrow.parquet as pq
+import pytest
 
 from pointvl.build.config import BuildConfig
 from pointvl.build.runner import build_in_process
@@ -10,6 +11,7 @@ CONFIG = {"shard_size": 16, "clean": {"test_size": 0.25, "train_size": None, "ca
           "sample_points": {"num_points": 256}, "render": {"width": 48, "height": 48}}
 
 
+@pytest.mark.slow  # make test builds into a real s3:// URL (tests/scale/test_s3.py)
 def test_a_build_into_an_fsspec_url_matches_a_local_one(shapenet, tmp_path):
     cfg = BuildConfig.from_dict(CONFIG)
     local = build_in_process(shapenet.root, str(tmp_path / "run"), cfg)

@@ -160,6 +160,7 @@ def test_a_changed_config_is_still_refused_without_incremental(built):
     assert _mtimes(run, "**/*") == before
 
 
+@pytest.mark.slow  # the deployed scheduled build is incremental in make test (tests/ops/test_deployed.py)
 def test_cli_incremental_updates_a_run_folder(built, tmp_path):
     source, run = built
     config = tmp_path / "wider.yaml"

@@ -107,6 +107,7 @@ def test_keypoints_project_onto_the_object(built):
             assert mask[np.floor(kp2[:, 1]).astype(int), np.floor(kp2[:, 0]).astype(int)].all()
 
 
+@pytest.mark.slow  # skip-when-finished: every stage in tests/stages/test_contract.py; resume in tests/ops
 def test_rerun_recomputes_nothing(built, shapenet, config_file):
     before = {p: p.stat().st_mtime_ns for p in built.rglob("*") if p.is_file()}
     result = pointvl("build", "--shapenet", shapenet.root, "--out", str(built), "--config", config_file)
