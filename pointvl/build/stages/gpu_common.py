@@ -234,7 +234,18 @@ def run_items(
 
 class GpuStage(Stage):
     """A stage whose items run on a GPU model: resumable item by item (this module's docstring). Its
-    finished test comes before any model is loaded, so a finished shard costs no GPU time."""
+    finished test comes before any model is loaded, so a finished shard costs no GPU time.
+
+    ``pipeline``: a ready diffusers pipeline (else loaded once per process from the config's model).
+    ``encode_prompt``: maps prompt strings to the pipeline's embedding keywords, for pipelines built
+    without a text encoder (tests, benchmarks)."""
+
+    def __init__(self, config: GpuStageConfig | None = None, pipeline: Any = None,
+                 encode_prompt: PromptEncoder | None = None) -> None:
+        super().__init__(config)
+        self.pipeline = pipeline
+        self.encode_prompt = encode_prompt
+        self.model_seconds = 0.0  # time inside the pipeline, for the stats
 
     def write(self, run: RunFolder | str, shard_index: int, out: ShardOutput | list[dict], drops: Drops,
               seconds: float) -> dict:

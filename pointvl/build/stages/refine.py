@@ -24,7 +24,6 @@ from pointvl.build.stages.base import Drops, ShardOutput, read_stage_table
 from pointvl.build.stages.gpu_common import (
     GpuStage,
     GpuStageConfig,
-    PromptEncoder,
     encode_outputs,
     generation_size,
     instance_seed,
@@ -71,23 +70,12 @@ class RefineConfig(GpuStageConfig):
 
 
 class Refine(GpuStage):
-    """Stage ``refine``: one shard of renders, refined.
-
-    ``pipeline``: a ready ``QwenImageEditPipeline`` (else loaded once per process from
-    ``config.model``). ``encode_prompt``: maps prompt strings to the pipeline's embedding keywords,
-    for pipelines built without a text encoder (tests, benchmarks)."""
+    """Stage ``refine``: one shard of renders, refined (``pipeline``: a ``QwenImageEditPipeline``)."""
 
     name = STAGE
     inputs = ("render",)
     schema = SCHEMA
     config_class = RefineConfig
-
-    def __init__(self, config: RefineConfig | None = None, pipeline: Any = None,
-                 encode_prompt: PromptEncoder | None = None):
-        super().__init__(config)
-        self.pipeline = pipeline
-        self.encode_prompt = encode_prompt
-        self.model_seconds = 0.0
 
     def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> ShardOutput:
         cfg = self.config

@@ -29,7 +29,6 @@ from pointvl.build.stages.drift import canny_control, depth_control, drift_score
 from pointvl.build.stages.gpu_common import (
     GpuStage,
     GpuStageConfig,
-    PromptEncoder,
     encode_outputs,
     generation_size,
     instance_seed,
@@ -125,23 +124,13 @@ def category_name(category: str) -> str:
 
 
 class Synthesize(GpuStage):
-    """Stage ``synthesize``: one shard of refined renders, synthesized.
-
-    ``pipeline``: a ready ``FluxControlNetPipeline`` whose ``controlnet`` is a
-    ``FluxMultiControlNetModel`` (else loaded once per process). ``encode_prompt``: as in
-    :class:`pointvl.build.stages.refine.Refine`."""
+    """Stage ``synthesize``: one shard of refined renders, synthesized (``pipeline``: a
+    ``FluxControlNetPipeline`` whose ``controlnet`` is a ``FluxMultiControlNetModel``)."""
 
     name = STAGE
     inputs = ("refine", "render")
     schema = SCHEMA
     config_class = SynthesizeConfig
-
-    def __init__(self, config: SynthesizeConfig | None = None, pipeline: Any = None,
-                 encode_prompt: PromptEncoder | None = None):
-        super().__init__(config)
-        self.pipeline = pipeline
-        self.encode_prompt = encode_prompt
-        self.model_seconds = 0.0
 
     def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> ShardOutput:
         cfg = self.config
