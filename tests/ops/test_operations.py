@@ -57,6 +57,7 @@ def _records(out: Path) -> list[dict]:
             for r in pq.read_table(f, columns=["instance_id", "provenance"]).to_pylist()]
 
 
+@pytest.mark.slow  # make test: the deployed review (tests/ops/test_deployed.py)
 def test_build_pauses_for_review_and_the_rejected_item_never_reaches_the_shards(
     prefect_server, free_port, shapenet, tmp_path
 ):
@@ -123,6 +124,7 @@ def test_build_pauses_for_review_and_the_rejected_item_never_reaches_the_shards(
     assert httpx.get(f"{api}/flow_runs/{run_id}").json()["state"]["type"] == "COMPLETED"
 
 
+@pytest.mark.slow  # make test: the cron fires on a real server (tests/ops/test_deployed.py)
 def test_the_scheduled_deployment_carries_the_cron_schedule(prefect_server):
     env = {**prefect_server["env"], "POINTVL_ROOT": str(ROOT), "POINTVL_BUILD_CRON": "17 3 * * 1",
            "POINTVL_SHAPENET": "/data/ShapeNetCore.v2", "POINTVL_OUT": "/data/gr3d"}

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
     import json, sys
     from prefect.client.orchestration import get_client
@@ -22,6 +24,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # make test: the pipeline in tests/train/test_pipeline.py; a train deployment run in tests/ops
 def test_train_flow_publishes_metrics_and_curves(short_shards_dir, tmp_path):
     import json
 
