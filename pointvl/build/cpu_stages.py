@@ -20,15 +20,13 @@ import trimesh
 from pointvl.build.dag import CPU_STAGES
 from pointvl.build.executor import worker_id
 from pointvl.build.mesh import MeshError
-from pointvl.build.plan import ModelEntry, Plan, Shard, load_plan
-from pointvl.build.run_folder import RunFolder
+from pointvl.build.plan import ModelEntry, Shard, load_plan
 from pointvl.build.stages.base import Drops, ShardOutput, finished, read_stats
-from pointvl.build.stages.clean import file_key, load_model_file
+from pointvl.build.stages.clean import load_model_file
 from pointvl.build.stages.geometry import Geometry, GeometryConfig
 from pointvl.build.stages.kpts2d import Kpts2D, Kpts2DConfig
 from pointvl.build.stages.render import Render, RenderConfig
 from pointvl.build.stages.sample_points import SamplePoints, SamplePointsConfig
-from pointvl.core import io
 from pointvl.core.errors import ITEM_ERRORS
 
 STAGE_NAMES = tuple(stage.name for stage in CPU_STAGES)
@@ -44,23 +42,10 @@ class CpuStagesConfig:
     kpts2d: Kpts2DConfig
 
 
-_plans: dict[tuple[str, str], Plan] = {}
-
-
-def _plan(run_dir: str) -> Plan:
-    """The run's plan, read once per worker process and plan version (a plan of 52k models is ~20 MB)."""
-    fs, path = io.filesystem(RunFolder.of(run_dir).plan)
-    stamp = (run_dir, file_key(fs.info(path)))
-    if stamp not in _plans:
-        _plans.clear()
-        _plans[stamp] = load_plan(run_dir)
-    return _plans[stamp]
-
-
 def run_cpu_shard(shard_index: int, run_dir: str, config: CpuStagesConfig) -> dict[str, dict]:
     """Run the CPU stages not finished yet for work shard ``shard_index``; returns each stage's stats
     (``skipped`` when finished before)."""
-    shard = _plan(run_dir).shards[shard_index]
+    shard = load_plan(run_dir).shards[shard_index]
     todo = [s for s in STAGE_NAMES if not finished(run_dir, s, shard.index)]
     stats = {s: read_stats(run_dir, s, shard.index) | {"skipped": True} for s in STAGE_NAMES if s not in todo}
     if not todo:

@@ -119,19 +119,30 @@ class DamagedPlanError(InputError):
     """``plan.json`` exists but cannot be read as a plan."""
 
 
+_loaded: dict[str, tuple[str, Plan]] = {}
+
+
 def load_plan(run_dir: str) -> Plan:
-    """The run's plan; a damaged ``plan.json`` raises :class:`DamagedPlanError` saying what to do."""
+    """The run's plan; a damaged ``plan.json`` raises :class:`DamagedPlanError` saying what to do.
+
+    Parsed once per process and version of the file (its size and mtime or ETag): every stage of every
+    shard asks for it, and a plan of 52k models is ~20 MB of JSON.
+    """
     path = RunFolder.of(run_dir).plan
+    fs, p = io.filesystem(path)
+    stamp = io.file_key(fs.info(p))  # FileNotFoundError: no plan yet
+    if path in _loaded and _loaded[path][0] == stamp:
+        return _loaded[path][1]
     try:
-        return Plan.from_json(io.read_json(path))
-    except FileNotFoundError:
-        raise
+        plan = Plan.from_json(io.read_json(path))
     except (ValueError, KeyError, TypeError, AttributeError) as err:  # bad bytes, bad JSON, wrong shape
         raise DamagedPlanError(
             f"{path} is damaged ({type(err).__name__}: {str(err)[:120]}): move it away and re-run the same "
             "build; the plan is made again from the same input and config, and finished outputs that "
             "still match it are kept"
         ) from None
+    _loaded[path] = (stamp, plan)
+    return plan
 
 
 def existing_plan(run_dir: str, fingerprint: str) -> Plan | None:

@@ -39,6 +39,12 @@ def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, paths[0]
 
 
+def file_key(info: dict) -> str:
+    """What identifies a file's content without reading it (an fsspec ``info``): size and ETag (object
+    storage) or mtime."""
+    return f"{info.get('size')}:{info.get('ETag') or info.get('mtime')}"
+
+
 def exists(path: str) -> bool:
     fs, p = filesystem(path)
     return fs.exists(p)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pointvl.build.executor import open_executor
-from pointvl.build.stages.clean import Clean, CleanConfig, file_key, list_models, model_path, validate_models
+from pointvl.build.stages.clean import Clean, CleanConfig, list_models, model_path, validate_models
+from pointvl.core import io
 
 CFG = CleanConfig(test_size=0.25, train_size=None)
 
@@ -26,7 +27,7 @@ def test_parallel_cached_validation_gives_the_serial_result_and_resumes(shapenet
     serial = Clean(CFG).run(shapenet.root, str(tmp_path / "serial.csv"))
     # what a clean killed half-way leaves behind: cache entries for the models it finished
     cache = tmp_path / "cache"
-    todo = [(model_path(shapenet.root, s, m), file_key(info), f"{s}/{m}")
+    todo = [(model_path(shapenet.root, s, m), io.file_key(info), f"{s}/{m}")
             for s, _, models in list_models(shapenet.root) for m, _, info in models if info is not None]
     validate_models(todo[: len(todo) // 2], str(cache))
     before = _entries(cache)

@@ -1,7 +1,7 @@
-"""What every per-shard stage shares: its output location, the finished test, integrity, drops.
+"""The stage contract (:class:`Stage`) and what every per-shard stage shares: the finished test, integrity, drops.
 
 A stage writes one table per work shard, ``RUN/stages/<stage>/shard-{i:05d}.parquet``, keyed by
-``instance_id``, plus a stats JSON beside it (counts, ``dropped_<reason>``, seconds). The stats are
+``instance_id``, plus a stats JSON beside it (``instances``, ``dropped_<reason>``, ``seconds``). The stats are
 written first and the table last, so a shard is finished exactly when its table exists and checks out.
 
 Integrity. Each table records what it was made from in its Parquet metadata (``pointvl.made_from``:

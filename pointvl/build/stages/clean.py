@@ -226,11 +226,6 @@ def load_model_file(obj_path: str) -> trimesh.Trimesh:
         return load_model(local)
 
 
-def file_key(info: dict) -> str:
-    """What identifies a file's content without reading it: size and ETag (object storage) or mtime."""
-    return f"{info.get('size')}:{info.get('ETag') or info.get('mtime')}"
-
-
 @functools.cache
 def _loader_version() -> str:
     """The mesh loader's source: a changed loader (new checks) invalidates cached validations."""
@@ -394,7 +389,7 @@ class Clean:
             if info is None:
                 rows.append(self._row(synset, model, category, "dropped", "missing_obj"))
                 continue
-            todo.append((synset, model, category, model_path(shapenet_dir, synset, model), file_key(info)))
+            todo.append((synset, model, category, model_path(shapenet_dir, synset, model), io.file_key(info)))
         results = _validate_all(todo, executor, cache_dir, progress)
         kept, seen = [], {}
         for (synset, model, category, obj, _), (reason, digest, note) in zip(todo, results, strict=True):
