@@ -8,7 +8,8 @@ Every task takes a run folder and a shard index; data moves by path. Finished sh
 so re-running the same build after a failure only does what is left. Before any stage, the build
 checks that its training hand-off could start and takes the run folder's lock (one build per
 folder; a second one ends CANCELLED naming the holder). ``review`` suspends for a person in deployed
-builds (``flows/review.py``), keeping the lock; each stage publishes a ``progress-<stage>`` artifact.
+builds (``flows/review.py``), keeping the lock; each stage publishes a ``progress-<stage>`` artifact,
+and refine, synthesize and annotate a ``stats-<stage>`` table of their shards' stats.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from tasks.annotate import annotate
 from tasks.clean import clean
 from tasks.cpu_stages import cpu_stages
 from tasks.handoff import start_training
-from tasks.progress import publish_progress, wait_with_progress
+from tasks.progress import publish_progress, publish_stats, wait_with_progress
 from tasks.summary import publish_summary
 from tasks.write_shards import write_shards
 
@@ -99,8 +100,10 @@ def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers
         run_gpu_stage(stage.name, out, shards, cfg.gpu_deployments.get(stage.name), getattr(cfg, stage.name),
                       workers=cfg.gpu_workers)
         publish_progress(out, stage.name, shards, bid)
+        publish_stats(out, stage.name, shards, bid)
 
     wait_with_progress("annotate", [annotate.submit(out, i, cfg.annotate) for i in shards], bid)
+    publish_stats(out, "annotate", shards, bid)
     review_gate(out, shards, cfg.review, bid)
     finals = [write_shards.submit(out, i, WriteShardsConfig(cfg.geometry.num_keypoints)) for i in shards]
     wait_with_progress("write_shards", finals, bid)

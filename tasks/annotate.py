@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from prefect import Task, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
@@ -58,15 +57,4 @@ def annotate(run_dir: str, shard_index: int, config: AnnotateConfig) -> dict:
         api_key=_secret(config.api_key_secret_block),
         vlm_api_key=_secret(config.vlm_api_key_secret_block),
     )
-    stats = run_stage(stage, run_dir, shard_index)
-    if not stats.get("skipped"):
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats.items()) if k.startswith("failed_")) or "none"
-        create_markdown_artifact(
-            key=f"annotate-shard-{shard_index:05d}",
-            markdown=f"annotate shard {shard_index:05d} (`{stats['backend']}`): {stats['ok']} ok, "
-            f"{stats['failed']} failed ({reasons}), {stats['flagged']} flagged for review, "
-            f"{stats.get('api_calls', 0)} API calls, {stats.get('cache_hits', 0)} cache hits, "
-            f"{stats['seconds']:.1f} s",
-            description="annotate stage stats",
-        )
-    return stats
+    return run_stage(stage, run_dir, shard_index)

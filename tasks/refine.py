@@ -1,5 +1,4 @@
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pointvl.build.stages.refine import Refine, RefineConfig
@@ -9,12 +8,4 @@ from tasks.common import run_stage
 @task(name="refine", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=30, task_run_name="refine-{shard_index:05d}")
 def refine(run_dir: str, shard_index: int, config: RefineConfig) -> dict:
     """Qwen-Image-Edit refinement of one shard's renders; a retry resumes at the first unfinished item."""
-    stats = run_stage(Refine(config), run_dir, shard_index)
-    if not stats.get("skipped"):
-        create_markdown_artifact(
-            key=f"refine-shard-{shard_index:05d}",
-            markdown=f"refine shard {shard_index:05d}: {stats['generated']} generated, {stats['resumed']} resumed, "
-            f"backend `{stats['backend']}`, {stats['seconds']:.1f} s",
-            description="refine stage stats",
-        )
-    return stats
+    return run_stage(Refine(config), run_dir, shard_index)

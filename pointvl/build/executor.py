@@ -114,6 +114,10 @@ class ProcessPool(Executor):
         self.logs.start()
         level = logging.getLogger("pointvl").getEffectiveLevel()
         self.pool = cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_warm, initargs=(queue, level))
+        # a spawn pool starts a process per submission that finds none idle: start all of them now, so that
+        # they import Open3D while this process lists the input
+        for _ in range(workers):
+            self.pool.submit(int)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
         return self.pool.submit(fn, *args)

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pointvl.build.handoff import build_id
 from pointvl.build.plan import load_plan
 from pointvl.build.preview import stop_detached
 from pointvl.build.run_folder import RunFolder
@@ -221,6 +222,13 @@ def test_the_cron_fires_the_review_waits_suspended_and_one_build_holds_the_folde
         httpx.get(pending["sheets"]["0"], timeout=3)  # the preview server went with the review
     assert "review:rejected" in (out / "shards" / "README.md").read_text()
     assert "training run" in done["state"]["message"]
+    # the annotate stage's stats are one table artifact of the run, a row per shard as in the run folder
+    tables = httpx.post(f"{d.api}/artifacts/filter", json={"artifacts": {
+        "key": {"any_": [f"stats-annotate-{build_id(str(out))}"]}, "flow_run_id": {"any_": [first["id"]]}}}).json()
+    assert tables and all(
+        [(r["shard"], r["instances"], r["ok"]) for r in json.loads(t["data"])]
+        == [(i, read_stats(str(out), "annotate", i)["instances"], read_stats(str(out), "annotate", i)["ok"])
+            for i in pending["shards"]] for t in tables)
     print(f"\ncron tick to run start {tick_to_start:.1f} s; suspended review held "
           f"{answered_at - suspended_at:.0f} s; answer to completed {resume_s:.1f} s")
 
