@@ -28,6 +28,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from prefect_api import API
 
 from pointvl.build.handoff import build_id
 from pointvl.build.plan import load_plan
@@ -71,16 +72,16 @@ class Deployed:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     def deployment(self, name: str) -> dict:
-        return httpx.get(f"{self.api}/deployments/name/build-benchmark/{name}").json()
+        return API.get(f"{self.api}/deployments/name/build-benchmark/{name}").json()
 
     def runs(self, deployment: str | None = None, flow: str = "build-benchmark") -> list[dict]:
         body: dict = {"flows": {"name": {"any_": [flow]}}, "sort": "EXPECTED_START_TIME_ASC"}
         if deployment:
             body["deployments"] = {"id": {"any_": [self.deployment(deployment)["id"]]}}
-        return httpx.post(f"{self.api}/flow_runs/filter", json=body).json()
+        return API.post(f"{self.api}/flow_runs/filter", json=body).json()
 
     def run(self, run_id: str) -> dict:
-        return httpx.get(f"{self.api}/flow_runs/{run_id}").json()
+        return API.get(f"{self.api}/flow_runs/{run_id}").json()
 
     def wait_state(self, run_id: str, types: tuple[str, ...], timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
@@ -94,7 +95,7 @@ class Deployed:
             time.sleep(1)
 
     def logs(self, run_id: str) -> str:
-        logs = httpx.post(f"{self.api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}}).json()
+        logs = API.post(f"{self.api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}}).json()
         worker = (self.tmp / "worker.log").read_text()[-3000:] if (self.tmp / "worker.log").exists() else ""
         return "\n".join(entry["message"][:500] for entry in logs[-30:]) + "\n--- worker:\n" + worker
 
@@ -122,7 +123,7 @@ def deployed(prefect_server, shapenet, tmp_path):
         for name in ("scheduled", "on-demand"):  # nothing of this test may fire later in the session
             deployment = d.deployment(name)
             if "id" in deployment:
-                httpx.delete(f"{d.api}/deployments/{deployment['id']}")
+                API.delete(f"{d.api}/deployments/{deployment['id']}")
         for run_dir in (p for p in tmp_path.iterdir() if p.is_dir()):  # a preview server left by a failed test
             stop_detached(str(run_dir / "reports" / "preview_server.json"))
 
@@ -148,9 +149,9 @@ def test_the_cron_fires_the_review_waits_suspended_and_one_build_holds_the_folde
     scheduled = d.deployment("scheduled")
     # The user narrows the deployed config per key (no whole-config restatement), as in the README.
     params = {**scheduled["parameters"], "overrides": {**SMALL, **TINY_HANDOFF, "review.timeout_s": 3600}}
-    assert httpx.patch(f"{d.api}/deployments/{scheduled['id']}", json={"parameters": params}).status_code == 204
+    assert API.patch(f"{d.api}/deployments/{scheduled['id']}", json={"parameters": params}).status_code == 204
     for r in d.runs("scheduled"):  # runs scheduled before the change carry the old parameters
-        httpx.delete(f"{d.api}/flow_runs/{r['id']}")
+        API.delete(f"{d.api}/flow_runs/{r['id']}")
     d.start_worker()
 
     # 1. The cron creates a run by itself (no one calls run_deployment) and it starts at its tick.
@@ -161,10 +162,10 @@ def test_the_cron_fires_the_review_waits_suspended_and_one_build_holds_the_folde
     first = started[0]
     tick_to_start = (time.time() - _epoch(first["expected_start_time"]))
     for schedule in scheduled["schedules"]:  # stop further ticks: the rest of the test is about this run
-        httpx.patch(f"{d.api}/deployments/{scheduled['id']}/schedules/{schedule['id']}", json={"active": False})
+        API.patch(f"{d.api}/deployments/{scheduled['id']}/schedules/{schedule['id']}", json={"active": False})
     for r in d.runs("scheduled"):
         if r["state_type"] == "SCHEDULED":
-            httpx.delete(f"{d.api}/flow_runs/{r['id']}")
+            API.delete(f"{d.api}/flow_runs/{r['id']}")
     assert first["auto_scheduled"] and first["parameters"]["overrides"]["shard_size"] == 16
 
     # 2. ... and runs to the review gate, where it suspends: its process exits, the lock stays.
@@ -197,7 +198,7 @@ def test_the_cron_fires_the_review_waits_suspended_and_one_build_holds_the_folde
     # 5. The review outlives the lease window (no process, no lease to lose) and stays answerable.
     time.sleep(max(0.0, 35 - (time.monotonic() - suspended_at)))
     assert d.run(first["id"])["state_type"] == "PAUSED"
-    inputs = httpx.post(f"{d.api}/flow_runs/{first['id']}/input/filter", json={"prefix": "suspended"}).json()
+    inputs = API.post(f"{d.api}/flow_runs/{first['id']}/input/filter", json={"prefix": "suspended"}).json()
     schema = next(json.loads(i["value"]) for i in inputs if i["key"].endswith("-schema"))
     all_ids = [it.instance_id for i in pending["shards"] for it in items(str(out), i)]
     assert sorted(schema["properties"]["reject"]["items"]["enum"]) == sorted(all_ids)  # choices, no copying
@@ -205,7 +206,7 @@ def test_the_cron_fires_the_review_waits_suspended_and_one_build_holds_the_folde
     # 6. The reviewer picks an item in the form (what the UI sends) and the run re-enters and completes.
     rejected = all_ids[1]
     answered_at = time.monotonic()
-    resume = httpx.post(f"{d.api}/flow_runs/{first['id']}/resume", json={"run_input": {
+    resume = API.post(f"{d.api}/flow_runs/{first['id']}/resume", json={"run_input": {
         "reject": [rejected], "reject_reason": "wrong pose", "reviewer": "ana"}})
     assert resume.status_code < 300 and resume.json()["status"] == "ACCEPT", resume.text
     done = d.wait_state(first["id"], ("COMPLETED",), timeout=300)
@@ -217,13 +218,13 @@ def test_the_cron_fires_the_review_waits_suspended_and_one_build_holds_the_folde
     assert len(log) == len(all_ids)  # one decision per item: nothing decided twice
     assert [(e["decision"], e["source"]) for e in log if e["instance_id"] == rejected] == [("rejected", "prefect form")]
     assert not (out / "build.lock").exists() and not (out / "reports" / "review_pending.json").exists()
-    assert httpx.get(f"{d.api}/flow_runs/{pending['timeout_run_id']}").status_code == 404  # follow-up dropped
+    assert API.get(f"{d.api}/flow_runs/{pending['timeout_run_id']}").status_code == 404  # follow-up dropped
     with pytest.raises(httpx.TransportError):
         httpx.get(pending["sheets"]["0"], timeout=3)  # the preview server went with the review
     assert "review:rejected" in (out / "shards" / "README.md").read_text()
     assert "training run" in done["state"]["message"]
     # the annotate stage's stats are one table artifact of the run, a row per shard as in the run folder
-    tables = httpx.post(f"{d.api}/artifacts/filter", json={"artifacts": {
+    tables = API.post(f"{d.api}/artifacts/filter", json={"artifacts": {
         "key": {"any_": [f"stats-annotate-{build_id(str(out))}"]}, "flow_run_id": {"any_": [first["id"]]}}}).json()
     assert tables and all(
         [(r["shard"], r["instances"], r["ok"]) for r in json.loads(t["data"])]
@@ -324,9 +325,9 @@ def test_a_failed_training_run_is_reported_on_the_build_that_started_it(prefect_
                             env=prefect_server["env"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     build_run = result.stdout.split()[-1]
-    run = httpx.get(f"{api}/flow_runs/{build_run}").json()
+    run = API.get(f"{api}/flow_runs/{build_run}").json()
     assert run["state_type"] == "COMPLETED" and "failed" in run["state"]["message"]
-    artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {
+    artifacts = API.post(f"{api}/artifacts/filter", json={"artifacts": {
         "key": {"any_": ["training-failed-abc123abc123"]}, "flow_run_id": {"any_": [build_run]}}}).json()
     assert len(artifacts) == 1 and "Training failed" in artifacts[0]["data"]
 

@@ -11,9 +11,9 @@ import sys
 import textwrap
 import time
 
-import httpx
 import pyarrow.parquet as pq
 from gpu_inputs import write_render_shard
+from prefect_api import API
 
 SERVE = textwrap.dedent("""
     from flows.gpu_stages import refine_shards
@@ -38,7 +38,7 @@ def test_run_gpu_stage_gives_a_worker_one_flow_run_over_its_shards(prefect_serve
     try:
         api = prefect_server["api"]
         deadline = time.monotonic() + 90
-        while httpx.get(f"{api}/deployments/name/refine-shards/refine").status_code != 200:
+        while API.get(f"{api}/deployments/name/refine-shards/refine").status_code != 200:
             assert worker.poll() is None and time.monotonic() < deadline, "the deployment was not served"
             time.sleep(0.5)
         result = subprocess.run([sys.executable, "-c", START, run_dir], env=env, capture_output=True, text=True,
@@ -52,8 +52,8 @@ def test_run_gpu_stage_gives_a_worker_one_flow_run_over_its_shards(prefect_serve
         table = pq.read_table(os.path.join(run_dir, "stages", "refine", f"shard-{i:05d}.parquet"))
         assert table.column("instance_id").to_pylist() == ids[i]
         assert {json.loads(p)["backend"] for p in table.column("refine_provenance").to_pylist()} == {"passthrough"}
-    runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"tags": {"all_": ["stage:refine"]}}}).json()
+    runs = API.post(f"{api}/flow_runs/filter", json={"flow_runs": {"tags": {"all_": ["stage:refine"]}}}).json()
     # one worker: one flow run (one process, so one model load) covers both shards, in order
     assert [(r["parameters"]["shard_indices"], r["state_type"]) for r in runs] == [([0, 1], "COMPLETED")]
-    tasks = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [runs[0]["id"]]}}}).json()
+    tasks = API.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [runs[0]["id"]]}}}).json()
     assert sorted(t["name"] for t in tasks) == ["refine-00000", "refine-00001"]

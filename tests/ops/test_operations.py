@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from prefect_api import API
 
 from pointvl.build.config import BuildConfig
 from pointvl.build.handoff import build_id
@@ -71,7 +72,7 @@ def test_build_pauses_for_review_and_the_rejected_item_never_reaches_the_shards(
         _wait_for(pending_file.exists, build, log)
         pending = json.loads(pending_file.read_text())
         run_id = pending["flow_run_id"]
-        _wait_for(lambda: httpx.get(f"{api}/flow_runs/{run_id}").json()["state"]["type"] == "PAUSED", build, log, 60)
+        _wait_for(lambda: API.get(f"{api}/flow_runs/{run_id}").json()["state"]["type"] == "PAUSED", build, log, 60)
 
         # The preview server returns the contact sheet the build wrote.
         url = pending["sheets"]["0"]
@@ -82,10 +83,10 @@ def test_build_pauses_for_review_and_the_rejected_item_never_reaches_the_shards(
 
         # ... shown as an image artifact of this run and in the form's description.
         key = f"review-{build_id(str(out))}-shard-00000"  # keyed per build: another build's sheets stay listed
-        artifacts = httpx.post(f"{api}/artifacts/filter", json={
+        artifacts = API.post(f"{api}/artifacts/filter", json={
             "artifacts": {"key": {"any_": [key]}, "flow_run_id": {"any_": [run_id]}}}).json()
         assert [(a["type"], a["data"]) for a in artifacts] == [("image", url)]
-        inputs = httpx.post(f"{api}/flow_runs/{run_id}/input/filter", json={"prefix": "paused", "limit": 20}).json()
+        inputs = API.post(f"{api}/flow_runs/{run_id}/input/filter", json={"prefix": "paused", "limit": 20}).json()
         description = next(json.loads(i["value"]) for i in inputs if i["key"].endswith("-description"))
         assert f"]({url})" in description
 
@@ -121,7 +122,7 @@ def test_build_pauses_for_review_and_the_rejected_item_never_reaches_the_shards(
     assert [(e["decision"], e["reason"], e["reviewer"], e["source"]) for e in logged] == [
         ("rejected", "wrong pose", "alice", "cli")]
     assert logged[0]["decided_at"] and not (out / "reports" / "review_pending.json").exists()
-    assert httpx.get(f"{api}/flow_runs/{run_id}").json()["state"]["type"] == "COMPLETED"
+    assert API.get(f"{api}/flow_runs/{run_id}").json()["state"]["type"] == "COMPLETED"
 
 
 @pytest.mark.slow  # make test: the cron fires on a real server (tests/ops/test_deployed.py)
@@ -135,7 +136,7 @@ def test_the_scheduled_deployment_carries_the_cron_schedule(prefect_server):
     deploy = subprocess.run([prefect, "--no-prompt", "deploy", "--name", "scheduled"], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
-    d = httpx.get(f"{prefect_server['api']}/deployments/name/build-benchmark/scheduled").json()
+    d = API.get(f"{prefect_server['api']}/deployments/name/build-benchmark/scheduled").json()
     assert [s["schedule"]["cron"] for s in d["schedules"]] == ["17 3 * * 1"]
     assert (d["work_pool_name"], d["entrypoint"]) == ("cpu", "flows/build.py:build_benchmark")
     assert d["parameters"]["out"] == "/data/gr3d" and d["parameters"]["config"]["review"]["gate"] == "auto"

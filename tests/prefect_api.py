@@ -1,0 +1,26 @@
+"""An HTTP client for a test's Prefect server that retries a 503, as Prefect's own clients do.
+
+A SQLite-backed server answers 503 when a write finds the database locked (two processes writing at
+once, e.g. a worker's events and the test's request); its transaction was rolled back, so sending the
+request again is safe. The UI's user would click again; Prefect's clients retry up to 5 times.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+
+class _RetryUnavailable(httpx.HTTPTransport):
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(6):
+            response = super().handle_request(request)
+            if response.status_code != 503 or attempt == 5:
+                return response
+            response.close()
+            time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+API = httpx.Client(transport=_RetryUnavailable(), timeout=30)
