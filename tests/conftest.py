@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 from pointvl.testing.fixture import FixtureManifest, write_fixture
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Each test session (each pytest-xdist worker) has a Prefect home of its own, before anything imports
+# Prefect: two embedded servers never share one SQLite database, and ~/.prefect is left alone.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="pointvl-tests-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
