@@ -6,7 +6,6 @@ advantages onto tokens (:func:`score_group`), and train with the routed GRPO los
 """
 
 from pointvl.grca.advantages import group_advantages, route, standardize
-from pointvl.grca.loss import pad_token_advantages, routed_grpo_loss
 from pointvl.grca.parse import FIELDS, GEOMETRIC_FIELDS, ParsedField, format_output, parse_output
 from pointvl.grca.rewards import output_rewards
 from pointvl.grca.score import GRCAConfig, GroupScore, score_group
@@ -31,3 +30,13 @@ __all__ = [
     "standardize",
     "token_field_ids",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # the loss needs torch (~400 MB and a second to import): loaded when first asked for, so that parsing
+    # and scoring (the records' target format, used by the build's workers and evaluation) do not load it
+    if name in ("pad_token_advantages", "routed_grpo_loss"):
+        from pointvl.grca import loss
+
+        return getattr(loss, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
