@@ -28,15 +28,19 @@ demo: $(STAMP)
 	test -f $(DEMO_DIR)/shapenet/taxonomy.json || $(VENV)/bin/pointvl fixture $(DEMO_DIR)/shapenet
 	$(VENV)/bin/pointvl build --shapenet $(DEMO_DIR)/shapenet --out $(DEMO_DIR)/build --config pointvl/configs/demo.yaml
 
-# Two pytest-xdist workers: a third of the suite's time is waiting (a cron tick, a lease window, servers
-# starting), which the other worker fills; each worker has its own Prefect home (tests/conftest.py).
+# Two pytest-xdist workers, each with its own Prefect home (tests/conftest.py): much of the suite's time is
+# waiting (servers starting, processes killed and resumed), which the other worker fills. The operations
+# tests then run alone: their Prefect server's SQLite stalls for tens of seconds when another test takes
+# both cores (a production server uses PostgreSQL).
 test: $(STAMP)
 	$(PY) -m ruff check pointvl tasks flows benchmarks tests
-	$(PY) -m pytest -q -x -n 2 -m "not slow" tests
+	$(PY) -m pytest -q -x -n 2 -m "not slow" --ignore=tests/ops tests
+	$(PY) -m pytest -q -x -m "not slow" tests/ops
 
 # Also the slow end-to-end tests (e.g. a review left unanswered until its deadline).
 test-all: $(STAMP)
-	$(PY) -m pytest -q -x -n 2 tests
+	$(PY) -m pytest -q -x -n 2 --ignore=tests/ops tests
+	$(PY) -m pytest -q -x tests/ops
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench

@@ -23,4 +23,4 @@ class _RetryUnavailable(httpx.HTTPTransport):
         raise AssertionError("unreachable")
 
 
-API = httpx.Client(transport=_RetryUnavailable(), timeout=30)
+API = httpx.Client(transport=_RetryUnavailable(), timeout=60)  # Prefect's client's default timeout
