@@ -38,7 +38,7 @@ from tasks.annotate import annotate
 from tasks.clean import clean
 from tasks.cpu_stages import cpu_stages
 from tasks.handoff import start_training
-from tasks.progress import publish_progress, publish_stats, wait_with_progress
+from tasks.progress import publish_finished, publish_stats, wait_with_progress
 from tasks.summary import publish_summary
 from tasks.write_shards import write_shards
 
@@ -99,11 +99,10 @@ def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers
     for stage in GPU_STAGES:  # refine ─► synthesize: in-process, or on the GPU pool's deployment
         run_gpu_stage(stage.name, out, shards, cfg.gpu_deployments.get(stage.name), getattr(cfg, stage.name),
                       workers=cfg.gpu_workers)
-        publish_progress(out, stage.name, shards, bid)
-        publish_stats(out, stage.name, shards, bid)
+        publish_finished(out, stage.name, shards, bid)
 
-    wait_with_progress("annotate", [annotate.submit(out, i, cfg.annotate) for i in shards], bid)
-    publish_stats(out, "annotate", shards, bid)
+    annotated = wait_with_progress("annotate", [annotate.submit(out, i, cfg.annotate) for i in shards], bid)
+    publish_stats("annotate", dict(zip(shards, annotated, strict=True)), bid)
     review_gate(out, shards, cfg.review, bid)
     finals = [write_shards.submit(out, i, WriteShardsConfig(cfg.geometry.num_keypoints)) for i in shards]
     wait_with_progress("write_shards", finals, bid)

@@ -36,20 +36,21 @@ def wait_with_progress(stage: str, futures: list[PrefectFuture], build_id: str) 
     return [f.result() for f in futures]
 
 
-def publish_progress(run_dir: str, stage: str, shard_indices: list[int], build_id: str) -> float:
-    """Publish the share of ``shard_indices`` whose ``stage`` table exists (for stages run elsewhere)."""
-    done = sum(finished(run_dir, stage, i) for i in shard_indices)
-    progress = 100.0 * done / len(shard_indices) if shard_indices else 100.0
+def publish_finished(run_dir: str, stage: str, shard_indices: list[int], build_id: str) -> float:
+    """For a stage run elsewhere (a GPU pool's deployment): its progress, the share of ``shard_indices``
+    whose table exists and checks out, and those shards' stats from the run folder; returns the share."""
+    done = [i for i in shard_indices if finished(run_dir, stage, i)]  # each table verified once
+    progress = 100.0 * len(done) / len(shard_indices) if shard_indices else 100.0
     create_progress_artifact(progress, key=_key("progress", stage, build_id),
-                             description=f"{stage}: {done}/{len(shard_indices)} shards")
+                             description=f"{stage}: {len(done)}/{len(shard_indices)} shards")
+    publish_stats(stage, {i: read_stats(run_dir, stage, i) for i in done}, build_id)
     return progress
 
 
-def publish_stats(run_dir: str, stage: str, shard_indices: list[int], build_id: str) -> list[dict]:
-    """A table of the finished shards' stats (the scalar ones: counts, seconds, backend), read from the run
-    folder so that it holds shards built on a GPU pool's deployment too; returns its rows."""
-    rows = [{"shard": i, **{k: v for k, v in read_stats(run_dir, stage, i).items()
-                            if isinstance(v, int | float | str | bool)}}
-            for i in shard_indices if finished(run_dir, stage, i)]
+def publish_stats(stage: str, stats: dict[int, dict], build_id: str) -> list[dict]:
+    """A table of each shard's scalar stats (counts, seconds, backend); returns its rows."""
+    scalar = (int, float, str, bool)
+    rows = [{"shard": i, **{k: v for k, v in shard.items() if isinstance(v, scalar) and k != "skipped"}}
+            for i, shard in stats.items()]
     create_table_artifact(rows, key=_key("stats", stage, build_id), description=f"{stage}: stats per shard")
     return rows
