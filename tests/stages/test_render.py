@@ -8,8 +8,10 @@ import torch
 import trimesh
 from PIL import Image
 
-from pointvl.build.mesh import load_mesh
-from pointvl.build.stages.render import (
+from pointvl.core import images
+from pointvl.core.geometry import camera_depth, project_points
+from pointvl.dataset.mesh import load_mesh
+from pointvl.dataset.stages.render import (
     Camera,
     Open3DRenderer,
     PyTorch3DRenderer,
@@ -19,8 +21,6 @@ from pointvl.build.stages.render import (
     make_renderer,
     sample_cameras,
 )
-from pointvl.core import images
-from pointvl.core.geometry import camera_depth, project_points
 
 CAR, CHAIR = "02958343", "03001627"
 SIZE = 112
