@@ -38,9 +38,9 @@ def shapenet_sized_mesh(faces: int, seed: int = 0) -> trimesh.Trimesh:
 
 def cpu_stages_per_instance(faces: int, repeats: int = 2) -> dict[str, float]:
     """Seconds per instance of sample_points (8192) + geometry + one 512² Open3D view."""
-    from pointvl.build.stages.geometry import Geometry, GeometryConfig
-    from pointvl.build.stages.render import Render, RenderConfig
-    from pointvl.build.stages.sample_points import SamplePoints, SamplePointsConfig
+    from pointvl.dataset.stages.geometry import Geometry, GeometryConfig
+    from pointvl.dataset.stages.render import Render, RenderConfig
+    from pointvl.dataset.stages.sample_points import SamplePoints, SamplePointsConfig
 
     mesh = shapenet_sized_mesh(faces)
     sampler, geometry = SamplePoints(SamplePointsConfig()), Geometry(GeometryConfig())
@@ -70,8 +70,8 @@ def integrity_overhead(work: str, faces: int = 80_000, table_mb: int = 64) -> di
     """
     import pyarrow as pa
 
-    from pointvl.build.mesh import normalize
-    from pointvl.build.stages.base import _sha_memo, finished, write_stage_table
+    from pointvl.dataset.mesh import normalize
+    from pointvl.dataset.stages.base import _sha_memo, finished, write_stage_table
 
     mesh = shapenet_sized_mesh(faces)
     mesh.apply_scale(250.0)  # other units: the full normalization path
@@ -95,10 +95,10 @@ def integrity_overhead(work: str, faces: int = 80_000, table_mb: int = 64) -> di
 
 def _cpu_part(shapenet: str, run: str, config: dict, workers: int) -> tuple[float, float]:
     """``(clean with the pool's start-up, the four CPU stages)`` in seconds, with ``workers`` processes."""
-    from pointvl.build.config import BuildConfig
-    from pointvl.build.cpu_stages import run_cpu_shard
-    from pointvl.build.executor import open_executor
-    from pointvl.build.runner import cpu_config, plan_run
+    from pointvl.dataset.config import BuildConfig
+    from pointvl.dataset.cpu_stages import run_cpu_shard
+    from pointvl.dataset.executor import open_executor
+    from pointvl.dataset.runner import cpu_config, plan_run
 
     cfg = BuildConfig.from_dict(config)
     t0 = time.perf_counter()
@@ -121,8 +121,8 @@ def parallel_and_overhead(work: str, models: int = 48, faces: int = 20_000, work
     ratios (every run's time is listed too)."""
     from benchmarks.bench_scale import write_tree
     from flows.build import build_benchmark
-    from pointvl.build.config import BuildConfig
-    from pointvl.build.runner import build_in_process
+    from pointvl.dataset.config import BuildConfig
+    from pointvl.dataset.runner import build_in_process
 
     shapenet = write_tree(os.path.join(work, "tree"), [faces] * models)
     config = {"shard_size": 8, "clean": {"test_size": 0.25, "train_size": None},

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pointvl.build.run_folder import RunFolder
+from pointvl.dataset.run_folder import RunFolder
 from pointvl.core import images, io
 
 logger = logging.getLogger(__name__)
@@ -73,8 +73,8 @@ def _disk_run(run_dir: str, n: int, side: int) -> None:
 
 def cpu_overhead(n: int = 8, side: int = 64, steps: int = 2) -> dict[str, float]:
     """Per-item ms outside the pipeline call, for both stages, plus the passthrough ms per item."""
-    from pointvl.build.stages.refine import Refine, RefineConfig
-    from pointvl.build.stages.synthesize import Synthesize, SynthesizeConfig
+    from pointvl.dataset.stages.refine import Refine, RefineConfig
+    from pointvl.dataset.stages.synthesize import Synthesize, SynthesizeConfig
     from pointvl.testing.tiny_pipelines import HashPromptEncoder, tiny_refine_pipeline, tiny_synthesize_pipeline
 
     out: dict[str, float] = {}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import trimesh
 
-    from pointvl.build.stages.render import Camera, Renderer
+    from pointvl.dataset.stages.render import Camera, Renderer
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def run() -> dict[str, float]:
     import torch
 
     from benchmarks.bench import shapenet_sized_mesh
-    from pointvl.build.stages.render import Open3DRenderer, PyTorch3DRenderer, RenderConfig, sample_cameras
+    from pointvl.dataset.stages.render import Open3DRenderer, PyTorch3DRenderer, RenderConfig, sample_cameras
 
     results: dict[str, float] = {}
     meshes = {n: shapenet_sized_mesh(n * 1000) for n in (20, 80)}

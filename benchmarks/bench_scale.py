@@ -72,11 +72,11 @@ def write_tree(root: str, face_counts: list[int], seed: int = 0) -> str:
 
 def build_once(shapenet: str, run: str, workers: int) -> dict:
     """Clean + CPU stages of the tree with ``workers`` processes, in this process; timings, stats, RSS."""
-    from pointvl.build.config import BuildConfig
-    from pointvl.build.cpu_stages import STAGE_NAMES, run_cpu_shard
-    from pointvl.build.executor import open_executor
-    from pointvl.build.runner import cpu_config, plan_run
-    from pointvl.build.stages.base import read_stats
+    from pointvl.dataset.config import BuildConfig
+    from pointvl.dataset.cpu_stages import STAGE_NAMES, run_cpu_shard
+    from pointvl.dataset.executor import open_executor
+    from pointvl.dataset.runner import cpu_config, plan_run
+    from pointvl.dataset.stages.base import read_stats
 
     cfg = BuildConfig.from_dict(CONFIG)
     t0 = time.perf_counter()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from pointvl.build.stages.annotate import AnnotateConfig
+from pointvl.dataset.stages.annotate import AnnotateConfig
 from pointvl.core.strict_config import load
 from tasks.annotate import annotate
 

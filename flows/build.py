@@ -26,14 +26,14 @@ from prefect.states import Cancelled, Completed, State
 from flows.gpu_stages import run_gpu_stage
 from flows.locking import build_lock, mark_crashed, record_build
 from flows.review import review_gate
-from pointvl.build.config import BuildConfig
-from pointvl.build.dag import GPU_STAGES
-from pointvl.build.executor import open_executor
-from pointvl.build.handoff import build_id, check_can_start
-from pointvl.build.runlock import RunFolderLocked
-from pointvl.build.runner import cpu_config
-from pointvl.build.stages.write_shards import WriteShardsConfig
-from pointvl.build.summary import summarize
+from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.dag import GPU_STAGES
+from pointvl.dataset.executor import open_executor
+from pointvl.dataset.handoff import build_id, check_can_start
+from pointvl.dataset.runlock import RunFolderLocked
+from pointvl.dataset.runner import cpu_config
+from pointvl.dataset.stages.write_shards import WriteShardsConfig
+from pointvl.dataset.summary import summarize
 from tasks.annotate import annotate
 from tasks.clean import clean
 from tasks.cpu_stages import cpu_stages
@@ -73,7 +73,7 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
     ``overrides`` changes single config values (``{"review.preview_port": 9000}``) and ``handoff``
     the training hand-off's keys (``{"preset": "tiny"}``), without restating ``config``.
     ``workers`` (default: this machine's cores) or ``dask_scheduler`` (``tcp://HOST:PORT`` of a running
-    Dask cluster): where clean's mesh validation and the CPU stages run (:mod:`pointvl.build.executor`).
+    Dask cluster): where clean's mesh validation and the CPU stages run (:mod:`pointvl.dataset.executor`).
     """
     cfg = BuildConfig.from_parameters(config, overrides, handoff)
     if cfg.handoff.train:

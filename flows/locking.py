@@ -1,4 +1,4 @@
-"""The build's hold on its run folder, as Prefect sees it (:mod:`pointvl.build.runlock` is the lock itself).
+"""The build's hold on its run folder, as Prefect sees it (:mod:`pointvl.dataset.runlock` is the lock itself).
 
 - :func:`build_lock` makes the lock for the current flow run: the holder record names the flow run,
   its deployment and the API it lives on, and a holder's liveness is asked of that API, so a build
@@ -22,8 +22,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Crashed
 
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.runlock import UNKNOWN, RunLock, describe, read_holder
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.runlock import UNKNOWN, RunLock, describe, read_holder
 from pointvl.core import io
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def build_lock(run_dir: str) -> RunLock:
 
 
 def check_unlocked(run_dir: str) -> None:
-    """Refuse (one line, :class:`~pointvl.build.runlock.RunFolderLocked`) if a live build holds ``run_dir``; a dead
+    """Refuse (one line, :class:`~pointvl.dataset.runlock.RunFolderLocked`) if a live build holds ``run_dir``; a dead
     holder the server still shows RUNNING is marked crashed here, which also frees its deployment's
     concurrency slot for the build about to start."""
     lock = RunLock(run_dir, {}, flow_run_state=holder_state, stale_after_s=STALE_AFTER_S)

@@ -7,7 +7,7 @@ A deployed build **suspends** (``suspend_flow_run``): its process exits and free
 waits as long as ``review.timeout_s`` (a day by default) holding the run folder's lock, and the
 reviewer's answer reschedules it; the re-entered flow skips every finished stage and comes back
 here, where the answer is returned. The sheets are served by a preview process of their own
-(:func:`pointvl.build.preview.serve_detached`) or from ``review.preview_base_url``, so they stay visible
+(:func:`pointvl.dataset.preview.serve_detached`) or from ``review.preview_base_url``, so they stay visible
 while no build process runs. ``RUN/reports/review_pending.json`` names the waiting flow run for
 ``pointvl review RUN_DIR``. When the wait expires, Prefect fails the suspended run; a run of the same
 deployment scheduled for just after the deadline (or any later build of the folder) applies the
@@ -34,9 +34,9 @@ from prefect.input import RunInput
 from prefect.states import Running
 from pydantic import BaseModel, Field, create_model
 
-from pointvl.build.preview import PreviewServer, serve_detached, stop_detached
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.review import (
+from pointvl.dataset.preview import PreviewServer, serve_detached, stop_detached
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.review import (
     ReviewConfig,
     form_decisions,
     items,

@@ -8,8 +8,8 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 from pydantic import SecretStr
 
-from pointvl.build.plan import load_plan
-from pointvl.build.stages.annotate import Annotate, AnnotateConfig
+from pointvl.dataset.plan import load_plan
+from pointvl.dataset.stages.annotate import Annotate, AnnotateConfig
 from pointvl.core.chat_client import FatalAPIError
 from tasks.common import run_stage
 

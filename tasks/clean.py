@@ -3,11 +3,11 @@ from prefect.artifacts import create_link_artifact, create_progress_artifact, up
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from pointvl.build.config import BuildConfig
-from pointvl.build.executor import Executor
-from pointvl.build.handoff import build_id
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.runner import plan_run
+from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.executor import Executor
+from pointvl.dataset.handoff import build_id
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.runner import plan_run
 from pointvl.core.progress import Progress
 
 
@@ -21,7 +21,7 @@ def clean(
     stage handles an empty shard, and it has no records).
 
     ``incremental``: extend the run folder's plan to the current input and config, and move outputs
-    made for another config or model list aside (:func:`pointvl.build.runner.plan_run`).
+    made for another config or model list aside (:func:`pointvl.dataset.runner.plan_run`).
 
     The mesh validation runs on ``executor``'s workers; its i/n, rate and ETA are the progress
     artifact ``progress-clean`` (the build id, which other keys carry, comes from the plan made here).

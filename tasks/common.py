@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect.logging import get_run_logger
 
-from pointvl.build.stages.base import Stage
+from pointvl.dataset.stages.base import Stage
 
 
 def run_stage(stage: Stage, run_dir: str, shard_index: int) -> dict:

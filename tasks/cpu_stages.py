@@ -2,8 +2,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from pointvl.build.cpu_stages import CpuStagesConfig, run_cpu_shard
-from pointvl.build.executor import Executor
+from pointvl.dataset.cpu_stages import CpuStagesConfig, run_cpu_shard
+from pointvl.dataset.executor import Executor
 
 
 @task(name="cpu_stages", cache_policy=NO_CACHE, retries=1, task_run_name="cpu_stages-{shard_index:05d}")

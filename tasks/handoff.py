@@ -15,7 +15,7 @@ from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
 from prefect.states import Completed, State
 
-from pointvl.build.handoff import HandoffConfig, build_id, record_start, started_run, train_parameters
+from pointvl.dataset.handoff import HandoffConfig, build_id, record_start, started_run, train_parameters
 
 
 @task(name="start_training", cache_policy=NO_CACHE)

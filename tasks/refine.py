@@ -1,7 +1,7 @@
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pointvl.build.stages.refine import Refine, RefineConfig
+from pointvl.dataset.stages.refine import Refine, RefineConfig
 from tasks.common import run_stage
 
 

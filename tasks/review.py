@@ -7,7 +7,7 @@ from prefect.artifacts import create_image_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from pointvl.build.stages.review import ReviewConfig, apply_decisions, sheet_name, write_contact_sheets
+from pointvl.dataset.stages.review import ReviewConfig, apply_decisions, sheet_name, write_contact_sheets
 
 
 @task(name="contact_sheets", cache_policy=NO_CACHE)

@@ -2,7 +2,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pointvl.build.summary import dataset_card
+from pointvl.dataset.summary import dataset_card
 from pointvl.core import io
 
 

@@ -1,7 +1,7 @@
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pointvl.build.stages.synthesize import Synthesize, SynthesizeConfig
+from pointvl.dataset.stages.synthesize import Synthesize, SynthesizeConfig
 from tasks.common import run_stage
 
 

@@ -1,7 +1,7 @@
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pointvl.build.stages.write_shards import WriteShards, WriteShardsConfig
+from pointvl.dataset.stages.write_shards import WriteShards, WriteShardsConfig
 from tasks.common import run_stage
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pointvl.build.stages.base import write_stage_table
+from pointvl.dataset.stages.base import write_stage_table
 from pointvl.core import images
 
 CATEGORIES = [("03001627", "chair"), ("02958343", "car,auto,automobile,machine,motorcar")]

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 import pointvl
-from pointvl.build.config import BuildConfig
-from pointvl.build.incremental import stage_keys
-from pointvl.build.plan import ModelEntry, Shard, fingerprint, load_plan
-from pointvl.build.runner import build_in_process
-from pointvl.build.stages.render import RenderConfig
+from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.incremental import stage_keys
+from pointvl.dataset.plan import ModelEntry, Shard, fingerprint, load_plan
+from pointvl.dataset.runner import build_in_process
+from pointvl.dataset.stages.render import RenderConfig
 from pointvl.core.strict_config import OPERATIONAL, ConfigError
 
 CONFIG = {"shard_size": 8, "clean": {"test_size": 3, "train_size": None},

@@ -17,13 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pointvl.build.config import BuildConfig
-from pointvl.build.plan import load_plan
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.runner import build_in_process, plan_run
-from pointvl.build.stages.base import Drops, read_stage_table, read_stats, write_stage_table
-from pointvl.build.stages.write_shards import WriteShards, WriteShardsConfig
-from pointvl.build.summary import dataset_card, format_summary, summarize
+from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.plan import load_plan
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.runner import build_in_process, plan_run
+from pointvl.dataset.stages.base import Drops, read_stage_table, read_stats, write_stage_table
+from pointvl.dataset.stages.write_shards import WriteShards, WriteShardsConfig
+from pointvl.dataset.summary import dataset_card, format_summary, summarize
 from pointvl.testing.fixture import FixtureManifest, write_fixture
 
 CONFIG = {"shard_size": 8, "clean": {"test_size": 0.25, "train_size": None},
@@ -220,7 +220,7 @@ def test_a_fault_of_the_run_exits_1_with_one_line(catalogue, tmp_path):
 
 
 def test_a_table_of_an_earlier_pointvl_is_adopted_if_it_reads_and_moved_aside_if_not(tmp_path):
-    from pointvl.build.stages.base import finished
+    from pointvl.dataset.stages.base import finished
     from pointvl.core import io
 
     run = str(tmp_path)
@@ -235,7 +235,7 @@ def test_a_table_of_an_earlier_pointvl_is_adopted_if_it_reads_and_moved_aside_if
 
 
 def test_a_one_category_build_gets_a_distractor_for_its_category_question(tmp_path):
-    from pointvl.build.stages.annotate import Annotate, AnnotateConfig
+    from pointvl.dataset.stages.annotate import Annotate, AnnotateConfig
 
     assert Annotate(AnnotateConfig(), ["chair"]).categories == ["airplane", "chair"]
 
@@ -243,8 +243,8 @@ def test_a_one_category_build_gets_a_distractor_for_its_category_question(tmp_pa
 def test_a_gpu_stage_item_that_fails_alone_is_dropped_and_a_device_fault_fails_the_shard(tmp_path):
     from gpu_inputs import write_render_shard
 
-    from pointvl.build.stages.gpu_common import GpuStage, run_items
-    from pointvl.build.stages.refine import RefineConfig
+    from pointvl.dataset.stages.gpu_common import GpuStage, run_items
+    from pointvl.dataset.stages.refine import RefineConfig
 
     run = str(tmp_path)
     ids = write_render_shard(run, 0, n=4)

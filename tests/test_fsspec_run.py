@@ -4,8 +4,8 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 
-from pointvl.build.config import BuildConfig
-from pointvl.build.runner import build_in_process
+from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.runner import build_in_process
 
 CONFIG = {"shard_size": 16, "clean": {"test_size": 0.25, "train_size": None, "categories": ["mug", "car"]},
           "sample_points": {"num_points": 256}, "render": {"width": 48, "height": 48}}

@@ -1,6 +1,6 @@
-from pointvl.build.handoff import HandoffConfig, build_id, train_parameters
-from pointvl.build.plan import ModelEntry, make_plan
-from pointvl.build.run_folder import RunFolder
+from pointvl.dataset.handoff import HandoffConfig, build_id, train_parameters
+from pointvl.dataset.plan import ModelEntry, make_plan
+from pointvl.dataset.run_folder import RunFolder
 from pointvl.core import io
 
 
@@ -27,7 +27,7 @@ def test_build_id_changes_with_the_models_so_training_gets_a_new_folder(tmp_path
 def test_the_preflight_refuses_a_training_job_without_its_weights_in_one_line():
     import pytest
 
-    from pointvl.build.handoff import check_can_start
+    from pointvl.dataset.handoff import check_can_start
     from pointvl.core.errors import InputError
 
     check_can_start(HandoffConfig(train=True, preset="tiny"))  # builds its model in code: no weights needed
@@ -41,7 +41,7 @@ def test_the_preflight_refuses_a_training_job_without_its_weights_in_one_line():
 
 
 def test_a_training_run_is_recorded_once_per_build(tmp_path):
-    from pointvl.build.handoff import record_start, started_run
+    from pointvl.dataset.handoff import record_start, started_run
 
     run = str(tmp_path / "run")
     _write_plan(run, 3)

@@ -65,7 +65,7 @@ def test_a_cpu_worker_loads_no_model_library():
     """A CPU stage worker (the imports of ``executor._warm``) loads neither torch nor diffusers nor
     transformers: each would cost every worker process hundreds of MB and its start-up a second, for
     stages that use none of them."""
-    code = ("import sys; from pointvl.build.executor import _warm; _warm(); "
+    code = ("import sys; from pointvl.dataset.executor import _warm; _warm(); "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -9,7 +9,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from pointvl.build.mesh import MeshError, face_colors, load_mesh, surface_colors
+from pointvl.dataset.mesh import MeshError, face_colors, load_mesh, surface_colors
 from pointvl.testing.fixture import write_fixture
 
 TEXTURE = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 0]]], dtype=np.uint8)
@@ -98,7 +98,7 @@ def test_surface_colors_sample_the_texture_with_wrapping(tmp_path) -> None:
 
 
 def test_missing_texture_falls_back_to_the_material_colour(tmp_path, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="pointvl.build.mesh"):
+    with caplog.at_level(logging.WARNING, logger="pointvl.dataset.mesh"):
         mesh = load_mesh(_write(tmp_path, texture=False))
     assert "tex.png" in caplog.text
     assert mesh.metadata["textures"] == [] and np.all(mesh.face_attributes["texture_index"] == -1)

@@ -26,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_PARTY = ("pointvl", "flows", "tasks")
 # The modules the commands fixture, build (the flow and its tasks) and evaluate import.
-BUILD_PATH = ("pointvl.cli", "pointvl.build.runner", "pointvl.evaluation.scoring", "pointvl.testing.fixture",
+BUILD_PATH = ("pointvl.cli", "pointvl.dataset.runner", "pointvl.evaluation.scoring", "pointvl.testing.fixture",
               "flows.build", "flows.gpu_stages", "flows.annotate")
 CONFIG = """
 shard_size: 64
@@ -83,7 +83,7 @@ def test_every_import_on_the_build_path_is_declared():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     modules = result.stdout.split()
-    assert "pointvl.build.stages.write_shards" in modules and "tasks.cpu_stages" in modules
+    assert "pointvl.dataset.stages.write_shards" in modules and "tasks.cpu_stages" in modules
     core, extras = _declared()
     distributions = importlib.metadata.packages_distributions()
     undeclared = []

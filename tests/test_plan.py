@@ -1,6 +1,6 @@
 import pytest
 
-from pointvl.build.plan import ModelEntry, PlanMismatchError, make_plan, save_or_check_plan
+from pointvl.dataset.plan import ModelEntry, PlanMismatchError, make_plan, save_or_check_plan
 
 
 def _models(n_train: int, n_test: int) -> list[ModelEntry]:

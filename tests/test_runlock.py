@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.runlock import RunFolderLocked, RunLock, read_holder
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.runlock import RunFolderLocked, RunLock, read_holder
 
 
 def test_a_second_build_is_refused_with_one_line_naming_the_holder(tmp_path):
@@ -47,7 +47,7 @@ def test_a_suspended_holder_stays_alive_without_a_process(tmp_path):
 
 def test_a_killed_holder_is_stale_at_once_on_its_host(tmp_path):
     run = str(tmp_path / "run")
-    code = ("import sys, os; from pointvl.build.runlock import RunLock; "
+    code = ("import sys, os; from pointvl.dataset.runlock import RunLock; "
             "RunLock(sys.argv[1], {}).acquire(); os._exit(0)")  # exits without releasing, as a SIGKILL would
     subprocess.run([sys.executable, "-c", code, run], check=True, timeout=60)
     assert read_holder(run) is not None

@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Any
 
-from pointvl.build.run_folder import RunFolder
+from pointvl.dataset.run_folder import RunFolder
 from pointvl.core import io
 from pointvl.core.errors import InputError
 
@@ -52,7 +52,7 @@ def _parse_rejections(values: list[str]) -> dict[str, str]:
 
 
 def _review(args: argparse.Namespace) -> int:
-    from pointvl.build.stages.review import form_decisions, items
+    from pointvl.dataset.stages.review import form_decisions, items
 
     rejected = _parse_rejections(args.reject)
     run_id = _flow_run_id(args.target)
@@ -94,8 +94,8 @@ def _review(args: argparse.Namespace) -> int:
 
 def _review_held(args: argparse.Namespace, rejected: dict[str, str]) -> int:
     """No build is waiting: answer for the items a timeout policy held back, after the fact."""
-    from pointvl.build.plan import load_plan
-    from pointvl.build.stages.review import decide_held, held_items
+    from pointvl.dataset.plan import load_plan
+    from pointvl.dataset.stages.review import decide_held, held_items
 
     if not io.exists(RunFolder.of(args.target).plan):
         raise InputError(f"{args.target} is neither a build folder nor a flow run id")
@@ -159,7 +159,7 @@ def _resume(args: argparse.Namespace) -> int:
     origin = _deployed_origin(args.target)
     if origin is None:
         from flows.build import build_benchmark
-        from pointvl.build.summary import format_summary
+        from pointvl.dataset.summary import format_summary
 
         params = _local_parameters(args.target)
         check_unlocked(args.target)
@@ -182,7 +182,7 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from pointvl.build.preview import PreviewServer
+    from pointvl.dataset.preview import PreviewServer
 
     with PreviewServer(RunFolder.of(os.path.abspath(args.run_dir)).previews, args.host, args.port) as server:
         print(f"serving {RunFolder.of(args.run_dir).previews} at {server.url} (Ctrl-C stops)")

@@ -4,7 +4,7 @@
 for nine real ShapeNet categories, each model a few trimesh primitives in ShapeNet's frame (+Y up,
 front −Z, bbox centred, bbox diagonal 1), one named material per part. It also plants the faults real
 ShapeNet has, so the cleaning stage can be tested against a known answer: ``FixtureManifest.faults``
-lists each faulty model folder with the reason ``pointvl.build.stages.clean`` writes in its report.
+lists each faulty model folder with the reason ``pointvl.dataset.stages.clean`` writes in its report.
 
 - ``model_in_two_categories``: one model id under chair and table (different meshes; the label is
   ambiguous, so both entries are faulty);
@@ -55,7 +55,7 @@ class Fault:
 
     synset_id: str
     model_id: str
-    reason: str  # a reason of the cleaning report (pointvl.build.stages.clean)
+    reason: str  # a reason of the cleaning report (pointvl.dataset.stages.clean)
     related: str = ""  # "<synset>/<model>" of the other entry involved (two categories, duplicate geometry)
 
 

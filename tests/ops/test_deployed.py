@@ -30,12 +30,12 @@ import pytest
 from PIL import Image
 from prefect_api import API
 
-from pointvl.build.handoff import build_id
-from pointvl.build.plan import load_plan
-from pointvl.build.preview import stop_detached
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.base import read_stats
-from pointvl.build.stages.review import items, read_log
+from pointvl.dataset.handoff import build_id
+from pointvl.dataset.plan import load_plan
+from pointvl.dataset.preview import stop_detached
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import read_stats
+from pointvl.dataset.stages.review import items, read_log
 
 ROOT = Path(__file__).parents[2]
 SMALL = {"shard_size": 16, "clean.test_size": 0.25, "clean.train_size": None, "sample_points.num_points": 512,
@@ -252,8 +252,8 @@ def test_the_cron_fires_the_review_waits_suspended_and_one_build_holds_the_folde
 
 def test_a_killed_worker_is_resumed_on_the_deployment_without_redoing_finished_shards(deployed, tmp_path):
     d, out = deployed, tmp_path / "killed"
-    from pointvl.build.config import BuildConfig
-    from pointvl.build.runner import plan_run
+    from pointvl.dataset.config import BuildConfig
+    from pointvl.dataset.runner import plan_run
 
     config = BuildConfig.from_parameters(d.deployment("on-demand")["parameters"]["config"], SMALL)
     plan_run(d.env["POINTVL_SHAPENET"], str(out), config)  # fix the plan to know shard 1's ids

@@ -23,7 +23,7 @@ SERVE = textwrap.dedent("""
 START = textwrap.dedent("""
     import sys
     from flows.gpu_stages import run_gpu_stage
-    from pointvl.build.stages.refine import RefineConfig
+    from pointvl.dataset.stages.refine import RefineConfig
     run_gpu_stage("refine", sys.argv[1], [0, 1], "refine-shards/refine", RefineConfig(backend="passthrough"),
                   poll_seconds=1, workers=1)
 """)

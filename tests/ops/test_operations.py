@@ -19,13 +19,13 @@ import pytest
 from PIL import Image
 from prefect_api import API
 
-from pointvl.build.config import BuildConfig
-from pointvl.build.handoff import build_id
-from pointvl.build.plan import load_plan
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.runner import plan_run
-from pointvl.build.stages.base import read_stats
-from pointvl.build.stages.review import MASK_BOX, items, read_log
+from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.handoff import build_id
+from pointvl.dataset.plan import load_plan
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.runner import plan_run
+from pointvl.dataset.stages.base import read_stats
+from pointvl.dataset.stages.review import MASK_BOX, items, read_log
 
 ROOT = Path(__file__).parents[2]
 CONFIG = """
@@ -184,7 +184,7 @@ def test_a_build_whose_gpu_stage_fails_resumes_without_redoing_finished_items(pr
 
 
 def test_preview_server_serves_only_its_folder(tmp_path):
-    from pointvl.build.preview import PreviewServer
+    from pointvl.dataset.preview import PreviewServer
 
     (tmp_path / "previews").mkdir()
     (tmp_path / "previews" / "a.png").write_bytes(b"\x89PNG sheet")

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from ports import free_port
 
-from pointvl.build.config import BuildConfig
-from pointvl.build.runner import build_in_process
+from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.runner import build_in_process
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from scale.conftest import cli, shard_tables
 
-from pointvl.build.cpu_stages import STAGE_NAMES
+from pointvl.dataset.cpu_stages import STAGE_NAMES
 
 
 def test_a_build_on_a_dask_cluster_equals_the_local_build_and_ran_on_its_workers(

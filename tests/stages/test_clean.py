@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pointvl.build.stages.clean import Clean, CleanConfig, read_taxonomy
+from pointvl.dataset.stages.clean import Clean, CleanConfig, read_taxonomy
 from pointvl.core.errors import InputError
 
 

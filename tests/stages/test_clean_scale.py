@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pointvl.build.executor import open_executor
-from pointvl.build.stages.clean import Clean, CleanConfig, list_models, model_path, validate_models
+from pointvl.dataset.executor import open_executor
+from pointvl.dataset.stages.clean import Clean, CleanConfig, list_models, model_path, validate_models
 from pointvl.core import io
 
 CFG = CleanConfig(test_size=0.25, train_size=None)

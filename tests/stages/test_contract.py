@@ -1,7 +1,7 @@
 """The stage contract, held on every stage of the DAG (diffusers' ``PipelineTesterMixin`` is the model).
 
 A reference build of a small subset of the mini ShapeNet is made once; each test copies it and
-checks one promise of :class:`pointvl.build.stages.base.Stage` for one stage: a finished shard is skipped
+checks one promise of :class:`pointvl.dataset.stages.base.Stage` for one stage: a finished shard is skipped
 untouched; stats are written before the table; recomputing a shard gives the same table; the table
 has the declared schema; a damaged input is refused in one line naming it, and nothing is written.
 """
@@ -14,13 +14,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pointvl.build.config import BuildConfig
-from pointvl.build.dag import STAGES, make_stage
-from pointvl.build.plan import load_plan
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.runner import build_in_process
-from pointvl.build.stages.base import read_stage_table
-from pointvl.build.stages.write_shards import WriteShards
+from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.dag import STAGES, make_stage
+from pointvl.dataset.plan import load_plan
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.runner import build_in_process
+from pointvl.dataset.stages.base import read_stage_table
+from pointvl.dataset.stages.write_shards import WriteShards
 from pointvl.core import io
 from pointvl.core.errors import InputError
 

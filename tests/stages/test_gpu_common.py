@@ -4,10 +4,10 @@ import dataclasses
 
 import pytest
 
-from pointvl.build.config import BuildConfig, ConfigError
-from pointvl.build.stages.gpu_common import GpuStageConfig
-from pointvl.build.stages.refine import RefineConfig
-from pointvl.build.stages.synthesize import SynthesizeConfig
+from pointvl.dataset.config import BuildConfig, ConfigError
+from pointvl.dataset.stages.gpu_common import GpuStageConfig
+from pointvl.dataset.stages.refine import RefineConfig
+from pointvl.dataset.stages.synthesize import SynthesizeConfig
 
 SHARED = {f.name for f in dataclasses.fields(GpuStageConfig)}
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from gpu_inputs import write_render_shard
 
-from pointvl.build import diffusion_pipelines
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.base import read_stage_table, read_stats
-from pointvl.build.stages.gpu_common import instance_seed
-from pointvl.build.stages.refine import Refine, RefineConfig
+from pointvl.dataset import diffusion_pipelines
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import read_stage_table, read_stats
+from pointvl.dataset.stages.gpu_common import instance_seed
+from pointvl.dataset.stages.refine import Refine, RefineConfig
 from pointvl.core import images, io
 from pointvl.testing.tiny_pipelines import HashPromptEncoder, save_tiny_models, tiny_refine_pipeline
 
@@ -53,7 +53,7 @@ def test_passthrough_carries_the_render_forward(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU default")
 def test_auto_is_passthrough_without_cuda_and_says_so(tmp_path, caplog):
     write_render_shard(str(tmp_path), 0, n=1)
-    with caplog.at_level(logging.INFO, logger="pointvl.build.diffusion_pipelines"):
+    with caplog.at_level(logging.INFO, logger="pointvl.dataset.diffusion_pipelines"):
         stats = Refine(RefineConfig()).run_shard(str(tmp_path), 0)
     assert stats["backend"] == "passthrough"
     assert "backend auto -> passthrough (no CUDA device)" in caplog.text

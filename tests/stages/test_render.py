@@ -8,8 +8,8 @@ import torch
 import trimesh
 from PIL import Image
 
-from pointvl.build.mesh import load_mesh
-from pointvl.build.stages.render import (
+from pointvl.dataset.mesh import load_mesh
+from pointvl.dataset.stages.render import (
     Camera,
     Open3DRenderer,
     PyTorch3DRenderer,

@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pointvl.build.config import BuildConfig
-from pointvl.build.dag import make_stage
-from pointvl.build.plan import load_plan
-from pointvl.build.runner import build_in_process
-from pointvl.build.stages.base import read_stage_table, write_stage_table
-from pointvl.build.stages.review import (
+from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.dag import make_stage
+from pointvl.dataset.plan import load_plan
+from pointvl.dataset.runner import build_in_process
+from pointvl.dataset.stages.base import read_stage_table, write_stage_table
+from pointvl.dataset.stages.review import (
     HELD_REASON,
     MASK_BOX,
     ReviewConfig,

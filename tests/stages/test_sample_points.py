@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from pointvl.build.stages.geometry import Geometry, GeometryConfig
-from pointvl.build.stages.sample_points import SamplePoints, SamplePointsConfig
+from pointvl.dataset.stages.geometry import Geometry, GeometryConfig
+from pointvl.dataset.stages.sample_points import SamplePoints, SamplePointsConfig
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ photoreal panel; flagged items have a red frame and are listed first.
 
 A decision covers every instance of a shard and is written as the stage table
 ``RUN/stages/review/shard-{i:05d}.parquet`` (``instance_id, decision, reason, reviewer, decided_at,
-flagged, source``), which :mod:`pointvl.build.stages.write_shards` reads: rejected instances never reach
+flagged, source``), which :mod:`pointvl.dataset.stages.write_shards` reads: rejected instances never reach
 the shards, every other column lands in the record's provenance. Each decision is also appended to
 ``RUN/reports/review_log.jsonl`` (who, when, what, from which source) before the table is written,
 so the log holds every decision the shards reflect.
@@ -29,8 +29,8 @@ from datetime import UTC, datetime
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.base import Drops, ShardOutput, Stage, finished, ran, read_stage_table
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import Drops, ShardOutput, Stage, finished, ran, read_stage_table
 from pointvl.core import io
 
 logger = logging.getLogger(__name__)

@@ -4,9 +4,9 @@ Input: the render stage table (``render`` RGB PNG). Output per instance: ``refin
 render's size) and ``refine_provenance`` (JSON: backend, model ids, seed, prompt version, settings).
 The prompt is versioned text in ``prompts/refine/<version>.txt`` (negative prompt beside it).
 
-Backends (see :mod:`pointvl.build.diffusion_pipelines`): ``diffusers`` runs ``QwenImageEditPipeline``; ``passthrough``
+Backends (see :mod:`pointvl.dataset.diffusion_pipelines`): ``diffusers`` runs ``QwenImageEditPipeline``; ``passthrough``
 carries the render forward byte for byte. Items are resumable one by one
-(:mod:`pointvl.build.stages.gpu_common`).
+(:mod:`pointvl.dataset.stages.gpu_common`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.base import Drops, ShardOutput, read_stage_table
-from pointvl.build.stages.gpu_common import (
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import Drops, ShardOutput, read_stage_table
+from pointvl.dataset.stages.gpu_common import (
     GpuStage,
     GpuStageConfig,
     encode_outputs,
@@ -43,7 +43,7 @@ SCHEMA = pa.schema([("instance_id", pa.string()), ("refined", pa.binary()), ("re
 @dataclass
 class RefineConfig(GpuStageConfig):
     """Qwen-Image-Edit refinement of the renders (paper §4.1.2), with the settings of
-    :class:`~pointvl.build.stages.gpu_common.GpuStageConfig` (backend, prompt, seed, device, batching).
+    :class:`~pointvl.dataset.stages.gpu_common.GpuStageConfig` (backend, prompt, seed, device, batching).
 
     Args:
         model: Hub id or local folder of the Qwen-Image-Edit pipeline (paper: Qwen-Image-Edit).

@@ -133,7 +133,7 @@ def serve_detached(folder: str, state_path: str, log_path: str, host: str = "127
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pointvl.build.preview", folder, state_path, host, str(port), base_url],
+            [sys.executable, "-m", "pointvl.dataset.preview", folder, state_path, host, str(port), base_url],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     deadline = time.monotonic() + timeout_s

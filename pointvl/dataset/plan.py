@@ -13,7 +13,7 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from pointvl.build.run_folder import RunFolder
+from pointvl.dataset.run_folder import RunFolder
 from pointvl.core import io
 from pointvl.core.errors import InputError
 
@@ -23,7 +23,7 @@ SPLITS = ("train", "test")
 @dataclass(frozen=True)
 class ModelEntry:
     """One kept model (cleaning's result, the plan's unit). ``geometry`` is its
-    :func:`pointvl.build.stages.clean.geometry_hash`, so an incremental build sees a changed mesh under the
+    :func:`pointvl.dataset.stages.clean.geometry_hash`, so an incremental build sees a changed mesh under the
     same id (empty in plans written before it was recorded)."""
 
     synset_id: str

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pointvl import __version__
-from pointvl.build.plan import Shard, load_plan
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.base import (
+from pointvl.dataset.plan import Shard, load_plan
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import (
     Drops,
     ShardOutput,
     Stage,

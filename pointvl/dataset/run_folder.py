@@ -1,15 +1,15 @@
 """Every path of a build's run folder, in one place (README "Run folder").
 
 ```
-RUN/plan.json                                   the shard plan (pointvl.build.plan)
+RUN/plan.json                                   the shard plan (pointvl.dataset.plan)
 RUN/config.json                                 the input and the whole config the build was made with
-RUN/build.lock                                  the build holding the folder (pointvl.build.runlock)
+RUN/build.lock                                  the build holding the folder (pointvl.dataset.runlock)
 RUN/cache/clean/<synset>/<model>.json           clean's per-model validation
 RUN/cache/annotate/                             the annotation replies
 RUN/stages/<stage>/shard-{i:05d}.parquet        a stage's table for work shard i, and beside it
                  shard-{i:05d}.stats.json       its stats (written first)
-                 shard-{i:05d}.key              its incremental key (pointvl.build.incremental)
-                 shard-{i:05d}.items/           a GPU stage's finished items (pointvl.build.stages.gpu_common)
+                 shard-{i:05d}.key              its incremental key (pointvl.dataset.incremental)
+                 shard-{i:05d}.items/           a GPU stage's finished items (pointvl.dataset.stages.gpu_common)
 RUN/shards/{split}-{i:05d}-of-{n:05d}.parquet   the final shards, README.md (the dataset card),
 RUN/shards/.keys/{split}-{i:05d}.key            and their incremental keys
 RUN/previews/                                   the review's contact sheets
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from pointvl.core import io
 
 if TYPE_CHECKING:
-    from pointvl.build.plan import Shard
+    from pointvl.dataset.plan import Shard
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import numpy as np
 import open3d as o3d
 import pyarrow as pa
 
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.base import (
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import (
     MATRIX3,
     Drops,
     Stage,

@@ -12,11 +12,11 @@ from collections import Counter
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pointvl.build.dag import STAGES
-from pointvl.build.plan import load_plan
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.base import finished, read_stats
-from pointvl.build.stages.write_shards import STAGE as WRITE_SHARDS
+from pointvl.dataset.dag import STAGES
+from pointvl.dataset.plan import load_plan
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import finished, read_stats
+from pointvl.dataset.stages.write_shards import STAGE as WRITE_SHARDS
 from pointvl.core import io
 
 

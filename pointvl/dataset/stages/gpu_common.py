@@ -27,9 +27,9 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from pointvl.build.diffusion_pipelines import BACKENDS, load_pipeline, resolve_backend, resolve_device, resolve_dtype
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.base import Drops, ShardOutput, Stage
+from pointvl.dataset.diffusion_pipelines import BACKENDS, load_pipeline, resolve_backend, resolve_device, resolve_dtype
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import Drops, ShardOutput, Stage
 from pointvl.core import images, io
 from pointvl.core.errors import check_range
 from pointvl.core.package_data import prompts_root
@@ -48,8 +48,8 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 @dataclass
 class GpuStageConfig:
     """The settings both GPU stages share, checked here; each stage's config adds its models and
-    generation settings (:class:`pointvl.build.stages.refine.RefineConfig`,
-    :class:`pointvl.build.stages.synthesize.SynthesizeConfig`) and names its ``stage``.
+    generation settings (:class:`pointvl.dataset.stages.refine.RefineConfig`,
+    :class:`pointvl.dataset.stages.synthesize.SynthesizeConfig`) and names its ``stage``.
 
     Args:
         backend: ``auto`` (diffusers with CUDA and local weights, else passthrough), ``diffusers`` or

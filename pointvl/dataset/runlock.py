@@ -35,7 +35,7 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from pointvl.build.run_folder import RunFolder
+from pointvl.dataset.run_folder import RunFolder
 from pointvl.core import io
 from pointvl.core.errors import InputError
 

@@ -17,16 +17,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pointvl.build.handoff import HandoffConfig
-from pointvl.build.stages.annotate import AnnotateConfig
-from pointvl.build.stages.clean import CleanConfig
-from pointvl.build.stages.geometry import GeometryConfig
-from pointvl.build.stages.kpts2d import Kpts2DConfig
-from pointvl.build.stages.refine import RefineConfig
-from pointvl.build.stages.render import RenderConfig
-from pointvl.build.stages.review import ReviewConfig
-from pointvl.build.stages.sample_points import SamplePointsConfig
-from pointvl.build.stages.synthesize import SynthesizeConfig
+from pointvl.dataset.handoff import HandoffConfig
+from pointvl.dataset.stages.annotate import AnnotateConfig
+from pointvl.dataset.stages.clean import CleanConfig
+from pointvl.dataset.stages.geometry import GeometryConfig
+from pointvl.dataset.stages.kpts2d import Kpts2DConfig
+from pointvl.dataset.stages.refine import RefineConfig
+from pointvl.dataset.stages.render import RenderConfig
+from pointvl.dataset.stages.review import ReviewConfig
+from pointvl.dataset.stages.sample_points import SamplePointsConfig
+from pointvl.dataset.stages.synthesize import SynthesizeConfig
 from pointvl.core.errors import check_range
 from pointvl.core.strict_config import (
     OPERATIONAL,

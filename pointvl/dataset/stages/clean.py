@@ -9,7 +9,7 @@ Drop reasons:
 - ``category_dropped``: its category is listed under ``dropped`` in the category config.
 - ``missing_obj``: the model folder has no ``models/model_normalized.obj`` (empty or texture-only).
 - ``unreadable`` / ``no_faces`` / ``no_vertices`` / ``non_finite`` / ``out_of_range`` /
-  ``degenerate`` / ``stray_geometry``: the mesh could not be used (:class:`pointvl.build.mesh.MeshError`
+  ``degenerate`` / ``stray_geometry``: the mesh could not be used (:class:`pointvl.dataset.mesh.MeshError`
   reasons; any other error of one mesh is ``unreadable`` with its message in the log).
 - ``synset_not_in_taxonomy``: the model's synset folder is not listed in ``taxonomy.json``.
 - ``broken_link``: a synset or model folder is a symbolic link that leads nowhere (or to itself).
@@ -21,7 +21,7 @@ Drop reasons:
   model id); dropped so a shape cannot leak across splits.
 
 Kept models that were not unit-normalized (OBJ files from other tools come in any unit) are normalized
-like ShapeNet's ``model_normalized`` (:func:`pointvl.build.mesh.normalize`); the report's ``note`` says so.
+like ShapeNet's ``model_normalized`` (:func:`pointvl.dataset.mesh.normalize`); the report's ``note`` says so.
 
 Taxonomy. Merges and drops of the category config apply to the synsets the taxonomy lists, so any
 subset of ShapeNet, or other data in ShapeNet's layout with its own ``taxonomy.json``, builds; a merge
@@ -45,10 +45,10 @@ import pyarrow.csv as pacsv
 import trimesh
 from fsspec.implementations.local import LocalFileSystem
 
-from pointvl.build import mesh as mesh_module
-from pointvl.build.executor import Executor, InProcess
-from pointvl.build.mesh import NORMALIZATION, MeshError, load_model
-from pointvl.build.plan import ModelEntry
+from pointvl.dataset import mesh as mesh_module
+from pointvl.dataset.executor import Executor, InProcess
+from pointvl.dataset.mesh import NORMALIZATION, MeshError, load_model
+from pointvl.dataset.plan import ModelEntry
 from pointvl.core import io
 from pointvl.core.errors import ITEM_ERRORS, InputError
 from pointvl.core.package_data import config_path
@@ -220,7 +220,7 @@ def model_path(shapenet_dir: str, synset: str, model: str) -> str:
 
 
 def load_model_file(obj_path: str) -> trimesh.Trimesh:
-    """:func:`pointvl.build.mesh.load_model` of a local or remote OBJ (a remote model folder is copied to a
+    """:func:`pointvl.dataset.mesh.load_model` of a local or remote OBJ (a remote model folder is copied to a
     temporary local folder first, so its materials and ``../images/`` textures come along)."""
     with io.local_copy(obj_path, levels=2) as local:
         return load_model(local)

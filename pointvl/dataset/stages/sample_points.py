@@ -18,9 +18,9 @@ import open3d as o3d
 import pyarrow as pa
 import trimesh
 
-from pointvl.build.plan import ModelEntry, instance_id, load_plan
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.base import MATRIX3, Drops, Stage, matrix_column, shard_meshes
+from pointvl.dataset.plan import ModelEntry, instance_id, load_plan
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import MATRIX3, Drops, Stage, matrix_column, shard_meshes
 from pointvl.core.errors import check_range
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class SamplePoints(Stage):
             o3d.utility.Vector3dVector(np.array(mesh.vertices, dtype=np.float64)),
             o3d.utility.Vector3iVector(np.array(mesh.faces, dtype=np.int32)),
         )
-        # pointvl.build.mesh.load_mesh records whether the OBJ carried its own `vn` normals.
+        # pointvl.dataset.mesh.load_mesh records whether the OBJ carried its own `vn` normals.
         if cfg.use_mesh_normals and mesh.metadata.get("has_file_normals", False):
             o3d_mesh.vertex_normals = o3d.utility.Vector3dVector(np.array(mesh.vertex_normals, dtype=np.float64))
         o3d.utility.random.seed(model_seed(cfg.seed, model_id))

@@ -17,16 +17,16 @@ from dataclasses import dataclass
 
 import trimesh
 
-from pointvl.build.dag import CPU_STAGES
-from pointvl.build.executor import worker_id
-from pointvl.build.mesh import MeshError
-from pointvl.build.plan import ModelEntry, Shard, load_plan
-from pointvl.build.stages.base import Drops, ShardOutput, finished, read_stats
-from pointvl.build.stages.clean import load_model_file
-from pointvl.build.stages.geometry import Geometry, GeometryConfig
-from pointvl.build.stages.kpts2d import Kpts2D, Kpts2DConfig
-from pointvl.build.stages.render import Render, RenderConfig
-from pointvl.build.stages.sample_points import SamplePoints, SamplePointsConfig
+from pointvl.dataset.dag import CPU_STAGES
+from pointvl.dataset.executor import worker_id
+from pointvl.dataset.mesh import MeshError
+from pointvl.dataset.plan import ModelEntry, Shard, load_plan
+from pointvl.dataset.stages.base import Drops, ShardOutput, finished, read_stats
+from pointvl.dataset.stages.clean import load_model_file
+from pointvl.dataset.stages.geometry import Geometry, GeometryConfig
+from pointvl.dataset.stages.kpts2d import Kpts2D, Kpts2DConfig
+from pointvl.dataset.stages.render import Render, RenderConfig
+from pointvl.dataset.stages.sample_points import SamplePoints, SamplePointsConfig
 from pointvl.core.errors import ITEM_ERRORS
 
 STAGE_NAMES = tuple(stage.name for stage in CPU_STAGES)
@@ -34,7 +34,7 @@ STAGE_NAMES = tuple(stage.name for stage in CPU_STAGES)
 
 @dataclass
 class CpuStagesConfig:
-    """The configs of the four CPU stages (sections of :class:`pointvl.build.config.BuildConfig`)."""
+    """The configs of the four CPU stages (sections of :class:`pointvl.dataset.config.BuildConfig`)."""
 
     sample_points: SamplePointsConfig
     geometry: GeometryConfig

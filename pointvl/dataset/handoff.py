@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pointvl.build.plan import fingerprint, load_plan
-from pointvl.build.run_folder import RunFolder
+from pointvl.dataset.plan import fingerprint, load_plan
+from pointvl.dataset.run_folder import RunFolder
 from pointvl.core import io
 from pointvl.core.errors import InputError
 

@@ -10,12 +10,12 @@ import logging
 import time
 from collections.abc import Callable
 
-from pointvl.build.config import BuildConfig
-from pointvl.build.cpu_stages import CpuStagesConfig, run_cpu_shard
-from pointvl.build.dag import CPU_STAGES, STAGES, make_stage
-from pointvl.build.executor import Executor, open_executor
-from pointvl.build.incremental import invalidate_stale
-from pointvl.build.plan import (
+from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.cpu_stages import CpuStagesConfig, run_cpu_shard
+from pointvl.dataset.dag import CPU_STAGES, STAGES, make_stage
+from pointvl.dataset.executor import Executor, open_executor
+from pointvl.dataset.incremental import invalidate_stale
+from pointvl.dataset.plan import (
     Plan,
     existing_plan,
     extend_plan,
@@ -24,9 +24,9 @@ from pointvl.build.plan import (
     make_plan,
     save_or_check_plan,
 )
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.clean import Clean
-from pointvl.build.summary import dataset_card, summarize
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.clean import Clean
+from pointvl.dataset.summary import dataset_card, summarize
 from pointvl.core import io
 from pointvl.core.progress import Progress
 
@@ -66,7 +66,7 @@ def plan_run(
     processes exactly the shards it started with; another input or config is refused. An
     incremental build cleans again (models may have been added, changed or dropped), extends the
     plan and moves aside every output made for another config or model list
-    (:mod:`pointvl.build.incremental`), so the stages then redo exactly those. Meshes are validated on
+    (:mod:`pointvl.dataset.incremental`), so the stages then redo exactly those. Meshes are validated on
     ``executor``'s workers (default: in this process); ``progress`` follows the validation.
     """
     folder = RunFolder.of(run_dir)
@@ -105,7 +105,7 @@ def build_in_process(
 
     ``incremental``: reuse a run folder of another config or input (see :func:`plan_run`).
     ``workers`` / ``dask_scheduler``: where clean's validation and the CPU stages run
-    (:func:`pointvl.build.executor.open_executor`); the GPU stages, annotation and the shards run here.
+    (:func:`pointvl.dataset.executor.open_executor`); the GPU stages, annotation and the shards run here.
     """
     with open_executor(workers, dask_scheduler, shapenet, run_dir) as executor:
         plan = plan_run(shapenet, run_dir, config, incremental, executor)

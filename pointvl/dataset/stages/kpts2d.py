@@ -24,8 +24,8 @@ import pyarrow as pa
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.base import Drops, Stage, matrix_column, read_stage_table, vector_column
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import Drops, Stage, matrix_column, read_stage_table, vector_column
 from pointvl.core import images
 from pointvl.core.errors import check_range
 

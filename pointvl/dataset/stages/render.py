@@ -16,7 +16,7 @@ Two backends give the same images for the same camera:
   ~20 s for 20k faces at 512²).
 
 Both produce, per pixel, the hit face and its barycentric weights; the rest is shared: colour from
-:func:`pointvl.build.mesh.surface_colors` (face colour or texture), flat shading ``colour * (ambient +
+:func:`pointvl.dataset.mesh.surface_colors` (face colour or texture), flat shading ``colour * (ambient +
 diffuse * |n·v|)`` with a headlight, and the face normal turned towards the camera (ShapeNet meshes
 have flipped faces) as the world-frame normal map. Depth is camera-frame ``z``, 0 on background.
 """
@@ -37,10 +37,10 @@ import pyarrow as pa
 import trimesh
 from numpy.typing import NDArray
 
-from pointvl.build.mesh import NORMALIZATION, surface_colors
-from pointvl.build.plan import ModelEntry, load_plan
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.base import Drops, ShardOutput, Stage, shard_meshes
+from pointvl.dataset.mesh import NORMALIZATION, surface_colors
+from pointvl.dataset.plan import ModelEntry, load_plan
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import Drops, ShardOutput, Stage, shard_meshes
 from pointvl.core import images, io
 from pointvl.core.errors import check_range
 from pointvl.core.package_data import config_path

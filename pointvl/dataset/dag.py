@@ -4,29 +4,29 @@
        └───► render ─► kpts2d ────────────────────┼─► refine (GPU) ─► synthesize (GPU) ─► annotate ─► review ─►
                                                                                                write_shards
 
-``clean`` makes the plan (:func:`pointvl.build.runner.plan_run`); every other stage is a
-:class:`pointvl.build.stages.base.Stage` over one work shard. The flow (``flows/build.py``), the plain
-runner (:mod:`pointvl.build.runner`), the incremental keys (:mod:`pointvl.build.incremental`) and the summary read
+``clean`` makes the plan (:func:`pointvl.dataset.runner.plan_run`); every other stage is a
+:class:`pointvl.dataset.stages.base.Stage` over one work shard. The flow (``flows/build.py``), the plain
+runner (:mod:`pointvl.dataset.runner`), the incremental keys (:mod:`pointvl.dataset.incremental`) and the summary read
 this module; a stage's ``inputs`` are its edges.
 """
 
 from __future__ import annotations
 
-from pointvl.build.config import BuildConfig
-from pointvl.build.stages.annotate import Annotate
-from pointvl.build.stages.base import Stage
-from pointvl.build.stages.geometry import Geometry
-from pointvl.build.stages.kpts2d import Kpts2D
-from pointvl.build.stages.refine import Refine
-from pointvl.build.stages.render import Render
-from pointvl.build.stages.review import Review
-from pointvl.build.stages.sample_points import SamplePoints
-from pointvl.build.stages.synthesize import Synthesize
-from pointvl.build.stages.write_shards import WriteShards, WriteShardsConfig
+from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.stages.annotate import Annotate
+from pointvl.dataset.stages.base import Stage
+from pointvl.dataset.stages.geometry import Geometry
+from pointvl.dataset.stages.kpts2d import Kpts2D
+from pointvl.dataset.stages.refine import Refine
+from pointvl.dataset.stages.render import Render
+from pointvl.dataset.stages.review import Review
+from pointvl.dataset.stages.sample_points import SamplePoints
+from pointvl.dataset.stages.synthesize import Synthesize
+from pointvl.dataset.stages.write_shards import WriteShards, WriteShardsConfig
 
 CPU_STAGES: tuple[type[Stage], ...] = (SamplePoints, Geometry, Render, Kpts2D)
 """Read the mesh or what was made from it; run together per model on the CPU workers
-(:mod:`pointvl.build.cpu_stages`)."""
+(:mod:`pointvl.dataset.cpu_stages`)."""
 GPU_STAGES: tuple[type[Stage], ...] = (Refine, Synthesize)
 """A diffusion model per item; in-process or on a GPU work pool (``flows/gpu_stages.py``)."""
 STAGES: tuple[type[Stage], ...] = (*CPU_STAGES, *GPU_STAGES, Annotate, Review, WriteShards)

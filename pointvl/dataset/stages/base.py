@@ -18,7 +18,7 @@ declares its ``name``, the stages whose tables it reads (``inputs``), its output
 owns the rest, the same for every stage: the finished test (a finished shard is skipped), timing,
 uniform stats (``instances``: the rows written; ``dropped_<reason>``; ``seconds``), the check that
 the table has the declared schema, and writing stats first and the table last.
-:data:`pointvl.build.dag.STAGES` declares the DAG once; ``tests/stages/test_contract.py`` holds every
+:data:`pointvl.dataset.dag.STAGES` declares the DAG once; ``tests/stages/test_contract.py`` holds every
 stage to the contract.
 
 Drops. An error that belongs to one model or view (:data:`pointvl.core.errors.ITEM_ERRORS`) drops that item with a
@@ -44,10 +44,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import trimesh
 
-from pointvl.build.mesh import MeshError
-from pointvl.build.plan import ModelEntry, Shard, fingerprint, load_plan
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.clean import load_model_file
+from pointvl.dataset.mesh import MeshError
+from pointvl.dataset.plan import ModelEntry, Shard, fingerprint, load_plan
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.clean import load_model_file
 from pointvl.core import io
 from pointvl.core.errors import ITEM_ERRORS, InputError
 
@@ -312,7 +312,7 @@ def to_numpy_matrix(value: list) -> np.ndarray:
 
 
 def shard_meshes(shard: Shard, stage: str, drops: Drops) -> Iterator[tuple[ModelEntry, trimesh.Trimesh]]:
-    """Each model of the shard with its normalized mesh (:func:`pointvl.build.stages.clean.load_model_file`: a
+    """Each model of the shard with its normalized mesh (:func:`pointvl.dataset.stages.clean.load_model_file`: a
     local path or a URL); a model that fails to load is dropped with its reason."""
     for i, model in enumerate(shard.models, 1):
         mesh = None

@@ -8,7 +8,7 @@ acts only in the first ``control_guidance_end`` = 80% of steps (diffusers still 
 that, at scale 0). The prompt is ``prompts/synthesize/<version>.txt`` with ``{category}`` filled.
 
 Output per instance: ``image`` (RGB PNG at the render's size), ``drift`` and ``drift_flagged``
-(:mod:`pointvl.build.stages.drift`, for the review gate), ``synthesize_provenance`` (JSON). Seeded per
+(:mod:`pointvl.dataset.stages.drift`, for the review gate), ``synthesize_provenance`` (JSON). Seeded per
 instance, so a re-run reproduces the image.
 """
 
@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.base import Drops, ShardOutput, read_stage_table
-from pointvl.build.stages.drift import canny_control, depth_control, drift_score
-from pointvl.build.stages.gpu_common import (
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import Drops, ShardOutput, read_stage_table
+from pointvl.dataset.stages.drift import canny_control, depth_control, drift_score
+from pointvl.dataset.stages.gpu_common import (
     GpuStage,
     GpuStageConfig,
     encode_outputs,
@@ -57,7 +57,7 @@ SCHEMA = pa.schema([
 @dataclass
 class SynthesizeConfig(GpuStageConfig):
     """FLUX + ControlNet-Union-Pro synthesis from the refined renders (paper §4.1.2), with the settings
-    of :class:`~pointvl.build.stages.gpu_common.GpuStageConfig` (backend, prompt, seed, device, batching);
+    of :class:`~pointvl.dataset.stages.gpu_common.GpuStageConfig` (backend, prompt, seed, device, batching);
     ``passthrough`` carries the refined image forward.
 
     Args:

@@ -66,7 +66,7 @@ def _warm(log_queue: Any = None, level: int = logging.INFO) -> None:
     import pyarrow.parquet  # noqa: F401
     import trimesh  # noqa: F401
 
-    import pointvl.build.cpu_stages  # noqa: F401
+    import pointvl.dataset.cpu_stages  # noqa: F401
 
 
 class Executor:

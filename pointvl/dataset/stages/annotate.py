@@ -40,8 +40,8 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import SecretStr
 
-from pointvl.build.run_folder import RunFolder
-from pointvl.build.stages.annotate_rules import (
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.annotate_rules import (
     category_choices,
     check_annotation,
     dominant_colours,
@@ -49,7 +49,7 @@ from pointvl.build.stages.annotate_rules import (
     strict_schema,
     template_annotation,
 )
-from pointvl.build.stages.base import Drops, ShardOutput, Stage, finished, ran, read_stage_table
+from pointvl.dataset.stages.base import Drops, ShardOutput, Stage, finished, ran, read_stage_table
 from pointvl.core import io
 from pointvl.core.chat_client import (
     CallFailed,
