@@ -143,7 +143,9 @@ class GRPOTrainConfig:
         learning_rate: AdamW learning rate (1e-6; the paper's value is lost).
         clip_eps: PPO clipping ε (0.2).
         beta: KL weight to the reference policy (0: no reference model).
-        temperature, top_p: sampling of the rollouts (1.0, 1.0).
+        temperature, top_p, top_k: sampling of the rollouts (1.0, 1.0, 0): the policy's own distribution, so
+            the samples are those whose log-probabilities are trained (``top_k`` 0 and ``top_p`` 1 disable those
+            filters; nothing comes from the checkpoint's ``generation_config.json``: :mod:`pointvl.train.generation`).
         max_new_tokens: generation budget per sample (1024; the canonical output is ~600 tokens).
         max_grad_norm: gradient clipping (1.0).
         max_steps: stop after this many optimizer steps (None: one pass).
@@ -167,6 +169,7 @@ class GRPOTrainConfig:
     beta: float = 0.0
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
     max_new_tokens: int = 1024
     max_grad_norm: float = 1.0
     max_steps: int | None = None
@@ -188,6 +191,8 @@ class GRPOTrainConfig:
             raise ValueError(
                 f"GRPOTrainConfig.rollout_engine must be one of {ROLLOUT_ENGINES}, got {self.rollout_engine!r}"
             )
+        if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
+            raise ValueError("GRPOTrainConfig needs temperature > 0, top_p in (0, 1] and top_k >= 0 (0: no top-k)")
         if min(self.prompts_per_step, self.logprob_chunk, self.max_new_tokens) < 1:
             raise ValueError("GRPOTrainConfig.prompts_per_step, logprob_chunk and max_new_tokens must be >= 1")
         _check_saving("GRPOTrainConfig", self.save_steps, self.save_total_limit)

@@ -147,10 +147,11 @@ class Collator:
     """Batches :class:`Example` s into model inputs.
 
     ``input_ids`` = tokenized chat prompt (:func:`pointvl.train.model.build_prompt`), then, with
-    ``with_targets``, the target JSON and ``<|im_end|>``; right padding (left with ``pad_left``, for batched
-generation). ``labels`` copy the target and
-    ``<|im_end|>`` tokens and are -100 elsewhere (SFT loss on the answer tokens only, eq. 5). The prompt
-    and the target are tokenized separately, so the label boundary is exact for any tokenizer.
+    ``with_targets``, the target JSON and ``<|im_end|>`` (the token generation stops on,
+    :data:`pointvl.train.generation.STOP_TOKEN`, whatever ``tokenizer.eos_token`` is); right padding (left
+    with ``pad_left``, for batched generation). ``labels`` copy the target and ``<|im_end|>`` tokens and are
+    -100 elsewhere (SFT loss on the answer tokens only, eq. 5). The prompt and the target are tokenized
+    separately, so the label boundary is exact for any tokenizer.
     """
 
     def __init__(
@@ -162,13 +163,15 @@ generation). ``labels`` copy the target and
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
         import torch
 
+        from pointvl.train.generation import stop_token_id
         from pointvl.train.model import build_prompt
 
         tok = self.tokenizer
+        stop = [stop_token_id(tok)]
         rows, labels = [], []
         for e in examples:
             prompt = tok(build_prompt(e.instruction, self.num_point_tokens), add_special_tokens=False).input_ids
-            answer = tok(e.target + tok.eos_token, add_special_tokens=False).input_ids if self.with_targets else []
+            answer = tok(e.target, add_special_tokens=False).input_ids + stop if self.with_targets else []
             rows.append(prompt + answer)
             labels.append([-100] * len(prompt) + answer)
         width = max(len(r) for r in rows)

@@ -23,6 +23,7 @@ its points in its own parameter dtype (an engine that casts it to bf16 keeps wor
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any
@@ -32,6 +33,7 @@ from torch import nn
 
 from pointvl.core.extras import require
 from pointvl.train.config import ModelConfig
+from pointvl.train.generation import dropped_settings, token_config
 from pointvl.train.point_bert import PointBERT
 from pointvl.train.tokenizer import POINT_TOKENS, build_char_tokenizer
 
@@ -129,6 +131,8 @@ class PointVL3D(nn.Module):
         """The language model's output; with ``logps_of`` (B, T), the log-probabilities (B, T) of those
         tokens as the last T tokens of ``input_ids`` instead (:func:`selective_logps`: no (B, T, vocab)
         float32 tensor is made). Both run through ``forward``, so DDP/FSDP hooks see them."""
+        # positions from this batch's mask, not the rope deltas a previous generate cached (another batch size)
+        self.lm.model.rope_deltas = None
         with self.autocast(input_ids.device):
             embeds = self.embed(input_ids, points, pixel_values, image_grid_thw)
             if logps_of is None:
@@ -147,18 +151,18 @@ class PointVL3D(nn.Module):
         points: torch.Tensor,
         pixel_values: torch.Tensor,
         image_grid_thw: torch.Tensor,
-        **generate_kwargs: Any,
+        generation_config: Any,
     ) -> torch.Tensor:
-        """Generated token ids only (the prompt is not repeated); kwargs go to ``transformers`` ``generate``.
+        """Generated token ids only (the prompt is not repeated), decoded with ``generation_config`` (a
+        ``transformers.GenerationConfig`` from :mod:`pointvl.train.generation`: every sampling setting explicit).
 
         The point placeholder tokens are suppressed: the policy never writes them.
         """
+        config = copy.deepcopy(generation_config)
+        config.suppress_tokens = list(self.point_token_ids)
         with self.autocast(input_ids.device):
             embeds = self.embed(input_ids, points, pixel_values, image_grid_thw)
-            return self.lm.generate(
-                inputs_embeds=embeds, attention_mask=attention_mask, suppress_tokens=self.point_token_ids,
-                **generate_kwargs,
-            )
+            return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config)
 
 
 def _chunk_logps(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -269,8 +273,10 @@ def build_model(config: ModelConfig, tokenizer) -> PointVL3D:
         lm = tf.Qwen2_5_VLForConditionalGeneration._from_config(qcfg, dtype=torch.float32)
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(len(tokenizer))
-    lm.generation_config.pad_token_id = tokenizer.pad_token_id
-    lm.generation_config.eos_token_id = eos
+    dropped = dropped_settings(lm.generation_config)
+    if dropped:
+        logger.info("dropping the checkpoint's generation settings %s: rollouts and predict set their own", dropped)
+    lm.generation_config = token_config(tokenizer)  # pointvl.train.generation: no inherited sampling settings
     point_encoder = PointBERT(config.point_bert)
     if config.point_bert.checkpoint:
         point_encoder.load_checkpoint(config.point_bert.checkpoint)
