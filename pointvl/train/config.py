@@ -20,7 +20,7 @@ from pointvl.core.errors import InputError
 from pointvl.core.geometry import QuantConfig
 from pointvl.core.strict_config import ConfigError, check, load, merge, nest, read_file
 from pointvl.grca import GRCAConfig
-from pointvl.train.point_bert import PointBertConfig
+from pointvl.train.point_bert import PointBertConfig, check_point_dims, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -237,9 +237,11 @@ class TrainConfig:
 
 def paper_preset(variant: str = "grca_rpc") -> TrainConfig:
     """The paper's setup (§4.2) for one Table 3 row. Point-BERT's weights must be given
-    (``model.point_bert.checkpoint``) or random weights asked for (``model.point_bert.random_init``)."""
+    (``model.point_bert.checkpoint``) or random weights asked for (``model.point_bert.random_init``); the
+    encoder takes xyz + rgb (``point_dims=6``), as PointLLM's ``point_bert_v1.2.pt`` does."""
     mode = variant if variant in ("broadcast", "grca", "grca_rpc") else "grca_rpc"
-    return TrainConfig(variant=variant, grpo=GRPOTrainConfig(mode=mode))
+    return TrainConfig(variant=variant, model=ModelConfig(point_bert=PointBertConfig(point_dims=6)),
+                       grpo=GRPOTrainConfig(mode=mode))
 
 
 def tiny_preset(variant: str = "grca_rpc") -> TrainConfig:
@@ -360,11 +362,17 @@ def preflight(config: TrainConfig) -> None:
     pb = m.point_bert
     if pb.checkpoint is None and not pb.random_init:
         raise InputError(
-            "no Point-BERT weights: set model.point_bert.checkpoint=/path/point_bert_v1.2.pt (PointLLM's) or "
+            "no Point-BERT weights: set model.point_bert.checkpoint=/path/point_bert_v1.2.pt (PointLLM's, xyz + rgb: "
+            "model.point_bert.point_dims=6, the paper preset's) or /path/Point-BERT.pth (xyz: point_dims=3), or "
             "model.point_bert.random_init=true to train with a random frozen point encoder"
         )
-    if pb.checkpoint is not None and not os.path.isfile(pb.checkpoint):
-        raise InputError(f"model.point_bert.checkpoint {pb.checkpoint} does not exist")
+    if pb.checkpoint is not None:
+        if not os.path.isfile(pb.checkpoint):
+            raise InputError(f"model.point_bert.checkpoint {pb.checkpoint} does not exist")
+        try:  # the layout and the channel count the first layer takes (what load_checkpoint will check)
+            check_point_dims(pb.checkpoint, read_checkpoint(pb.checkpoint)[1], pb.point_dims)
+        except ValueError as err:
+            raise InputError(f"model.point_bert.checkpoint: {err}") from None
     if config.grpo.rollout_engine != "hf" and config.variant in GRPO_MODES:
         raise InputError(
             f"grpo.rollout_engine={config.grpo.rollout_engine!r} is not built (it needs a GPU); use 'hf'"

@@ -17,8 +17,9 @@ the language model uses plain 1-D positions.
 Precision (``ModelConfig.dtype``): every trainable parameter is float32 (the master weights the
 optimizer updates; a bf16 parameter would round a 1e-6 update away), frozen parts (the vision tower)
 are stored in bf16, and in ``"bfloat16"`` mode ``forward`` and ``generate`` run under bf16 autocast,
-wherever the model runs (one process, DDP, FSDP, the Prefect GPU worker). The frozen Point-BERT gets
-its points in its own parameter dtype (an engine that casts it to bf16 keeps working).
+wherever the model runs (one process, DDP, FSDP, the Prefect GPU worker). The frozen Point-BERT computes
+in float32 in every mode, its FPS/kNN included (autocast off inside; an engine that casts its weights to
+bf16 changes their storage, not its arithmetic: :mod:`pointvl.train.point_bert`).
 """
 
 from __future__ import annotations
@@ -85,9 +86,9 @@ class PointVL3D(nn.Module):
     def point_tokens(
         self, points: torch.Tensor, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
     ) -> torch.Tensor:
-        """Projected fused tokens (B, P, hidden) for clouds (B, N, 3) and their B images."""
-        with torch.no_grad():
-            f_p = self.point_encoder(points.to(self.point_encoder.cls_token.dtype))
+        """Projected fused tokens (B, P, hidden) for clouds (B, N, 3 | 6) and their B images."""
+        with torch.no_grad():  # float32 inside, whatever the engine or autocast (pointvl.train.point_bert)
+            f_p = self.point_encoder(points.float())
         f_p = f_p.to(self.projector.weight.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
             images = self.lm.model.get_image_features(pixel_values, image_grid_thw).pooler_output
