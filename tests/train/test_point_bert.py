@@ -219,3 +219,25 @@ def test_the_encoder_computes_in_float32_under_bf16_weights_and_autocast():
     assert torch.allclose(out, expected, atol=1e-5)  # float32 arithmetic on the bf16-stored weights
     with torch.no_grad():  # bf16 clouds: float32 inside too, only the input and the output are rounded
         assert torch.equal(out_bf16, rounded(points.bfloat16().float()).bfloat16())
+
+
+def test_the_policy_feeds_point_bert_float32_clouds_in_bf16_mode(short_shards_dir):
+    """In the policy, under bf16 autocast, with the encoder's weights cast as an engine would: the encoder
+    gets float32 clouds and gives what the float32 encoder gives (on the same stored weights)."""
+    from pointvl.train.data import Collator, ShardExamples
+    from pointvl.train.pipeline import load
+
+    cfg = preset_config("tiny", "sft", {"model.dtype": "bfloat16"})
+    tokenizer, images, model = load(cfg, None)
+    examples = list(ShardExamples(short_shards_dir, "train", cfg.model.num_points, cfg.model.quant, shuffle=False))
+    batch = Collator(tokenizer, images, model.num_point_tokens, with_targets=True)(examples[:1])
+    reference = PointBERT(cfg.model.point_bert).eval()
+    model.point_encoder.to(torch.bfloat16)
+    reference.load_state_dict({k: v.float() for k, v in model.point_encoder.state_dict().items()})
+    seen = []
+    model.point_encoder.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        assert model(**batch).logits.dtype == torch.bfloat16  # the rest of the model computes in bf16
+        points, out = seen[0]
+        assert points.dtype == out.dtype == torch.float32
+        assert torch.allclose(out, reference(batch["points"]), atol=1e-5)
