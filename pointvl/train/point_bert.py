@@ -258,6 +258,7 @@ class PointBERT(nn.Module):
         return torch.cat([xyz, rgb], dim=-1)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, num_group + 1, trans_dim) in the dtype of ``points``, computed in float32."""
         with torch.autocast(points.device.type, enabled=False):
             patches, center = group_points(self.prepare(points), self.config.num_group, self.config.group_size)
             tokens = self.reduce_dim(self.encoder(patches))
