@@ -7,7 +7,8 @@
                            modules under ``point_encoder.``, ``cross_norm.``, ``cross_attn.``, ``projector.``
     config.json            the language model's config, with ``pointvl_model`` (the ModelConfig that
                            rebuilds the policy) and ``pointvl_point_token_ids``
-    generation_config.json, tokenizer files
+    generation_config.json the stop and pad ids only (no sampling settings: pointvl.train.generation)
+    tokenizer files
     optimizer.pt, scheduler.pt, rng_state.pth (one process) | rng_state_<rank>.pth (several)
     trainer_state.json     global_step, log_history (one entry per optimizer step: step, loss,
                            learning_rate, ...), the data position; written last: the checkpoint is

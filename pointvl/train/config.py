@@ -20,7 +20,7 @@ from pointvl.core.errors import InputError
 from pointvl.core.geometry import QuantConfig
 from pointvl.core.strict_config import ConfigError, check, load, merge, nest, read_file
 from pointvl.grca import GRCAConfig
-from pointvl.train.point_bert import PointBertConfig
+from pointvl.train.point_bert import PointBertConfig, check_point_dims, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,9 @@ class GRPOTrainConfig:
         learning_rate: AdamW learning rate (1e-6; the paper's value is lost).
         clip_eps: PPO clipping ε (0.2).
         beta: KL weight to the reference policy (0: no reference model).
-        temperature, top_p: sampling of the rollouts (1.0, 1.0).
+        temperature, top_p, top_k: sampling of the rollouts (1.0, 1.0, 0): the policy's own distribution, so
+            the samples are those whose log-probabilities are trained (``top_k`` 0 and ``top_p`` 1 disable those
+            filters; nothing comes from the checkpoint's ``generation_config.json``: :mod:`pointvl.train.generation`).
         max_new_tokens: generation budget per sample (1024; the canonical output is ~600 tokens).
         max_grad_norm: gradient clipping (1.0).
         max_steps: stop after this many optimizer steps (None: one pass).
@@ -167,6 +169,7 @@ class GRPOTrainConfig:
     beta: float = 0.0
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
     max_new_tokens: int = 1024
     max_grad_norm: float = 1.0
     max_steps: int | None = None
@@ -188,6 +191,8 @@ class GRPOTrainConfig:
             raise ValueError(
                 f"GRPOTrainConfig.rollout_engine must be one of {ROLLOUT_ENGINES}, got {self.rollout_engine!r}"
             )
+        if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
+            raise ValueError("GRPOTrainConfig needs temperature > 0, top_p in (0, 1] and top_k >= 0 (0: no top-k)")
         if min(self.prompts_per_step, self.logprob_chunk, self.max_new_tokens) < 1:
             raise ValueError("GRPOTrainConfig.prompts_per_step, logprob_chunk and max_new_tokens must be >= 1")
         _check_saving("GRPOTrainConfig", self.save_steps, self.save_total_limit)
@@ -232,9 +237,11 @@ class TrainConfig:
 
 def paper_preset(variant: str = "grca_rpc") -> TrainConfig:
     """The paper's setup (§4.2) for one Table 3 row. Point-BERT's weights must be given
-    (``model.point_bert.checkpoint``) or random weights asked for (``model.point_bert.random_init``)."""
+    (``model.point_bert.checkpoint``) or random weights asked for (``model.point_bert.random_init``); the
+    encoder takes xyz + rgb (``point_dims=6``), as PointLLM's ``point_bert_v1.2.pt`` does."""
     mode = variant if variant in ("broadcast", "grca", "grca_rpc") else "grca_rpc"
-    return TrainConfig(variant=variant, grpo=GRPOTrainConfig(mode=mode))
+    return TrainConfig(variant=variant, model=ModelConfig(point_bert=PointBertConfig(point_dims=6)),
+                       grpo=GRPOTrainConfig(mode=mode))
 
 
 def tiny_preset(variant: str = "grca_rpc") -> TrainConfig:
@@ -355,11 +362,17 @@ def preflight(config: TrainConfig) -> None:
     pb = m.point_bert
     if pb.checkpoint is None and not pb.random_init:
         raise InputError(
-            "no Point-BERT weights: set model.point_bert.checkpoint=/path/point_bert_v1.2.pt (PointLLM's) or "
+            "no Point-BERT weights: set model.point_bert.checkpoint=/path/point_bert_v1.2.pt (PointLLM's, xyz + rgb: "
+            "model.point_bert.point_dims=6, the paper preset's) or /path/Point-BERT.pth (xyz: point_dims=3), or "
             "model.point_bert.random_init=true to train with a random frozen point encoder"
         )
-    if pb.checkpoint is not None and not os.path.isfile(pb.checkpoint):
-        raise InputError(f"model.point_bert.checkpoint {pb.checkpoint} does not exist")
+    if pb.checkpoint is not None:
+        if not os.path.isfile(pb.checkpoint):
+            raise InputError(f"model.point_bert.checkpoint {pb.checkpoint} does not exist")
+        try:  # the layout and the channel count the first layer takes (what load_checkpoint will check)
+            check_point_dims(pb.checkpoint, read_checkpoint(pb.checkpoint)[1], pb.point_dims)
+        except ValueError as err:
+            raise InputError(f"model.point_bert.checkpoint: {err}") from None
     if config.grpo.rollout_engine != "hf" and config.variant in GRPO_MODES:
         raise InputError(
             f"grpo.rollout_engine={config.grpo.rollout_engine!r} is not built (it needs a GPU); use 'hf'"

@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 
 def resample_points(points: NDArray, num_points: int, seed: int) -> NDArray[np.float32]:
-    """``num_points`` rows of ``points`` (N, 3): a seeded subset when N >= num_points, else with repeats."""
-    p = np.asarray(points, dtype=np.float32).reshape(-1, 3)
+    """``num_points`` rows of ``points`` (N, C): a seeded subset when N >= num_points, else with repeats."""
+    p = np.asarray(points, dtype=np.float32)
     if len(p) == 0:
         raise ValueError("a record has an empty point cloud; the sample_points stage writes N > 0")
     rng = np.random.default_rng(seed)
@@ -52,12 +52,26 @@ class Example:
 
     instance_id: str
     image: Any  # PIL.Image.Image, RGB
-    points: NDArray[np.float32]  # (num_points, 3)
+    points: NDArray[np.float32]  # (num_points, 3) xyz, or (num_points, 6) xyz + rgb (record_cloud)
     instruction: str
     target: str
     reward_target: dict[str, Any]
     camera: dict[str, Any]
     qa_index: int = 0
+
+
+def record_cloud(record: dict[str, Any]) -> NDArray[np.float32]:
+    """The record's cloud in its own frame: (N, 3) xyz, or (N, 6) xyz + rgb when the record has the
+    optional ``colors`` column (N x 3 in [0, 1]). Point-BERT normalises it
+    (:meth:`pointvl.train.point_bert.PointBERT.prepare`)."""
+    xyz = np.asarray(record["points"], dtype=np.float32).reshape(-1, 3)
+    colors = record.get("colors")  # optional column; the benchmark's records carry xyz only
+    if colors is None or len(colors) == 0:
+        return xyz
+    rgb = np.asarray(colors, dtype=np.float32).reshape(-1, 3)
+    if len(rgb) != len(xyz):
+        raise ValueError(f"record {record['instance_id']}: {len(rgb)} colors for {len(xyz)} points")
+    return np.concatenate([xyz, rgb], axis=1)
 
 
 def make_example(record: dict[str, Any], num_points: int, quant: QuantConfig, qa_index: int = 0) -> Example:
@@ -67,7 +81,7 @@ def make_example(record: dict[str, Any], num_points: int, quant: QuantConfig, qa
     return Example(
         instance_id=record["instance_id"],
         image=Image.open(io.BytesIO(image_bytes(record["image"]))).convert("RGB"),
-        points=resample_points(record["points"], num_points, seed),
+        points=resample_points(record_cloud(record), num_points, seed),
         instruction=instruction(record, qa_index),
         target=target_text(record, quant, qa_index),
         reward_target=record_target(record, qa_index),
@@ -147,10 +161,11 @@ class Collator:
     """Batches :class:`Example` s into model inputs.
 
     ``input_ids`` = tokenized chat prompt (:func:`pointvl.train.model.build_prompt`), then, with
-    ``with_targets``, the target JSON and ``<|im_end|>``; right padding (left with ``pad_left``, for batched
-generation). ``labels`` copy the target and
-    ``<|im_end|>`` tokens and are -100 elsewhere (SFT loss on the answer tokens only, eq. 5). The prompt
-    and the target are tokenized separately, so the label boundary is exact for any tokenizer.
+    ``with_targets``, the target JSON and ``<|im_end|>`` (the token generation stops on,
+    :data:`pointvl.train.generation.STOP_TOKEN`, whatever ``tokenizer.eos_token`` is); right padding (left
+    with ``pad_left``, for batched generation). ``labels`` copy the target and ``<|im_end|>`` tokens and are
+    -100 elsewhere (SFT loss on the answer tokens only, eq. 5). The prompt and the target are tokenized
+    separately, so the label boundary is exact for any tokenizer.
     """
 
     def __init__(
@@ -162,13 +177,15 @@ generation). ``labels`` copy the target and
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
         import torch
 
+        from pointvl.train.generation import stop_token_id
         from pointvl.train.model import build_prompt
 
         tok = self.tokenizer
+        stop = [stop_token_id(tok)]
         rows, labels = [], []
         for e in examples:
             prompt = tok(build_prompt(e.instruction, self.num_point_tokens), add_special_tokens=False).input_ids
-            answer = tok(e.target + tok.eos_token, add_special_tokens=False).input_ids if self.with_targets else []
+            answer = tok(e.target, add_special_tokens=False).input_ids + stop if self.with_targets else []
             rows.append(prompt + answer)
             labels.append([-100] * len(prompt) + answer)
         width = max(len(r) for r in rows)
@@ -181,6 +198,10 @@ generation). ``labels`` copy the target and
             attention[i, cols] = 1
             label_t[i, cols] = torch.tensor(lab)
         pixels = self.image_processor(images=[e.image for e in examples], return_tensors="pt")
+        widths = {e.points.shape[1] for e in examples}
+        if len(widths) > 1:
+            raise ValueError("a batch mixes clouds with and without colors: a split's records carry the optional "
+                             "colors column all or none")
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention,

@@ -2,8 +2,10 @@
 
 One optimizer step per ``prompts_per_step`` prompts (over all processes, split evenly across ranks):
 
-1. **Rollouts.** For each prompt the current policy samples G completions (``temperature``, ``top_p``);
-   a completion ends at its first ``<|im_end|>`` (kept, as background) or at ``max_new_tokens``.
+1. **Rollouts.** For each prompt the current policy samples G completions with an explicit
+   ``GenerationConfig`` (``temperature``, ``top_p``, ``top_k`` of the config, no repetition penalty:
+   :mod:`pointvl.train.generation`); a completion ends at its first ``<|im_end|>`` (kept, as background)
+   or at ``max_new_tokens``.
 2. **Scoring and routing.** The completions are decoded without special tokens; token character
    offsets come from re-tokenizing the decoded text when that gives back the same ids (exact), else
    from cumulative decoding (:func:`pointvl.grca.offsets_from_decode`). :func:`pointvl.grca.score_group`
@@ -42,6 +44,7 @@ from pointvl.grca import offsets_from_decode, pad_token_advantages, routed_grpo_
 from pointvl.train import checkpoint as ckpt
 from pointvl.train.config import GRPOTrainConfig
 from pointvl.train.data import Collator, Example, ShardExamples
+from pointvl.train.generation import sampling_config, stop_token_id
 from pointvl.train.model import PointVL3D
 from pointvl.train.sft import make_accelerator, num_processes, resume, trainer_state
 
@@ -110,13 +113,12 @@ def rollout(
     ``seed`` (when given) seeds the sampling, so a group does not depend on what ran before it.
     """
     t0 = time.perf_counter()
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = stop_token_id(tokenizer)
+    sampling = sampling_config(tokenizer, config.max_new_tokens, config.num_generations, config.temperature,
+                               config.top_p, config.top_k)
     if seed is not None:
         torch.manual_seed(seed)
-    ids = model.generate(
-        **inputs, do_sample=True, temperature=config.temperature, top_p=config.top_p,
-        max_new_tokens=config.max_new_tokens, num_return_sequences=config.num_generations,
-    )
+    ids = model.generate(**inputs, generation_config=sampling)
     lengths = completion_lengths(ids, eos)
     mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
     t1 = time.perf_counter()

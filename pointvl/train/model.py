@@ -17,12 +17,14 @@ the language model uses plain 1-D positions.
 Precision (``ModelConfig.dtype``): every trainable parameter is float32 (the master weights the
 optimizer updates; a bf16 parameter would round a 1e-6 update away), frozen parts (the vision tower)
 are stored in bf16, and in ``"bfloat16"`` mode ``forward`` and ``generate`` run under bf16 autocast,
-wherever the model runs (one process, DDP, FSDP, the Prefect GPU worker). The frozen Point-BERT gets
-its points in its own parameter dtype (an engine that casts it to bf16 keeps working).
+wherever the model runs (one process, DDP, FSDP, the Prefect GPU worker). The frozen Point-BERT computes
+in float32 in every mode, its FPS/kNN included (autocast off inside; an engine that casts its weights to
+bf16 changes their storage, not its arithmetic: :mod:`pointvl.train.point_bert`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any
@@ -32,6 +34,7 @@ from torch import nn
 
 from pointvl.core.extras import require
 from pointvl.train.config import ModelConfig
+from pointvl.train.generation import dropped_settings, token_config
 from pointvl.train.point_bert import PointBERT
 from pointvl.train.tokenizer import POINT_TOKENS, build_char_tokenizer
 
@@ -83,9 +86,9 @@ class PointVL3D(nn.Module):
     def point_tokens(
         self, points: torch.Tensor, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
     ) -> torch.Tensor:
-        """Projected fused tokens (B, P, hidden) for clouds (B, N, 3) and their B images."""
-        with torch.no_grad():
-            f_p = self.point_encoder(points.to(self.point_encoder.cls_token.dtype))
+        """Projected fused tokens (B, P, hidden) for clouds (B, N, 3 | 6) and their B images."""
+        with torch.no_grad():  # float32 inside, whatever the engine or autocast (pointvl.train.point_bert)
+            f_p = self.point_encoder(points.float())
         f_p = f_p.to(self.projector.weight.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
             images = self.lm.model.get_image_features(pixel_values, image_grid_thw).pooler_output
@@ -129,6 +132,8 @@ class PointVL3D(nn.Module):
         """The language model's output; with ``logps_of`` (B, T), the log-probabilities (B, T) of those
         tokens as the last T tokens of ``input_ids`` instead (:func:`selective_logps`: no (B, T, vocab)
         float32 tensor is made). Both run through ``forward``, so DDP/FSDP hooks see them."""
+        # positions from this batch's mask, not the rope deltas a previous generate cached (another batch size)
+        self.lm.model.rope_deltas = None
         with self.autocast(input_ids.device):
             embeds = self.embed(input_ids, points, pixel_values, image_grid_thw)
             if logps_of is None:
@@ -147,18 +152,18 @@ class PointVL3D(nn.Module):
         points: torch.Tensor,
         pixel_values: torch.Tensor,
         image_grid_thw: torch.Tensor,
-        **generate_kwargs: Any,
+        generation_config: Any,
     ) -> torch.Tensor:
-        """Generated token ids only (the prompt is not repeated); kwargs go to ``transformers`` ``generate``.
+        """Generated token ids only (the prompt is not repeated), decoded with ``generation_config`` (a
+        ``transformers.GenerationConfig`` from :mod:`pointvl.train.generation`: every sampling setting explicit).
 
         The point placeholder tokens are suppressed: the policy never writes them.
         """
+        config = copy.deepcopy(generation_config)
+        config.suppress_tokens = list(self.point_token_ids)
         with self.autocast(input_ids.device):
             embeds = self.embed(input_ids, points, pixel_values, image_grid_thw)
-            return self.lm.generate(
-                inputs_embeds=embeds, attention_mask=attention_mask, suppress_tokens=self.point_token_ids,
-                **generate_kwargs,
-            )
+            return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config)
 
 
 def _chunk_logps(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -269,8 +274,10 @@ def build_model(config: ModelConfig, tokenizer) -> PointVL3D:
         lm = tf.Qwen2_5_VLForConditionalGeneration._from_config(qcfg, dtype=torch.float32)
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(len(tokenizer))
-    lm.generation_config.pad_token_id = tokenizer.pad_token_id
-    lm.generation_config.eos_token_id = eos
+    dropped = dropped_settings(lm.generation_config)
+    if dropped:
+        logger.info("dropping the checkpoint's generation settings %s: rollouts and predict set their own", dropped)
+    lm.generation_config = token_config(tokenizer)  # pointvl.train.generation: no inherited sampling settings
     point_encoder = PointBERT(config.point_bert)
     if config.point_bert.checkpoint:
         point_encoder.load_checkpoint(config.point_bert.checkpoint)

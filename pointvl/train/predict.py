@@ -20,6 +20,7 @@ import torch
 
 from pointvl.core import io as pio
 from pointvl.train.data import Collator, ShardExamples
+from pointvl.train.generation import greedy_config
 from pointvl.train.model import PointVL3D
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,11 @@ def predict(
     total = len(examples)
     rows: list[tuple[int, dict]] = []
     model.eval()
+    greedy = greedy_config(tokenizer, max_new_tokens)  # explicit: nothing inherited from the checkpoint
 
     def decode(batch: list) -> None:
         inputs = {key: v.to(state.device) for key, v in collate([e for _, e in batch]).items()}
-        ids = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        ids = model.generate(**inputs, generation_config=greedy)
         for (p, e), out in zip(batch, ids, strict=True):
             text = tokenizer.decode(out, skip_special_tokens=True)
             rows.append((p, {"instance_id": e.instance_id, "qa_index": e.qa_index, "output": text}))

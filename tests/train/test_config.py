@@ -7,6 +7,7 @@ import torch
 
 from pointvl.core.errors import InputError
 from pointvl.train.config import parse_overrides, preflight, preset_config, read_config_file
+from pointvl.train.point_bert import PointBERT
 
 
 def test_nested_and_dotted_overrides_merge_deeply():
@@ -80,8 +81,9 @@ def test_preflight_refuses_what_cannot_start(tmp_path):
                                                       "model.point_bert.random_init": True}))
     with pytest.raises(InputError, match="does not exist"):
         preflight(preset_config("tiny", "sft", {"model.point_bert.checkpoint": str(tmp_path / "nope.pt")}))
-    weights = tmp_path / "point_bert_v1.2.pt"
-    torch.save({"state_dict": {}}, weights)
+    weights = tmp_path / "point_bert_v1.2.pt"  # PointLLM's layout, the tiny preset's (3-channel) encoder
+    encoder = PointBERT(preset_config("tiny", "sft", None).model.point_bert)
+    torch.save({"state_dict": {f"module.point_encoder.{k}": v for k, v in encoder.state_dict().items()}}, weights)
     preflight(preset_config("tiny", "sft", {"model.point_bert.checkpoint": str(weights)}))
     folder = tmp_path / "qwen"
     folder.mkdir()
