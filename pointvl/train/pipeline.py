@@ -148,7 +148,9 @@ def evaluate_stage(config: TrainConfig, shards_dir: str, run_dir: str, checkpoin
                 batch_size=config.eval_batch_size)
     if not is_main_process():
         return {}
-    return run_evaluate(shards_dir, predictions, metrics_path, EvaluateConfig(quant=config.model.quant))
+    grca = config.grpo.grca  # the verifier's options of the rewards, so that metric and reward agree
+    return run_evaluate(shards_dir, predictions, metrics_path, EvaluateConfig(
+        quant=config.model.quant, num_keypoints=grca.num_keypoints, keypoint_spread=grca.keypoint_spread))
 
 
 def plot_curves(run_dir: str, stages: list[str]) -> str:
