@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-all bench bench-scale lint train-demo eval-demo server deploy worker-cpu worker-gpu clean
+.PHONY: setup demo test test-all bench bench-scale bench-exploits table3-mini lint train-demo eval-demo server deploy worker-cpu worker-gpu clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,17 @@ bench: $(STAMP)
 # ~500 ShapeNet-like models (long-tailed face counts) with 1 and 2 workers; RSS at 48 vs 480 models.
 bench-scale: $(STAMP)
 	$(PY) -m benchmarks.bench_scale --models $(or $(MODELS),480)
+
+# What degenerate outputs earn under the training rewards and under `pointvl evaluate` (README "Can the rewards
+# be gamed?"), on a built benchmark's shards (default: the demo's).
+bench-exploits: $(STAMP)
+	test -d $(or $(SHARDS),$(DEMO_DIR)/build/shards) || $(MAKE) demo
+	$(PY) -m benchmarks.bench_exploits --shards $(or $(SHARDS),$(DEMO_DIR)/build/shards)
+
+# A Table-3 miniature: the pipeline's own benchmark from the fixture shapes, the tiny policy SFT -> each
+# variant, 3 seeds, held-out evaluation with intervals (benchmarks/table3_mini.py; resumes when re-run).
+table3-mini: $(STAMP)
+	$(PY) -m benchmarks.table3_mini --out $(or $(T3_DIR),table3_mini_out)
 
 lint: $(STAMP)
 	$(PY) -m ruff check pointvl tasks flows benchmarks tests

@@ -72,7 +72,8 @@ def _build(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pointvl.evaluation.scoring import EvaluateConfig, format_table, run
 
-    config = EvaluateConfig(split=args.split, per_category=args.per_category, bertscore_model=args.bertscore_model)
+    config = EvaluateConfig(split=args.split, per_category=args.per_category, bertscore_model=args.bertscore_model,
+                            num_keypoints=args.num_keypoints or None, keypoint_spread=args.keypoint_spread)
     metrics = run(args.shards, args.predictions, args.out, config)
     print(format_table(metrics, name=args.name))
     return 0
@@ -188,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--per-category", action="store_true", help="also break every metric down by category")
     evaluate.add_argument("--bertscore-model", default="roberta-large",
                           help="BERTScore's model: a local folder or a cached Hugging Face id (never downloaded)")
+    evaluate.add_argument("--num-keypoints", type=int, default=16,
+                          help="keypoints a kpts field must hold to be scored (default 16, the paper's; 0: any count)")
+    evaluate.add_argument("--keypoint-spread", type=float, default=0.0,
+                          help="the keypoint-spread guard, in [0, 1] (default 0: off, the paper's KPA)")
     evaluate.set_defaults(command_handler=_evaluate)
 
     predict = commands.add_parser(

@@ -57,7 +57,8 @@ def _report(args: argparse.Namespace) -> int:
     from pointvl.evaluation.scoring import EvaluateConfig
 
     runs = parse_runs(args.run)
-    print(report(args.shards, args.out, runs, train_run=args.train_run, config=EvaluateConfig(split=args.split)))
+    print(report(args.shards, args.out, runs, train_run=args.train_run, config=EvaluateConfig(split=args.split),
+                 allow_unmatched=args.allow_unmatched))
     return 0
 
 
@@ -69,4 +70,6 @@ def add_eval_commands(commands: argparse._SubParsersAction) -> None:
                      help="a run to report (repeat for several models or Table 3 variants)")
     rep.add_argument("--train-run", help="a `pointvl train --run` folder: adds its loss and reward curves")
     rep.add_argument("--split", default="test", help="the split to score (default test)")
+    rep.add_argument("--allow-unmatched", action="store_true",
+                     help="put runs side by side although their compute.json training budgets differ by over 5%%")
     rep.set_defaults(command_handler=_report)

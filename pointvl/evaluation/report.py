@@ -8,6 +8,12 @@ Next to it, PNG plots (matplotlib, Agg): ``metrics.png`` (bars per metric across
 ``per_category.png`` (heat map of each run's metrics per category), ``iou_hist.png`` (per-record IoU2D
 and IoU3D) and, given a training run folder, ``training_curves.png`` (loss and mean rewards per step).
 ``OUT/<run>.json`` is each run's evaluation JSON (``per_category`` included).
+
+Uncertainty (:mod:`pointvl.evaluation.stats`): every value has its 95 % bootstrap interval over records;
+with two runs or more, each run is compared with the first on the same records (difference, paired
+bootstrap interval, permutation p-value; ``OUT/comparisons.json``). Runs from training run folders
+(``RUN/eval/predictions.jsonl``) carry their budget (``RUN/compute.json``): runs whose training samples
+differ by more than 5 % are refused unless ``allow_unmatched`` (``--allow-unmatched``) says so.
 """
 
 from __future__ import annotations
@@ -22,7 +28,15 @@ from typing import Any
 from pointvl.core import io as pio
 from pointvl.core.errors import InputError
 from pointvl.core.extras import require
-from pointvl.evaluation.scoring import EvaluateConfig, RecordScore, read_predictions, score_records, summarize
+from pointvl.evaluation.scoring import (
+    EvaluateConfig,
+    RecordScore,
+    read_predictions,
+    record_statistics,
+    score_records,
+    summarize,
+)
+from pointvl.evaluation.stats import paired_comparison
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +55,10 @@ HEATMAP_KEYS: tuple[str, ...] = ("iou2d", "iou3d", "kpa2d", "kpa3d", "rpc", "cat
 _NAME = re.compile(r"^[\w .+()-]{1,64}$")
 
 
-def _cell(value: Any) -> str:
-    return "–" if value is None else f"{value:.3f}"
+def _cell(value: Any, interval: Sequence[float] | None = None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if interval is None else f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
 def _markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -51,10 +67,12 @@ def _markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def tables(runs: Mapping[str, Mapping[str, Any]]) -> str:
-    """The paper-shaped tables of ``runs`` (name -> evaluation JSON), counts and not-computed notes."""
+    """The paper-shaped tables of ``runs`` (name -> evaluation JSON), counts and not-computed notes; each
+    value with its 95 % bootstrap interval over records (``[lo, hi]``) when the JSON holds ``intervals``."""
     parts = []
     for title, first, columns in TABLES:
-        rows = [[name, *(_cell(m.get(key)) for _, key in columns)] for name, m in runs.items()]
+        rows = [[name, *(_cell(m.get(key), m.get("intervals", {}).get(key)) for _, key in columns)]
+                for name, m in runs.items()]
         parts.append(f"**{title}**\n\n" + _markdown([first, *(c for c, _ in columns)], rows))
     counts = [[name, *(str(m[k]) for k in ("n", "n_unparsable", "n_over_limit", "n_missing"))]
               for name, m in runs.items()]
@@ -158,18 +176,87 @@ def parse_runs(specs: Sequence[str]) -> dict[str, str]:
     return runs
 
 
+BUDGET_TOLERANCE = 0.05
+"""Runs whose training budgets (``compute.json`` samples) differ by more than this share are not put side
+by side unless ``allow_unmatched``."""
+
+
+def run_budget(predictions_path: str) -> dict[str, float] | None:
+    """The training budget of the run that wrote ``predictions_path`` (``RUN/eval/predictions.jsonl``):
+    samples, tokens and generated tokens summed over the stages of ``RUN/compute.json``; None without one."""
+    folder = predictions_path.rstrip("/").rsplit("/", 1)[0] if "/" in predictions_path else "."
+    for candidate in (folder, folder.rsplit("/", 1)[0] if "/" in folder else "."):
+        path = pio.join(candidate, "compute.json")
+        if pio.exists(path):
+            rows = pio.read_json(path)
+            return {k: float(sum(r[k] for r in rows)) for k in ("samples", "tokens", "generated_tokens")}
+    return None
+
+
+def check_budgets(runs: Mapping[str, str], allow_unmatched: bool) -> tuple[dict[str, dict[str, float] | None], str]:
+    """Each run's budget and a note; InputError when known budgets differ by more than 5 % in samples and
+    ``allow_unmatched`` is not set (the compared runs must have cost the same)."""
+    budgets = {name: run_budget(path) for name, path in runs.items()}
+    known = {name: b["samples"] for name, b in budgets.items() if b is not None}
+    note = ""
+    if len(known) > 1 and min(known.values()) > 0:
+        spread = max(known.values()) / min(known.values()) - 1
+        if spread > BUDGET_TOLERANCE:
+            listed = ", ".join(f"{name} {v:.0f}" for name, v in known.items())
+            if not allow_unmatched:
+                raise InputError(f"the runs' training budgets differ by {100 * spread:.0f}% in samples (compute.json: "
+                                 f"{listed}), over {100 * BUDGET_TOLERANCE:.0f}%: compare budget-matched runs, or "
+                                 "pass --allow-unmatched to put them side by side anyway")
+            note = (f"**Unmatched budgets** (--allow-unmatched): training samples differ by {100 * spread:.0f}% "
+                    f"({listed}).")
+    return budgets, note
+
+
+def comparison_tables(reference: str, stats: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """Paired comparisons of every run with ``reference`` on the same records: markdown and the numbers."""
+    parts, numbers = [], {}
+    for name, st in stats.items():
+        if name == reference:
+            continue
+        rows, numbers[name] = [], {}
+        for key in st:
+            if key not in stats[reference]:
+                continue
+            c = paired_comparison(st[key], stats[reference][key])
+            numbers[name][key] = c
+            lo, hi = c["interval"]
+            rows.append([key, f"{float(st[key]()):.3f}", f"{float(stats[reference][key]()):.3f}",
+                         f"{c['difference']:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", f"{c['p_value']:.4f}"])
+        parts.append(f"**{name} vs {reference}** (paired over the same records)\n\n"
+                     + _markdown(["Metric", name, reference, "Difference", "95% interval", "p"], rows))
+    return "\n\n".join(parts), numbers
+
+
 def report(shards_dir: str, out_dir: str, runs: Mapping[str, str], train_run: str | None = None,
-           config: EvaluateConfig | None = None) -> str:
-    """Score every run on the split, write ``OUT/report.md``, the PNG plots and ``OUT/<run>.json``;
-    returns the report's markdown."""
+           config: EvaluateConfig | None = None, allow_unmatched: bool = False) -> str:
+    """Score every run on the split, write ``OUT/report.md``, the PNG plots, ``OUT/<run>.json`` and, for two
+    runs or more, ``OUT/comparisons.json`` (each run against the first); returns the report's markdown.
+
+    Refuses (InputError) runs whose ``compute.json`` budgets differ by more than 5 % unless ``allow_unmatched``.
+    """
     cfg = replace(config or EvaluateConfig(), per_category=True)  # the heat map needs the breakdown
+    budgets, budget_note = check_budgets(runs, allow_unmatched)
     predictions = {name: read_predictions(path) for name, path in runs.items()}  # every file checked first
-    metrics, scored = {}, {}
+    metrics, scored, stats = {}, {}, {}
     for name, preds in predictions.items():
         logger.info("report: scoring %s (%d predictions)", name, len(preds))
         scored[name] = score_records(shards_dir, preds, cfg)
-        metrics[name] = summarize(scored[name], cfg, any(p.attribute_answers is not None for p in preds.values()))
+        asked = any(p.attribute_answers is not None for p in preds.values())
+        metrics[name] = summarize(scored[name], cfg, asked)
+        stats[name] = record_statistics(scored[name], asked)
         pio.write_json(pio.join(out_dir, f"{name}.json"), metrics[name])
+    comparisons = ""
+    if len(runs) > 1:
+        reference = next(iter(runs))
+        comparisons, numbers = comparison_tables(reference, stats)
+        pio.write_json(pio.join(out_dir, "comparisons.json"), {"reference": reference, "runs": numbers})
+    budget_rows = [[name, *(f"{b[k]:.0f}" if b else "–" for k in ("samples", "tokens", "generated_tokens"))]
+                   for name, b in budgets.items()]
     plots = {"metrics.png": "Metrics across runs", "per_category.png": "Per-category metrics",
              "iou_hist.png": "Per-record IoU"}
     plot_metrics(metrics, pio.join(out_dir, "metrics.png"))
@@ -181,7 +268,13 @@ def report(shards_dir: str, out_dir: str, runs: Mapping[str, str], train_run: st
     n = next(iter(metrics.values()))["n"]
     text = "\n\n".join([
         f"# Benchmark report: {cfg.split} split of {shards_dir} ({n} records)",
+        "Values: the metric and its 95 % percentile-bootstrap interval over the records [lo, hi].",
         tables(metrics),
+        "**Training budgets** (compute.json, summed over stages; – : not a training run)\n\n"
+        + _markdown(["Run", "samples", "tokens", "generated tokens"], budget_rows),
+        *([budget_note] if budget_note else []),
+        *([comparisons, "Difference: run minus the first run; interval: paired bootstrap over records; p: paired "
+                        "permutation test (two-sided)."] if comparisons else []),
         "Definitions and versions are in each run's JSON beside this file.",
         *(f"![{title}]({name})" for name, title in plots.items()),
     ]) + "\n"

@@ -9,8 +9,9 @@ Input: the shard folder and a JSONL file (``pointvl predict`` writes one), one l
   refused with one line.
 - ``attribute_answers`` (optional) answer the record's attribute questions ``qa[1:]``, in order.
 
-Each output is parsed with :func:`pointvl.grca.parse.parse_output` and scored with the training rewards
-(:func:`pointvl.grca.rewards.output_rewards`), so a metric and its reward are one formula:
+Each output is parsed and scored by :func:`pointvl.grca.verify.verify`, the verifier GRPO's rewards call,
+with the same options (``num_keypoints``: 16, the paper's; ``keypoint_spread``: off), so a metric and its
+reward are one formula on one parse:
 
 - ``iou2d``, ``iou3d``: IoU of the de-quantized predicted box with the target box.
 - ``kpa2d``, ``kpa3d``: fraction of predicted keypoints inside the *target* 2D/3D box (KPA).
@@ -25,19 +26,20 @@ Each output is parsed with :func:`pointvl.grca.parse.parse_output` and scored wi
   given (a pair without an answer is wrong), else the category question alone.
 - ``bleu1..4``, ``rouge1/2/L``, ``bertscore``: :mod:`pointvl.evaluation.text_metrics` (corpus BLEU of sacrebleu).
 
+Every computed metric has a 95 % percentile-bootstrap interval over the records in ``intervals``
+(``{metric: [lo, hi]}``, per category too; :mod:`pointvl.evaluation.stats`).
+
 Geometry, category and ROUGE values are means over the split's records (``n``); a field that does not
 parse scores 0; a prediction in which no field parses is counted in ``n_unparsable``; a record without
 a prediction scores 0 everywhere and is counted in ``n_missing``. ``per_category`` (optional) repeats
 every metric over each category's records. The JSON also records ``definitions`` and ``versions``.
 
-Hostile input stays cheap: an output longer than :data:`MAX_OUTPUT_CHARS` characters, or whose
-brackets nest deeper than :data:`MAX_DEPTH` levels (:func:`nesting_depth`: every bracket counted;
-then, reading JSON strings from the start and from inside a string, the brackets outside the strings
-and those inside them, so an object starting anywhere is covered), is not parsed: it is unparsable
+Hostile input stays cheap: an output over the verifier's limits (:mod:`pointvl.grca.verify`:
+:data:`MAX_OUTPUT_CHARS` characters, :data:`MAX_DEPTH` bracket levels) is not parsed: it is unparsable
 and counted in ``n_over_limit`` too. A line nested too deep for the JSON reader counts the same way
-when its ``instance_id`` can be read. Every check is a linear pass; within the limits a parse costs
-at most about 0.3 s (``make bench``, ``benchmarks/bench_evaluate.py``). Repeated problems (duplicate ids,
-ids outside the split, missing predictions) are one warning line each. An empty file, or one whose
+when its ``instance_id`` can be read. Within the limits a parse costs at most about 0.3 s (``make bench``,
+``benchmarks/bench_evaluate.py``). Repeated problems (duplicate ids, ids outside the split, missing
+predictions) are one warning line each. An empty file, or one whose
 ids match nothing in the split, is an error that names the split they belong to, if any.
 """
 
@@ -58,15 +60,13 @@ from pointvl.core.errors import InputError
 from pointvl.core.geometry import QuantConfig
 from pointvl.core.record import iter_records, list_shards, record_camera, record_target
 from pointvl.evaluation import text_metrics as tm
+from pointvl.evaluation.stats import RESAMPLES, Statistic, bootstrap_interval, mean, ratio, resample_counts
 from pointvl.grca.parse import FIELDS, parse_output
-from pointvl.grca.rewards import output_rewards
+from pointvl.grca.verify import MAX_DEPTH, MAX_OUTPUT_CHARS, output_limit, verify
+from pointvl.grca.verify import nesting_depth as nesting_depth  # the limits live in the verifier
 
 logger = logging.getLogger(__name__)
 
-MAX_OUTPUT_CHARS = 65_536
-"""Longest output parsed (characters); a full answer with 16 keypoints is about 600."""
-MAX_DEPTH = 64
-"""Deepest bracket nesting parsed; a valid answer nests 3 levels."""
 
 GEOMETRY_KEYS: tuple[str, ...] = ("iou2d", "iou3d", "kpa2d", "kpa3d", "rpc")
 QA_KEYS: tuple[str, ...] = ("category_accuracy", "attribute_accuracy", "qa_accuracy")
@@ -77,9 +77,6 @@ METRIC_KEYS: tuple[str, ...] = GEOMETRY_KEYS + ("category_accuracy", "qa_accurac
 """Metrics that always hold a number in [0, 1]."""
 COUNT_KEYS: tuple[str, ...] = ("n", "n_unparsable", "n_over_limit", "n_missing", "n_attribute_questions")
 _REWARD_OF = {"iou2d": "bbox2d", "iou3d": "bbox3d", "kpa2d": "kpts2d", "kpa3d": "kpts3d", "rpc": "rpc"}
-_TOKENS = re.compile(r'"(?:[^"\\]++|\\.)*+"|[\[\]{}]')
-_BRACKETS = re.compile(r"[\[\]{}]")
-_STRING_TAIL = re.compile(r'(?:[^"\\]++|\\.)*+"')
 _ID = re.compile(r'"instance_id"\s*:\s*"((?:[^"\\]++|\\.)*+)"')
 
 DEFINITIONS: dict[str, str] = {
@@ -106,6 +103,10 @@ class EvaluateConfig:
     Attributes:
         split: the split to score (default ``"test"``).
         quant: the coordinate bins the model writes (DESIGN.md; default 1000 bins, 3D range [-1, 1]).
+        num_keypoints: keypoints a kpts2d/kpts3d field must hold to be scored (16, the paper's §4.1;
+            None accepts any count >= 1); the same option as GRPO's ``grpo.grca.num_keypoints``.
+        keypoint_spread: the optional keypoint-spread guard (0: off, the paper's KPA;
+            :func:`pointvl.grca.rewards.output_rewards`); the same option as ``grpo.grca.keypoint_spread``.
         per_category: also break every metric down by category (``per_category`` in the result).
         bertscore_model: BERTScore's model, a local folder or a Hugging Face id already in the cache
             (default ``roberta-large``, bert_score's English default); never downloaded.
@@ -114,6 +115,8 @@ class EvaluateConfig:
 
     split: str = "test"
     quant: QuantConfig = field(default_factory=QuantConfig)
+    num_keypoints: int | None = 16
+    keypoint_spread: float = 0.0
     per_category: bool = False
     bertscore_model: str = "roberta-large"
     bertscore_layers: int = 17
@@ -121,6 +124,10 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if not self.split:
             raise ValueError("EvaluateConfig.split must name a split, e.g. 'test'")
+        if self.num_keypoints is not None and self.num_keypoints < 1:
+            raise ValueError(f"EvaluateConfig.num_keypoints must be None or >= 1 (paper: 16), got {self.num_keypoints}")
+        if not 0 <= self.keypoint_spread <= 1:
+            raise ValueError(f"EvaluateConfig.keypoint_spread must lie in [0, 1] (0: off), got {self.keypoint_spread}")
         if self.bertscore_layers < 1:
             raise ValueError(
                 f"EvaluateConfig.bertscore_layers must be >= 1 (roberta-large: 17), got {self.bertscore_layers}"
@@ -134,44 +141,6 @@ class Prediction:
     output: str
     attribute_answers: tuple[str, ...] | None = None
     over_limit: str | None = None
-
-
-def nesting_depth(text: str, stop_above: int | None = None) -> int:
-    """The deepest bracket nesting an object starting anywhere in ``text`` could see (linear passes);
-    returns as soon as it exceeds ``stop_above``."""
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    steps = np.isin(codes, (91, 123)).astype(np.int64) - np.isin(codes, (93, 125))
-    raw = np.concatenate([[0], np.cumsum(steps)])
-    best = int((raw - np.minimum.accumulate(raw)).max())  # every bracket counted, strings or not
-    starts = [0]
-    tail = _STRING_TAIL.match(text)  # the reading that begins inside a string
-    if tail:
-        starts.append(tail.end())
-    for start in starts:
-        depth = low = inner = inner_low = 0  # brackets outside the reading's strings, and inside them
-        for m in _TOKENS.finditer(text, start):
-            if stop_above is not None and best > stop_above:
-                return best
-            token = m.group()
-            if token[0] == '"':  # an object starting in this string reads it as JSON: count it too
-                for c in _BRACKETS.findall(token):
-                    inner += 1 if c in "[{" else -1
-                    inner_low = min(inner_low, inner)
-                    best = max(best, inner - inner_low)
-                continue
-            depth += 1 if token in "[{" else -1
-            low = min(low, depth)
-            best = max(best, depth - low)
-    return best
-
-
-def output_limit(text: str) -> str | None:
-    """Why ``text`` is not parsed (over :data:`MAX_OUTPUT_CHARS` or :data:`MAX_DEPTH`), or ``None``."""
-    if len(text) > MAX_OUTPUT_CHARS:
-        return f"{len(text)} characters, over the limit of {MAX_OUTPUT_CHARS}"
-    if nesting_depth(text, stop_above=MAX_DEPTH) > MAX_DEPTH:
-        return f"brackets nest deeper than {MAX_DEPTH} levels"
-    return None
 
 
 def _prediction(row: dict[str, Any], where: str) -> Prediction:
@@ -281,7 +250,7 @@ def _same(a: str, b: Any) -> bool:
     return a.strip().casefold() == str(b).strip().casefold()
 
 
-def score_record(record: Mapping[str, Any], pred: Prediction | None, quant: QuantConfig,
+def score_record(record: Mapping[str, Any], pred: Prediction | None, config: EvaluateConfig,
                  rouge: tm.RougeScorer) -> RecordScore:
     """Per-record scores (geometry, category answer, ROUGE, attribute answers) of one prediction."""
     target, attributes = record_target(dict(record)), _qa_pairs(record)[1:]
@@ -291,8 +260,9 @@ def score_record(record: Mapping[str, Any], pred: Prediction | None, quant: Quan
     if pred is None or pred.over_limit:
         return RecordScore(**base, status="missing" if pred is None else "over_limit", scores=zero,
                            attributes_right=0, hypothesis="")
-    parsed = parse_output(pred.output, bins=quant.bins)
-    rewards = output_rewards(parsed, target, record_camera(dict(record)), quant)
+    verdict = verify(pred.output, target, record_camera(dict(record)), config.quant, config.num_keypoints,
+                     config.keypoint_spread)
+    parsed, rewards = verdict.parsed, verdict.rewards
     scores = {k: float(rewards[r]) for k, r in _REWARD_OF.items()}
     scores["category_accuracy"] = float(rewards["answer"])
     hyp = parsed["description"].value if parsed["description"].valid else ""
@@ -330,6 +300,36 @@ def aggregate(rows: list[RecordScore], attributes_asked: bool) -> tuple[dict[str
     return metrics, not_computed
 
 
+def record_statistics(rows: list[RecordScore], attributes_asked: bool) -> dict[str, Statistic]:
+    """Every computed metric of :func:`aggregate` as a :class:`~pointvl.evaluation.stats.Statistic` of the
+    records (same values), for bootstrap intervals and paired comparisons."""
+    stats = {k: mean(np.array([r.scores[k] for r in rows])) for k in (*GEOMETRY_KEYS, "category_accuracy",
+                                                                       *tm.ROUGE_KEYS)}
+    if "bertscore" in rows[0].scores:
+        stats["bertscore"] = mean(np.array([r.scores["bertscore"] for r in rows]))
+    right = np.array([r.attributes_right for r in rows], dtype=np.float64)
+    asked = np.array([r.attributes_total for r in rows], dtype=np.float64)
+    if attributes_asked and asked.sum():
+        stats["attribute_accuracy"] = ratio(right, asked)
+        stats["qa_accuracy"] = ratio(stats["category_accuracy"].rows[:, 0] + right, 1 + asked)
+    else:
+        stats["qa_accuracy"] = stats["category_accuracy"]
+    hyps, refs = [r.hypothesis for r in rows], [r.reference for r in rows]
+    for order in range(1, 5):
+        stats[f"bleu{order}"] = Statistic(
+            np.asarray(tm.bleu_statistics(hyps, refs, order), dtype=np.float64),
+            lambda s, o=order: np.apply_along_axis(tm.bleu_from_statistics, -1, s, o),
+        )
+    return stats
+
+
+def intervals(rows: list[RecordScore], attributes_asked: bool) -> dict[str, list[float]]:
+    """``{metric: [lo, hi]}``, the 95 % percentile-bootstrap interval of every computed metric over ``rows``
+    (:mod:`pointvl.evaluation.stats`; the same resamples for every metric)."""
+    counts = resample_counts(len(rows), RESAMPLES, seed=0)
+    return {k: bootstrap_interval(st, counts=counts) for k, st in record_statistics(rows, attributes_asked).items()}
+
+
 def _split_ids(shards_dir: str, split: str) -> set[str]:
     import pyarrow.parquet as pq
 
@@ -361,7 +361,7 @@ def score_records(shards_dir: str, predictions: Mapping[str, str | Prediction],
     preds = {k: v if isinstance(v, Prediction) else Prediction(v, None, output_limit(v))
              for k, v in predictions.items()}
     rouge = tm.RougeScorer()
-    rows = [score_record(r, preds.get(r["instance_id"]), cfg.quant, rouge)
+    rows = [score_record(r, preds.get(r["instance_id"]), cfg, rouge)
             for r in iter_records(shards_dir, cfg.split)]
     if not rows:
         raise InputError(f"the {cfg.split} split of {shards_dir} has no records")
@@ -395,11 +395,13 @@ def summarize(rows: list[RecordScore], config: EvaluateConfig, attributes_asked:
     if reason:
         not_computed["bertscore"] = f"BERTScore not computed: {reason}"
     metrics["not_computed"] = not_computed
+    metrics["intervals"] = intervals(rows, attributes_asked)
     if config.per_category:
         groups: dict[str, list[RecordScore]] = defaultdict(list)
         for r in rows:
             groups[r.category].append(r)
-        metrics["per_category"] = {c: aggregate(g, attributes_asked)[0] for c, g in sorted(groups.items())}
+        metrics["per_category"] = {c: {**aggregate(g, attributes_asked)[0], "intervals": intervals(g, attributes_asked)}
+                                   for c, g in sorted(groups.items())}
     metrics.update(
         split=config.split,
         bins=config.quant.bins,

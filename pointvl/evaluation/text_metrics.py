@@ -94,3 +94,14 @@ def bertscore_f1(hypotheses: Sequence[str], references: Sequence[str], model: st
         for i, v in zip(keep, f.tolist(), strict=True):
             f1[i] = float(v)
     return f1
+
+
+def bleu_statistics(hypotheses: Sequence[str], references: Sequence[str], order: int) -> list[list[int]]:
+    """Per-pair BLEU-``order`` statistics (lengths, n-gram matches and totals): summed over any set of pairs,
+    :func:`bleu_from_statistics` gives that set's corpus BLEU (sacrebleu's own route for its significance tests)."""
+    return _sacrebleu()(max_ngram_order=order)._extract_corpus_statistics(list(hypotheses), [list(references)])
+
+
+def bleu_from_statistics(summed: Sequence[float], order: int) -> float:
+    """Corpus BLEU-``order`` in [0, 1] of summed :func:`bleu_statistics` rows."""
+    return float(_sacrebleu()(max_ngram_order=order)._compute_score_from_stats(list(summed)).score) / 100.0

@@ -13,11 +13,13 @@ from pointvl.grca.spans import BACKGROUND, offsets_from_decode, token_field_ids
 
 __all__ = [
     "BACKGROUND",
+    "LOSS_TYPES",
     "FIELDS",
     "GEOMETRIC_FIELDS",
     "GRCAConfig",
     "GroupScore",
     "ParsedField",
+    "clip_fraction",
     "format_output",
     "group_advantages",
     "offsets_from_decode",
@@ -35,7 +37,7 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # the loss needs torch (~400 MB and a second to import): loaded when first asked for, so that parsing
     # and scoring (the records' target format, used by the build's workers and evaluation) do not load it
-    if name in ("pad_token_advantages", "routed_grpo_loss"):
+    if name in ("LOSS_TYPES", "clip_fraction", "pad_token_advantages", "routed_grpo_loss"):
         from pointvl.grca import loss
 
         return getattr(loss, name)

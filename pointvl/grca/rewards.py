@@ -9,6 +9,12 @@ All rewards lie in [0, 1] and are computed on de-quantized coordinates (pixels, 
 - ``kpts3d``: fraction of predicted 3D keypoints inside the target bbox3d.
   Both containment tests widen the target box by half a quantization bin per side: the policy can
   only name bin centres, and target keypoints lie on the box's faces.
+- **Keypoint-spread guard** (optional, off by default: ``keypoint_spread = 0``). Containment cannot see
+  keypoints collapsed onto one point inside the box (they earn the full reward). With
+  ``keypoint_spread = s > 0`` each keypoint reward is multiplied by ``min(1, d / (s * d_box))``, where
+  ``d`` is the RMS distance of the predicted keypoints from their centroid and ``d_box`` that of points
+  uniform in the target box (``|extent| / sqrt(12)``). It is ours, not the paper's; it does not see
+  keypoints spread over the box's corners.
 - ``rpc``: IoU of the predicted bbox2d with the 2D box enclosing the projected corners of the
   predicted bbox3d (eq. 11-13); 0 when a corner is at or behind the camera.
 - ``format``: 1 when all six fields are valid, else 0.
@@ -54,15 +60,30 @@ def check_camera(camera: Mapping[str, Any]) -> None:
         raise ValueError(f"camera width and height must be > 0, got {camera['width']} x {camera['height']}")
 
 
+def spread_factor(kpts: np.ndarray, box: Any, keypoint_spread: float) -> float:
+    """The guard's factor ``min(1, d / (keypoint_spread * d_box))`` (module docstring); 1 when it is off."""
+    if keypoint_spread <= 0:
+        return 1.0
+    dim = kpts.shape[1]
+    b = np.asarray(box, dtype=np.float64).reshape(2 * dim)
+    d_box = float(np.linalg.norm(b[dim:] - b[:dim])) / np.sqrt(12.0)
+    d = float(np.sqrt(((kpts - kpts.mean(axis=0)) ** 2).sum(axis=1).mean()))
+    if not (np.isfinite(d) and d_box > 0):
+        return 0.0
+    return min(1.0, d / (keypoint_spread * d_box))
+
+
 def output_rewards(
     parsed: Mapping[str, ParsedField],
     target: Mapping[str, Any],
     camera: Mapping[str, Any],
     quant: QuantConfig,
+    keypoint_spread: float = 0.0,
 ) -> dict[str, float]:
     """Rewards of one parsed output, keyed by :data:`REWARD_KEYS` (formulas in the module docstring).
 
-    ``target`` and ``camera`` are assumed checked (:func:`check_target`, :func:`check_camera`).
+    ``target`` and ``camera`` are assumed checked (:func:`check_target`, :func:`check_camera`);
+    ``keypoint_spread`` > 0 turns the keypoint-spread guard on (0: off, the paper's reward).
     """
     w, h = float(camera["width"]), float(camera["height"])
     gt2, gt3 = target["bbox2d"], target["bbox3d"]
@@ -76,10 +97,12 @@ def output_rewards(
         r["bbox3d"] = iou_3d(b3, gt3)
     if ok["kpts2d"]:
         half_bin = np.array([w, h]) / (quant.bins - 1) / 2
-        r["kpts2d"] = keypoint_containment(quant.dequantize_2d(parsed["kpts2d"].value, w, h), gt2, half_bin)
+        k2 = quant.dequantize_2d(parsed["kpts2d"].value, w, h)
+        r["kpts2d"] = keypoint_containment(k2, gt2, half_bin) * spread_factor(k2, gt2, keypoint_spread)
     if ok["kpts3d"]:
         half_bin = (quant.hi3d - quant.lo3d) / (quant.bins - 1) / 2
-        r["kpts3d"] = keypoint_containment(quant.dequantize_3d(parsed["kpts3d"].value), gt3, half_bin)
+        k3 = quant.dequantize_3d(parsed["kpts3d"].value)
+        r["kpts3d"] = keypoint_containment(k3, gt3, half_bin) * spread_factor(k3, gt3, keypoint_spread)
     if b2 is not None and b3 is not None:
         projected = project_box3d(b3, camera["K"], camera["R"], camera["t"])
         r["rpc"] = iou_2d(projected, b2) if projected is not None else 0.0

@@ -2,8 +2,9 @@
 
 ``score_group`` runs, for the G outputs of one prompt:
 
-1. ``parse_output`` on each output (``parse.py``);
-2. field, RPC, format and answer rewards on de-quantized coordinates (``rewards.py``);
+1-2. :func:`pointvl.grca.verify.verify` on each output, the verifier ``pointvl evaluate`` calls too: limits,
+   ``parse_output`` (``parse.py``), field, RPC, format and answer rewards on de-quantized coordinates
+   (``rewards.py``);
 3. group standardisation and the background advantage for the chosen mode (``advantages.py``);
 4. the straddle rule from token offsets to fields (``spans.py``) and routing of the advantages.
 """
@@ -20,9 +21,10 @@ from numpy.typing import NDArray
 
 from pointvl.core.geometry import QuantConfig
 from pointvl.grca.advantages import BACKGROUNDS, MODES, group_advantages, route, standardize
-from pointvl.grca.parse import GEOMETRIC_FIELDS, ParsedField, parse_output
-from pointvl.grca.rewards import check_camera, check_target, output_rewards
+from pointvl.grca.parse import GEOMETRIC_FIELDS, ParsedField
+from pointvl.grca.rewards import check_camera, check_target
 from pointvl.grca.spans import token_field_ids
+from pointvl.grca.verify import verify
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +38,19 @@ class GRCAConfig:
         background: ``"field_mean"`` (default; the background advantage is the mean of the sample's
             field advantages, DESIGN.md's reading of §3.3) or ``"format_answer"`` (the standardised
             ``(format + answer) / 2`` reward).
-        num_keypoints: if set, kpts2d/kpts3d must hold exactly this many keypoints (paper: 16);
-            default None accepts any K >= 1.
+        num_keypoints: kpts2d/kpts3d must hold exactly this many keypoints (16, the paper's §4.1; a
+            field with another count scores 0, so one keypoint at the box centre earns nothing); None
+            accepts any K >= 1. Must equal the build's ``geometry.num_keypoints``.
+        keypoint_spread: the optional keypoint-spread guard (0: off, the paper's reward; e.g. 0.5 asks
+            the keypoints to spread at least half as much as points uniform in the box:
+            :func:`pointvl.grca.rewards.output_rewards`).
         quant: the coordinate bins the outputs use (DESIGN.md's default: 1000 bins).
     """
 
     eps: float = 1e-4
     background: str = "field_mean"
-    num_keypoints: int | None = None
+    num_keypoints: int | None = 16
+    keypoint_spread: float = 0.0
     quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self) -> None:
@@ -55,6 +62,8 @@ class GRCAConfig:
             raise ValueError(
                 f"GRCAConfig.num_keypoints must be None or >= 1 (paper: 16), got {self.num_keypoints}"
             )
+        if not 0 <= self.keypoint_spread <= 1:
+            raise ValueError(f"GRCAConfig.keypoint_spread must lie in [0, 1] (0: off), got {self.keypoint_spread}")
 
 
 @dataclass(frozen=True)
@@ -111,8 +120,8 @@ def score_group(
     check_target(target)
     check_camera(camera)
 
-    parsed = [parse_output(o, cfg.quant.bins, cfg.num_keypoints) for o in outputs]
-    raw = [output_rewards(p, target, camera, cfg.quant) for p in parsed]
+    verdicts = [verify(o, target, camera, cfg.quant, cfg.num_keypoints, cfg.keypoint_spread) for o in outputs]
+    parsed, raw = [v.parsed for v in verdicts], [v.rewards for v in verdicts]
     fields = np.array([[r[f] for f in GEOMETRIC_FIELDS] for r in raw], dtype=np.float64)
     rpc = np.array([r["rpc"] for r in raw], dtype=np.float64)
     fmt_answer = np.array([(r["format"] + r["answer"]) / 2 for r in raw], dtype=np.float64)

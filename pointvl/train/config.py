@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 ARCHITECTURES = ("checkpoint", "tiny", "3b")
 ROLLOUT_ENGINES = ("hf", "vllm")
 GRPO_MODES = ("broadcast", "grca", "grca_rpc")
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+"""``pointvl.grca.loss.LOSS_TYPES``, named here without importing torch (a test keeps the two equal)."""
 VARIANTS = ("sft", "sft_budget_matched", *GRPO_MODES)
 """The rows of the paper's Table 3: SFT alone, SFT continued for the RL budget, GRPO with one broadcast
 reward, GRCA without RPC, GRCA + RPC."""
@@ -142,6 +144,10 @@ class GRPOTrainConfig:
             evenly across the data-parallel ranks, so the step does not depend on the process count (4).
         learning_rate: AdamW learning rate (1e-6; the paper's value is lost).
         clip_eps: PPO clipping ε (0.2).
+        loss_type: how the clipped surrogate is normalised, with TRL 1.16 ``GRPOTrainer``'s names and
+            formulas (:mod:`pointvl.grca.loss`): ``"grpo"`` (token mean per sequence, then mean over
+            sequences: the paper's eq. 16, default), ``"dapo"`` (token mean over the optimizer step's
+            completions, TRL's default) or ``"dr_grpo"`` (sum over tokens / (sequences x max_new_tokens)).
         beta: KL weight to the reference policy (0: no reference model).
         temperature, top_p, top_k: sampling of the rollouts (1.0, 1.0, 0): the policy's own distribution, so
             the samples are those whose log-probabilities are trained (``top_k`` 0 and ``top_p`` 1 disable those
@@ -166,6 +172,7 @@ class GRPOTrainConfig:
     prompts_per_step: int = 4
     learning_rate: float = 1e-6
     clip_eps: float = 0.2
+    loss_type: str = "grpo"
     beta: float = 0.0
     temperature: float = 1.0
     top_p: float = 1.0
@@ -183,6 +190,10 @@ class GRPOTrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("broadcast", "grca", "grca_rpc"):
             raise ValueError(f"GRPOTrainConfig.mode must be broadcast, grca or grca_rpc, got {self.mode!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(
+                f"GRPOTrainConfig.loss_type must be one of {LOSS_TYPES} (TRL's names), got {self.loss_type!r}"
+            )
         if self.num_generations < 2:
             raise ValueError("GRPOTrainConfig.num_generations must be >= 2 (group standardisation; paper: 8)")
         if self.beta > 0:

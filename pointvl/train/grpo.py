@@ -14,7 +14,13 @@ One optimizer step per ``prompts_per_step`` prompts (over all processes, split e
    log-probabilities are the same values detached, because every rollout batch is used for exactly
    one optimizer step (TRL's GRPOTrainer does the same when ``num_iterations = 1``), so the ratio is 1
    in value and the clipped surrogate's gradient is ``A * grad log pi``; :func:`pointvl.grca.routed_grpo_loss`
-   with ``beta = 0`` (no reference model).
+   with ``beta = 0`` (no reference model) and ``grpo.loss_type``'s normalisation (TRL's ``grpo``, ``dapo``,
+   ``dr_grpo``). A step's rollouts all come before its updates, so that ``dapo`` can divide by the step's
+   completion tokens over all processes, as TRL's ``num_items_in_batch``.
+4. **Diagnostics** (:func:`step_diagnostics`, in each ``history.json`` row and the log line): per field
+   (and RPC) the reward's mean and std over the step's completions, the share of groups with zero spread
+   (all G completions scored the same: no signal for that field), the share of completions cut at
+   ``max_new_tokens`` (a warning above 10 %) and of unparsable ones, and the clip fraction.
 
 Why not TRL's GRPOTrainer (pinned ``trl==1.16.0``): it accepts (B, T) advantages, but it forwards neither
 point clouds nor our fused point tokens to generation and log-prob computation, so both of its model
@@ -40,7 +46,14 @@ from typing import Any
 
 import torch
 
-from pointvl.grca import offsets_from_decode, pad_token_advantages, routed_grpo_loss, score_group
+from pointvl.grca import (
+    GEOMETRIC_FIELDS,
+    clip_fraction,
+    offsets_from_decode,
+    pad_token_advantages,
+    routed_grpo_loss,
+    score_group,
+)
 from pointvl.train import checkpoint as ckpt
 from pointvl.train.config import GRPOTrainConfig
 from pointvl.train.data import Collator, Example, ShardExamples
@@ -49,6 +62,14 @@ from pointvl.train.model import PointVL3D
 from pointvl.train.sft import make_accelerator, num_processes, resume, trainer_state
 
 logger = logging.getLogger(__name__)
+
+DIAGNOSED_FIELDS: tuple[str, ...] = (*GEOMETRIC_FIELDS, "rpc")
+DIAGNOSTIC_SUMS: tuple[str, ...] = (
+    *(f"zero_spread_{f}" for f in DIAGNOSED_FIELDS), *(f"squared_reward_{f}" for f in DIAGNOSED_FIELDS),
+    "truncated", "unparsable", "clipped_tokens",
+)
+TRUNCATION_WARNING = 0.10
+"""A step logs a warning when more than this share of its completions was cut at ``max_new_tokens``."""
 
 
 def token_offsets(tokenizer: Any, ids: list[int], text: str) -> list[tuple[int, int]]:
@@ -145,6 +166,36 @@ def completion_logps(
     return model(**rep, logps_of=ids, logps_chunk=chunk)
 
 
+def group_diagnostics(score: Any, ids: torch.Tensor, eos_id: int) -> dict[str, float]:
+    """Sums over one group's G completions, for :func:`step_diagnostics`: groups whose reward of a field has
+    zero spread (every completion scored the same: no learning signal for that field), squared rewards,
+    completions without ``eos_id`` (cut at ``max_new_tokens``) and completions in which no field parses."""
+    out = {}
+    for f in DIAGNOSED_FIELDS:
+        r = [x[f] for x in score.rewards]
+        out[f"zero_spread_{f}"] = float(max(r) == min(r))
+        out[f"squared_reward_{f}"] = sum(v * v for v in r)
+    out["truncated"] = float((~(ids == eos_id).any(dim=1)).sum())
+    out["unparsable"] = float(sum(not any(f.valid for f in p.values()) for p in score.parsed))
+    return out
+
+
+def step_diagnostics(row: dict[str, float], prompts: int, group_size: int) -> dict[str, float]:
+    """The step's diagnostics from the summed ``row`` (its squared sums and counts are removed from it):
+    ``reward_<f>_std`` (over the step's completions), ``zero_spread_<f>`` (share of groups), ``truncated`` and
+    ``unparsable`` (share of completions) and ``clip_fraction`` (share of tokens, TRL's ``clip_ratio/region_mean``)."""
+    n = prompts * group_size
+    out = {}
+    for f in DIAGNOSED_FIELDS:
+        mean_sq = row.pop(f"squared_reward_{f}") / n
+        out[f"reward_{f}_std"] = math.sqrt(max(mean_sq - row[f"reward_{f}"] ** 2, 0.0))
+        out[f"zero_spread_{f}"] = row.pop(f"zero_spread_{f}") / prompts
+    out["truncated"] = row.pop("truncated") / n
+    out["unparsable"] = row.pop("unparsable") / n
+    out["clip_fraction"] = row.pop("clipped_tokens") / max(row["generated_tokens"], 1.0)
+    return out
+
+
 def total_steps(num_prompts: int, config: GRPOTrainConfig) -> int:
     """Optimizer steps of one run (``max_steps`` if set, else ``epochs`` passes of ``prompts_per_step``)."""
     return config.max_steps or max(1, math.ceil(config.epochs * num_prompts / config.prompts_per_step))
@@ -194,12 +245,15 @@ def run_grpo(
     # 2. loop
     rank, q = acc.process_index, config.prompts_per_step
     stream = examples.stream(step * q, keep=lambda p: p % processes == rank)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     while step < total:
         start = time.perf_counter()
-        local = {"loss": 0.0, "seconds_generate": 0.0, "seconds_score": 0.0, "generated_tokens": 0.0, "tokens": 0.0}
+        local = {"loss": 0.0, "seconds_generate": 0.0, "seconds_score": 0.0, "generated_tokens": 0.0, "tokens": 0.0,
+                 **dict.fromkeys(DIAGNOSTIC_SUMS, 0.0)}
         rollout_seconds = 0.0
         rewards: list[dict[str, float]] = []
-        for _ in range(per_rank):
+        groups = []
+        for _ in range(per_rank):  # every rollout of the step first: dapo divides by the step's token count
             position, example = next(stream)
             inputs = {k: v.to(acc.device) for k, v in collate([example]).items()}
             model.eval()
@@ -207,23 +261,33 @@ def run_grpo(
                 ids, mask, score, t_gen, t_score = rollout(policy, tokenizer, inputs, example, config,
                                                            seed=config.seed * 1_000_003 + position)
             model.train()
+            groups.append((inputs, ids, mask, score))
+            local["seconds_generate"] += t_gen
+            local["seconds_score"] += t_score
+            rollout_seconds += t_gen + t_score
+            local["generated_tokens"] += float(mask.sum())
+            local["tokens"] += float(mask.sum()) + len(ids) * inputs["input_ids"].shape[1]  # forward/backward
+            for k, v in group_diagnostics(score, ids, eos).items():
+                local[k] += v
+            rewards += [{**r, "format": float(all(f.valid for f in p.values()))}
+                        for r, p in zip(score.rewards, score.parsed, strict=True)]
+        step_tokens = acc.reduce(torch.tensor([local["generated_tokens"]], dtype=torch.float64, device=acc.device),
+                                 "sum").item()
+        for inputs, ids, mask, score in groups:
             with acc.accumulate(model):
                 logp = completion_logps(model, inputs, ids, mask, config.logprob_chunk)
                 adv = pad_token_advantages(score.token_advantages, ids.shape[1]).to(logp.device)
-                loss = routed_grpo_loss(logp, logp.detach(), adv, mask, clip_eps=config.clip_eps)
+                # backward averages over the q = processes x per_rank groups: num_items is the step's tokens / q
+                loss = routed_grpo_loss(logp, logp.detach(), adv, mask, clip_eps=config.clip_eps,
+                                        loss_type=config.loss_type, max_completion_length=config.max_new_tokens,
+                                        num_items=max(step_tokens, 1.0) / q)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             local["loss"] += loss.item()
-            local["seconds_generate"] += t_gen
-            local["seconds_score"] += t_score
-            rollout_seconds += t_gen + t_score
-            local["generated_tokens"] += float(mask.sum())
-            local["tokens"] += float(mask.sum()) + len(ids) * inputs["input_ids"].shape[1]  # forward/backward
-            rewards += [{**r, "format": float(all(f.valid for f in p.values()))}
-                        for r, p in zip(score.rewards, score.parsed, strict=True)]
+            local["clipped_tokens"] += clip_fraction(logp, logp, adv, mask, config.clip_eps) * float(mask.sum())
         reward_keys = sorted(rewards[0])
         values = [local[k] for k in local] + [sum(r[k] for r in rewards) for k in reward_keys]
         summed = acc.reduce(torch.tensor(values, dtype=torch.float64, device=acc.device), "sum").tolist()
@@ -235,12 +299,19 @@ def run_grpo(
         row["loss"] /= q
         row.update({f"reward_{k}": v / (q * config.num_generations)
                     for k, v in zip(reward_keys, summed[len(local):], strict=True)})
+        row.update(step_diagnostics(row, q, config.num_generations))
         row["seconds"] = time.perf_counter() - start
         row["seconds_update"] = row["seconds"] - rollout_seconds  # this rank's
         history.append(row)
-        logger.info("grpo %d/%d loss %.4f format %.2f bbox3d %.3f (%.1fs, generate %.1fs)", step, total,
-                    row["loss"], row["reward_format"], row["reward_bbox3d"], row["seconds"],
-                    row["seconds_generate"])
+        logger.info("grpo %d/%d loss %.4f format %.2f bbox3d %.3f (%.1fs, generate %.1fs) truncated %.0f%% "
+                    "unparsable %.0f%% clipped %.0f%% zero-spread groups %s", step, total, row["loss"],
+                    row["reward_format"], row["reward_bbox3d"], row["seconds"], row["seconds_generate"],
+                    100 * row["truncated"], 100 * row["unparsable"], 100 * row["clip_fraction"],
+                    " ".join(f"{f} {row[f'zero_spread_{f}']:.2f}" for f in DIAGNOSED_FIELDS))
+        if row["truncated"] > TRUNCATION_WARNING:
+            logger.warning("grpo %d/%d: %.0f%% of the completions were cut at max_new_tokens=%d (over %.0f%%): "
+                           "their fields are missing and score 0; raise grpo.max_new_tokens", step, total,
+                           100 * row["truncated"], config.max_new_tokens, 100 * TRUNCATION_WARNING)
         if stage_dir and (step % config.save_steps == 0 or step == total):
             ckpt.save_checkpoint(acc, model, optimizer, scheduler, tokenizer, stage_dir,
                                  trainer_state(step, total, history, step * q, config, n), config.save_total_limit)

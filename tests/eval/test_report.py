@@ -58,7 +58,9 @@ def test_report_writes_paper_tables_plots_and_one_json_per_run(eval_shards, refe
         assert header in text
     saved = {name: json.loads((out / f"{name}.json").read_text()) for name in runs}
     row = next(line for line in text.splitlines() if line.startswith("| mean box |"))
-    assert row == f"| mean box | {saved['mean box']['iou2d']:.3f} | {saved['mean box']['kpa2d']:.3f} |"
+    m = saved["mean box"]
+    (lo2, hi2), (lok, hik) = m["intervals"]["iou2d"], m["intervals"]["kpa2d"]
+    assert row == f"| mean box | {m['iou2d']:.3f} [{lo2:.3f}, {hi2:.3f}] | {m['kpa2d']:.3f} [{lok:.3f}, {hik:.3f}] |"
     assert "BERTScore not computed" in text
     for name in ("metrics.png", "per_category.png", "iou_hist.png", "training_curves.png"):
         assert f"]({name})" in text

@@ -33,7 +33,7 @@ def _char_offsets(texts: list[str]) -> list[list[tuple[int, int]]]:
 
 
 def _output(target: dict, camera: dict, shift2d: float = 0.0, shift3d: float = 0.0, kpt_out: int = 0,
-            answer: str = "chair", k: int = 4) -> str:
+            answer: str = "chair", k: int = 16) -> str:
     """An output near the target: boxes shifted, ``kpt_out`` of ``k`` keypoints outside the target boxes."""
     b2 = np.asarray(target["bbox2d"]) + shift2d
     b3 = np.asarray(target["bbox3d"]) + shift3d
@@ -61,7 +61,7 @@ def test_rewards_equal_geometry_on_dequantized_values(target: dict, camera: dict
     assert r["bbox2d"] == iou_2d(b2, target["bbox2d"])
     assert r["bbox3d"] == iou_3d(b3, target["bbox3d"])
     assert r["rpc"] == iou_2d(project_box3d(b3, camera["K"], camera["R"], camera["t"]), b2)
-    assert r["kpts2d"] == 0.75 and r["kpts3d"] == 0.75
+    assert r["kpts2d"] == 15 / 16 and r["kpts3d"] == 15 / 16
     assert 0 < r["bbox2d"] < 1 and 0 < r["bbox3d"] < 1
 
 

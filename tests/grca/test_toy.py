@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from pointvl.core.geometry import QuantConfig
-from pointvl.grca import GEOMETRIC_FIELDS, routed_grpo_loss, score_group
+from pointvl.grca import GEOMETRIC_FIELDS, GRCAConfig, routed_grpo_loss, score_group
 
 QC = QuantConfig()
 N_CAND, K_PTS, G = 11, 4, 8
+CFG = GRCAConfig(num_keypoints=K_PTS)  # the toy policy writes K_PTS keypoints per field
 OFFSETS = np.arange(N_CAND) - N_CAND // 2
 
 
@@ -91,7 +92,7 @@ def _train(mode: str, target: dict, camera: dict, steps: int, seed: int) -> floa
         probs = torch.softmax(logits.detach(), dim=1)
         idx = torch.multinomial(probs, G, replacement=True, generator=gen).T  # (G, slots)
         texts, offsets, coords = zip(*(render(idx[i]) for i in range(G)), strict=True)
-        res = score_group(list(texts), target, camera, list(offsets), mode=mode)
+        res = score_group(list(texts), target, camera, list(offsets), mode=mode, config=CFG)
         adv = torch.tensor(np.stack([res.token_advantages[i][coords[i]] for i in range(G)]), dtype=torch.float32)
         logp = torch.log_softmax(logits, dim=1)[torch.arange(len(slots))[None], idx]  # (G, slots)
         loss = routed_grpo_loss(logp, logp.detach(), adv, torch.ones_like(logp))
@@ -99,14 +100,14 @@ def _train(mode: str, target: dict, camera: dict, steps: int, seed: int) -> floa
         loss.backward()
         opt.step()
     greedy = render(logits.detach().argmax(dim=1))
-    res = score_group([greedy[0]] * 2, target, camera, [greedy[1]] * 2, mode=mode)
+    res = score_group([greedy[0]] * 2, target, camera, [greedy[1]] * 2, mode=mode, config=CFG)
     return float(np.mean([res.rewards[0][f] for f in GEOMETRIC_FIELDS]))
 
 
 def test_writer_makes_valid_outputs(target: dict, camera: dict) -> None:
     cands = _candidates(target, camera)
     text, offsets, coord = _write({f: c[:, N_CAND // 2] for f, c in cands.items()})
-    res = score_group([text, text], target, camera, [offsets, offsets])
+    res = score_group([text, text], target, camera, [offsets, offsets], config=CFG)
     assert all(p.valid for p in res.parsed[0].values())
     assert "".join(text[s:e] for s, e in offsets) == text
     assert len(coord) == 4 + 6 + 2 * K_PTS + 3 * K_PTS and (res.field_ids[0][coord] >= 0).all()

@@ -51,3 +51,19 @@ def test_budget_matched_sft_trains_on_as_many_samples_as_grpo(short_shards_dir, 
     assert compute["sft"]["tokens"] > 0
     table = format_compute(list(compute.values())).splitlines()
     assert len(table) == 4 and table[3].startswith("| sft_budget_matched | 2 | 2 |")
+
+
+def test_curves_show_grpo_diagnostics(tmp_path):
+    from PIL import Image
+
+    from pointvl.train.grpo import DIAGNOSED_FIELDS
+    from pointvl.train.pipeline import plot_curves
+
+    run = str(tmp_path / "run")
+    pio.write_json(pio.join(run, "sft", "history.json"), [{"step": s, "loss": 1 / s} for s in (1, 2, 3)])
+    grpo = [{"step": s, "loss": 0.1, "reward_format": 0.5, "reward_rpc": 0.2, "truncated": 0.3, "unparsable": 0.1,
+             "clip_fraction": 0.0, **{f"zero_spread_{f}": 0.5 for f in DIAGNOSED_FIELDS}} for s in (1, 2)]
+    pio.write_json(pio.join(run, "grpo_grca", "history.json"), grpo)
+    one_row = Image.open(plot_curves(run, ["sft"])).size
+    two_rows = Image.open(plot_curves(run, ["sft", "grpo_grca"])).size
+    assert two_rows[1] == 2 * one_row[1] and two_rows[0] == 2 * one_row[0]

@@ -78,3 +78,23 @@ def test_grpo_step_changes_trainable_weights(trained, short_shards_dir):
     changed = [n for n, p in policy.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any(n.startswith("cross_attn") for n in changed) and any(n.startswith("lm.") for n in changed)
     assert all(torch.equal(p, frozen[n]) for n, p in policy.point_encoder.named_parameters())
+    row = history[0]
+    for f in ("bbox2d", "bbox3d", "kpts2d", "kpts3d", "rpc"):
+        assert 0 <= row[f"zero_spread_{f}"] <= 1 and row[f"reward_{f}_std"] >= 0
+    assert 0 <= row["truncated"] <= 1 and 0 <= row["unparsable"] <= 1
+    assert row["clip_fraction"] == 0  # one optimizer step per rollout batch: the ratio is 1
+
+
+def test_grpo_diagnostics_report_truncation(trained, short_shards_dir, caplog):
+    """Completions cut at 5 tokens: every one truncated and unparsable, every field without spread, a warning
+    (with loss_type dapo: the step's token count is reduced before the updates)."""
+    tok, images, model, _, _ = trained
+    _, _, policy = _policy()
+    policy.load_state_dict(model.state_dict())
+    grpo = dataclasses.replace(CFG.grpo, max_steps=1, max_new_tokens=5, loss_type="dapo")
+    with caplog.at_level("WARNING", logger="pointvl.train.grpo"):
+        row = run_grpo(policy, tok, images, short_shards_dir, grpo)[0]
+    assert row["truncated"] == 1 and row["unparsable"] == 1
+    assert all(row[f"zero_spread_{f}"] == 1 and row[f"reward_{f}_std"] == 0 for f in ("bbox2d", "kpts3d", "rpc"))
+    assert row["loss"] == 0  # no spread, no advantage
+    assert any("cut at max_new_tokens=5" in r.getMessage() for r in caplog.records)
