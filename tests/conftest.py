@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from pointvl.testing.fixture import FixtureManifest, write_fixture
+from pointvl.fixture import FixtureManifest, write_fixture
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Each test session (each pytest-xdist worker) has a Prefect home of its own, before anything imports

@@ -24,7 +24,7 @@ from pointvl.dataset.runner import build_in_process, plan_run
 from pointvl.dataset.stages.base import Drops, read_stage_table, read_stats, write_stage_table
 from pointvl.dataset.stages.write_shards import WriteShards, WriteShardsConfig
 from pointvl.dataset.summary import dataset_card, format_summary, summarize
-from pointvl.testing.fixture import FixtureManifest, write_fixture
+from pointvl.fixture import FixtureManifest, write_fixture
 
 CONFIG = {"shard_size": 8, "clean": {"test_size": 0.25, "train_size": None},
           "sample_points": {"num_points": 256}, "render": {"width": 32, "height": 32}}

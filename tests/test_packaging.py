@@ -26,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_PARTY = ("pointvl", "flows", "tasks")
 # The modules the commands fixture, build (the flow and its tasks) and evaluate import.
-BUILD_PATH = ("pointvl.cli", "pointvl.dataset.runner", "pointvl.evaluation.scoring", "pointvl.testing.fixture",
+BUILD_PATH = ("pointvl.cli", "pointvl.dataset.runner", "pointvl.evaluation.scoring", "pointvl.fixture",
               "flows.build", "flows.gpu_stages", "flows.annotate")
 CONFIG = """
 shard_size: 64

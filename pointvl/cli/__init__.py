@@ -14,7 +14,7 @@ from pointvl.cli.evaluation import add_eval_commands, add_predict_sources, predi
 from pointvl.cli.operations import add_ops_commands
 from pointvl.core.errors import InputError
 from pointvl.dataset.run_folder import RunFolder
-from pointvl.testing.fixture import write_fixture
+from pointvl.fixture import write_fixture
 
 
 def _fixture(args: argparse.Namespace) -> int:
