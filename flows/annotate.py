@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect import flow
 
 from pointvl.core.strict_config import load
-from pointvl.dataset.stages.annotate import AnnotateConfig
+from pointvl.dataset.annotation_config import AnnotateConfig
 from tasks.annotate import annotate
 
 

@@ -9,8 +9,9 @@ from prefect.states import State
 from pydantic import SecretStr
 
 from pointvl.core.chat_client import FatalAPIError
+from pointvl.dataset.annotation_config import AnnotateConfig
 from pointvl.dataset.plan import load_plan
-from pointvl.dataset.stages.annotate import Annotate, AnnotateConfig
+from pointvl.dataset.stages.annotate import Annotate
 from tasks.common import run_stage
 
 

@@ -235,7 +235,8 @@ def test_a_table_of_an_earlier_pointvl_is_adopted_if_it_reads_and_moved_aside_if
 
 
 def test_a_one_category_build_gets_a_distractor_for_its_category_question(tmp_path):
-    from pointvl.dataset.stages.annotate import Annotate, AnnotateConfig
+    from pointvl.dataset.annotation_config import AnnotateConfig
+    from pointvl.dataset.stages.annotate import Annotate
 
     assert Annotate(AnnotateConfig(), ["chair"]).categories == ["airplane", "chair"]
 

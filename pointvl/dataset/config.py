@@ -28,8 +28,8 @@ from pointvl.core.strict_config import (
     output_values,
     read_file,
 )
+from pointvl.dataset.annotation_config import AnnotateConfig
 from pointvl.dataset.handoff import HandoffConfig
-from pointvl.dataset.stages.annotate import AnnotateConfig
 from pointvl.dataset.stages.clean import CleanConfig
 from pointvl.dataset.stages.geometry import GeometryConfig
 from pointvl.dataset.stages.kpts2d import Kpts2DConfig
