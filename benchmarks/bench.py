@@ -120,9 +120,9 @@ def parallel_and_overhead(work: str, models: int = 48, faces: int = 20_000, work
     times, its two sides alternating which goes first, and a ratio is the median of the ``repeats``
     ratios (every run's time is listed too)."""
     from benchmarks.bench_scale import write_tree
-    from flows.build import build_benchmark
     from pointvl.dataset.config import BuildConfig
     from pointvl.dataset.runner import build_in_process
+    from pointvl.flows.build import build_benchmark
 
     shapenet = write_tree(os.path.join(work, "tree"), [faces] * models)
     config = {"shard_size": 8, "clean": {"test_size": 0.25, "train_size": None},

@@ -23,9 +23,6 @@ from prefect.exceptions import Pause
 from prefect.logging import get_run_logger
 from prefect.states import Cancelled, Completed, State
 
-from flows.gpu_stages import run_gpu_stage
-from flows.locking import build_lock, mark_crashed, record_build
-from flows.review import review_gate
 from pointvl.dataset.config import BuildConfig
 from pointvl.dataset.dag import GPU_STAGES
 from pointvl.dataset.executor import open_executor
@@ -34,13 +31,16 @@ from pointvl.dataset.runlock import RunFolderLocked
 from pointvl.dataset.runner import cpu_config
 from pointvl.dataset.stages.write_shards import WriteShardsConfig
 from pointvl.dataset.summary import summarize
-from tasks.annotate import annotate
-from tasks.clean import clean
-from tasks.cpu_stages import cpu_stages
-from tasks.handoff import start_training
-from tasks.progress import publish_finished, publish_stats, wait_with_progress
-from tasks.summary import publish_summary
-from tasks.write_shards import write_shards
+from pointvl.flows.gpu_stages import run_gpu_stage
+from pointvl.flows.locking import build_lock, mark_crashed, record_build
+from pointvl.flows.review import review_gate
+from pointvl.tasks.annotate import annotate
+from pointvl.tasks.clean import clean
+from pointvl.tasks.cpu_stages import cpu_stages
+from pointvl.tasks.handoff import start_training
+from pointvl.tasks.progress import publish_finished, publish_stats, wait_with_progress
+from pointvl.tasks.summary import publish_summary
+from pointvl.tasks.write_shards import write_shards
 
 
 @contextmanager

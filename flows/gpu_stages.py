@@ -36,8 +36,8 @@ from pointvl.core.strict_config import load
 from pointvl.dataset.dag import GPU_STAGES
 from pointvl.dataset.stages.refine import RefineConfig
 from pointvl.dataset.stages.synthesize import SynthesizeConfig
-from tasks.refine import refine
-from tasks.synthesize import synthesize
+from pointvl.tasks.refine import refine
+from pointvl.tasks.synthesize import synthesize
 
 logger = logging.getLogger(__name__)
 

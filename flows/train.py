@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from pointvl.tasks.handoff import report_to_build
+from pointvl.tasks.report import publish_report
+from pointvl.tasks.train import evaluate, train_stage, training_curves
 from pointvl.train.config import preset_config
 from pointvl.train.pipeline import check_config, stage_names
-from tasks.handoff import report_to_build
-from tasks.report import publish_report
-from tasks.train import evaluate, train_stage, training_curves
 
 
 @flow(name="train-pointvl", description="SFT warm-up → routed GRPO (GRCA + RPC) → evaluation on shards",

@@ -2,7 +2,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pointvl.dataset.stages.refine import Refine, RefineConfig
-from tasks.common import run_stage
+from pointvl.tasks.common import run_stage
 
 
 @task(name="refine", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=30, task_run_name="refine-{shard_index:05d}")

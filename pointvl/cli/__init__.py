@@ -52,8 +52,8 @@ def _build(args: argparse.Namespace) -> int:
             "--shapenet and --config to resume it, or --incremental to update it"
         )
     # 2. Run the flow: embedded Prefect unless PREFECT_API_URL points at a server; one build per folder.
-    from flows.build import build_benchmark
-    from flows.locking import check_unlocked
+    from pointvl.flows.build import build_benchmark
+    from pointvl.flows.locking import check_unlocked
 
     try:
         check_unlocked(out)

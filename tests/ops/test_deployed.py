@@ -303,7 +303,7 @@ HOOK = """
 import sys
 from prefect import flow
 from prefect.runtime import flow_run
-from flows.train import train
+from pointvl.flows.train import train
 
 @flow(name="build-benchmark")
 def build() -> str:  # stands for the build whose hand-off started the training run
