@@ -1,4 +1,4 @@
-"""The benchmark build, read as the DAG (DESIGN.md):
+"""The benchmark build, read as the DAG (``docs/design.md#the-dag``):
 
     clean ─► sample_points ─► geometry ────────────┐
        └───► render ─► kpts2d ─────────────────────┼─► refine (GPU) ─► synthesize (GPU) ─► annotate ─► review ─►

@@ -1,6 +1,6 @@
 """Parse the policy's JSON output into fields with character spans (paper §3.3 "Parsing", §3.7).
 
-The policy writes one JSON object (DESIGN.md "Model output")::
+The policy writes one JSON object (``docs/design.md#model-output``)::
 
     {"answer": str, "description": str, "bbox2d": [4 ints], "bbox3d": [6 ints],
      "kpts2d": [[2 ints] x K], "kpts3d": [[3 ints] x K]}
@@ -27,9 +27,9 @@ Rules, all stated here:
 - **Spans.** ``span = (start, end)`` is the half-open character range of the value's JSON text in
   ``text``, brackets and quotes included (``[1, 2, 3, 4]``, ``"a chair"``). An invalid field has
   ``span = None`` and ``value = None``: the paper gives it an empty span and reward 0.
-- **Not checked here**: key order (DESIGN.md fixes one, but order does not change any value), extra
-  keys (they are background), and whether a box's corners are ordered (geometry scores an inverted
-  box 0).
+- **Not checked here**: key order (``docs/design.md#model-output`` fixes one, but order does not
+  change any value), extra keys (they are background), and whether a box's corners are ordered
+  (geometry scores an inverted box 0).
 """
 
 from __future__ import annotations

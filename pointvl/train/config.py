@@ -54,7 +54,7 @@ class ModelConfig:
         dtype: compute precision, ``"bfloat16"`` (mixed precision: trainable parameters and optimizer
             state stay float32 master weights, forward and backward run under bf16 autocast, frozen
             parts are stored in bf16) or ``"float32"``.
-        quant: the coordinate bins of the output (DESIGN.md).
+        quant: the coordinate bins of the output (``docs/design.md#quantization``).
     """
 
     checkpoint: str = "Qwen/Qwen2.5-VL-3B-Instruct"
