@@ -1,4 +1,4 @@
-"""The benchmark build, read as the DAG (DESIGN.md):
+"""The benchmark build, read as the DAG (``docs/design.md#the-dag``):
 
     clean ─► sample_points ─► geometry ────────────┐
        └───► render ─► kpts2d ─────────────────────┼─► refine (GPU) ─► synthesize (GPU) ─► annotate ─► review ─►
@@ -26,7 +26,7 @@ from prefect.states import Cancelled, Completed, State
 from pointvl.dataset.config import BuildConfig
 from pointvl.dataset.dag import GPU_STAGES
 from pointvl.dataset.executor import open_executor
-from pointvl.dataset.handoff import build_id, check_can_start
+from pointvl.dataset.handoff import build_id
 from pointvl.dataset.runlock import RunFolderLocked
 from pointvl.dataset.runner import cpu_config
 from pointvl.dataset.stages.write_shards import WriteShardsConfig
@@ -77,7 +77,9 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
     """
     cfg = BuildConfig.from_parameters(config, overrides, handoff)
     if cfg.handoff.train:
-        check_can_start(cfg.handoff)  # seconds, before any stage, GPU second or API call
+        from pointvl.train.config import check_handoff  # imports torch: only for a build that hands off
+
+        check_handoff(cfg.handoff)  # seconds, before any stage, GPU second or API call
     try:
         with holding(out):
             summary, message = _build(shapenet, out, cfg, incremental, workers, dask_scheduler)

@@ -1,4 +1,4 @@
-"""The training flow on finished shards, read as the DAG (DESIGN.md, paper §3.2-3.5, Table 3):
+"""The training flow on finished shards, read as the DAG (``docs/design.md#grca``, paper §3.2-3.5, Table 3):
 
     sft ─► (sft_budget_matched | grpo_<mode>) ─► evaluate (predict + metrics) ─► training curves ─► report
 

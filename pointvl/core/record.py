@@ -23,7 +23,7 @@ import pyarrow as pa
 from pointvl.core import io as pio
 from pointvl.core.errors import InputError
 from pointvl.core.geometry import QuantConfig
-from pointvl.grca.parse import format_output
+from pointvl.core.model_output import format_output
 
 IMAGE_COLUMNS = ("render", "refined", "image", "mask", "depth", "normal_map")
 

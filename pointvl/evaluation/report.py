@@ -127,11 +127,34 @@ def plot_iou_histograms(rows: Mapping[str, list[RecordScore]], path: str) -> Non
     _save(fig, path)
 
 
+def plot_curves(run_dir: str, stages: list[str]) -> str:
+    """Plot loss (and GRPO mean rewards) per step of each finished stage to ``RUN/curves.png``."""
+    require("matplotlib", extra="train", purpose="the training-curve plot").use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
+    for ax, stage in zip(axes[0], stages, strict=True):
+        history = pio.read_json(pio.join(run_dir, stage, "history.json"))
+        steps = [r["step"] for r in history]
+        ax.plot(steps, [r["loss"] for r in history], label="loss")
+        for key in ("reward_format", "reward_bbox2d", "reward_bbox3d", "reward_kpts3d", "reward_rpc"):
+            if history and key in history[0]:
+                ax.plot(steps, [r[key] for r in history], label=key.removeprefix("reward_"))
+        ax.set_title(stage)
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    path = pio.join(run_dir, "curves.png")
+    pio.write_bytes(path, buf.getvalue())
+    return path
+
+
 def training_curves(train_run: str, path: str) -> None:
     """The loss and reward curves of every finished stage of a training run folder, copied to ``path``
-    (drawn by the training pipeline's ``plot_curves``, which also refreshes ``RUN/curves.png``)."""
-    from pointvl.train.pipeline import plot_curves
-
+    (drawn by :func:`plot_curves`, which also refreshes ``RUN/curves.png``)."""
     fs, root = pio.filesystem(train_run)
     stages = sorted(p.rstrip("/").rsplit("/", 2)[-2] for p in fs.glob(f"{root.rstrip('/')}/*/history.json"))
     if not stages:

@@ -105,7 +105,8 @@ class EvaluateConfig:
 
     Attributes:
         split: the split to score (default ``"test"``).
-        quant: the coordinate bins the model writes (DESIGN.md; default 1000 bins, 3D range [-1, 1]).
+        quant: the coordinate bins the model writes (``docs/design.md#quantization``; default 1000 bins, 3D
+            range [-1, 1]).
         per_category: also break every metric down by category (``per_category`` in the result).
         bertscore_model: BERTScore's model, a local folder or a Hugging Face id already in the cache
             (default ``roberta-large``, bert_score's English default); never downloaded.

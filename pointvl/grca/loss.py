@@ -43,7 +43,7 @@ def routed_grpo_loss(
             :func:`pad_token_advantages`); a ``(B, 1)`` tensor broadcasts one advantage per sequence.
         mask: 1 for completion tokens, 0 for padding (bool or float).
         clip_eps: clipping threshold epsilon (paper/TRL: 0.2).
-        beta: KL weight (DESIGN.md default 0); needs ``ref_logp`` when > 0.
+        beta: KL weight (``docs/design.md#objective``; default 0); needs ``ref_logp`` when > 0.
         ref_logp: log-probabilities under the reference policy.
     """
     if not 0 < clip_eps < 1:

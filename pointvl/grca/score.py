@@ -34,11 +34,11 @@ class GRCAConfig:
     Attributes:
         eps: added to the group std in eq. 9 (default 1e-4, as TRL's GRPOTrainer).
         background: ``"field_mean"`` (default; the background advantage is the mean of the sample's
-            field advantages, DESIGN.md's reading of §3.3) or ``"format_answer"`` (the standardised
-            ``(format + answer) / 2`` reward).
+            field advantages, ``docs/design.md#background-advantage``, a reading of §3.3) or
+            ``"format_answer"`` (the standardised ``(format + answer) / 2`` reward).
         num_keypoints: if set, kpts2d/kpts3d must hold exactly this many keypoints (paper: 16);
             default None accepts any K >= 1.
-        quant: the coordinate bins the outputs use (DESIGN.md's default: 1000 bins).
+        quant: the coordinate bins the outputs use (``docs/design.md#quantization``; default 1000 bins).
     """
 
     eps: float = 1e-4

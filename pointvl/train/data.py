@@ -1,4 +1,4 @@
-"""Training examples from the benchmark's Parquet shards (``schemas/README.md``, DESIGN.md "Record").
+"""Training examples from the benchmark's Parquet shards (``schemas/README.md``, ``docs/design.md#record``).
 
 Every QA pair of a record gives one example (the policy answers one question per prompt):
 

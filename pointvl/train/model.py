@@ -189,7 +189,7 @@ def build_prompt(instruction: str, num_point_tokens: int) -> str:
 
 
 def tiny_qwen_config(vocab_size: int, special_ids: dict[str, int], text_ids: dict[str, int]):
-    """A ~0.5M-parameter Qwen2.5-VL config (FACTS.md: mrope sections sum to head_dim / 2, ...)."""
+    """A ~0.5M-parameter Qwen2.5-VL config (``docs/facts.md#training``: mrope sections sum to head_dim / 2, ...)."""
     tf = _transformers()
     return tf.Qwen2_5_VLConfig(
         text_config={

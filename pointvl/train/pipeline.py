@@ -35,7 +35,7 @@ import torch
 
 from pointvl.core import io as pio
 from pointvl.core.errors import InputError
-from pointvl.core.extras import require
+from pointvl.evaluation.report import plot_curves
 from pointvl.evaluation.scoring import EvaluateConfig
 from pointvl.evaluation.scoring import run as run_evaluate
 from pointvl.train import checkpoint as ckpt
@@ -149,33 +149,6 @@ def evaluate_stage(config: TrainConfig, shards_dir: str, run_dir: str, checkpoin
     if not is_main_process():
         return {}
     return run_evaluate(shards_dir, predictions, metrics_path, EvaluateConfig(quant=config.model.quant))
-
-
-def plot_curves(run_dir: str, stages: list[str]) -> str:
-    """Plot loss (and GRPO mean rewards) per step of each finished stage to ``RUN/curves.png``."""
-    require("matplotlib", extra="train", purpose="the training-curve plot").use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
-    for ax, stage in zip(axes[0], stages, strict=True):
-        history = pio.read_json(pio.join(run_dir, stage, "history.json"))
-        steps = [r["step"] for r in history]
-        ax.plot(steps, [r["loss"] for r in history], label="loss")
-        for key in ("reward_format", "reward_bbox2d", "reward_bbox3d", "reward_kpts3d", "reward_rpc"):
-            if history and key in history[0]:
-                ax.plot(steps, [r[key] for r in history], label=key.removeprefix("reward_"))
-        ax.set_title(stage)
-        ax.set_xlabel("optimizer step")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    path = pio.join(run_dir, "curves.png")
-    pio.write_bytes(path, buf.getvalue())
-    return path
 
 
 def run_pipeline(config: TrainConfig, shards_dir: str, run_dir: str) -> dict:
