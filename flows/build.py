@@ -23,7 +23,7 @@ from prefect.exceptions import Pause
 from prefect.logging import get_run_logger
 from prefect.states import Cancelled, Completed, State
 
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.dag import GPU_STAGES
 from pointvl.dataset.executor import open_executor
 from pointvl.dataset.handoff import build_id
@@ -77,7 +77,7 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
     """
     cfg = BuildConfig.from_parameters(config, overrides, handoff)
     if cfg.handoff.train:
-        from pointvl.train.config import check_handoff  # imports torch: only for a build that hands off
+        from pointvl.train.train_config import check_handoff  # imports torch: only for a build that hands off
 
         check_handoff(cfg.handoff)  # seconds, before any stage, GPU second or API call
     try:

@@ -11,7 +11,7 @@ from pointvl.core import io as pio
 from pointvl.evaluation.report import plot_curves
 from pointvl.evaluation.scoring import format_table
 from pointvl.train import pipeline
-from pointvl.train.config import TrainConfig
+from pointvl.train.train_config import TrainConfig
 
 
 @task(name="train-stage", cache_policy=NO_CACHE, task_run_name="{stage}")

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.plan import load_plan
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.runner import build_in_process, plan_run

@@ -28,7 +28,7 @@ def test_the_preflight_refuses_a_training_job_without_its_weights_in_one_line():
     import pytest
 
     from pointvl.core.errors import InputError
-    from pointvl.train.config import check_handoff
+    from pointvl.train.train_config import check_handoff
 
     check_handoff(HandoffConfig(train=True, preset="tiny"))  # builds its model in code: no weights needed
     with pytest.raises(InputError) as err:

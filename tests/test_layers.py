@@ -134,11 +134,11 @@ def test_the_parser_sees_every_kind_of_import():
               "from .parse import format_output\n"
               "from .. import core\n"
               "from . import spans\n"
-              "def f():\n    from pointvl.train.config import preflight\n"
+              "def f():\n    from pointvl.train.train_config import preflight\n"
               "if TYPE_CHECKING:\n    from pointvl.dataset.plan import Shard\n")
     assert sorted(imports(source, "pointvl.grca.score", False)) == [
         (1, "json"), (1, "pointvl.core.io"), (2, "pointvl.grca.parse.format_output"), (3, "pointvl.core"),
-        (4, "pointvl.grca.spans"), (6, "pointvl.train.config.preflight"), (8, "pointvl.dataset.plan.Shard")]
+        (4, "pointvl.grca.spans"), (6, "pointvl.train.train_config.preflight"), (8, "pointvl.dataset.plan.Shard")]
     assert list(imports("from . import x\n", "pointvl.grca", True)) == [(1, "pointvl.grca.x")]
     assert layer("pointvl") == "pointvl" and layer("pointvl.grca.parse") == "grca"
     assert layer("pointvl.flows.build") == "flows" and layer("pointvl.tasks.clean") == "tasks"
@@ -148,7 +148,7 @@ def test_the_parser_sees_every_kind_of_import():
 
 def test_an_upward_import_and_a_cycle_are_named_by_their_edge():
     found = [("core", "grca", "pointvl/core/record.py:26 pointvl.core.record -> pointvl.grca.parse.format_output"),
-             ("grca", "core", "pointvl/grca/parse.py:46 pointvl.grca.parse -> pointvl.core.geometry.QuantConfig"),
+             ("grca", "core", "pointvl/grca/parse.py:46 pointvl.grca.parse -> pointvl.core.spatial.QuantConfig"),
              ("dataset", "evaluation", "pointvl/dataset/x.py:3 pointvl.dataset.x -> pointvl.evaluation.y")]
     assert upward(found) == [
         "pointvl/core/record.py:26 pointvl.core.record -> pointvl.grca.parse.format_output (core must not import grca)",
@@ -156,5 +156,5 @@ def test_an_upward_import_and_a_cycle_are_named_by_their_edge():
     assert cycles(found) == [
         "pointvl/core/record.py:26 pointvl.core.record -> pointvl.grca.parse.format_output (cycle core -> grca -> ... "
         "-> core)",
-        "pointvl/grca/parse.py:46 pointvl.grca.parse -> pointvl.core.geometry.QuantConfig (cycle grca -> core -> ... "
+        "pointvl/grca/parse.py:46 pointvl.grca.parse -> pointvl.core.spatial.QuantConfig (cycle grca -> core -> ... "
         "-> grca)"]

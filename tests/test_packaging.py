@@ -40,7 +40,7 @@ synthesize: {backend: passthrough}
 
 PREDICT_GROUND_TRUTH = """
 import json
-from pointvl.core.geometry import QuantConfig
+from pointvl.core.spatial import QuantConfig
 from pointvl.core.record import iter_records, target_text
 with open("preds.jsonl", "w") as f:
     for r in iter_records("run/shards", "test"):

@@ -29,7 +29,7 @@ def _fixture(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     from pointvl.core import io
-    from pointvl.dataset.config import BuildConfig
+    from pointvl.dataset.build_config import BuildConfig
     from pointvl.dataset.executor import check_placement
     from pointvl.dataset.plan import fingerprint, load_plan
     from pointvl.dataset.stages.clean import Clean, read_taxonomy
@@ -80,7 +80,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace, variant: str):
     """The TrainConfig of ``--preset`` with ``--config FILE`` then every ``--set KEY=VALUE`` merged in."""
-    from pointvl.train.config import command_line_overrides, preset_config
+    from pointvl.train.train_config import command_line_overrides, preset_config
 
     return preset_config(args.preset, variant, command_line_overrides(args.config, args.set or []))
 
@@ -91,10 +91,10 @@ def _predict(args: argparse.Namespace) -> int:
     from pointvl.core import io as pio
     from pointvl.core.record import list_shards
     from pointvl.train.checkpoint import latest_checkpoint, load_policy
-    from pointvl.train.config import preflight
     from pointvl.train.model import build_image_processor
     from pointvl.train.pipeline import load
     from pointvl.train.predict import predict
+    from pointvl.train.train_config import preflight
 
     list_shards(args.shards, args.split)  # before any model is built
     cfg = _train_config(args, "sft")
@@ -117,8 +117,8 @@ def _predict(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from pointvl.core.record import list_shards
     from pointvl.evaluation.scoring import format_table
-    from pointvl.train.config import preflight
     from pointvl.train.pipeline import run_pipeline
+    from pointvl.train.train_config import preflight
 
     list_shards(args.shards, "train")  # before any model is built
     config = _train_config(args, args.variant)

@@ -5,7 +5,7 @@ The object (``docs/design.md#model-output``, ``schemas/model_output.schema.json`
     {"answer": str, "description": str, "bbox2d": [4 ints], "bbox3d": [6 ints],
      "kpts2d": [[2 ints] x K], "kpts3d": [[3 ints] x K]}
 
-with coordinates as integer bins of :class:`pointvl.core.geometry.QuantConfig`. The record's SFT target
+with coordinates as integer bins of :class:`pointvl.core.spatial.QuantConfig`. The record's SFT target
 (:func:`pointvl.core.record.target_text`) and the reference predictors write it; its reader, which also
 finds each field's character span for the routing, is :func:`pointvl.grca.parse.parse_output`.
 """
@@ -17,7 +17,7 @@ import json
 import numpy as np
 from numpy.typing import ArrayLike
 
-from pointvl.core.geometry import QuantConfig
+from pointvl.core.spatial import QuantConfig
 
 
 def format_output(

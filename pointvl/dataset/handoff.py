@@ -5,7 +5,7 @@ as a deployment run, so training runs on its own (GPU) pool. The build id is the
 of the build's plan fingerprint: the same input and config always give the same id, and the
 training run folder is named after it.
 
-Before a build with a hand-off starts, :func:`pointvl.train.config.check_handoff` makes sure the
+Before a build with a hand-off starts, :func:`pointvl.train.train_config.check_handoff` makes sure the
 training job could start (its weights are on this machine, or the preset needs none), so a doomed
 training run is refused in seconds instead of after the build (it lives with training, the layer
 above this one: ``docs/design.md#layers``). Each started training run is recorded in

@@ -8,7 +8,7 @@ attribute questions ``qa[1:]``, the six-field JSON and ``attribute_answers``). R
 threads, and the request cache (a re-run sends nothing that was answered before).
 
 ``coords`` says how the model writes coordinates; each is converted to the benchmark's bins
-(:class:`pointvl.core.geometry.QuantConfig`) before the line is written:
+(:class:`pointvl.core.spatial.QuantConfig`) before the line is written:
 
 - ``bins`` (default): the benchmark's own integer bins, written as they are;
 - ``norm1000``: 0-1000 relative to the image (Qwen3-VL, InternVL), 3D as 0-1000 over ``[lo3d, hi3d]``;
@@ -46,10 +46,10 @@ from pointvl.core.chat_client import (
     resolve_api_key,
 )
 from pointvl.core.errors import InputError
-from pointvl.core.geometry import QuantConfig
 from pointvl.core.images import smart_resize
 from pointvl.core.package_data import prompts_root
 from pointvl.core.record import image_bytes, list_shards
+from pointvl.core.spatial import QuantConfig
 from pointvl.grca.parse import FIELDS, GEOMETRIC_FIELDS, parse_output
 
 logger = logging.getLogger(__name__)

@@ -55,8 +55,8 @@ import numpy as np
 
 from pointvl.core import io as pio
 from pointvl.core.errors import InputError
-from pointvl.core.geometry import QuantConfig
 from pointvl.core.record import iter_records, list_shards, record_camera, record_target
+from pointvl.core.spatial import QuantConfig
 from pointvl.evaluation import text_metrics as tm
 from pointvl.grca.parse import FIELDS, parse_output
 from pointvl.grca.rewards import output_rewards

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pointvl.core.geometry import QuantConfig
+from pointvl.core.spatial import QuantConfig
 from pointvl.grca.advantages import BACKGROUNDS, MODES, group_advantages, route, standardize
 from pointvl.grca.parse import GEOMETRIC_FIELDS, ParsedField, parse_output
 from pointvl.grca.rewards import check_camera, check_target, output_rewards

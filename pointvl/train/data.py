@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
 from pointvl.core import io as pio
-from pointvl.core.geometry import QuantConfig
 from pointvl.core.record import image_bytes, instruction, list_shards, record_camera, record_target, target_text
+from pointvl.core.spatial import QuantConfig
 
 logger = logging.getLogger(__name__)
 

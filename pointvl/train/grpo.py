@@ -40,10 +40,10 @@ import torch
 
 from pointvl.grca import offsets_from_decode, pad_token_advantages, routed_grpo_loss, score_group
 from pointvl.train import checkpoint as ckpt
-from pointvl.train.config import GRPOTrainConfig
 from pointvl.train.data import Collator, Example, ShardExamples
 from pointvl.train.model import PointVL3D
 from pointvl.train.sft import make_accelerator, num_processes, resume, trainer_state
+from pointvl.train.train_config import GRPOTrainConfig
 
 logger = logging.getLogger(__name__)
 

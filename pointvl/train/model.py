@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from pointvl.core.extras import require
-from pointvl.train.config import ModelConfig
 from pointvl.train.point_bert import PointBERT
 from pointvl.train.tokenizer import POINT_TOKENS, build_char_tokenizer
+from pointvl.train.train_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 

@@ -39,12 +39,12 @@ from pointvl.evaluation.report import plot_curves
 from pointvl.evaluation.scoring import EvaluateConfig
 from pointvl.evaluation.scoring import run as run_evaluate
 from pointvl.train import checkpoint as ckpt
-from pointvl.train.config import SFTConfig, TrainConfig, preflight
 from pointvl.train.data import ShardExamples
 from pointvl.train.grpo import run_grpo, trained_samples
 from pointvl.train.model import build_image_processor, build_model, build_tokenizer
 from pointvl.train.predict import predict
 from pointvl.train.sft import distributed_state, num_processes, run_sft
+from pointvl.train.train_config import SFTConfig, TrainConfig, preflight
 
 logger = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from pointvl.train import checkpoint as ckpt
-from pointvl.train.config import SFTConfig
 from pointvl.train.data import Collator, ShardExamples
 from pointvl.train.model import PointVL3D
+from pointvl.train.train_config import SFTConfig
 
 logger = logging.getLogger(__name__)
 

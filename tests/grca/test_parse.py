@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pointvl.core.geometry import QuantConfig
+from pointvl.core.spatial import QuantConfig
 from pointvl.grca import FIELDS, GEOMETRIC_FIELDS, format_output, parse_output
 
 QC = QuantConfig()

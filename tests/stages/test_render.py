@@ -9,7 +9,7 @@ import trimesh
 from PIL import Image
 
 from pointvl.core import images
-from pointvl.core.geometry import camera_depth, project_points
+from pointvl.core.spatial import camera_depth, project_points
 from pointvl.dataset.cameras import Camera, look_at, sample_cameras
 from pointvl.dataset.mesh import load_mesh
 from pointvl.dataset.renderers import Open3DRenderer, PyTorch3DRenderer, make_renderer

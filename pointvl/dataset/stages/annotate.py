@@ -40,8 +40,8 @@ from pointvl.core.chat_client import (
     request_key,
     run_batch,
 )
-from pointvl.core.geometry import iou_2d
 from pointvl.core.images import decode_mask, decode_rgb
+from pointvl.core.spatial import iou_2d
 from pointvl.dataset.annotation_config import AnnotateConfig
 from pointvl.dataset.annotation_requests import AnnotationItem, AnnotationRequests, make_clients
 from pointvl.dataset.annotation_rules import (

@@ -17,7 +17,7 @@ import yaml
 
 from pointvl.core import io as pio
 from pointvl.core.errors import InputError
-from pointvl.core.geometry import QuantConfig
+from pointvl.core.spatial import QuantConfig
 from pointvl.core.strict_config import ConfigError, check, load, merge, nest, read_file
 from pointvl.grca import GRCAConfig
 from pointvl.train.point_bert import PointBertConfig
