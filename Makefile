@@ -33,7 +33,7 @@ demo: $(STAMP)
 # tests then run alone: their Prefect server's SQLite stalls for tens of seconds when another test takes
 # both cores (a production server uses PostgreSQL).
 test: $(STAMP)
-	$(PY) -m ruff check pointvl tasks flows benchmarks tests
+	$(PY) -m ruff check pointvl tasks flows prompts schemas benchmarks tests setup.py
 	$(PY) -m pytest -q -x -n 2 -m "not slow" --ignore=tests/ops tests
 	$(PY) -m pytest -q -x -m "not slow" tests/ops
 
@@ -61,12 +61,12 @@ table3-mini: $(STAMP)
 	$(PY) -m benchmarks.table3_mini --out $(or $(T3_DIR),table3_mini_out)
 
 lint: $(STAMP)
-	$(PY) -m ruff check pointvl tasks flows benchmarks tests
+	$(PY) -m ruff check pointvl tasks flows prompts schemas benchmarks tests setup.py
 
 # SFT -> routed GRPO -> evaluate with the tiny CPU preset on the demo's shards (run `make demo` first).
 train-demo: $(STAMP)
 	test -d $(DEMO_DIR)/build/shards || $(MAKE) demo
-	$(PY) -m flows.train --shards $(DEMO_DIR)/build/shards --run $(DEMO_DIR)/train --preset tiny --variant grca_rpc
+	$(PY) -m pointvl.flows.train --shards $(DEMO_DIR)/build/shards --run $(DEMO_DIR)/train --preset tiny --variant grca_rpc
 
 # The two reference rows on the demo's shards, no model needed: ground truth (upper bound) and the
 # train split's per-category mean boxes (an honest baseline); prints the report (README "Evaluation").

@@ -95,7 +95,7 @@ def integrity_overhead(work: str, faces: int = 80_000, table_mb: int = 64) -> di
 
 def _cpu_part(shapenet: str, run: str, config: dict, workers: int) -> tuple[float, float]:
     """``(clean with the pool's start-up, the four CPU stages)`` in seconds, with ``workers`` processes."""
-    from pointvl.dataset.config import BuildConfig
+    from pointvl.dataset.build_config import BuildConfig
     from pointvl.dataset.cpu_stages import run_cpu_shard
     from pointvl.dataset.executor import open_executor
     from pointvl.dataset.runner import cpu_config, plan_run
@@ -120,9 +120,9 @@ def parallel_and_overhead(work: str, models: int = 48, faces: int = 20_000, work
     times, its two sides alternating which goes first, and a ratio is the median of the ``repeats``
     ratios (every run's time is listed too)."""
     from benchmarks.bench_scale import write_tree
-    from flows.build import build_benchmark
-    from pointvl.dataset.config import BuildConfig
+    from pointvl.dataset.build_config import BuildConfig
     from pointvl.dataset.runner import build_in_process
+    from pointvl.flows.build import build_benchmark
 
     shapenet = write_tree(os.path.join(work, "tree"), [faces] * models)
     config = {"shard_size": 8, "clean": {"test_size": 0.25, "train_size": None},

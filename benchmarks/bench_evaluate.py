@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 
-from pointvl.core.geometry import QuantConfig
+from pointvl.core.spatial import QuantConfig
 from pointvl.evaluation.scoring import MAX_OUTPUT_CHARS, output_limit
 from pointvl.grca.parse import parse_output
 

@@ -43,7 +43,8 @@ FLUX_VAE = {
 
 @contextlib.contextmanager
 def small_qwen_condition(side: int = 32) -> Iterator[None]:
-    """Qwen-Image-Edit resizes its conditioning image to ~1 MP; shrink that for CPU runs (FACTS)."""
+    """Qwen-Image-Edit resizes its conditioning image to ~1 MP; shrink that for CPU runs
+    (docs/facts.md#diffusion-models)."""
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as qe
 
     original = qe.calculate_dimensions

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pointvl.core.extras import require
-from pointvl.core.geometry import QuantConfig
+from pointvl.core.spatial import QuantConfig
 from pointvl.grca import format_output, score_group
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import trimesh
 
-    from pointvl.dataset.stages.render import Camera, Renderer
+    from pointvl.dataset.cameras import Camera
+    from pointvl.dataset.renderers import Renderer
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,9 @@ def run() -> dict[str, float]:
     import torch
 
     from benchmarks.bench import shapenet_sized_mesh
-    from pointvl.dataset.stages.render import Open3DRenderer, PyTorch3DRenderer, RenderConfig, sample_cameras
+    from pointvl.dataset.cameras import sample_cameras
+    from pointvl.dataset.renderers import Open3DRenderer, PyTorch3DRenderer
+    from pointvl.dataset.stages.render import RenderConfig
 
     results: dict[str, float] = {}
     meshes = {n: shapenet_sized_mesh(n * 1000) for n in (20, 80)}

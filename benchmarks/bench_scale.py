@@ -72,7 +72,7 @@ def write_tree(root: str, face_counts: list[int], seed: int = 0) -> str:
 
 def build_once(shapenet: str, run: str, workers: int) -> dict:
     """Clean + CPU stages of the tree with ``workers`` processes, in this process; timings, stats, RSS."""
-    from pointvl.dataset.config import BuildConfig
+    from pointvl.dataset.build_config import BuildConfig
     from pointvl.dataset.cpu_stages import STAGE_NAMES, run_cpu_shard
     from pointvl.dataset.executor import open_executor
     from pointvl.dataset.runner import cpu_config, plan_run

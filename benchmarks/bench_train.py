@@ -21,13 +21,13 @@ import time
 import numpy as np
 import torch
 
-from pointvl.core.geometry import box3d_corners, project_box3d, project_points
 from pointvl.core.record import target_text
+from pointvl.core.spatial import box3d_corners, project_box3d, project_points
 from pointvl.grca import score_group
-from pointvl.train.config import ModelConfig, tiny_preset
 from pointvl.train.data import Collator, Example
 from pointvl.train.grpo import completion_logps, rollout, token_offsets
 from pointvl.train.model import build_image_processor, build_model, build_tokenizer
+from pointvl.train.train_config import ModelConfig, tiny_preset
 
 logger = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ import torch
 from pointvl.core import io as pio
 from pointvl.evaluation.scoring import EvaluateConfig, Prediction, aggregate, output_limit, score_records
 from pointvl.evaluation.stats import bootstrap_interval, mean, paired_comparison
-from pointvl.train.config import TrainConfig, tiny_preset
 from pointvl.train.data import Collator, ShardExamples
 from pointvl.train.pipeline import load, train_stage
+from pointvl.train.train_config import TrainConfig, tiny_preset
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ GEOMETRY = ("iou2d", "iou3d", "kpa2d", "kpa3d", "rpc")
 
 def build(out: str, views: int, size: int) -> str:
     """The benchmark's shards under ``out/build`` (built once)."""
-    from pointvl.dataset.config import BuildConfig
+    from pointvl.dataset.build_config import BuildConfig
     from pointvl.dataset.runner import build_in_process
     from pointvl.testing.fixture import write_fixture
 

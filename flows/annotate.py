@@ -10,8 +10,8 @@ from __future__ import annotations
 from prefect import flow
 
 from pointvl.core.strict_config import load
-from pointvl.dataset.stages.annotate import AnnotateConfig
-from tasks.annotate import annotate
+from pointvl.dataset.annotation_config import AnnotateConfig
+from pointvl.tasks.annotate import annotate
 
 
 @flow(name="annotate-shard", description="LLM/VLM QA, descriptions and 2D grounding of one shard (CPU, API)")

@@ -1,4 +1,4 @@
-"""The benchmark build, read as the DAG (DESIGN.md):
+"""The benchmark build, read as the DAG (``docs/design.md#the-dag``):
 
     clean ─► sample_points ─► geometry ────────────┐
        └───► render ─► kpts2d ─────────────────────┼─► refine (GPU) ─► synthesize (GPU) ─► annotate ─► review ─►
@@ -23,25 +23,25 @@ from prefect.exceptions import Pause
 from prefect.logging import get_run_logger
 from prefect.states import Cancelled, Completed, State
 
-from flows.gpu_stages import run_gpu_stage
-from flows.locking import build_lock, mark_crashed, record_build
-from flows.review import review_gate
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.dag import GPU_STAGES
 from pointvl.dataset.diffusion_pipelines import check_backends
 from pointvl.dataset.executor import open_executor
-from pointvl.dataset.handoff import build_id, check_can_start
+from pointvl.dataset.handoff import build_id
 from pointvl.dataset.runlock import RunFolderLocked
 from pointvl.dataset.runner import cpu_config
 from pointvl.dataset.stages.write_shards import WriteShardsConfig
 from pointvl.dataset.summary import summarize
-from tasks.annotate import annotate
-from tasks.clean import clean
-from tasks.cpu_stages import cpu_stages
-from tasks.handoff import start_training
-from tasks.progress import publish_finished, publish_stats, wait_with_progress
-from tasks.summary import publish_summary
-from tasks.write_shards import write_shards
+from pointvl.flows.gpu_stages import run_gpu_stage
+from pointvl.flows.locking import build_lock, mark_crashed, record_build
+from pointvl.flows.review import review_gate
+from pointvl.tasks.annotate import annotate
+from pointvl.tasks.clean import clean
+from pointvl.tasks.cpu_stages import cpu_stages
+from pointvl.tasks.handoff import start_training
+from pointvl.tasks.progress import publish_finished, publish_stats, wait_with_progress
+from pointvl.tasks.summary import publish_summary
+from pointvl.tasks.write_shards import write_shards
 
 
 @contextmanager
@@ -78,7 +78,9 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
     """
     cfg = BuildConfig.from_parameters(config, overrides, handoff)
     if cfg.handoff.train:
-        check_can_start(cfg.handoff)  # seconds, before any stage, GPU second or API call
+        from pointvl.train.train_config import check_handoff  # imports torch: only for a build that hands off
+
+        check_handoff(cfg.handoff)  # seconds, before any stage, GPU second or API call
     # GPU stages run here (not on a deployment): their weights are checked now, not after the CPU stages
     check_backends({s.name: getattr(cfg, s.name) for s in GPU_STAGES if s.name not in cfg.gpu_deployments})
     try:

@@ -38,8 +38,8 @@ from pointvl.dataset.dag import GPU_STAGES
 from pointvl.dataset.diffusion_pipelines import release_pipelines
 from pointvl.dataset.stages.refine import RefineConfig
 from pointvl.dataset.stages.synthesize import SynthesizeConfig
-from tasks.refine import refine
-from tasks.synthesize import synthesize
+from pointvl.tasks.refine import refine
+from pointvl.tasks.synthesize import synthesize
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from pointvl.dataset.stages.review import (
     policy_decisions,
     unreviewed,
 )
-from tasks.review import apply_review, contact_sheets
+from pointvl.tasks.review import apply_review, contact_sheets
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The training flow on finished shards, read as the DAG (DESIGN.md, paper §3.2-3.5, Table 3):
+"""The training flow on finished shards, read as the DAG (``docs/design.md#grca``, paper §3.2-3.5, Table 3):
 
     sft ─► (sft_budget_matched | grpo_<mode>) ─► evaluate (predict + metrics) ─► training curves ─► report
 
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from pointvl.train.config import preset_config
+from pointvl.tasks.handoff import report_to_build
+from pointvl.tasks.report import publish_report
+from pointvl.tasks.train import evaluate, train_stage, training_curves
 from pointvl.train.pipeline import check_config, stage_names
-from tasks.handoff import report_to_build
-from tasks.report import publish_report
-from tasks.train import evaluate, train_stage, training_curves
+from pointvl.train.train_config import preset_config
 
 
 @flow(name="train-pointvl", description="SFT warm-up → routed GRPO (GRCA + RPC) → evaluation on shards",
@@ -54,7 +54,7 @@ if __name__ == "__main__":
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override (repeatable)")
     args = parser.parse_args()
     from pointvl.evaluation.scoring import format_table
-    from pointvl.train.config import command_line_overrides
+    from pointvl.train.train_config import command_line_overrides
 
     metrics = train(args.shards, args.run, preset=args.preset, variant=args.variant,
                     config=command_line_overrides(args.config, args.set))

@@ -9,9 +9,10 @@ from prefect.states import State
 from pydantic import SecretStr
 
 from pointvl.core.chat_client import FatalAPIError
+from pointvl.dataset.annotation_config import AnnotateConfig
 from pointvl.dataset.plan import load_plan
-from pointvl.dataset.stages.annotate import Annotate, AnnotateConfig
-from tasks.common import run_stage
+from pointvl.dataset.stages.annotate import Annotate
+from pointvl.tasks.common import run_stage
 
 
 def _secret(block_name: str) -> SecretStr | None:

@@ -4,7 +4,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from pointvl.core.progress import Progress
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.executor import Executor
 from pointvl.dataset.handoff import build_id
 from pointvl.dataset.run_folder import RunFolder

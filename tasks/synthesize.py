@@ -2,7 +2,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pointvl.dataset.stages.synthesize import Synthesize, SynthesizeConfig
-from tasks.common import retry_unless_input_error, run_stage
+from pointvl.tasks.common import retry_unless_input_error, run_stage
 
 
 @task(

@@ -8,9 +8,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from pointvl.core import io as pio
+from pointvl.evaluation.report import plot_curves
 from pointvl.evaluation.scoring import format_table
 from pointvl.train import pipeline
-from pointvl.train.config import TrainConfig
+from pointvl.train.train_config import TrainConfig
 
 
 @task(name="train-stage", cache_policy=NO_CACHE, task_run_name="{stage}")
@@ -34,7 +35,7 @@ def evaluate(config: TrainConfig, shards_dir: str, run_dir: str, checkpoint: str
 def training_curves(run_dir: str, stages: list[str]) -> str:
     """Plot the stages' curves to RUN/curves.png; publish the curves as a table the UI shows (every
     k-th step, at most 40 rows a stage) with the plot's path beside it."""
-    path = pipeline.plot_curves(run_dir, stages)
+    path = plot_curves(run_dir, stages)
     rows = []
     for stage in stages:
         history = pio.read_json(pio.join(run_dir, stage, "history.json"))

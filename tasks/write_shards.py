@@ -2,7 +2,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pointvl.dataset.stages.write_shards import WriteShards, WriteShardsConfig
-from tasks.common import run_stage
+from pointvl.tasks.common import run_stage
 
 
 @task(name="write_shards", cache_policy=NO_CACHE, task_run_name="write_shards-{shard_index:05d}")

@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from pointvl.testing.fixture import FixtureManifest, write_fixture
+from pointvl.fixture import FixtureManifest, write_fixture
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The embedded server gives up after 20 s by default (prefect/server/api/server.py SubprocessASGIServer.start):

@@ -17,7 +17,7 @@ import pytest
 
 import pointvl
 from pointvl.core.strict_config import OPERATIONAL, ConfigError
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.incremental import stage_keys
 from pointvl.dataset.plan import ModelEntry, Shard, fingerprint, load_plan
 from pointvl.dataset.runner import build_in_process

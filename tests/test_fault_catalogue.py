@@ -17,14 +17,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.plan import load_plan
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.runner import build_in_process, plan_run
 from pointvl.dataset.stages.base import Drops, read_stage_table, read_stats, write_stage_table
 from pointvl.dataset.stages.write_shards import WriteShards, WriteShardsConfig
 from pointvl.dataset.summary import dataset_card, format_summary, summarize
-from pointvl.testing.fixture import FixtureManifest, write_fixture
+from pointvl.fixture import FixtureManifest, write_fixture
 
 CONFIG = {"shard_size": 8, "clean": {"test_size": 0.25, "train_size": None},
           "sample_points": {"num_points": 256}, "render": {"width": 32, "height": 32}}
@@ -235,7 +235,8 @@ def test_a_table_of_an_earlier_pointvl_is_adopted_if_it_reads_and_moved_aside_if
 
 
 def test_a_one_category_build_gets_a_distractor_for_its_category_question(tmp_path):
-    from pointvl.dataset.stages.annotate import Annotate, AnnotateConfig
+    from pointvl.dataset.annotation_config import AnnotateConfig
+    from pointvl.dataset.stages.annotate import Annotate
 
     assert Annotate(AnnotateConfig(), ["chair"]).categories == ["airplane", "chair"]
 

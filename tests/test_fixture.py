@@ -10,7 +10,7 @@ import trimesh
 
 from pointvl.cli import main
 from pointvl.core.errors import InputError
-from pointvl.testing.fixture import CATEGORIES, FixtureManifest, write_fixture
+from pointvl.fixture import CATEGORIES, FixtureManifest, write_fixture
 
 AIRPLANE, BOTTLE, CAR, CELLPHONE, CHAIR = "02691156", "02876657", "02958343", "02992529", "03001627"
 LAMP, MUG, TABLE, TELEPHONE = "03636649", "03797390", "04379243", "04401088"

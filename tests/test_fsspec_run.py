@@ -4,7 +4,7 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.runner import build_in_process
 
 CONFIG = {"shard_size": 16, "clean": {"test_size": 0.25, "train_size": None, "categories": ["mug", "car"]},

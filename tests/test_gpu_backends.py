@@ -120,7 +120,7 @@ def test_refine_then_synthesize_in_one_process_holds_one_pipeline_at_a_time(tmp_
 
 
 def test_a_build_checks_its_in_process_gpu_stages_before_any_stage(shapenet, tmp_path):
-    from pointvl.dataset.config import BuildConfig
+    from pointvl.dataset.build_config import BuildConfig
     from pointvl.dataset.runner import build_in_process
 
     config = BuildConfig.from_dict({"refine": {"backend": "diffusers", "model": str(tmp_path / "no-such-model")}})

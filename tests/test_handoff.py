@@ -28,16 +28,16 @@ def test_the_preflight_refuses_a_training_job_without_its_weights_in_one_line():
     import pytest
 
     from pointvl.core.errors import InputError
-    from pointvl.dataset.handoff import check_can_start
+    from pointvl.train.train_config import check_handoff
 
-    check_can_start(HandoffConfig(train=True, preset="tiny"))  # builds its model in code: no weights needed
+    check_handoff(HandoffConfig(train=True, preset="tiny"))  # builds its model in code: no weights needed
     with pytest.raises(InputError) as err:
-        check_can_start(HandoffConfig(train=True, preset="paper"))
+        check_handoff(HandoffConfig(train=True, preset="paper"))
     message = str(err.value)
     assert "'Qwen/Qwen2.5-VL-3B-Instruct' is neither a local folder nor in the local Hugging Face cache" in message
     assert "\n" not in message
     with pytest.raises(InputError, match="invalid"):
-        check_can_start(HandoffConfig(train=True, preset="tiny", overrides={"model": {"dtype": "fp8"}}))
+        check_handoff(HandoffConfig(train=True, preset="tiny", overrides={"model": {"dtype": "fp8"}}))
 
 
 def test_a_training_run_is_recorded_once_per_build(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.dag import TABLE_STAGES
 from pointvl.dataset.plan import ModelEntry, PlanMismatchError, extend_plan, load_plan, make_plan
 from pointvl.dataset.runner import build_in_process

@@ -175,13 +175,16 @@ def test_rate_limiter_spaces_starts_and_bounds_concurrency() -> None:
                 in_flight[0] -= 1
 
     threads = [threading.Thread(target=work) for _ in range(6)]
+    begin = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     starts.sort()
     assert peak[0] <= 2
-    assert all(b - a >= 0.045 for a, b in zip(starts, starts[1:], strict=False))
+    # the k-th start is never before its slot, k intervals after the first could start (a thread woken late
+    # on a loaded machine only starts later, so gaps between observed starts may be shorter)
+    assert all(s - begin >= k * 0.05 - 1e-3 for k, s in enumerate(starts))
 
 
 def test_batch_resumes_the_same_batch_after_a_restart(tmp_path: Path) -> None:

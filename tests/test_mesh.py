@@ -10,7 +10,7 @@ import trimesh
 from PIL import Image
 
 from pointvl.dataset.mesh import MeshError, face_colors, load_mesh, surface_colors
-from pointvl.testing.fixture import write_fixture
+from pointvl.fixture import write_fixture
 
 TEXTURE = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 0]]], dtype=np.uint8)
 

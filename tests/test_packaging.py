@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FIRST_PARTY = ("pointvl", "flows", "tasks")
+FIRST_PARTY = ("pointvl",)
+SHIPPED = ("pointvl", "flows", "tasks", "prompts", "schemas")  # the folders the wheel is built from
 # The modules the commands fixture, build (the flow and its tasks) and evaluate import.
-BUILD_PATH = ("pointvl.cli", "pointvl.dataset.runner", "pointvl.evaluation.scoring", "pointvl.testing.fixture",
-              "flows.build", "flows.gpu_stages", "flows.annotate")
+BUILD_PATH = ("pointvl.cli", "pointvl.dataset.runner", "pointvl.evaluation.scoring", "pointvl.fixture",
+              "pointvl.flows.build", "pointvl.flows.gpu_stages", "pointvl.flows.annotate")
 CONFIG = """
 shard_size: 64
 clean: {test_size: 0.25, train_size: null, categories: [chair, mug]}
@@ -39,7 +40,7 @@ synthesize: {backend: passthrough}
 
 PREDICT_GROUND_TRUTH = """
 import json
-from pointvl.core.geometry import QuantConfig
+from pointvl.core.spatial import QuantConfig
 from pointvl.core.record import iter_records, target_text
 with open("preds.jsonl", "w") as f:
     for r in iter_records("run/shards", "test"):
@@ -78,20 +79,18 @@ def test_every_import_on_the_build_path_is_declared():
     """Module-level imports of the build path's modules are core dependencies; imports inside functions
     are core or an extra's (and go through :func:`pointvl.core.extras.require` when optional)."""
     script = (f"import importlib, sys\nfor m in {BUILD_PATH!r}: importlib.import_module(m)\n"
-              "print('\\n'.join(sorted(n for n in sys.modules if n.split('.')[0] in "
-              f"{FIRST_PARTY!r} and getattr(sys.modules[n], '__file__', None))))")
+              "print('\\n'.join(sorted(f'{n}={m.__file__}' for n, m in list(sys.modules.items()) if n.split('.')[0] in "
+              f"{FIRST_PARTY!r} and getattr(m, '__file__', None))))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    modules = result.stdout.split()
-    assert "pointvl.dataset.stages.write_shards" in modules and "tasks.cpu_stages" in modules
+    files = dict(line.split("=", 1) for line in result.stdout.split())
+    modules = sorted(files)
+    assert "pointvl.dataset.stages.write_shards" in modules and "pointvl.tasks.cpu_stages" in modules
     core, extras = _declared()
     distributions = importlib.metadata.packages_distributions()
     undeclared = []
     for module in modules:
-        path = Path(sys.modules[module].__file__) if module in sys.modules else None
-        path = path or ROOT.joinpath(*module.split(".")).with_suffix(".py")
-        if not path.is_file():
-            path = ROOT.joinpath(*module.split("."), "__init__.py")
+        path = Path(files[module])  # where the import found it (pointvl.flows: the repository's flows/)
         for top, module_level in _imports(path):
             if top in sys.stdlib_module_names or top in FIRST_PARTY or top == "__future__":
                 continue
@@ -123,9 +122,9 @@ def test_the_wheel_installs_and_builds_outside_the_checkout(tmp_path):
     # 1. a wheel from a copy of the shipped files (an in-tree build would write build/ into the checkout)
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(ROOT / name, src / name)
-    for name in FIRST_PARTY:
+    for name in SHIPPED:
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PREFECT_API_URL")}
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
@@ -148,11 +147,16 @@ def test_the_wheel_installs_and_builds_outside_the_checkout(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    where = _run([str(python), "-c", "import pointvl, flows, tasks, pointvl.core.package_data as d; "
-                  "print(pointvl.__file__, flows.__file__, tasks.__file__, d.prompts_root(),"
+    where = _run([str(python), "-c", "import pointvl, pointvl.flows as f, pointvl.tasks as t, "
+                  "pointvl.core.package_data as d; print(pointvl.__file__, f.__file__, t.__file__, d.prompts_root(),"
                   " d.schema_path('record.schema.json'))"],
                  work, env).stdout.split()
     assert all(p.startswith(str(site)) for p in where), where
+    # nothing but pointvl at the top of site-packages (no generic `flows` or `tasks` to collide with)
+    [dist_info] = site.glob("pointvl-*.dist-info")
+    top = {line.split("/")[0] for line in (dist_info / "RECORD").read_text().splitlines()}
+    assert {t for t in top if t != dist_info.name and not t.startswith("..")} == {"pointvl"}, top  # "..": scripts
+    assert (dist_info / "top_level.txt").read_text().split() == ["pointvl"]
     pointvl = str(target / "bin" / "pointvl")
     _run([pointvl, "fixture", "shapenet"], work, env)
     (work / "tiny.yaml").write_text(CONFIG)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.runner import build_in_process
 from pointvl.dataset.summary import dataset_card, format_summary, passthrough_line

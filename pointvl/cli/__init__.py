@@ -14,7 +14,7 @@ from pointvl.cli.evaluation import add_eval_commands, add_predict_sources, predi
 from pointvl.cli.operations import add_ops_commands
 from pointvl.core.errors import InputError
 from pointvl.dataset.run_folder import RunFolder
-from pointvl.testing.fixture import write_fixture
+from pointvl.fixture import write_fixture
 
 
 def _fixture(args: argparse.Namespace) -> int:
@@ -29,7 +29,7 @@ def _fixture(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     from pointvl.core import io
-    from pointvl.dataset.config import BuildConfig
+    from pointvl.dataset.build_config import BuildConfig
     from pointvl.dataset.executor import check_placement
     from pointvl.dataset.plan import fingerprint, load_plan
     from pointvl.dataset.stages.clean import Clean, read_taxonomy
@@ -52,8 +52,8 @@ def _build(args: argparse.Namespace) -> int:
             "--shapenet and --config to resume it, or --incremental to update it"
         )
     # 2. Run the flow: embedded Prefect unless PREFECT_API_URL points at a server; one build per folder.
-    from flows.build import build_benchmark
-    from flows.locking import check_unlocked
+    from pointvl.flows.build import build_benchmark
+    from pointvl.flows.locking import check_unlocked
 
     try:
         check_unlocked(out)
@@ -81,7 +81,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace, variant: str):
     """The TrainConfig of ``--preset`` with ``--config FILE`` then every ``--set KEY=VALUE`` merged in."""
-    from pointvl.train.config import command_line_overrides, preset_config
+    from pointvl.train.train_config import command_line_overrides, preset_config
 
     return preset_config(args.preset, variant, command_line_overrides(args.config, args.set or []))
 
@@ -92,10 +92,10 @@ def _predict(args: argparse.Namespace) -> int:
     from pointvl.core import io as pio
     from pointvl.core.record import list_shards
     from pointvl.train.checkpoint import latest_checkpoint, load_policy
-    from pointvl.train.config import check_weights
     from pointvl.train.model import build_image_processor
     from pointvl.train.pipeline import load
     from pointvl.train.predict import predict
+    from pointvl.train.train_config import check_weights
 
     list_shards(args.shards, args.split)  # before any model is built
     cfg = _train_config(args, "sft")
@@ -118,8 +118,8 @@ def _predict(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from pointvl.core.record import list_shards
     from pointvl.evaluation.scoring import format_table
-    from pointvl.train.config import preflight
     from pointvl.train.pipeline import run_pipeline
+    from pointvl.train.train_config import preflight
 
     list_shards(args.shards, "train")  # before any model is built
     config = _train_config(args, args.variant)

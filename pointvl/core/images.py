@@ -7,11 +7,15 @@
   background ``(0, 0, 0)`` (never a unit normal, so decoding recovers the background exactly).
 
 Pillow writes the same bytes for the same array, so encoded columns are deterministic.
+
+Also here: :func:`smart_resize`, the size Qwen2.5-VL's processor gives an image, which the annotate stage's
+grounding and the evaluation's endpoint predictor both need to read a box back in pixels.
 """
 
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from numpy.typing import NDArray
@@ -26,6 +30,7 @@ __all__ = [
     "encode_mask",
     "encode_normals",
     "encode_rgb",
+    "smart_resize",
 ]
 
 _UINT16_MAX = 65535
@@ -106,3 +111,23 @@ def decode_normals(data: bytes) -> NDArray[np.float32]:
     n /= np.maximum(np.linalg.norm(n, axis=2, keepdims=True), 1e-12)
     n[background] = 0.0
     return n.astype(np.float32)
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 12845056
+) -> tuple[int, int]:
+    """The size Qwen2.5-VL's processor resizes an image to (sides multiples of ``factor``).
+
+    Restated from transformers' ``qwen2_vl.image_processing_qwen2_vl.smart_resize``: importing that
+    module needs torchvision, which the annotation workers do not otherwise install."""
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = math.floor(height / beta / factor) * factor
+        w = math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w

@@ -1,6 +1,8 @@
-"""Files shipped inside the package: prompt templates (``prompts/``), JSON Schemas (``schemas/``), configs.
+"""Files shipped with the package: prompt templates, JSON Schemas, configs.
 
-Found through :mod:`importlib.resources`, so an installed wheel finds them as a checkout does.
+The prompts and schemas a user edits sit at the top of the repository (``prompts/``, ``schemas/``) and install
+as ``pointvl.prompts`` and ``pointvl.schemas`` (``setup.py``); found through :mod:`importlib.resources`, so an
+installed wheel, an editable install and a checkout find the same files.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from pathlib import Path
 
 def prompts_root() -> Path:
     """The folder of versioned prompt templates, one subfolder per stage (``annotate/``, ``refine/``, ...)."""
-    return Path(str(files("pointvl") / "prompts"))
+    return Path(str(files("pointvl.prompts")))
 
 
 def schema_path(name: str) -> Path:
     """A JSON Schema of the package, e.g. ``schema_path("record.schema.json")``."""
-    return Path(str(files("pointvl") / "schemas" / name))
+    return Path(str(files("pointvl.schemas") / name))
 
 
 def config_path(name: str) -> Path:

@@ -22,8 +22,8 @@ import pyarrow as pa
 
 from pointvl.core import io as pio
 from pointvl.core.errors import InputError
-from pointvl.core.geometry import QuantConfig
-from pointvl.grca.parse import format_output
+from pointvl.core.model_output import format_output
+from pointvl.core.spatial import QuantConfig
 
 IMAGE_COLUMNS = ("render", "refined", "image", "mask", "depth", "normal_map")
 

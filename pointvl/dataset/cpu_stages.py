@@ -34,7 +34,7 @@ STAGE_NAMES = tuple(stage.name for stage in CPU_STAGES)
 
 @dataclass
 class CpuStagesConfig:
-    """The configs of the four CPU stages (sections of :class:`pointvl.dataset.config.BuildConfig`)."""
+    """The configs of the four CPU stages (sections of :class:`pointvl.dataset.build_config.BuildConfig`)."""
 
     sample_points: SamplePointsConfig
     geometry: GeometryConfig

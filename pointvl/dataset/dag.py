@@ -12,7 +12,7 @@ this module; a stage's ``inputs`` are its edges.
 
 from __future__ import annotations
 
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.stages.annotate import Annotate
 from pointvl.dataset.stages.base import Stage
 from pointvl.dataset.stages.geometry import Geometry

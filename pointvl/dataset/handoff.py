@@ -5,9 +5,10 @@ as a deployment run, so training runs on its own (GPU) pool. The build id is the
 of the build's plan fingerprint: the same input and config always give the same id, and the
 training run folder is named after it.
 
-Before a build with a hand-off starts, :func:`check_can_start` makes sure the training job could
-start (its weights are on this machine, or the preset needs none), so a doomed training run is
-refused in seconds instead of after the build. Each started training run is recorded in
+Before a build with a hand-off starts, :func:`pointvl.train.train_config.check_handoff` makes sure the
+training job could start (its weights are on this machine, or the preset needs none), so a doomed
+training run is refused in seconds instead of after the build (it lives with training, the layer
+above this one: ``docs/design.md#layers``). Each started training run is recorded in
 ``RUN/reports/handoff.json``: a resume that built nothing new (same build id) does not start it again.
 """
 
@@ -17,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pointvl.core import io
-from pointvl.core.errors import InputError
 from pointvl.dataset.plan import fingerprint, load_plan
 from pointvl.dataset.run_folder import RunFolder
 
@@ -69,18 +69,6 @@ def train_parameters(run_dir: str, config: HandoffConfig, build_flow_run_id: str
         "config": config.overrides or None,
         "build_flow_run_id": build_flow_run_id,
     }
-
-
-def check_can_start(config: HandoffConfig) -> None:
-    """Raise :class:`InputError` (one line, prefixed ``handoff:``) when the hand-off's training job could not
-    start here (:func:`pointvl.train.config.preflight`: weights present, or a preset that needs none)."""
-    from pointvl.train.config import preflight, preset_config
-
-    try:
-        preflight(preset_config(config.preset, config.variant, config.overrides))
-    except (TypeError, ValueError) as err:
-        raise InputError(f"handoff (preset {config.preset!r}): {err}; set handoff.overrides, use handoff.preset "
-                         "tiny, or set handoff.train false") from err
 
 
 def started_run(run_dir: str, bid: str) -> str | None:

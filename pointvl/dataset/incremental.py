@@ -15,7 +15,7 @@ import logging
 from collections import Counter
 
 from pointvl.core import io
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.dag import STAGES, TABLE_STAGES
 from pointvl.dataset.plan import Plan, Shard, fingerprint
 from pointvl.dataset.run_folder import RunFolder

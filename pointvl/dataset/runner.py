@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from pointvl.core import io
 from pointvl.core.progress import Progress
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.cpu_stages import CpuStagesConfig, run_cpu_shard
 from pointvl.dataset.dag import CPU_STAGES, GPU_STAGES, STAGES, make_stage
 from pointvl.dataset.diffusion_pipelines import check_backends, release_pipelines

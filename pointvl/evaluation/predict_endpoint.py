@@ -8,12 +8,12 @@ attribute questions ``qa[1:]``, the six-field JSON and ``attribute_answers``). R
 threads, and the request cache (a re-run sends nothing that was answered before).
 
 ``coords`` says how the model writes coordinates; each is converted to the benchmark's bins
-(:class:`pointvl.core.geometry.QuantConfig`) before the line is written:
+(:class:`pointvl.core.spatial.QuantConfig`) before the line is written:
 
 - ``bins`` (default): the benchmark's own integer bins, written as they are;
 - ``norm1000``: 0-1000 relative to the image (Qwen3-VL, InternVL), 3D as 0-1000 over ``[lo3d, hi3d]``;
 - ``qwen2.5-vl``: absolute pixels of the image as Qwen2.5-VL's processor resized it (its smart-resize
-  rule, :func:`pointvl.dataset.stages.annotate_rules.smart_resize`), 3D as 0-1000 over ``[lo3d, hi3d]``.
+  rule, :func:`pointvl.core.images.smart_resize`), 3D as 0-1000 over ``[lo3d, hi3d]``.
 
 A line is ``{"instance_id", "output", "attribute_answers", "raw"}``: ``output`` is the converted
 object's JSON (fields the reply lacks, or holds in the wrong shape, are left out: they score 0),
@@ -46,10 +46,10 @@ from pointvl.core.chat_client import (
     resolve_api_key,
 )
 from pointvl.core.errors import InputError
-from pointvl.core.geometry import QuantConfig
+from pointvl.core.images import smart_resize
 from pointvl.core.package_data import prompts_root
 from pointvl.core.record import image_bytes, list_shards
-from pointvl.dataset.stages.annotate_rules import smart_resize
+from pointvl.core.spatial import QuantConfig
 from pointvl.grca.parse import FIELDS, GEOMETRIC_FIELDS, parse_output
 
 logger = logging.getLogger(__name__)

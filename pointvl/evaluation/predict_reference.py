@@ -22,8 +22,8 @@ import numpy as np
 
 from pointvl.core import io as pio
 from pointvl.core.errors import InputError
-from pointvl.core.geometry import QuantConfig
 from pointvl.core.record import iter_records, target_text
+from pointvl.core.spatial import QuantConfig
 from pointvl.grca.parse import format_output
 
 REFERENCES: tuple[str, ...] = ("ground-truth", "mean-box")

@@ -145,11 +145,52 @@ def plot_iou_histograms(rows: Mapping[str, list[RecordScore]], path: str) -> Non
     _save(fig, path)
 
 
+def plot_curves(run_dir: str, stages: list[str]) -> str:
+    """Plot loss (and GRPO mean rewards) per step of each finished stage to ``RUN/curves.png``; a second row
+    shows GRPO's diagnostics (zero-spread groups per field, truncated and unparsable completions, clip
+    fraction) when a stage logged them."""
+    require("matplotlib", extra="train", purpose="the training-curve plot").use("Agg")
+    import matplotlib.pyplot as plt
+
+    histories = {stage: pio.read_json(pio.join(run_dir, stage, "history.json")) for stage in stages}
+    diagnosed = any(h and "truncated" in h[0] for h in histories.values())
+    fig, axes = plt.subplots(1 + diagnosed, len(stages), figsize=(5 * len(stages), 3.5 * (1 + diagnosed)),
+                             squeeze=False)
+    for j, (stage, history) in enumerate(histories.items()):
+        ax = axes[0][j]
+        steps = [r["step"] for r in history]
+        ax.plot(steps, [r["loss"] for r in history], label="loss")
+        for key in ("reward_format", "reward_bbox2d", "reward_bbox3d", "reward_kpts3d", "reward_rpc"):
+            if history and key in history[0]:
+                ax.plot(steps, [r[key] for r in history], label=key.removeprefix("reward_"))
+        ax.set_title(stage)
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=7)
+        if not diagnosed:
+            continue
+        ax = axes[1][j]
+        if not (history and "truncated" in history[0]):
+            ax.axis("off")
+            continue
+        keys = [k for k in history[0] if k.startswith("zero_spread_")] + ["truncated", "unparsable", "clip_fraction"]
+        for key in keys:
+            ax.plot(steps, [r[key] for r in history], label=key.replace("zero_spread_", "zero spread "))
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{stage}: diagnostics (share)")
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    path = pio.join(run_dir, "curves.png")
+    pio.write_bytes(path, buf.getvalue())
+    return path
+
+
 def training_curves(train_run: str, path: str) -> None:
     """The loss and reward curves of every finished stage of a training run folder, copied to ``path``
-    (drawn by the training pipeline's ``plot_curves``, which also refreshes ``RUN/curves.png``)."""
-    from pointvl.train.pipeline import plot_curves
-
+    (drawn by :func:`plot_curves`, which also refreshes ``RUN/curves.png``)."""
     fs, root = pio.filesystem(train_run)
     stages = sorted(p.rstrip("/").rsplit("/", 2)[-2] for p in fs.glob(f"{root.rstrip('/')}/*/history.json"))
     if not stages:

@@ -57,8 +57,8 @@ import numpy as np
 
 from pointvl.core import io as pio
 from pointvl.core.errors import InputError
-from pointvl.core.geometry import QuantConfig
 from pointvl.core.record import iter_records, list_shards, record_camera, record_target
+from pointvl.core.spatial import QuantConfig
 from pointvl.evaluation import text_metrics as tm
 from pointvl.evaluation.stats import RESAMPLES, Statistic, bootstrap_interval, mean, ratio, resample_counts
 from pointvl.grca.parse import FIELDS, parse_output
@@ -102,7 +102,8 @@ class EvaluateConfig:
 
     Attributes:
         split: the split to score (default ``"test"``).
-        quant: the coordinate bins the model writes (DESIGN.md; default 1000 bins, 3D range [-1, 1]).
+        quant: the coordinate bins the model writes (``docs/design.md#quantization``; default 1000 bins,
+            3D range [-1, 1]).
         num_keypoints: keypoints a kpts2d/kpts3d field must hold to be scored (16, the paper's §4.1;
             None accepts any count >= 1); the same option as GRPO's ``grpo.grca.num_keypoints``.
         keypoint_spread: the optional keypoint-spread guard (0: off, the paper's KPA;

@@ -5,9 +5,10 @@ For a group of G outputs with field rewards ``r[i, f]`` (f in bbox2d, bbox3d, kp
 - **Standardisation** (eq. 9): ``A[i, f] = (r[i, f] - mean_j r[j, f]) / (std_j r[j, f] + eps)``, with the
   unbiased std (ddof = 1, as TRL's GRPOTrainer) and ``eps = 1e-4`` by default; a field on which all G
   outputs score the same gets advantage 0.
-- **Background** (DESIGN.md, a reading of the paper): by default ``A[i, bg] = mean_f A[i, f]``, the mean
-  of the sample's four standardised field advantages (not the standardised mean reward); the option
-  ``"format_answer"`` standardises ``(format + answer) / 2`` instead (see ``rewards.py``).
+- **Background** (``docs/design.md#background-advantage``, a reading of the paper): by default
+  ``A[i, bg] = mean_f A[i, f]``, the mean of the sample's four standardised field advantages (not the
+  standardised mean reward); the option ``"format_answer"`` standardises ``(format + answer) / 2``
+  instead (see ``rewards.py``).
 - **RPC** (eq. 14, mode ``grca_rpc``): ``A~[i, bg] = A[i, bg] + lam * std(r_rpc)[i]``, ``lam = 0.15``;
   RPC never reaches a field's tokens.
 - **Routing** (eq. 10): token t of sample i gets ``A[i, f]`` when it belongs to field f, else ``A~[i, bg]``.

@@ -58,7 +58,7 @@ def routed_grpo_loss(
             :func:`pad_token_advantages`); a ``(B, 1)`` tensor broadcasts one advantage per sequence.
         mask: 1 for completion tokens, 0 for padding (bool or float).
         clip_eps: clipping threshold epsilon (paper/TRL: 0.2).
-        beta: KL weight (DESIGN.md default 0); needs ``ref_logp`` when > 0.
+        beta: KL weight (``docs/design.md#objective``; default 0); needs ``ref_logp`` when > 0.
         ref_logp: log-probabilities under the reference policy.
         loss_type: the normalisation, one of :data:`LOSS_TYPES` (module docstring; default ``"grpo"``).
         max_completion_length: the generation budget, the denominator of ``dr_grpo`` (required there).

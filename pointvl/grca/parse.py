@@ -1,6 +1,6 @@
 """Parse the policy's JSON output into fields with character spans (paper §3.3 "Parsing", §3.7).
 
-The policy writes one JSON object (DESIGN.md "Model output")::
+The policy writes one JSON object (``docs/design.md#model-output``)::
 
     {"answer": str, "description": str, "bbox2d": [4 ints], "bbox3d": [6 ints],
      "kpts2d": [[2 ints] x K], "kpts3d": [[3 ints] x K]}
@@ -27,9 +27,9 @@ Rules, all stated here:
 - **Spans.** ``span = (start, end)`` is the half-open character range of the value's JSON text in
   ``text``, brackets and quotes included (``[1, 2, 3, 4]``, ``"a chair"``). An invalid field has
   ``span = None`` and ``value = None``: the paper gives it an empty span and reward 0.
-- **Not checked here**: key order (DESIGN.md fixes one, but order does not change any value), extra
-  keys (they are background), and whether a box's corners are ordered (geometry scores an inverted
-  box 0).
+- **Not checked here**: key order (``docs/design.md#model-output`` fixes one, but order does not
+  change any value), extra keys (they are background), and whether a box's corners are ordered
+  (geometry scores an inverted box 0).
 """
 
 from __future__ import annotations
@@ -41,9 +41,8 @@ from json.decoder import scanstring
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
 
-from pointvl.core.geometry import QuantConfig
+from pointvl.core.model_output import format_output as format_output  # the writer of this contract
 
 logger = logging.getLogger(__name__)
 
@@ -228,39 +227,3 @@ def parse_output(text: str, bins: int = 1000, num_keypoints: int | None = None) 
             valid = reason == "ok"
             out[name] = ParsedField(value, hits[0].span if valid else None, valid, reason)
     return out
-
-
-def format_output(
-    answer: str,
-    description: str,
-    bbox2d: ArrayLike,
-    bbox3d: ArrayLike,
-    kpts2d: ArrayLike,
-    kpts3d: ArrayLike,
-    width: float,
-    height: float,
-    quant: QuantConfig,
-) -> str:
-    """The canonical output string (SFT target) for continuous targets, quantized with ``quant``.
-
-    ``bbox2d``/``kpts2d`` are pixels of a ``width x height`` image, ``bbox3d``/``kpts3d`` world units.
-    Keys in DESIGN.md's order, ``json.dumps`` separators (``", "``, ``": "``), non-ASCII text kept as is.
-    ``parse_output(format_output(...), quant.bins)`` returns the same strings and the quantized bins.
-    """
-    k2 = np.asarray(kpts2d, dtype=np.float64)
-    k3 = np.asarray(kpts3d, dtype=np.float64)
-    if k2.ndim != 2 or k2.shape[1] != 2 or k3.ndim != 2 or k3.shape[1] != 3 or not len(k2) or not len(k3):
-        raise ValueError(f"kpts2d must be (K, 2) and kpts3d (K, 3) with K >= 1, got {k2.shape}, {k3.shape}")
-    b2 = np.asarray(bbox2d, dtype=np.float64).reshape(-1)
-    b3 = np.asarray(bbox3d, dtype=np.float64).reshape(-1)
-    if b2.shape != (4,) or b3.shape != (6,):
-        raise ValueError(f"bbox2d must hold 4 numbers and bbox3d 6, got {b2.shape}, {b3.shape}")
-    obj = {
-        "answer": str(answer),
-        "description": str(description),
-        "bbox2d": quant.quantize_2d(b2, width, height).tolist(),
-        "bbox3d": quant.quantize_3d(b3).tolist(),
-        "kpts2d": quant.quantize_2d(k2, width, height).tolist(),
-        "kpts3d": quant.quantize_3d(k3).tolist(),
-    }
-    return json.dumps(obj, ensure_ascii=False)

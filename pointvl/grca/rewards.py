@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pointvl.core.geometry import QuantConfig, iou_2d, iou_3d, keypoint_containment, project_box3d
+from pointvl.core.spatial import QuantConfig, iou_2d, iou_3d, keypoint_containment, project_box3d
 from pointvl.grca.parse import FIELDS, ParsedField
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pointvl.core.geometry import QuantConfig
+from pointvl.core.spatial import QuantConfig
 from pointvl.grca.advantages import BACKGROUNDS, MODES, group_advantages, route, standardize
 from pointvl.grca.parse import GEOMETRIC_FIELDS, ParsedField
 from pointvl.grca.rewards import check_camera, check_target
@@ -36,15 +36,15 @@ class GRCAConfig:
     Attributes:
         eps: added to the group std in eq. 9 (default 1e-4, as TRL's GRPOTrainer).
         background: ``"field_mean"`` (default; the background advantage is the mean of the sample's
-            field advantages, DESIGN.md's reading of §3.3) or ``"format_answer"`` (the standardised
-            ``(format + answer) / 2`` reward).
+            field advantages, ``docs/design.md#background-advantage``, a reading of §3.3) or
+            ``"format_answer"`` (the standardised ``(format + answer) / 2`` reward).
         num_keypoints: kpts2d/kpts3d must hold exactly this many keypoints (16, the paper's §4.1; a
             field with another count scores 0, so one keypoint at the box centre earns nothing); None
             accepts any K >= 1. Must equal the build's ``geometry.num_keypoints``.
         keypoint_spread: the optional keypoint-spread guard (0: off, the paper's reward; e.g. 0.5 asks
             the keypoints to spread at least half as much as points uniform in the box:
             :func:`pointvl.grca.rewards.output_rewards`).
-        quant: the coordinate bins the outputs use (DESIGN.md's default: 1000 bins).
+        quant: the coordinate bins the outputs use (``docs/design.md#quantization``; default 1000 bins).
     """
 
     eps: float = 1e-4

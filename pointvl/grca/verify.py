@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pointvl.core.geometry import QuantConfig
+from pointvl.core.spatial import QuantConfig
 from pointvl.grca.parse import FIELDS, ParsedField, parse_output
 from pointvl.grca.rewards import output_rewards
 

@@ -1,7 +1,7 @@
 """Tiny randomly initialised diffusers pipelines, built in code, for CPU tests and benchmarks.
 
 They are the real ``QwenImageEditPipeline`` and ``FluxControlNetPipeline`` classes with a few
-thousand parameters each and no text encoders (``text_encoder=None``, see ``notes/FACTS.md``): the
+thousand parameters each and no text encoders (``text_encoder=None``, see ``docs/facts.md#diffusion-models``): the
 prompt goes in as embeddings made by :class:`HashPromptEncoder`, a stand-in for the text encoder that
 maps each prompt string to a fixed random tensor. Nothing is downloaded.
 """

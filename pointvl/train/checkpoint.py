@@ -227,8 +227,8 @@ def load_policy(folder: str) -> tuple[Any, PointVL3D]:
     """The tokenizer and the policy of a checkpoint folder, rebuilt from its own files (``config.json``,
     the tokenizer, ``model.safetensors``): no run config, hub download or Point-BERT file is needed."""
     from pointvl.core.strict_config import load
-    from pointvl.train.config import ModelConfig
     from pointvl.train.model import build_model, build_tokenizer
+    from pointvl.train.train_config import ModelConfig
 
     saved = load(ModelConfig, pio.read_json(pio.join(folder, "config.json"))["pointvl_model"], "pointvl_model")
     local = dataclasses.replace(

@@ -1,4 +1,4 @@
-"""Training examples from the benchmark's Parquet shards (``schemas/README.md``, DESIGN.md "Record").
+"""Training examples from the benchmark's Parquet shards (``schemas/README.md``, ``docs/design.md#record``).
 
 Every QA pair of a record gives one example (the policy answers one question per prompt):
 
@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
 from pointvl.core import io as pio
-from pointvl.core.geometry import QuantConfig
 from pointvl.core.record import image_bytes, instruction, list_shards, record_camera, record_target, target_text
+from pointvl.core.spatial import QuantConfig
 
 logger = logging.getLogger(__name__)
 

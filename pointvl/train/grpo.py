@@ -55,11 +55,11 @@ from pointvl.grca import (
     score_group,
 )
 from pointvl.train import checkpoint as ckpt
-from pointvl.train.config import GRPOTrainConfig
 from pointvl.train.data import Collator, Example, ShardExamples
 from pointvl.train.generation import sampling_config, stop_token_id
 from pointvl.train.model import PointVL3D
 from pointvl.train.sft import make_accelerator, num_processes, resume, trainer_state
+from pointvl.train.train_config import GRPOTrainConfig
 
 logger = logging.getLogger(__name__)
 

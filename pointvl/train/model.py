@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from pointvl.core.extras import require
-from pointvl.train.config import ModelConfig
 from pointvl.train.generation import dropped_settings, token_config
 from pointvl.train.point_bert import PointBERT
 from pointvl.train.tokenizer import POINT_TOKENS, build_char_tokenizer
+from pointvl.train.train_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def build_prompt(instruction: str, num_point_tokens: int) -> str:
 
 
 def tiny_qwen_config(vocab_size: int, special_ids: dict[str, int], text_ids: dict[str, int]):
-    """A ~0.5M-parameter Qwen2.5-VL config (FACTS.md: mrope sections sum to head_dim / 2, ...)."""
+    """A ~0.5M-parameter Qwen2.5-VL config (``docs/facts.md#training``: mrope sections sum to head_dim / 2, ...)."""
     tf = _transformers()
     return tf.Qwen2_5_VLConfig(
         text_config={

@@ -35,16 +35,16 @@ import torch
 
 from pointvl.core import io as pio
 from pointvl.core.errors import InputError
-from pointvl.core.extras import require
+from pointvl.evaluation.report import plot_curves
 from pointvl.evaluation.scoring import EvaluateConfig
 from pointvl.evaluation.scoring import run as run_evaluate
 from pointvl.train import checkpoint as ckpt
-from pointvl.train.config import SFTConfig, TrainConfig, preflight
 from pointvl.train.data import ShardExamples
 from pointvl.train.grpo import run_grpo, trained_samples
 from pointvl.train.model import build_image_processor, build_model, build_tokenizer
 from pointvl.train.predict import predict
 from pointvl.train.sft import distributed_state, num_processes, run_sft, whole_parameters
+from pointvl.train.train_config import SFTConfig, TrainConfig, preflight
 
 logger = logging.getLogger(__name__)
 
@@ -153,51 +153,6 @@ def evaluate_stage(config: TrainConfig, shards_dir: str, run_dir: str, checkpoin
     grca = config.grpo.grca  # the verifier's options of the rewards, so that metric and reward agree
     return run_evaluate(shards_dir, predictions, metrics_path, EvaluateConfig(
         quant=config.model.quant, num_keypoints=grca.num_keypoints, keypoint_spread=grca.keypoint_spread))
-
-
-def plot_curves(run_dir: str, stages: list[str]) -> str:
-    """Plot loss (and GRPO mean rewards) per step of each finished stage to ``RUN/curves.png``; a second row
-    shows GRPO's diagnostics (zero-spread groups per field, truncated and unparsable completions, clip
-    fraction) when a stage logged them."""
-    require("matplotlib", extra="train", purpose="the training-curve plot").use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
-
-    histories = {stage: pio.read_json(pio.join(run_dir, stage, "history.json")) for stage in stages}
-    diagnosed = any(h and "truncated" in h[0] for h in histories.values())
-    fig, axes = plt.subplots(1 + diagnosed, len(stages), figsize=(5 * len(stages), 3.5 * (1 + diagnosed)),
-                             squeeze=False)
-    for j, (stage, history) in enumerate(histories.items()):
-        ax = axes[0][j]
-        steps = [r["step"] for r in history]
-        ax.plot(steps, [r["loss"] for r in history], label="loss")
-        for key in ("reward_format", "reward_bbox2d", "reward_bbox3d", "reward_kpts3d", "reward_rpc"):
-            if history and key in history[0]:
-                ax.plot(steps, [r[key] for r in history], label=key.removeprefix("reward_"))
-        ax.set_title(stage)
-        ax.set_xlabel("optimizer step")
-        ax.legend(fontsize=7)
-        if not diagnosed:
-            continue
-        ax = axes[1][j]
-        if not (history and "truncated" in history[0]):
-            ax.axis("off")
-            continue
-        keys = [k for k in history[0] if k.startswith("zero_spread_")] + ["truncated", "unparsable", "clip_fraction"]
-        for key in keys:
-            ax.plot(steps, [r[key] for r in history], label=key.replace("zero_spread_", "zero spread "))
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{stage}: diagnostics (share)")
-        ax.set_xlabel("optimizer step")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    path = pio.join(run_dir, "curves.png")
-    pio.write_bytes(path, buf.getvalue())
-    return path
 
 
 def run_pipeline(config: TrainConfig, shards_dir: str, run_dir: str) -> dict:

@@ -31,16 +31,16 @@ from typing import Any
 import torch
 
 from pointvl.train import checkpoint as ckpt
-from pointvl.train.config import SFTConfig
 from pointvl.train.data import Collator, ShardExamples
 from pointvl.train.model import PointVL3D
+from pointvl.train.train_config import SFTConfig
 
 logger = logging.getLogger(__name__)
 
 
 def make_accelerator(gradient_accumulation_steps: int, micro_batch_size: int, max_grad_norm: float) -> Any:
     """The Accelerator of a stage. Under DeepSpeed the engine is told the micro-batch (no DataLoader here) and
-    the stage's ``max_grad_norm`` as its ``gradient_clipping`` (the engine clips; :func:`pointvl.train.config.
+    the stage's ``max_grad_norm`` as its ``gradient_clipping`` (the engine clips; :func:`pointvl.train.train_config.
     preflight` refuses a DeepSpeed config that sets another value)."""
     try:
         from accelerate import Accelerator

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pointvl.core.geometry import QuantConfig
 from pointvl.core.record import iter_records, target_text
+from pointvl.core.spatial import QuantConfig
 from pointvl.evaluation.scoring import EvaluateConfig, evaluate
 from pointvl.evaluation.text_metrics import bertscore_f1, bertscore_unavailable
 

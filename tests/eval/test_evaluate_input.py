@@ -11,8 +11,8 @@ from sacrebleu.metrics import BLEU
 from pointvl.cli import main
 from pointvl.core import io as pio
 from pointvl.core.errors import InputError
-from pointvl.core.geometry import QuantConfig
 from pointvl.core.record import iter_records, target_text
+from pointvl.core.spatial import QuantConfig
 from pointvl.evaluation.scoring import (
     MAX_DEPTH,
     MAX_OUTPUT_CHARS,

@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pointvl.core.geometry import project_points
 from pointvl.core.images import decode_mask
 from pointvl.core.package_data import schema_path
+from pointvl.core.spatial import project_points
 
 CONFIG = """
 shard_size: 8

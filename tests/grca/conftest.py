@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks.bench_grca import sample_outputs, train_toy_tokenizer
-from pointvl.core.geometry import project_box3d
+from pointvl.core.spatial import project_box3d
 
 
 @pytest.fixture(scope="session")

@@ -239,7 +239,7 @@ def test_loss_type_validation() -> None:
 
 
 def test_config_names_the_loss_types_of_the_loss() -> None:
-    from pointvl.train.config import LOSS_TYPES, GRPOTrainConfig
+    from pointvl.train.train_config import LOSS_TYPES, GRPOTrainConfig
 
     assert LOSS_TYPES == pointvl.grca.LOSS_TYPES
     with pytest.raises(ValueError, match="loss_type"):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pointvl.core.geometry import QuantConfig
+from pointvl.core.spatial import QuantConfig
 from pointvl.grca import FIELDS, GEOMETRIC_FIELDS, format_output, parse_output
 
 QC = QuantConfig()
@@ -59,7 +59,7 @@ def test_format_output_round_trips(k: int) -> None:
     for name in GEOMETRIC_FIELDS:
         assert np.array_equal(parsed[name].value, bins[name])
     assert parsed["kpts2d"].value.shape == (k, 2) and parsed["kpts3d"].value.shape == (k, 3)
-    assert list(json.loads(text)) == list(FIELDS)  # DESIGN.md's key order
+    assert list(json.loads(text)) == list(FIELDS)  # the key order of docs/design.md#model-output
     _check_spans(text, parsed)
     span = parsed["bbox2d"].span
     assert text[span[0]] == "[" and text[span[1] - 1] == "]"

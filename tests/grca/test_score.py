@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pointvl.core.geometry import QuantConfig, iou_2d, iou_3d, project_box3d
+from pointvl.core.spatial import QuantConfig, iou_2d, iou_3d, project_box3d
 from pointvl.grca import (
     BACKGROUND,
     GEOMETRIC_FIELDS,

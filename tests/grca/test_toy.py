@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pointvl.core.geometry import QuantConfig
+from pointvl.core.spatial import QuantConfig
 from pointvl.grca import GEOMETRIC_FIELDS, GRCAConfig, routed_grpo_loss, score_group
 
 QC = QuantConfig()

@@ -252,7 +252,7 @@ def test_the_cron_fires_the_review_waits_suspended_and_one_build_holds_the_folde
 
 def test_a_killed_worker_is_resumed_on_the_deployment_without_redoing_finished_shards(deployed, tmp_path):
     d, out = deployed, tmp_path / "killed"
-    from pointvl.dataset.config import BuildConfig
+    from pointvl.dataset.build_config import BuildConfig
     from pointvl.dataset.runner import plan_run
 
     config = BuildConfig.from_parameters(d.deployment("on-demand")["parameters"]["config"], SMALL)
@@ -303,7 +303,7 @@ HOOK = """
 import sys
 from prefect import flow
 from prefect.runtime import flow_run
-from flows.train import train
+from pointvl.flows.train import train
 
 @flow(name="build-benchmark")
 def build() -> str:  # stands for the build whose hand-off started the training run

@@ -16,13 +16,13 @@ from gpu_inputs import write_render_shard
 from prefect_api import API
 
 SERVE = textwrap.dedent("""
-    from flows.gpu_stages import refine_shards
+    from pointvl.flows.gpu_stages import refine_shards
     refine_shards.serve(name="refine", limit=1)
 """)
 
 START = textwrap.dedent("""
     import sys
-    from flows.gpu_stages import run_gpu_stage
+    from pointvl.flows.gpu_stages import run_gpu_stage
     from pointvl.dataset.stages.refine import RefineConfig
     run_gpu_stage("refine", sys.argv[1], [0, 1], "refine-shards/refine", RefineConfig(backend="passthrough"),
                   poll_seconds=1, workers=1)

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from prefect_api import API
 
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.handoff import build_id
 from pointvl.dataset.plan import load_plan
 from pointvl.dataset.run_folder import RunFolder

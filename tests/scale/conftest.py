@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from ports import free_port
 
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.runner import build_in_process
 
 ROOT = Path(__file__).parents[2]

@@ -18,8 +18,9 @@ from pydantic import SecretStr
 from pointvl.core import io
 from pointvl.core.chat_client import BatchPending, FatalAPIError, InvalidReply
 from pointvl.core.images import encode_mask, encode_rgb
-from pointvl.dataset.stages.annotate import Annotate, AnnotateConfig
-from pointvl.dataset.stages.annotate_rules import smart_resize, vlm_box_to_pixels
+from pointvl.dataset.annotation_config import AnnotateConfig
+from pointvl.dataset.annotation_rules import smart_resize, vlm_box_to_pixels
+from pointvl.dataset.stages.annotate import Annotate
 from pointvl.dataset.stages.base import write_stage_table
 
 KEY = "sk-test-SECRET-annotate-42"

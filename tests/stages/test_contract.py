@@ -16,7 +16,7 @@ import pytest
 
 from pointvl.core import io
 from pointvl.core.errors import InputError
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.dag import STAGES, make_stage
 from pointvl.dataset.plan import load_plan
 from pointvl.dataset.run_folder import RunFolder

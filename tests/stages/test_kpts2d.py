@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pointvl.core import images
-from pointvl.core.geometry import keypoint_containment
+from pointvl.core.spatial import keypoint_containment
 from pointvl.dataset.stages.kpts2d import Kpts2D, Kpts2DConfig, bbox_from_mask, keypoints_from_mask
 
 

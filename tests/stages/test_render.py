@@ -9,18 +9,11 @@ import trimesh
 from PIL import Image
 
 from pointvl.core import images
-from pointvl.core.geometry import camera_depth, project_points
+from pointvl.core.spatial import camera_depth, project_points
+from pointvl.dataset.cameras import Camera, look_at, sample_cameras
 from pointvl.dataset.mesh import load_mesh
-from pointvl.dataset.stages.render import (
-    Camera,
-    Open3DRenderer,
-    PyTorch3DRenderer,
-    Render,
-    RenderConfig,
-    look_at,
-    make_renderer,
-    sample_cameras,
-)
+from pointvl.dataset.renderers import Open3DRenderer, PyTorch3DRenderer, make_renderer
+from pointvl.dataset.stages.render import Render, RenderConfig
 
 CAR, CHAIR = "02958343", "03001627"
 SIZE = 112
@@ -97,7 +90,7 @@ def test_pixel_centres_follow_the_schema(backend: str) -> None:
         faces=[[0, 1, 2], [0, 2, 3]],
         process=False,
     )
-    r = Open3DRenderer() if backend == "open3d" else PyTorch3DRenderer(device="cpu")
+    r = Open3DRenderer(RenderConfig()) if backend == "open3d" else PyTorch3DRenderer(RenderConfig(), device="cpu")
     out = r.render(quad, cam)
     cols = np.flatnonzero(out.mask.any(axis=0))
     rows = np.flatnonzero(out.mask.any(axis=1))
@@ -222,9 +215,9 @@ def test_encode_depth_refuses_overflow() -> None:
 
 
 def test_auto_backend_follows_the_device() -> None:
-    assert make_renderer("auto").name == ("pytorch3d" if torch.cuda.is_available() else "open3d")
+    assert make_renderer("auto", RenderConfig()).name == ("pytorch3d" if torch.cuda.is_available() else "open3d")
     with pytest.raises(ValueError, match="backend"):
-        make_renderer("mitsuba")
+        make_renderer("mitsuba", RenderConfig())
 
 
 @pytest.mark.parametrize(

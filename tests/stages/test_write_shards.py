@@ -3,7 +3,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pointvl.dataset.config import BuildConfig
+from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.plan import load_plan
 from pointvl.dataset.runner import build_in_process
 from pointvl.dataset.stages.base import read_stage_table, read_stats, write_stage_table

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 
 from pointvl.core import io as pio
-from pointvl.core.geometry import box3d_corners, project_box3d, project_points
 from pointvl.core.images import encode_rgb
+from pointvl.core.spatial import box3d_corners, project_box3d, project_points
 
 CATEGORIES = ("chair", "table", "car", "lamp")
 

@@ -10,10 +10,10 @@ import sys
 
 from safetensors.torch import save_file
 
-from pointvl.train.config import parse_overrides, preset_config
 from pointvl.train.grpo import run_grpo
 from pointvl.train.pipeline import load
 from pointvl.train.sft import distributed_state, run_sft
+from pointvl.train.train_config import parse_overrides, preset_config
 
 shards, stage_dir, out, stage, *pairs = sys.argv[1:]
 cfg = preset_config("tiny", "grca_rpc", parse_overrides(pairs))

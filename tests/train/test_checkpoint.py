@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from pointvl.train import checkpoint as ckpt
-from pointvl.train.config import preset_config
 from pointvl.train.data import Collator, ShardExamples
 from pointvl.train.model import build_image_processor
 from pointvl.train.pipeline import load
 from pointvl.train.sft import run_sft
+from pointvl.train.train_config import preset_config
 
 SFT = {"batch_size": 2, "per_device_batch_size": 1, "max_steps": 3, "save_steps": 2, "save_total_limit": None}
 DIST_RUN = str(Path(__file__).with_name("dist_run.py"))
@@ -56,7 +56,7 @@ def test_trainer_layout_and_transformers_loads_the_language_model(shards_dir, tm
 KILLED = textwrap.dedent("""
     import os, signal, sys
     from pointvl.core import io as pio
-    from pointvl.train.config import parse_overrides, preset_config
+    from pointvl.train.train_config import parse_overrides, preset_config
     from pointvl.train.pipeline import train_stage
 
     write_json = pio.write_json

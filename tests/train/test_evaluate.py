@@ -5,8 +5,8 @@ import pytest
 
 from pointvl.cli import main
 from pointvl.core import io as pio
-from pointvl.core.geometry import QuantConfig
 from pointvl.core.record import iter_records, target_text
+from pointvl.core.spatial import QuantConfig
 from pointvl.evaluation.scoring import (
     COUNT_KEYS,
     METRIC_KEYS,
@@ -59,7 +59,7 @@ def test_rpc_is_consistency_not_accuracy(shards_dir):
     rec = next(iter_records(shards_dir, "test"))
     out = json.loads(target_text(rec, quant))
     shifted = np.asarray(rec["bbox3d"]) + np.array([0.3, 0, 0, 0.3, 0, 0])
-    from pointvl.core.geometry import project_box3d
+    from pointvl.core.spatial import project_box3d
 
     b2 = project_box3d(shifted, np.asarray(rec["K"]), np.asarray(rec["R"]), np.asarray(rec["t"]))
     out["bbox3d"] = quant.quantize_3d(shifted).tolist()

@@ -9,13 +9,13 @@ from transformers import GenerationConfig
 from transformers.generation import logits_process as lp
 
 from pointvl.testing.tiny_checkpoint import QWEN_CHAT_GENERATION, write_tiny_qwen_checkpoint
-from pointvl.train.config import preset_config
 from pointvl.train.data import Collator, ShardExamples
 from pointvl.train.generation import STOP_TOKEN, greedy_config
 from pointvl.train.grpo import rollout
 from pointvl.train.pipeline import load
 from pointvl.train.predict import predict
 from pointvl.train.sft import run_sft
+from pointvl.train.train_config import preset_config
 
 GRPO = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "num_generations": 3, "max_new_tokens": 6}
 

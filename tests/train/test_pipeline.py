@@ -7,8 +7,8 @@ import pytest
 
 from pointvl.core import io as pio
 from pointvl.evaluation.scoring import METRIC_KEYS
-from pointvl.train.config import tiny_preset
 from pointvl.train.pipeline import format_compute, run_pipeline
+from pointvl.train.train_config import tiny_preset
 
 
 def _config(variant: str):

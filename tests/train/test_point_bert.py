@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pointvl.core.errors import InputError
-from pointvl.train.config import preflight, preset_config
 from pointvl.train.data import record_cloud
 from pointvl.train.point_bert import UNUSED_KEYS, PointBERT, PointBertConfig, farthest_point_sample, pc_norm
+from pointvl.train.train_config import preflight, preset_config
 
 TINY = dict(trans_dim=32, depth=2, num_heads=2, num_group=16, group_size=8, encoder_dims=64)
 

@@ -5,9 +5,9 @@ import io
 import torch
 
 from pointvl.core import io as pio
-from pointvl.train.config import preset_config
 from pointvl.train.pipeline import load
 from pointvl.train.sft import run_sft
+from pointvl.train.train_config import preset_config
 
 
 def test_bf16_mode_keeps_fp32_master_weights_and_every_tensor_moves(short_shards_dir, tmp_path):

@@ -11,11 +11,11 @@ import torch
 
 from pointvl.cli import main
 from pointvl.core import io as pio
-from pointvl.train.config import preset_config
 from pointvl.train.data import ShardExamples
 from pointvl.train.model import selective_logps
 from pointvl.train.pipeline import load
 from pointvl.train.predict import predict
+from pointvl.train.train_config import preset_config
 from tests.train.conftest import make_record
 
 ATTRIBUTES = [{"question": "What colour is it?", "choices": ["red", "grey"], "answer": "grey"},

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from pointvl.grca import parse_output
-from pointvl.train.config import SFTConfig, tiny_preset
 from pointvl.train.data import Collator, ShardExamples
 from pointvl.train.generation import greedy_config
 from pointvl.train.grpo import run_grpo
 from pointvl.train.model import build_image_processor, build_model, build_tokenizer
 from pointvl.train.sft import run_sft
+from pointvl.train.train_config import SFTConfig, tiny_preset
 
 CFG = tiny_preset()
 

@@ -12,7 +12,7 @@ import pytest
 SCRIPT = textwrap.dedent("""
     import json, sys
     from prefect.client.orchestration import get_client
-    from flows.train import train
+    from pointvl.flows.train import train
 
     # nested and dotted overrides, as `pointvl train --config/--set` and the build's hand-off pass them
     overrides = {"sft": {"batch_size": 1, "per_device_batch_size": 1}, "sft.max_steps": 3,

@@ -25,7 +25,7 @@ from pointvl.train.model import tiny_qwen_config
 from pointvl.train.point_bert import PointBERT
 from pointvl.train.tokenizer import build_char_tokenizer
 
-# the tiny preset's Point-BERT sizes (pointvl.train.config.tiny_preset)
+# the tiny preset's Point-BERT sizes (pointvl.train.train_config.tiny_preset)
 POINT_BERT = {"trans_dim": 32, "depth": 2, "num_heads": 2, "num_group": 16, "group_size": 16, "encoder_dims": 64}
 LOSS_TOLERANCE = 1e-4  # measured: 0.0 (SFT losses equal to the printed digit); weights differ by < 1e-6
 WEIGHT_TOLERANCE = 1e-5

@@ -55,7 +55,7 @@ VLM_BOX = (230, 40, 40)
 
 @dataclass
 class ReviewConfig:
-    """The human review gate between annotation and the final shards (DESIGN.md, "review").
+    """The human review gate between annotation and the final shards (``docs/design.md#the-dag``).
 
     Args:
         gate: ``auto`` pauses for review only in runs started from a deployment (scheduled or

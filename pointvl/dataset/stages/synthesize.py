@@ -42,7 +42,7 @@ from pointvl.dataset.stages.gpu_common import (
 logger = logging.getLogger(__name__)
 
 STAGE = "synthesize"
-CONTROL_MODES = {"canny": 0, "depth": 2}  # ControlNet-Union-Pro's mode ids (notes/FACTS.md)
+CONTROL_MODES = {"canny": 0, "depth": 2}  # ControlNet-Union-Pro's mode ids (docs/facts.md#diffusion-models)
 RENDER_COLUMNS = ("instance_id", "category", "mask", "depth", "depth_scale")
 SCHEMA = pa.schema([
     ("instance_id", pa.string()),

@@ -11,7 +11,7 @@ Scores on boxes (:func:`iou_2d`, :func:`iou_3d`, :func:`keypoint_containment`) n
 degenerate input: a box with zero or negative extent on any axis (inverted corners) or a non-finite
 coordinate scores 0, never NaN. Shapes that are not boxes at all still raise ``ValueError``.
 
-Quantization (DESIGN.md, one formula everywhere): with ``B`` bins on ``[lo, hi]``,
+Quantization (``docs/design.md#quantization``, one formula everywhere): with ``B`` bins on ``[lo, hi]``,
 ``q = clamp(round((v - lo) / (hi - lo) * (B - 1)), 0, B - 1)`` and ``v = lo + q * (hi - lo) / (B - 1)``.
 ``round`` is NumPy's round-half-to-even.
 """
@@ -172,7 +172,7 @@ def project_box3d(
 
 
 def quantize(v: ArrayLike, lo: ArrayLike, hi: ArrayLike, bins: int) -> NDArray[np.int64]:
-    """``clamp(round((v - lo) / (hi - lo) * (bins - 1)), 0, bins - 1)`` elementwise (DESIGN.md).
+    """``clamp(round((v - lo) / (hi - lo) * (bins - 1)), 0, bins - 1)`` elementwise (``docs/design.md#quantization``).
 
     ``lo``/``hi`` broadcast against ``v``. Values outside ``[lo, hi]`` clamp to the end bins.
     Raises ValueError on non-finite values (a target with NaN is a bug upstream, not a bin).
@@ -186,7 +186,8 @@ def quantize(v: ArrayLike, lo: ArrayLike, hi: ArrayLike, bins: int) -> NDArray[n
 
 
 def dequantize(q: ArrayLike, lo: ArrayLike, hi: ArrayLike, bins: int) -> NDArray[np.float64]:
-    """``lo + q * (hi - lo) / (bins - 1)`` elementwise (DESIGN.md); ``q`` must lie in ``[0, bins - 1]``."""
+    """``lo + q * (hi - lo) / (bins - 1)`` elementwise (``docs/design.md#quantization``); ``q`` must lie in
+    ``[0, bins - 1]``."""
     qa = np.asarray(q)
     if qa.size and (np.any(qa < 0) or np.any(qa > bins - 1)):
         raise ValueError(f"bins must lie in [0, {bins - 1}], got min {qa.min()} max {qa.max()}")
@@ -196,7 +197,7 @@ def dequantize(q: ArrayLike, lo: ArrayLike, hi: ArrayLike, bins: int) -> NDArray
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Coordinate bins of the model's output (DESIGN.md "Model output"; paper §3.2 "quantize into bins").
+    """Coordinate bins of the model's output (``docs/design.md#quantization``; paper §3.2 "quantize into bins").
 
     2D coordinates use ``[0, width] x [0, height]`` of the image they refer to; 3D coordinates use
     ``[lo3d, hi3d]`` on every axis (the ShapeNet normalized frame fits in [-1, 1]). Arrays passed to the

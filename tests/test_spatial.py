@@ -1,4 +1,4 @@
-"""pointvl.core.geometry: IoU, containment, projection and quantization, against independent computations."""
+"""pointvl.core.spatial: IoU, containment, projection and quantization, against independent computations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pointvl.core.geometry import (
+from pointvl.core.spatial import (
     QuantConfig,
     box3d_corners,
     camera_depth,
@@ -182,7 +182,7 @@ def test_quant_config_validation(kwargs: dict) -> None:
 
 
 def test_containment_tolerance_admits_keypoints_rounded_off_the_box_face():
-    from pointvl.core.geometry import QuantConfig, keypoint_containment
+    from pointvl.core.spatial import QuantConfig, keypoint_containment
 
     quant = QuantConfig()
     box = np.array([-0.3, -0.2, -0.1, 0.3005, 0.2, 0.1])

@@ -11,16 +11,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from pointvl.core import io as pio
 from pointvl.core.errors import InputError
-from pointvl.core.geometry import QuantConfig
+from pointvl.core.spatial import QuantConfig
 from pointvl.core.strict_config import ConfigError, check, load, merge, nest, read_file
 from pointvl.grca import GRCAConfig
 from pointvl.train.point_bert import PointBertConfig, check_point_dims, read_checkpoint
+
+if TYPE_CHECKING:
+    from pointvl.dataset.handoff import HandoffConfig
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ class ModelConfig:
         dtype: compute precision, ``"bfloat16"`` (mixed precision: trainable parameters and optimizer
             state stay float32 master weights, forward and backward run under bf16 autocast, frozen
             parts are stored in bf16) or ``"float32"``.
-        quant: the coordinate bins of the output (DESIGN.md).
+        quant: the coordinate bins of the output (``docs/design.md#quantization``).
     """
 
     checkpoint: str = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -473,3 +476,14 @@ def check_weights(config: TrainConfig) -> None:
         raise InputError(
             f"grpo.rollout_engine={config.grpo.rollout_engine!r} is not built (it needs a GPU); use 'hf'"
         )
+
+
+def check_handoff(handoff: HandoffConfig) -> None:
+    """Raise :class:`InputError` (one line, prefixed ``handoff``) when a build's training hand-off could
+    not start its training job here (:func:`preflight` of its preset, variant and overrides); a build
+    with ``handoff.train`` runs it before any stage, GPU second or API call."""
+    try:
+        preflight(preset_config(handoff.preset, handoff.variant, handoff.overrides))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"handoff (preset {handoff.preset!r}): {err}; set handoff.overrides, use handoff.preset "
+                         "tiny, or set handoff.train false") from err

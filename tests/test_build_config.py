@@ -1,6 +1,6 @@
 import pytest
 
-from pointvl.dataset.config import BuildConfig, ConfigError
+from pointvl.dataset.build_config import BuildConfig, ConfigError
 
 
 def test_defaults_are_the_papers():

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pointvl.core.chat_client import InvalidReply, parse_json_reply
+from pointvl.core.images import smart_resize
 
 # Named colours for the dominant-colour facts (nearest in RGB).
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -33,26 +34,6 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "brown": (120, 75, 40),
 }
 AXES = ("left-right (width)", "up-down (height)", "front-back (depth)")
-
-
-def smart_resize(
-    height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 12845056
-) -> tuple[int, int]:
-    """The size Qwen2.5-VL's processor resizes an image to (sides multiples of ``factor``).
-
-    Restated from transformers' ``qwen2_vl.image_processing_qwen2_vl.smart_resize``: importing that
-    module needs torchvision, which the annotation workers do not otherwise install."""
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = math.floor(height / beta / factor) * factor
-        w = math.floor(width / beta / factor) * factor
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
 
 
 def vlm_box_to_pixels(

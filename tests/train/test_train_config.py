@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pointvl.core.errors import InputError
-from pointvl.train.config import parse_overrides, preflight, preset_config, read_config_file
 from pointvl.train.point_bert import PointBERT
+from pointvl.train.train_config import parse_overrides, preflight, preset_config, read_config_file
 
 
 def test_nested_and_dotted_overrides_merge_deeply():

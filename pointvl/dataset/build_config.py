@@ -28,8 +28,8 @@ from pointvl.core.strict_config import (
     output_values,
     read_file,
 )
+from pointvl.dataset.annotation_config import AnnotateConfig
 from pointvl.dataset.handoff import HandoffConfig
-from pointvl.dataset.stages.annotate import AnnotateConfig
 from pointvl.dataset.stages.clean import CleanConfig
 from pointvl.dataset.stages.geometry import GeometryConfig
 from pointvl.dataset.stages.kpts2d import Kpts2DConfig
@@ -45,7 +45,7 @@ class BuildConfig:
     """Everything one benchmark build needs besides its input and output folders.
 
     Args:
-        shard_size: instances per work shard (DESIGN: 64–512). Fixed once a run is planned.
+        shard_size: instances per work shard (64–512, ``docs/design.md#the-dag``). Fixed once a run is planned.
         gpu_deployments: stage name (``refine``, ``synthesize``) → Prefect deployment that runs it
             on a GPU work pool; stages not listed run in-process.
         gpu_workers: GPU workers serving those deployments: a deployed GPU stage starts this many
@@ -72,7 +72,7 @@ class BuildConfig:
         check_types(self, "")
         try:
             check_range("gpu_workers", self.gpu_workers, 1, 1024, 1)
-            check_range("shard_size", self.shard_size, 1, 100_000, 256, "DESIGN: 64-512")
+            check_range("shard_size", self.shard_size, 1, 100_000, 256, "64-512 suits a build: docs/design.md#the-dag")
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if self.geometry.num_keypoints > self.sample_points.num_points:

@@ -1,0 +1,1 @@
+"""Package data: prompts (installed as pointvl.prompts, found with importlib.resources)."""

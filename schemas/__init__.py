@@ -1,0 +1,1 @@
+"""Package data: schemas (installed as pointvl.schemas, found with importlib.resources)."""
