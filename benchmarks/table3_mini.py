@@ -50,7 +50,7 @@ def build(out: str, views: int, size: int) -> str:
     """The benchmark's shards under ``out/build`` (built once)."""
     from pointvl.dataset.build_config import BuildConfig
     from pointvl.dataset.runner import build_in_process
-    from pointvl.testing.fixture import write_fixture
+    from pointvl.fixture import write_fixture
 
     shapenet, run = pio.join(out, "shapenet"), pio.join(out, "build")
     shards = pio.join(run, "shards")
