@@ -4,8 +4,10 @@
     synthesize_shards(run_dir, [i, ...])  FLUX.1-Krea-dev + ControlNet-Union-Pro over those refine shards
 
 A flow runs its shards one after another in one process, so the stage's model is loaded once for
-all of them and stays resident (:func:`pointvl.dataset.diffusion_pipelines.load_pipeline` caches per process). A flow per
-shard would reload it for every shard: a ``process`` worker runs each flow run in a fresh subprocess.
+all of them and stays resident (:func:`pointvl.dataset.diffusion_pipelines.load_pipeline` caches per
+process, one pipeline at a time: in an in-process build refine's leaves the device before
+synthesize's loads). A flow per shard would reload it for every shard: a ``process`` worker runs
+each flow run in a fresh subprocess.
 
 Deployment (entrypoints ``flows/gpu_stages.py:refine_shards`` and ``:synthesize_shards``, deployments
 ``refine-shards/refine`` and ``synthesize-shards/synthesize``): a ``process`` work pool with one
@@ -32,6 +34,7 @@ import time
 from prefect import flow
 
 from pointvl.dataset.dag import GPU_STAGES
+from pointvl.dataset.diffusion_pipelines import release_pipelines
 from pointvl.dataset.stages.refine import RefineConfig
 from pointvl.dataset.stages.synthesize import SynthesizeConfig
 from pointvl.core.strict_config import load
@@ -103,8 +106,12 @@ def run_gpu_stage(
         config = load(CONFIGS[stage], config, stage)  # validate here, before any GPU job starts
     if not deployment:
         # one shard after another (one GPU, one job), as tasks of the calling flow: a sub-flow would
-        # only add orchestration time; the calling process's model cache spans all the shards
-        return [TASKS[stage](run_dir, i, config) for i in shard_indices]
+        # only add orchestration time; the calling process's model cache spans all the shards, and
+        # the pipeline leaves the device when they are done (the next stage's has it to itself)
+        try:
+            return [TASKS[stage](run_dir, i, config) for i in shard_indices]
+        finally:
+            release_pipelines()
 
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment

@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 from pointvl.dataset.config import BuildConfig
 from pointvl.dataset.cpu_stages import CpuStagesConfig, run_cpu_shard
-from pointvl.dataset.dag import CPU_STAGES, STAGES, make_stage
+from pointvl.dataset.dag import CPU_STAGES, GPU_STAGES, STAGES, make_stage
+from pointvl.dataset.diffusion_pipelines import release_pipelines
 from pointvl.dataset.executor import Executor, open_executor
 from pointvl.dataset.incremental import invalidate_stale
 from pointvl.dataset.plan import (
@@ -31,6 +32,8 @@ from pointvl.core import io
 from pointvl.core.progress import Progress
 
 logger = logging.getLogger(__name__)
+
+GPU_STAGE_NAMES = {s.name for s in GPU_STAGES}
 
 
 def remove_temp_files(run_dir: str, min_age_s: float = 60.0) -> int:
@@ -114,12 +117,14 @@ def build_in_process(
         for _ in executor.map(run_cpu_shard, [s.index for s in shards], run_dir, cpu_config(config)):
             tracker.advance()
     categories = sorted({m.category for s in plan.shards for m in s.models})
-    # the CPU stages are done above, model by model; the rest in DAG order, shard by shard (review:
-    # no one to ask here, so its policy decides)
-    later = [make_stage(s.name, config, categories) for s in STAGES if s not in CPU_STAGES]
-    for shard in shards:
-        for stage in later:
+    # the CPU stages are done above, model by model; the rest in DAG order, stage by stage over the
+    # shards, as the flow does: each GPU stage's pipeline is loaded once and released before the next
+    # one loads (one pipeline on the device at a time). Review: no one to ask here, its policy decides.
+    for stage in (make_stage(s.name, config, categories) for s in STAGES if s not in CPU_STAGES):
+        for shard in shards:
             stage.run_shard(run_dir, shard.index)
+        if stage.name in GPU_STAGE_NAMES:
+            release_pipelines()
     summary = summarize(run_dir)
     io.write_bytes(RunFolder.of(run_dir).dataset_card, dataset_card(summary).encode())
     return summary

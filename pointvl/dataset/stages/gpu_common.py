@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,11 +28,13 @@ import numpy as np
 import pyarrow as pa
 
 from pointvl.dataset.diffusion_pipelines import BACKENDS, load_pipeline, resolve_backend, resolve_device, resolve_dtype
+from pointvl.dataset.gpu_memory import OFFLOADS
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.stages.base import Drops, ShardOutput, Stage
 from pointvl.core import images, io
 from pointvl.core.errors import check_range
 from pointvl.core.package_data import prompts_root
+from pointvl.core.strict_config import OPERATIONAL
 
 PromptEncoder = Callable[[list[str]], dict[str, Any]]
 # The errors of one item's data (an undecodable image, a bad size). Unlike the CPU stages
@@ -59,7 +61,13 @@ class GpuStageConfig:
         seed: base seed; each item's seed is ``sha256(seed:<stage>:instance_id)`` (:func:`instance_seed`).
         device: ``auto`` (cuda if present), ``cuda``, ``cuda:N`` or ``cpu``.
         dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), or a torch dtype name.
-        cpu_offload: ``enable_model_cpu_offload`` for GPUs that cannot hold the model (Qwen-Image-Edit: 20B).
+        cpu_offload: the old spelling of ``offload: model``; kept so old configs load (give one of the two).
+        offload: ``auto`` (the least offload that fits the device's free memory), ``none`` (the whole
+            pipeline on the device), ``model`` (diffusers' ``enable_model_cpu_offload``: one model at a
+            time) or ``sequential`` (``enable_sequential_cpu_offload``: one module at a time, slowest).
+            Checked against the weights' size before loading (:mod:`pointvl.dataset.gpu_memory`).
+        memory_margin_gb: device memory kept free beyond the weights (activations, VAE decode, CUDA
+            context) when checking an offload option; an estimate, not measured.
         batch_size: images per pipeline call.
         keep_items: keep the per-item files after the shard table is written.
     """
@@ -74,6 +82,8 @@ class GpuStageConfig:
     cpu_offload: bool = False
     batch_size: int = 1
     keep_items: bool = False
+    offload: str = field(default="auto", metadata=OPERATIONAL)
+    memory_margin_gb: float = field(default=4.0, metadata=OPERATIONAL)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -81,7 +91,17 @@ class GpuStageConfig:
         check_range(f"{self.stage}.batch_size", self.batch_size, 1, 256, 1)
         if self.dtype not in DTYPES:
             raise ValueError(f"{self.stage}.dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.offload not in OFFLOADS:
+            raise ValueError(f"{self.stage}.offload must be one of {OFFLOADS}, got {self.offload!r}")
+        if self.cpu_offload and self.offload != "auto":
+            raise ValueError(f"{self.stage}: cpu_offload and offload are both given; cpu_offload: true is the old "
+                             f"spelling of offload: model: keep only offload: {self.offload}")
+        check_range(f"{self.stage}.memory_margin_gb", self.memory_margin_gb, 0, 1000, 4.0)
         self.prompt()  # raises when the prompt file is missing
+
+    def offload_mode(self) -> str:
+        """The offload asked for: ``offload``, or ``model`` where an old config says ``cpu_offload: true``."""
+        return "model" if self.cpu_offload else self.offload
 
     def prompt(self) -> tuple[str, str | None, str]:
         """This stage's ``(prompt, negative prompt or None, "stage/version")`` (:func:`load_prompt`)."""
@@ -99,13 +119,14 @@ def package_versions() -> dict[str, str]:
 
 
 def prepare(stage: str, config: Any, pipeline: Any, encode_prompt: PromptEncoder | None,
-            settings: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+            settings: dict[str, Any], cuda: bool | None = None) -> tuple[str, Any, dict[str, Any]]:
     """``(backend, pipeline or None, provenance base)`` for a GPU stage, before any item runs.
 
     The pipeline is ``pipeline`` when given, else loaded once per process; ``settings`` (the
-    stage's generation settings) enter the provenance only when a model runs.
+    stage's generation settings) enter the provenance only when a model runs. ``cuda``: whether this
+    machine has CUDA (None: ask torch), which decides what ``backend: auto`` may do.
     """
-    backend = resolve_backend(config, stage, pipeline_given=pipeline is not None)
+    backend = resolve_backend(config, stage, pipeline_given=pipeline is not None, cuda=cuda)
     pipe = None
     if backend == "diffusers":
         pipe = pipeline if pipeline is not None else load_pipeline(stage, config)
@@ -118,7 +139,7 @@ def prepare(stage: str, config: Any, pipeline: Any, encode_prompt: PromptEncoder
         "versions": package_versions(),
     }
     if backend == "diffusers":
-        device = resolve_device(config.device)
+        device = resolve_device(config.device, cuda)
         base |= settings | {"dtype": resolve_dtype(config.dtype, device), "device": device}
     return backend, pipe, base
 
@@ -238,13 +259,15 @@ class GpuStage(Stage):
 
     ``pipeline``: a ready diffusers pipeline (else loaded once per process from the config's model).
     ``encode_prompt``: maps prompt strings to the pipeline's embedding keywords, for pipelines built
-    without a text encoder (tests, benchmarks)."""
+    without a text encoder (tests, benchmarks). ``cuda``: whether this machine has CUDA (None: ask
+    torch); ``backend: auto`` passes through only without it."""
 
     def __init__(self, config: GpuStageConfig | None = None, pipeline: Any = None,
-                 encode_prompt: PromptEncoder | None = None) -> None:
+                 encode_prompt: PromptEncoder | None = None, cuda: bool | None = None) -> None:
         super().__init__(config)
         self.pipeline = pipeline
         self.encode_prompt = encode_prompt
+        self.cuda = cuda
         self.model_seconds = 0.0  # time inside the pipeline, for the stats
 
     def write(self, run: RunFolder | str, shard_index: int, out: ShardOutput | list[dict], drops: Drops,

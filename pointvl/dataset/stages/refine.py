@@ -92,7 +92,7 @@ class Refine(GpuStage):
             "true_cfg_scale": cfg.true_cfg_scale,
             "negative_prompt": cfg.true_cfg_scale > 1 and negative is not None,
         }
-        backend, pipe, base = prepare(STAGE, cfg, self.pipeline, self.encode_prompt, settings)
+        backend, pipe, base = prepare(STAGE, cfg, self.pipeline, self.encode_prompt, settings, self.cuda)
         base["prompt_version"] = version
         self.model_seconds = 0.0
 

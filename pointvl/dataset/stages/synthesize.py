@@ -157,7 +157,7 @@ class Synthesize(GpuStage):
             "guidance_scale": cfg.guidance_scale,
             "true_cfg_scale": cfg.true_cfg_scale,
         }
-        backend, pipe, base = prepare(STAGE, cfg, self.pipeline, self.encode_prompt, settings)
+        backend, pipe, base = prepare(STAGE, cfg, self.pipeline, self.encode_prompt, settings, self.cuda)
         if pipe is not None and len(pipe.controlnet.nets) != 1:
             raise ValueError("expected one Union ControlNet inside FluxMultiControlNetModel")
         base |= {"prompt_version": version, "drift_threshold": cfg.drift_threshold}
