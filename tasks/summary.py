@@ -2,7 +2,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pointvl.dataset.summary import dataset_card
+from pointvl.dataset.summary import dataset_card, passthrough_line
 from pointvl.core import io
 
 
@@ -18,7 +18,9 @@ def publish_summary(run_dir: str, summary: dict, build_id: str) -> None:
     create_markdown_artifact(
         key=f"build-summary-{build_id}",
         markdown="\n".join(
-            [f"# Build summary ({build_id})", f"Run folder: `{run_dir}`",
+            [f"# Build summary ({build_id})"]
+            + ([f"**Warning: {passthrough_line(summary)}.**"] if passthrough_line(summary) else [])
+            + [f"Run folder: `{run_dir}`",
              f"Flagged for review: {summary['flagged']}; reviewed: {summary['review']['approved']} approved, "
              f"{summary['review']['rejected']} rejected, {summary['review']['held']} held "
              "(decisions: `reports/review_log.jsonl`)",

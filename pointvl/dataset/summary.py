@@ -1,7 +1,9 @@
 """What a build produced: counts per split and category, why things were dropped, where it is.
 
 Read from the run folder alone (cleaning report, stage stats, final shards), so it describes a
-resumed build exactly as an uninterrupted one.
+resumed build exactly as an uninterrupted one. When a GPU stage passed its input through (backend
+``passthrough``, or ``auto`` on a machine without CUDA), the summary's and the dataset card's first
+lines say that the images are unrefined renders (:func:`passthrough_line`).
 """
 
 from __future__ import annotations
@@ -83,12 +85,31 @@ def summarize(run_dir: str) -> dict:
         "annotate_failed": {"items": failed.pop("items", 0), **dict(sorted(failed.items())), "retry": retry},
         "review": {"approved": review["approved"], "rejected": review["rejected"], "held": review["held"]},
         "backends": dict(sorted(backends.items())),
+        "passthrough": {stage: backends[f"{stage}:passthrough"] for stage in ("refine", "synthesize")
+                        if backends[f"{stage}:passthrough"]},
     }
 
 
+def passthrough_line(summary: dict) -> str | None:
+    """One line saying which records carry renders instead of generated images; None when none do."""
+    passed = summary["passthrough"]
+    if not passed:
+        return None
+    n = summary["records"]
+    counts = ", ".join(f"{stage} ×{k}" for stage, k in passed.items())
+    if "refine" in passed:
+        head = "UNREFINED RENDERS: the images of these records are unrefined renders"
+    else:
+        head = "NOT PHOTOREAL: the `image` of these records is the refined render, not a photoreal image"
+    return (f"{head} ({counts} of {n} records passed through: backend passthrough, or auto without CUDA); "
+            "build on a GPU worker with the weights (backend: diffusers) for the paper's images")
+
+
 def format_summary(summary: dict) -> str:
-    """A plain-text summary for the terminal."""
-    lines = [f"records: {summary['records']} in {len(summary['shard_files'])}/{summary['shards_planned']} shards"]
+    """A plain-text summary for the terminal; a pass-through build says so first."""
+    warning = passthrough_line(summary)
+    lines = [f"WARNING: {warning}"] if warning else []
+    lines.append(f"records: {summary['records']} in {len(summary['shard_files'])}/{summary['shards_planned']} shards")
     lines += [f"  {split:<6} {n}" for split, n in summary["per_split"].items()]
     lines.append("per split/category:")
     lines += [f"  {key:<28} {n}" for key, n in summary["per_split_category"].items()]
@@ -121,6 +142,8 @@ def dataset_card(summary: dict) -> str:
     rows = "\n".join(f"| {key.split('/')[0]} | {key.split('/')[1]} | {n} |"
                      for key, n in summary["per_split_category"].items())
     drops = "\n".join(f"| {key} | {n} |" for key, n in summary["dropped"].items()) or "| none | 0 |"
+    warning = passthrough_line(summary)
+    banner = f"> **Warning: {warning}.**\n\n" if warning else ""
     return f"""---
 configs:
 - config_name: default
@@ -134,7 +157,7 @@ tags:
 - point-cloud
 - shapenet
 ---
-# Generative-Refined 3D-VL benchmark (built by pointvl)
+{banner}# Generative-Refined 3D-VL benchmark (built by pointvl)
 
 One row per instance (`{{synset_id}}-{{model_id}}-{{view_index}}`): a Poisson-disk point cloud, the
 render / refined / photoreal images with mask, depth and normals, the OpenCV camera `K, R, t`,
