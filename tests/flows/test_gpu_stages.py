@@ -7,8 +7,10 @@ from gpu_inputs import write_render_shard
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.gpu_stages import TASKS, refine_shards, run_gpu_stage, split_round_robin, synthesize_shards
+from pointvl.dataset import diffusion_pipelines
 from pointvl.dataset.stages.base import read_stage_table
 from pointvl.dataset.stages.refine import RefineConfig
+from pointvl.testing.tiny_pipelines import tiny_refine_pipeline
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,3 +54,15 @@ def test_stage_flows_run_their_shards_in_order_and_finish_past_a_failed_one(tmp_
     with pytest.raises(RuntimeError, match="refine: 1 of 2 shards failed: 1: .*FileNotFoundError"):
         refine_shards(run, [1, 3], {"backend": "passthrough"})  # shard 1 has no renders
     assert read_stage_table(run, "refine", 3).num_rows == 2  # the shard after the failed one still ran
+
+
+def test_an_in_process_gpu_stage_leaves_the_device_to_the_next_one(tmp_path):
+    """With ``gpu_deployments: {}`` refine and synthesize run in the build's process: each stage's
+    pipeline is released when its shards are done."""
+    tiny_refine_pipeline().save_pretrained(str(tmp_path / "model"))
+    diffusion_pipelines.load_pipeline("refine", RefineConfig(backend="diffusers", device="cpu",
+                                                             model=str(tmp_path / "model")))
+    assert diffusion_pipelines._CACHE
+    write_render_shard(str(tmp_path / "run"), 0, n=1)
+    run_gpu_stage("refine", str(tmp_path / "run"), [0], None, {"backend": "passthrough"})
+    assert not diffusion_pipelines._CACHE
