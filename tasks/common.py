@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from prefect import Task
+from prefect.client.schemas.objects import TaskRun
 from prefect.logging import get_run_logger
+from prefect.states import State
 
+from pointvl.core.errors import InputError
 from pointvl.dataset.stages.base import Stage
 
 
@@ -14,3 +18,15 @@ def run_stage(stage: Stage, run_dir: str, shard_index: int) -> dict:
     get_run_logger().info("%s shard-%05d: %s", stage.name, shard_index, "skipped (finished)" if stats.get("skipped")
                           else shown)
     return stats
+
+
+def retry_unless_input_error(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry faults of the run (a lost worker, a CUDA error); missing weights, a device too small for
+    the offload asked for or a bad config (:class:`~pointvl.core.errors.InputError`) will not fix themselves."""
+    try:
+        state.result()
+    except InputError:
+        return False
+    except Exception:
+        return True
+    return True

@@ -66,3 +66,17 @@ def test_an_in_process_gpu_stage_leaves_the_device_to_the_next_one(tmp_path):
     write_render_shard(str(tmp_path / "run"), 0, n=1)
     run_gpu_stage("refine", str(tmp_path / "run"), [0], None, {"backend": "passthrough"})
     assert not diffusion_pipelines._CACHE
+
+
+def test_missing_weights_fail_the_stage_at_once_without_retries(tmp_path):
+    """Missing weights will not appear on a retry: the task fails at its first try (retries wait 30 s)."""
+    import time
+
+    from pointvl.dataset.diffusion_pipelines import WeightsMissing
+
+    write_render_shard(str(tmp_path), 0, n=1)
+    start = time.monotonic()
+    with pytest.raises(WeightsMissing, match="refine: backend='diffusers' but weights are not available: no model"):
+        run_gpu_stage("refine", str(tmp_path), [0], None,
+                      {"backend": "diffusers", "device": "cpu", "model": str(tmp_path / "no-such-model")})
+    assert time.monotonic() - start < 30
