@@ -28,6 +28,7 @@ from flows.locking import build_lock, mark_crashed, record_build
 from flows.review import review_gate
 from pointvl.dataset.config import BuildConfig
 from pointvl.dataset.dag import GPU_STAGES
+from pointvl.dataset.diffusion_pipelines import check_backends
 from pointvl.dataset.executor import open_executor
 from pointvl.dataset.handoff import build_id, check_can_start
 from pointvl.dataset.runlock import RunFolderLocked
@@ -78,6 +79,8 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
     cfg = BuildConfig.from_parameters(config, overrides, handoff)
     if cfg.handoff.train:
         check_can_start(cfg.handoff)  # seconds, before any stage, GPU second or API call
+    # GPU stages run here (not on a deployment): their weights are checked now, not after the CPU stages
+    check_backends({s.name: getattr(cfg, s.name) for s in GPU_STAGES if s.name not in cfg.gpu_deployments})
     try:
         with holding(out):
             summary, message = _build(shapenet, out, cfg, incremental, workers, dask_scheduler)

@@ -117,3 +117,13 @@ def test_refine_then_synthesize_in_one_process_holds_one_pipeline_at_a_time(tmp_
     assert [key[0] for key in diffusion_pipelines._CACHE] == ["synthesize"]
     assert dict(diffusion_pipelines.LOAD_COUNTS) == {"refine": 1, "synthesize": 1}
     assert read_stage_table(run, "synthesize", 1).num_rows == 1
+
+
+def test_a_build_checks_its_in_process_gpu_stages_before_any_stage(shapenet, tmp_path):
+    from pointvl.dataset.config import BuildConfig
+    from pointvl.dataset.runner import build_in_process
+
+    config = BuildConfig.from_dict({"refine": {"backend": "diffusers", "model": str(tmp_path / "no-such-model")}})
+    with pytest.raises(WeightsMissing, match="refine: backend='diffusers' but weights are not available"):
+        build_in_process(shapenet.root, str(tmp_path / "run"), config)
+    assert not (tmp_path / "run").exists()  # nothing cleaned, planned or rendered

@@ -171,6 +171,12 @@ def resolve_backend(config: ModelConfig, stage: Stage, pipeline_given: bool = Fa
     return "diffusers"
 
 
+def check_backends(configs: dict[str, ModelConfig], cuda: bool | None = None) -> dict[str, str]:
+    """The backend of each GPU stage run in this process, resolved before the build's first stage, so
+    missing weights on a CUDA machine fail the build in seconds, not after the CPU stages."""
+    return {stage: resolve_backend(config, stage, cuda=cuda) for stage, config in configs.items()}
+
+
 def how_to_get(missing: list[str]) -> str:
     """How to get each missing model: a local folder to create, or the Hub repo to download (gated
     repos, such as FLUX's, need their licence accepted on the Hub and a login first)."""

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pointvl.dataset.config import BuildConfig
 from pointvl.dataset.cpu_stages import CpuStagesConfig, run_cpu_shard
 from pointvl.dataset.dag import CPU_STAGES, GPU_STAGES, STAGES, make_stage
-from pointvl.dataset.diffusion_pipelines import release_pipelines
+from pointvl.dataset.diffusion_pipelines import check_backends, release_pipelines
 from pointvl.dataset.executor import Executor, open_executor
 from pointvl.dataset.incremental import invalidate_stale
 from pointvl.dataset.plan import (
@@ -110,6 +110,7 @@ def build_in_process(
     ``workers`` / ``dask_scheduler``: where clean's validation and the CPU stages run
     (:func:`pointvl.dataset.executor.open_executor`); the GPU stages, annotation and the shards run here.
     """
+    check_backends({s.name: getattr(config, s.name) for s in GPU_STAGES})  # before any stage: seconds
     with open_executor(workers, dask_scheduler, shapenet, run_dir) as executor:
         plan = plan_run(shapenet, run_dir, config, incremental, executor)
         shards = [s for s in plan.shards if s.models]  # an emptied shard (incremental) has nothing to build
