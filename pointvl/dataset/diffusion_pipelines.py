@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pointvl.core.errors import InputError
-from pointvl.core.extras import require
+from pointvl.core.extras import MissingExtra, require
 from pointvl.dataset import gpu_memory
 
 logger = logging.getLogger(__name__)
@@ -148,9 +148,9 @@ def resolve_backend(config: ModelConfig, stage: Stage, pipeline_given: bool = Fa
             return "passthrough"
         try:
             _require_diffusers()
-        except ImportError as err:
-            raise WeightsMissing(f"{stage}: backend auto on a CUDA machine: {err}, or set {stage}.backend: "
-                                 "passthrough to build unrefined renders") from None
+        except MissingExtra as err:
+            raise MissingExtra(f"{stage}: backend auto on a CUDA machine: {err}, or set {stage}.backend: "
+                               "passthrough to build unrefined renders") from None
         missing = [m for m in ids.values() if not weights_present(m)]
         if missing:
             raise WeightsMissing(f"{stage}: backend auto on a CUDA machine but weights are not available: "
