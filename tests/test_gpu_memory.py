@@ -60,6 +60,7 @@ def test_a_sharded_checkpoint_reads_every_shard_and_falls_back_to_its_index(save
         shard.unlink()
     (folder / "diffusion_pytorch_model.safetensors.index.json").unlink()
     assert component_weights(folder, "vae", "float32") is None
+    assert plan_stage("refine", {"model": Path(saved["sharded"])}, "float32", 0) is None  # not all local: no plan
 
 
 def plan(margin_gb: float = 1.0) -> MemoryPlan:
@@ -125,3 +126,14 @@ def test_the_preflight_of_a_stage_config_on_tiny_checkpoints(saved, caplog):
                               free_bytes=0) == "none"
     assert "offload model ignored on cpu" in caplog.text
     assert "cannot check device memory before loading" in caplog.text
+
+
+def test_a_component_not_in_the_cache_yet_skips_the_check_with_a_warning(saved, tmp_path, caplog):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(saved["refine"], partial)
+    shutil.rmtree(partial / "transformer")  # from_pretrained would download it: its size is unknown here
+    with caplog.at_level(logging.WARNING, logger="pointvl.dataset.gpu_memory"):
+        assert plan_stage("refine", {"model": partial}, "bfloat16", 0) is None
+    assert "refine: cannot check device memory before loading: weights of ['transformer'] are not local" in caplog.text

@@ -175,14 +175,18 @@ def pipeline_components(folder: Path, dtype: str, chain: tuple[str, ...]) -> tup
     """``(components, names whose weights are not local)`` of the pipeline saved in ``folder``.
 
     The models are the ``model_index.json`` entries whose subfolder has a ``config.json``
-    (schedulers, tokenizers and processors have none); ``chain``: the pipeline's offload sequence.
+    (schedulers, tokenizers and processors have none); an entry without its subfolder is not local.
+    ``chain``: the pipeline's offload sequence.
     """
     entries = json.loads((folder / "model_index.json").read_text())
     found, missing = [], []
     for name, value in entries.items():
         if name.startswith("_") or not isinstance(value, list) or value == [None, None]:
             continue
-        if not (folder / name / "config.json").is_file():
+        if not (folder / name).is_dir():  # not cached yet: from_pretrained would download it
+            missing.append(name)
+            continue
+        if not (folder / name / "config.json").is_file():  # a scheduler, tokenizer or processor
             continue
         component = component_weights(folder / name, name, dtype, name in chain)
         if component is None:
