@@ -91,7 +91,7 @@ def _predict(args: argparse.Namespace) -> int:
     from pointvl.core import io as pio
     from pointvl.core.record import list_shards
     from pointvl.train.checkpoint import latest_checkpoint, load_policy
-    from pointvl.train.config import preflight
+    from pointvl.train.config import check_weights
     from pointvl.train.model import build_image_processor
     from pointvl.train.pipeline import load
     from pointvl.train.predict import predict
@@ -106,7 +106,7 @@ def _predict(args: argparse.Namespace) -> int:
         tokenizer, model = load_policy(folder)
         images = build_image_processor(model.config)
     else:
-        preflight(cfg)
+        check_weights(cfg)
         tokenizer, images, model = load(cfg, None)
     n = predict(model, tokenizer, images, args.shards, args.out, split=args.split,
                 max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size)
@@ -226,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     try:
         return args.command_handler(args)
-    except InputError as err:  # input and config errors: one line, no traceback
-        print(f"pointvl {args.command}: error: {err}", file=sys.stderr)
+    except InputError as err:  # input and config errors: one line, no traceback; once under a launch (rank 0)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"pointvl {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
         hint = orchestrator_hint(err)

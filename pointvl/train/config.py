@@ -326,13 +326,98 @@ def _hf_cached(repo_id: str, filename: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, filename), str)
 
 
-def preflight(config: TrainConfig) -> None:
+def preflight(config: TrainConfig, processes: int | None = None) -> None:
     """Raise InputError (one line) when a training job with ``config`` cannot start on this machine.
 
-    Cheap (no model is loaded): the language model's checkpoint must be a local folder or in the local
-    Hugging Face cache (runs are offline, ``HF_HUB_OFFLINE``), Point-BERT's weights must exist or random
-    weights must be asked for, and the rollout engine must be one that is built.
+    Cheap (no model is loaded, no process group is formed), so it runs before any stage: the weights
+    (:func:`check_weights`), the batch relations for ``processes`` data-parallel ranks (default: the launch's
+    ``WORLD_SIZE``, :func:`check_processes`) and, under an ``accelerate launch`` with DeepSpeed, the engine
+    settings the train config owns (:func:`check_deepspeed_launch`).
     """
+    check_weights(config)
+    check_processes(config, launch_processes() if processes is None else processes)
+    check_deepspeed_launch(config)
+
+
+def launch_processes() -> int:
+    """The process count of the launch this process belongs to (``WORLD_SIZE``, which ``accelerate launch``
+    and torchrun set in every process; 1 outside a launch)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_processes(config: TrainConfig, processes: int) -> None:
+    """Every batch relation of the stages the variant runs, for ``processes`` data-parallel ranks.
+
+    SFT (and the budget-matched SFT) steps on ``sft.batch_size`` samples: micro-batches of
+    ``sft.per_device_batch_size``, the same number on every rank, so the batch must divide by
+    ``per_device_batch_size x processes``. GRPO steps on ``grpo.prompts_per_step`` prompts split evenly over
+    the ranks (each rank samples the ``num_generations`` group of its prompts and trains on it as one
+    micro-batch), so the prompts must divide by the process count.
+    """
+    sft = config.sft
+    if processes < 1:
+        raise InputError(f"the launch has {processes} processes; it needs at least 1")
+    per_step = sft.per_device_batch_size * processes
+    if sft.batch_size % per_step:
+        fit = -(-sft.batch_size // per_step) * per_step
+        raise InputError(
+            f"sft.batch_size ({sft.batch_size}) must be a multiple of sft.per_device_batch_size x processes "
+            f"({sft.per_device_batch_size} x {processes} = {per_step}): set sft.batch_size={fit}, change "
+            "sft.per_device_batch_size, or launch another number of processes"
+        )
+    grpo = config.grpo
+    if config.variant in GRPO_MODES and grpo.prompts_per_step % processes:
+        fit = -(-grpo.prompts_per_step // processes) * processes
+        raise InputError(
+            f"grpo.prompts_per_step ({grpo.prompts_per_step}) must be a multiple of the process count ({processes}): "
+            f"set grpo.prompts_per_step={fit} or launch another number of processes"
+        )
+
+
+def check_deepspeed_launch(config: TrainConfig) -> None:
+    """Under ``accelerate launch`` with DeepSpeed (read from the environment the launcher sets): the settings
+    that would be silently overridden or ignored.
+
+    - ``use_cpu: true`` turns DeepSpeed off in accelerate 1.15 (``state.py`` 974: ``... == "true" and not
+      cpu``): the run would be plain data-parallel. ``zero3_cpu.yaml`` runs ZeRO-3 without CUDA.
+    - ``zero3_init_flag: true``: every stage builds the policy whole and the engine partitions it
+      (:func:`pointvl.train.sft.whole_parameters`), so the flag would have no effect.
+    - ``gradient_clipping``: one source of truth, the stage's ``max_grad_norm``, which the engine is given
+      (:func:`pointvl.train.sft.make_accelerator`); a DeepSpeed config or ``--gradient_clipping`` giving
+      another value is refused (``"auto"`` leaves it to the train config).
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    if os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
+        raise InputError("the accelerate config says use_cpu: true with DeepSpeed, which accelerate then turns off "
+                         "(plain data-parallel, no ZeRO): use pointvl/configs/train/zero3_cpu.yaml (use_cpu: false)")
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true":
+        raise InputError("deepspeed_config.zero3_init_flag: true is not supported: every stage builds the policy "
+                         "whole and the engine partitions it; set zero3_init_flag: false")
+    clipping = {}
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if path != "none":
+        if not os.path.isfile(path):
+            raise InputError(f"the DeepSpeed config file {path} does not exist (a relative path is read from the "
+                             f"working directory {os.getcwd()}: launch from the repository root)")
+        clipping[path] = pio.parse_yaml(pio.read_bytes(path)).get("gradient_clipping", "auto")
+    if os.environ.get("ACCELERATE_GRADIENT_CLIPPING", "auto") != "auto":
+        clipping["--gradient_clipping"] = float(os.environ["ACCELERATE_GRADIENT_CLIPPING"])
+    norms = {"sft.max_grad_norm": config.sft.max_grad_norm}
+    if config.variant in GRPO_MODES:
+        norms["grpo.max_grad_norm"] = config.grpo.max_grad_norm
+    for source, value in clipping.items():
+        for key, norm in norms.items():
+            if value != "auto" and float(value) != norm:
+                raise InputError(f"{source} sets DeepSpeed's gradient_clipping to {value} but {key} is {norm}: the "
+                                 f"train config clips; set gradient_clipping to \"auto\" there")
+
+
+def check_weights(config: TrainConfig) -> None:
+    """Raise InputError (one line) when the job's weights are not on this machine: the language model's
+    checkpoint must be a local folder or in the local Hugging Face cache (runs are offline,
+    ``HF_HUB_OFFLINE``), Point-BERT's weights must exist or random weights must be asked for, and the
+    rollout engine must be one that is built."""
     m = config.model
     if m.architecture == "checkpoint":
         needed = "config.json" if m.random_init else "model weights"

@@ -170,7 +170,7 @@ def run_grpo(
         raise ValueError(f"GRPOTrainConfig.prompts_per_step ({config.prompts_per_step}) must be a multiple of "
                          f"the process count ({processes})")
     per_rank = config.prompts_per_step // processes
-    acc = make_accelerator(per_rank, 1)
+    acc = make_accelerator(per_rank, 1, config.max_grad_norm)
     mcfg = model.config
     if mcfg.quant != config.grca.quant:
         raise ValueError("GRPOTrainConfig.grca.quant must equal ModelConfig.quant (the bins the model writes)")

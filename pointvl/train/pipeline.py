@@ -44,7 +44,7 @@ from pointvl.train.data import ShardExamples
 from pointvl.train.grpo import run_grpo, trained_samples
 from pointvl.train.model import build_image_processor, build_model, build_tokenizer
 from pointvl.train.predict import predict
-from pointvl.train.sft import distributed_state, num_processes, run_sft
+from pointvl.train.sft import distributed_state, num_processes, run_sft, whole_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +70,11 @@ def check_config(run_dir: str, config: TrainConfig) -> None:
 def load(config: TrainConfig, checkpoint: str | None) -> tuple[Any, Any, Any]:
     """Tokenizer, image processor and policy (weights from a ``checkpoint-<step>`` folder when given)."""
     torch.manual_seed(config.sft.seed)
-    tokenizer = build_tokenizer(config.model)
-    model = build_model(config.model, tokenizer)
-    if checkpoint is not None:
-        ckpt.load_weights(model, checkpoint)
+    with whole_parameters():  # not under zero.Init after a DeepSpeed stage (its docstring)
+        tokenizer = build_tokenizer(config.model)
+        model = build_model(config.model, tokenizer)
+        if checkpoint is not None:
+            ckpt.load_weights(model, checkpoint)
     return tokenizer, build_image_processor(config.model), model
 
 
@@ -144,8 +145,9 @@ def evaluate_stage(config: TrainConfig, shards_dir: str, run_dir: str, checkpoin
     predictions = pio.join(folder, "predictions.jsonl")
     if not pio.exists(predictions):
         tokenizer, images, model = load(config, checkpoint)
-        predict(model, tokenizer, images, shards_dir, predictions, max_new_tokens=config.eval_max_new_tokens,
-                batch_size=config.eval_batch_size)
+        with whole_parameters():  # every rank decodes its prompts with the whole policy, no engine
+            predict(model, tokenizer, images, shards_dir, predictions, max_new_tokens=config.eval_max_new_tokens,
+                    batch_size=config.eval_batch_size)
     if not is_main_process():
         return {}
     return run_evaluate(shards_dir, predictions, metrics_path, EvaluateConfig(quant=config.model.quant))

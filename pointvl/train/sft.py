@@ -20,9 +20,12 @@ scheduler, RNG, stream position) and ends with the weights of an uninterrupted r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -35,27 +38,83 @@ from pointvl.train.model import PointVL3D
 logger = logging.getLogger(__name__)
 
 
-def make_accelerator(gradient_accumulation_steps: int, micro_batch_size: int) -> Any:
-    """The Accelerator of a stage; under DeepSpeed the engine is told the micro-batch (no DataLoader here)."""
+def make_accelerator(gradient_accumulation_steps: int, micro_batch_size: int, max_grad_norm: float) -> Any:
+    """The Accelerator of a stage. Under DeepSpeed the engine is told the micro-batch (no DataLoader here) and
+    the stage's ``max_grad_norm`` as its ``gradient_clipping`` (the engine clips; :func:`pointvl.train.config.
+    preflight` refuses a DeepSpeed config that sets another value)."""
     try:
         from accelerate import Accelerator
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ImportError("training needs `pip install pointvl[train]`") from e
-    acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, cpu=not torch.cuda.is_available())
+    distributed_state()  # the process group first, formed as distributed_state says
+    acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, cpu=_group_kwargs()["cpu"])
     if acc.state.deepspeed_plugin is not None:
         ds = acc.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = micro_batch_size
         ds["gradient_accumulation_steps"] = gradient_accumulation_steps
         ds["train_batch_size"] = micro_batch_size * gradient_accumulation_steps * acc.num_processes
+        ds["gradient_clipping"] = max_grad_norm
     return acc
+
+
+def is_deepspeed_launch() -> bool:
+    """Whether this process was started by ``accelerate launch`` with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _group_kwargs() -> dict[str, Any]:
+    """How accelerate forms the launch's process group. On a machine without CUDA: a gloo CPU group, which
+    accelerate only forms when told ``cpu``; under DeepSpeed, DeepSpeed's own group over gloo, because
+    accelerate 1.15 turns DeepSpeed off when told ``cpu`` (``accelerate/state.py`` 974:
+    ``elif os.environ.get("ACCELERATE_USE_DEEPSPEED", ...) == "true" and not cpu``) and, without a backend
+    name, counts one process (state.py 288: ``if self.backend is None: ... self.num_processes = 1``)."""
+    if torch.cuda.is_available():
+        return {"cpu": False}
+    if is_deepspeed_launch():
+        return {"cpu": False, "backend": "gloo"}
+    return {"cpu": True}
 
 
 def distributed_state() -> Any:
     """accelerate's process state; on a machine without CUDA the processes of a launch (``accelerate launch
-    --multi_gpu``, i.e. torchrun) form a gloo CPU group (accelerate only does so when told ``cpu``)."""
+    --multi_gpu``, i.e. torchrun) form a gloo CPU group, DeepSpeed's included (:func:`_group_kwargs`)."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(**_group_kwargs())
+
+
+@contextlib.contextmanager
+def whole_parameters() -> Iterator[None]:
+    """Build and run models with whole (unpartitioned) parameters, even after a DeepSpeed stage in this process.
+
+    Every stage builds its policy whole on each rank and the engine partitions it in ``prepare``
+    (``zero3_init_flag: false`` in the configs). But the first DeepSpeed Accelerator of a process leaves a
+    ZeRO-3 ``HfDeepSpeedConfig`` registered for the rest of it, whatever ``zero3_init_flag`` says:
+    accelerate 1.15 ``utils/dataclasses.py`` 1488, ``self.dschf = HfDeepSpeedConfig(ds_config)  # keep this
+    object alive`` (the flag, 1463, only decides whether transformers must be installed), run by
+    ``DeepSpeedPlugin.select`` from ``AcceleratorState`` (``state.py`` 978). transformers 5.23 reads it back
+    (``integrations/deepspeed.py`` 284, ``is_deepspeed_zero3_enabled``): ``from_pretrained``
+    (``modeling_utils.py`` 3811) and ``_from_config`` (1435) then build the next stage's model under
+    ``deepspeed.zero.Init``. transformers fills those partitioned parameters from the checkpoint itself, but
+    every parameter is a ``torch.Size([0])`` stub on each rank, so loading the previous stage's
+    ``model.safetensors`` fails (``size mismatch ... the shape in current model is torch.Size([0])``, seen
+    on 2 CPU ranks) and ``predict`` would decode without an engine to gather them; ``generate`` would also
+    sync every token across ranks (``generation/utils.py`` 2566, ``synced_gpus``), hanging when ranks decode
+    different numbers of batches. So the registration is lifted while a stage builds its model, and while
+    ``predict`` runs, and restored after.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    registered = ref() if ref is not None else None
+    if registered is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(registered)
 
 
 def num_processes() -> int:
@@ -112,7 +171,7 @@ def run_sft(
             f"SFTConfig.batch_size ({config.batch_size}) must be a multiple of per_device_batch_size x processes "
             f"({config.per_device_batch_size} x {processes})"
         )
-    acc = make_accelerator(config.batch_size // per_step, config.per_device_batch_size)
+    acc = make_accelerator(config.batch_size // per_step, config.per_device_batch_size, config.max_grad_norm)
     mcfg = model.config
     examples = ShardExamples(shards_dir, "train", mcfg.num_points, mcfg.quant, shuffle=True, seed=config.seed)
     n = len(examples)
