@@ -91,3 +91,51 @@ def test_preflight_refuses_what_cannot_start(tmp_path):
     (folder / "config.json").write_text("{}")
     preflight(preset_config("paper", "sft", {"model.checkpoint": str(folder), "model.random_init": True,
                                              "model.point_bert.random_init": True}))
+
+
+def test_preflight_checks_every_batch_relation_for_the_process_count():
+    tiny = preset_config("tiny", "grca_rpc", None)  # sft.batch_size 4, per device 4; grpo.prompts_per_step 1
+    preflight(tiny, processes=1)
+    with pytest.raises(InputError, match=r"sft.batch_size \(4\) must be a multiple of .* \(4 x 2 = 8\): set "
+                                         r"sft.batch_size=8"):
+        preflight(tiny, processes=2)
+    two = {"sft.batch_size": 4, "sft.per_device_batch_size": 2}
+    with pytest.raises(InputError, match=r"grpo.prompts_per_step \(1\) must be a multiple of the process count \(2\)"):
+        preflight(preset_config("tiny", "grca_rpc", two), processes=2)
+    preflight(preset_config("tiny", "sft", two), processes=2)  # no GRPO stage: prompts_per_step is not used
+    preflight(preset_config("tiny", "grca_rpc", {**two, "grpo.prompts_per_step": 2}), processes=2)
+
+
+def test_preflight_reads_the_process_count_of_the_launch(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(InputError, match=r"x 3 = 12"):
+        preflight(preset_config("tiny", "sft", None))
+
+
+def test_preflight_refuses_deepspeed_settings_the_train_config_owns_or_that_turn_zero_off(monkeypatch, tmp_path):
+    cfg = preset_config("tiny", "grca_rpc", {"sft.max_grad_norm": 0.5})
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_clipping": "auto"}))
+    for key, value in {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_CPU": "False",
+                       "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)}.items():
+        monkeypatch.setenv(key, value)
+    preflight(cfg)  # "auto": each stage's max_grad_norm becomes the engine's gradient_clipping
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}))
+    with pytest.raises(InputError, match=r"gradient_clipping to 1.0 but sft.max_grad_norm is 0.5"):
+        preflight(cfg)
+    preflight(preset_config("tiny", "grca_rpc", None))  # 1.0 = both stages' max_grad_norm: no conflict
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "2.0")  # accelerate launch --gradient_clipping 2.0
+    with pytest.raises(InputError, match=r"--gradient_clipping sets .* 2.0 but sft.max_grad_norm is 1.0"):
+        preflight(preset_config("tiny", "grca_rpc", None))
+    monkeypatch.delenv("ACCELERATE_GRADIENT_CLIPPING")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true")
+    with pytest.raises(InputError, match="zero3_init_flag: true is not supported"):
+        preflight(preset_config("tiny", "grca_rpc", None))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    with pytest.raises(InputError, match="use_cpu: true with DeepSpeed"):
+        preflight(preset_config("tiny", "grca_rpc", None))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "missing.json"))
+    with pytest.raises(InputError, match="missing.json does not exist"):
+        preflight(preset_config("tiny", "grca_rpc", None))

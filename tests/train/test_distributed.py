@@ -1,8 +1,8 @@
 """Multi-process training through ``accelerate launch``: 2 processes equal 1 with the same global batch.
 
-On this machine (no CUDA) the DDP launch forms a gloo CPU group. FSDP2 and ZeRO-3 need accelerators
-(accelerate enables FSDP only on them; DeepSpeed needs CUDA): their configs are checked here and the
-runs are GPU tests.
+On this machine (no CUDA) the DDP launch forms a gloo CPU group. FSDP2 needs accelerators (accelerate
+enables FSDP only on them): its config is checked here and its run is a GPU test. ZeRO-3 runs on 2 CPU
+processes in test_zero3.py (zero3_cpu.yaml); zero3.yaml's bf16 run is a GPU test.
 """
 
 import importlib.util
@@ -65,7 +65,12 @@ def test_sharded_configs_are_valid():
     assert plugin.zero_stage == 3 and ds["bf16"]["enabled"] is True
     # the sizes are numbers; what stays "auto" the training loop fills (no DataLoader for accelerate to read)
     autos = {k for k, v in ds.items() if v == "auto"} | {k for k, v in ds["zero_optimization"].items() if v == "auto"}
-    assert autos == {"gradient_accumulation_steps", "train_batch_size", "train_micro_batch_size_per_gpu"}
+    assert autos == {"gradient_accumulation_steps", "train_batch_size", "train_micro_batch_size_per_gpu",
+                     "gradient_clipping"}  # the stage's max_grad_norm (one source of truth)
+    cpu = yaml.safe_load((CONFIGS / "zero3_cpu.yaml").read_text())
+    assert cpu["use_cpu"] is False  # accelerate turns DeepSpeed off when told cpu
+    cpu_ds = json.loads((ROOT / cpu["deepspeed_config"]["deepspeed_config_file"]).read_text())
+    assert cpu_ds["bf16"]["enabled"] is False and cpu_ds["gradient_clipping"] == "auto"
     fsdp = yaml.safe_load((CONFIGS / "fsdp2.yaml").read_text())
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
 
@@ -81,6 +86,25 @@ def test_sharded_two_processes_equal_one_process(shards_dir, tmp_path, config):
     # ZeRO-3 runs the engine's bf16 (zero3.json), the 1-process run float32: bf16 rounding, not 1e-3
     tolerance = 2e-2 if config == "zero3.yaml" else 1e-3
     assert [r["loss"] for r in two["history"]] == pytest.approx([r["loss"] for r in one["history"]], rel=tolerance)
+
+
+def test_a_bad_batch_size_under_a_two_process_launch_fails_before_sft_in_one_line(shards_dir, tmp_path):
+    """The preflight sees the launch's process count before any stage: rank 0 prints one line, every rank
+    exits 2. (accelerate launch itself then reports the failed ranks, with their exit codes, and exits 1.)"""
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [ACCELERATE, "launch", "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2",
+         "--main_process_port", str(_free_port()), "-m", "pointvl.cli", "train", "--shards", shards_dir, "--run",
+         str(run), "--preset", "tiny", "--set", "sft.batch_size=6", "--set", "sft.per_device_batch_size=2"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    ours = [line for line in (result.stdout + result.stderr).splitlines() if "pointvl" in line and "error" in line]
+    assert ours == ["pointvl train: error: sft.batch_size (6) must be a multiple of sft.per_device_batch_size x "
+                    "processes (2 x 2 = 4): set sft.batch_size=8, change sft.per_device_batch_size, or launch another "
+                    "number of processes"], result.stderr[-3000:]
+    assert result.stderr.count("exitcode  : 2") == 2  # both ranks, as the launcher reports them
+    assert f'File "{ROOT / "pointvl"}' not in result.stderr  # no traceback from pointvl
+    assert not run.exists()  # before SFT (and before the run folder)
 
 
 @pytest.mark.slow
