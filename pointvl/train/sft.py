@@ -95,13 +95,13 @@ def whole_parameters() -> Iterator[None]:
     ``DeepSpeedPlugin.select`` from ``AcceleratorState`` (``state.py`` 978). transformers 5.23 reads it back
     (``integrations/deepspeed.py`` 284, ``is_deepspeed_zero3_enabled``): ``from_pretrained``
     (``modeling_utils.py`` 3811) and ``_from_config`` (1435) then build the next stage's model under
-    ``deepspeed.zero.Init``. transformers fills those partitioned parameters from the checkpoint itself, but
+    ``deepspeed.zero.Init``. transformers fills those partitioned parameters from the checkpoint itself (4536), but
     every parameter is a ``torch.Size([0])`` stub on each rank, so loading the previous stage's
     ``model.safetensors`` fails (``size mismatch ... the shape in current model is torch.Size([0])``, seen
-    on 2 CPU ranks) and ``predict`` would decode without an engine to gather them; ``generate`` would also
-    sync every token across ranks (``generation/utils.py`` 2566, ``synced_gpus``), hanging when ranks decode
-    different numbers of batches. So the registration is lifted while a stage builds its model, and while
-    ``predict`` runs, and restored after.
+    on 2 CPU ranks) and ``predict`` would decode without an engine to gather them. ``generate`` also reads it
+    (``generation/utils.py`` 2566, ``synced_gpus``): every rank would wait for the others at each token, which
+    needs every rank to decode the same number of batches. So the registration is lifted while a stage
+    builds its model, and while ``predict`` runs, and restored after.
     """
     from transformers.integrations import deepspeed as hf_deepspeed
 
