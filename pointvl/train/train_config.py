@@ -376,8 +376,6 @@ def check_processes(config: TrainConfig, processes: int) -> None:
     micro-batch), so the prompts must divide by the process count.
     """
     sft = config.sft
-    if processes < 1:
-        raise InputError(f"the launch has {processes} processes; it needs at least 1")
     per_step = sft.per_device_batch_size * processes
     if sft.batch_size % per_step:
         fit = -(-sft.batch_size // per_step) * per_step
@@ -415,7 +413,7 @@ def check_deepspeed_launch(config: TrainConfig) -> None:
     if os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true":
         raise InputError("deepspeed_config.zero3_init_flag: true is not supported: every stage builds the policy "
                          "whole and the engine partitions it; set zero3_init_flag: false")
-    clipping = {}
+    clipping: dict[str, Any] = {}
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if path != "none":
         if not os.path.isfile(path):

@@ -120,3 +120,21 @@ def test_checkpoint_architecture_under_zero3_on_two_cpu_processes_equals_one_pro
     assert diff < WEIGHT_TOLERANCE, diff
     saved = load_file(final / "model.safetensors")
     assert set(saved) == set(reference)  # the point encoder and the fusion modules too
+
+
+def test_whole_parameters_lifts_the_zero3_registration_and_restores_it():
+    """What a DeepSpeed Accelerator leaves registered for the process (sft.whole_parameters' docstring)."""
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    from pointvl.train.sft import whole_parameters
+
+    registered = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with whole_parameters():
+            assert not is_deepspeed_zero3_enabled()  # from_pretrained builds whole, generate syncs no ranks
+        assert is_deepspeed_zero3_enabled() and registered.is_zero3()
+    finally:
+        unset_hf_deepspeed_config()
+    with whole_parameters():  # nothing registered: nothing to lift
+        assert not is_deepspeed_zero3_enabled()
