@@ -9,7 +9,6 @@ from prefect.states import State
 from pydantic import SecretStr
 
 from pointvl.core.chat_client import FatalAPIError
-from pointvl.dataset.plan import load_plan
 from pointvl.dataset.stages.annotate import Annotate, AnnotateConfig
 from tasks.common import run_stage
 
@@ -50,10 +49,8 @@ def annotate(run_dir: str, shard_index: int, config: AnnotateConfig) -> dict:
     Keys come from the Secret blocks named in ``config`` when set, else from the environment variables
     it names. Categories are those of the run's plan.
     """
-    categories = sorted({m.category for s in load_plan(run_dir).shards for m in s.models})
     stage = Annotate(
         config,
-        categories,
         api_key=_secret(config.api_key_secret_block),
         vlm_api_key=_secret(config.vlm_api_key_secret_block),
     )
