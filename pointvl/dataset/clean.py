@@ -1,4 +1,4 @@
-"""Stage `clean`: ShapeNetCore v2 folder → the models the benchmark keeps, and why the rest went.
+"""Planning step `clean`: ShapeNetCore v2 folder → the models the benchmark keeps, and why the rest went.
 
 Paper §4.1.1: merge semantically overlapping categories (hyponyms), drop categories with poor
 generation quality, and drop broken models. Every model found on disk gets one row in the cleaning

@@ -19,7 +19,7 @@ from pointvl.dataset.dag import CPU_STAGES, make_stage
 from pointvl.dataset.executor import worker_id
 from pointvl.dataset.mesh import model_meshes
 from pointvl.dataset.plan import Shard, load_plan
-from pointvl.dataset.stages.base import MeshStage, RowStage, ShardOutput, ShardRun
+from pointvl.dataset.stages.base import MeshStage, RowStage, ShardJob, ShardOutput
 
 STAGE_NAMES = tuple(stage.name for stage in CPU_STAGES)
 
@@ -32,9 +32,9 @@ def run_cpu_shard(shard_index: int, run_dir: str, config: BuildConfig) -> dict[s
     worker = {"worker": worker_id()}
     stats: dict[str, dict] = {}
     # 1. the mesh stages: each mesh read once for those not finished
-    runs = [stage.open_shard(run_dir, shard.index) for stage in stages if isinstance(stage, MeshStage)]
-    made, load_seconds = _read_meshes(shard, [job for job in runs if job.done is None])
-    for job in runs:
+    jobs = [stage.open_shard(run_dir, shard.index) for stage in stages if isinstance(stage, MeshStage)]
+    made, load_seconds = _read_meshes(shard, [job for job in jobs if job.done is None])
+    for job in jobs:
         if job.done is None:
             out = job.stage.output(made[job.stage.name])
             job.write(ShardOutput(out.rows, {"mesh_load_seconds": round(load_seconds, 3), **out.stats, **worker}))
@@ -54,26 +54,26 @@ def run_cpu_shard(shard_index: int, run_dir: str, config: BuildConfig) -> dict[s
     return stats
 
 
-def _read_meshes(shard: Shard, runs: list[ShardRun]) -> tuple[dict[str, list[dict]], float]:
-    """The rows each mesh stage of ``runs`` makes of the shard, reading each mesh once for all of them, one
-    model at a time, and the seconds spent reading; each stage's own time goes to its run. A model whose
+def _read_meshes(shard: Shard, jobs: list[ShardJob]) -> tuple[dict[str, list[dict]], float]:
+    """The rows the mesh stage of each job makes of the shard, reading each mesh once for all of them, one
+    model at a time, and the seconds spent reading; each stage's own time goes to its job. A model whose
     mesh cannot be loaded is dropped from every stage, with the reason each gives when it reads alone."""
-    made: dict[str, list[dict]] = {job.stage.name: [] for job in runs}
-    if not runs:
+    made: dict[str, list[dict]] = {job.stage.name: [] for job in jobs}
+    if not jobs:
         return made, 0.0
 
     def dropped(item: str, err: Exception) -> None:
-        for job in runs:
+        for job in jobs:
             job.drops.add_error(item, err)
 
     load_seconds, mark = 0.0, time.perf_counter()
     for model, mesh in model_meshes(shard.models, dropped):
         load_seconds += time.perf_counter() - mark
-        for job in runs:
+        for job in jobs:
             with job.timed():
                 made[job.stage.name].extend(job.stage.model_rows(model, mesh, shard.views_per_model, job.drops))
         mark = time.perf_counter()
     load_seconds += time.perf_counter() - mark  # the failed loads after the last model
-    for job in runs:
+    for job in jobs:
         job.drops.check(len(shard.models))
     return made, load_seconds

@@ -97,13 +97,13 @@ class ShardOutput:
 
 
 @dataclass
-class ShardRun:
-    """One stage's run of one shard (:meth:`Stage.open_shard`), from the finished test to the write.
+class ShardJob:
+    """One stage's job on one shard (:meth:`Stage.open_shard`), from the finished test to the write.
 
     ``done``: the shard's stats once it is finished (before: it is skipped); until then the work drops
     its failed items into ``drops``, runs under :meth:`timed` (the shard's ``seconds`` add up those
-    blocks), and :meth:`write` ends the run. :meth:`Stage.run_shard` is this for one stage; the CPU worker holds
-    several open at once, to read each mesh once for all of them.
+    blocks), and :meth:`write` ends the job. :meth:`Stage.run_shard` is one such job; the CPU worker
+    holds several open at once, to read each mesh once for all of them.
     """
 
     stage: Stage
@@ -142,13 +142,13 @@ class Stage(ABC):
         """Whether the shard's table exists and checks out (:func:`pointvl.dataset.tables.finished`)."""
         return finished(run, self.name, shard_index)
 
-    def open_shard(self, run: RunFolder | str, shard_index: int) -> ShardRun:
-        """The shard's run: ``done`` holds its stats (``skipped``) when it is finished."""
+    def open_shard(self, run: RunFolder | str, shard_index: int) -> ShardJob:
+        """The shard's job: ``done`` holds its stats (``skipped``) when it is finished."""
         done = None
         if self.finished(run, shard_index):
             logger.info("%s shard-%05d already finished: skipped", self.name, shard_index)
             done = read_stats(run, self.name, shard_index) | {"skipped": True}
-        return ShardRun(self, RunFolder.of(run), shard_index, done, Drops(self.name))
+        return ShardJob(self, RunFolder.of(run), shard_index, done, Drops(self.name))
 
     def run_shard(self, run: RunFolder | str, shard_index: int) -> dict:
         """Make the shard's table unless it is finished; returns the shard's stats (``skipped`` when it was)."""
