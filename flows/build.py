@@ -28,7 +28,7 @@ from flows.gpu_stages import run_gpu_stage
 from flows.locking import build_lock, mark_crashed, record_build
 from flows.review import review_gate
 from pointvl.dataset.config import BuildConfig
-from pointvl.dataset.dag import GROUPS
+from pointvl.dataset.dag import GROUPS, stage_config
 from pointvl.dataset.executor import open_executor
 from pointvl.dataset.handoff import build_id, check_can_start
 from pointvl.dataset.runlock import RunFolderLocked
@@ -100,7 +100,7 @@ def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers
         wait_with_progress("cpu_stages", cpu, bid)  # a failed CPU stage stops the build here, before any GPU time
 
     for stage in GROUPS["gpu"]:  # in-process, or on the GPU pool's deployment
-        run_gpu_stage(stage.name, out, shards, cfg.gpu_deployments.get(stage.name), getattr(cfg, stage.name),
+        run_gpu_stage(stage.name, out, shards, cfg.gpu_deployments.get(stage.name), stage_config(cfg, stage.name),
                       workers=cfg.gpu_workers)
         publish_finished(out, stage.name, shards, bid)
 
@@ -109,8 +109,8 @@ def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers
             review_gate(out, shards, cfg.review, bid)
             continue
         task = SHARD_TASKS[stage.name]
-        stats = wait_with_progress(stage.name, [task.submit(out, i, getattr(cfg, stage.name)) for i in shards], bid)
-        publish_stats(stage.name, dict(zip(shards, stats, strict=True)), bid)
+        futures = [task.submit(out, i, stage_config(cfg, stage.name)) for i in shards]
+        publish_stats(stage.name, dict(zip(shards, wait_with_progress(stage.name, futures, bid), strict=True)), bid)
     summary = summarize(out)
     publish_summary(out, summary, bid)
     message = f"build {bid}: {summary['records']} records"

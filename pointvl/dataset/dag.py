@@ -14,6 +14,8 @@ are its edges.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pointvl.dataset.config import BuildConfig
 from pointvl.dataset.stages.annotate import Annotate
 from pointvl.dataset.stages.base import Stage
@@ -47,9 +49,14 @@ def inputs(stage: str) -> tuple[str, ...]:
     return BY_NAME[stage].inputs
 
 
+def stage_config(config: BuildConfig, stage: str) -> Any:
+    """Stage ``stage``'s section of ``config``: ``config.<stage>`` (every section is named after its stage)."""
+    return getattr(config, stage)
+
+
 def make_stage(stage: str, config: BuildConfig) -> Stage:
-    """Stage ``stage`` with its section of ``config`` (``config.<stage>``)."""
-    return BY_NAME[stage](getattr(config, stage))
+    """Stage ``stage`` with its section of ``config``."""
+    return BY_NAME[stage](stage_config(config, stage))
 
 
 def _check() -> None:
