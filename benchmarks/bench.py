@@ -71,7 +71,7 @@ def integrity_overhead(work: str, faces: int = 80_000, table_mb: int = 64) -> di
     import pyarrow as pa
 
     from pointvl.dataset.mesh import normalize
-    from pointvl.dataset.stages.base import _sha_memo, finished, write_stage_table
+    from pointvl.dataset.tables import _sha_memo, finished, write_stage_table
 
     mesh = shapenet_sized_mesh(faces)
     mesh.apply_scale(250.0)  # other units: the full normalization path
@@ -98,14 +98,14 @@ def _cpu_part(shapenet: str, run: str, config: dict, workers: int) -> tuple[floa
     from pointvl.dataset.build_config import BuildConfig
     from pointvl.dataset.cpu_stages import run_cpu_shard
     from pointvl.dataset.executor import open_executor
-    from pointvl.dataset.runner import cpu_config, plan_run
+    from pointvl.dataset.runner import plan_run
 
     cfg = BuildConfig.from_dict(config)
     t0 = time.perf_counter()
     with open_executor(workers) as executor:
         plan = plan_run(shapenet, run, cfg, executor=executor)
         t1 = time.perf_counter()
-        list(executor.map(run_cpu_shard, [s.index for s in plan.shards if s.models], run, cpu_config(cfg)))
+        list(executor.map(run_cpu_shard, [s.index for s in plan.shards if s.models], run, cfg))
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 

@@ -75,8 +75,8 @@ def build_once(shapenet: str, run: str, workers: int) -> dict:
     from pointvl.dataset.build_config import BuildConfig
     from pointvl.dataset.cpu_stages import STAGE_NAMES, run_cpu_shard
     from pointvl.dataset.executor import open_executor
-    from pointvl.dataset.runner import cpu_config, plan_run
-    from pointvl.dataset.stages.base import read_stats
+    from pointvl.dataset.runner import plan_run
+    from pointvl.dataset.tables import read_stats
 
     cfg = BuildConfig.from_dict(CONFIG)
     t0 = time.perf_counter()
@@ -84,7 +84,7 @@ def build_once(shapenet: str, run: str, workers: int) -> dict:
         plan = plan_run(shapenet, run, cfg, executor=executor)
         t1 = time.perf_counter()
         shards = [s.index for s in plan.shards if s.models]
-        list(executor.map(run_cpu_shard, shards, run, cpu_config(cfg)))
+        list(executor.map(run_cpu_shard, shards, run, cfg))
     t2 = time.perf_counter()
     seconds: dict[str, float] = defaultdict(float)
     instances = 0

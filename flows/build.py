@@ -9,7 +9,8 @@ so re-running the same build after a failure only does what is left. Before any 
 checks that its training hand-off could start and takes the run folder's lock (one build per
 folder; a second one ends CANCELLED naming the holder). ``review`` suspends for a person in deployed
 builds (``flows/review.py``), keeping the lock; each stage publishes a ``progress-<stage>`` artifact,
-and refine, synthesize and annotate a ``stats-<stage>`` table of their shards' stats.
+and refine, synthesize, annotate and write_shards a ``stats-<stage>`` table of their shards' stats.
+The stages run in the order :data:`pointvl.dataset.dag.GROUPS` declares.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ from prefect.logging import get_run_logger
 from prefect.states import Cancelled, Completed, State
 
 from pointvl.dataset.build_config import BuildConfig
-from pointvl.dataset.dag import GPU_STAGES
+from pointvl.dataset.dag import GPU_STAGES, GROUPS, stage_config
 from pointvl.dataset.diffusion_pipelines import check_backends
 from pointvl.dataset.executor import open_executor
 from pointvl.dataset.handoff import build_id
 from pointvl.dataset.runlock import RunFolderLocked
-from pointvl.dataset.runner import cpu_config
-from pointvl.dataset.stages.write_shards import WriteShardsConfig
+from pointvl.dataset.stages.review import Review
 from pointvl.dataset.summary import summarize
 from pointvl.flows.gpu_stages import run_gpu_stage
 from pointvl.flows.locking import build_lock, mark_crashed, record_build
@@ -42,6 +42,9 @@ from pointvl.tasks.handoff import start_training
 from pointvl.tasks.progress import publish_finished, publish_stats, wait_with_progress
 from pointvl.tasks.summary import publish_summary
 from pointvl.tasks.write_shards import write_shards
+
+SHARD_TASKS = {"annotate": annotate, "write_shards": write_shards}
+"""The task of each stage after the GPU group that runs shard by shard here (review is the gate)."""
 
 
 @contextmanager
@@ -97,20 +100,22 @@ def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers
     with open_executor(workers, dask_scheduler, shapenet, out) as executor:
         shards = clean(shapenet, out, cfg, incremental, executor)
         bid = build_id(out)
-        # sample_points ─► geometry and render ─► kpts2d, each mesh read once for all four
-        cpu = [cpu_stages.submit(out, i, cpu_config(cfg), executor) for i in shards]
+        # the CPU group (sample_points ─► geometry, render ─► kpts2d), each mesh read once for all four
+        cpu = [cpu_stages.submit(out, i, cfg, executor) for i in shards]
         wait_with_progress("cpu_stages", cpu, bid)  # a failed CPU stage stops the build here, before any GPU time
 
-    for stage in GPU_STAGES:  # refine ─► synthesize: in-process, or on the GPU pool's deployment
-        run_gpu_stage(stage.name, out, shards, cfg.gpu_deployments.get(stage.name), getattr(cfg, stage.name),
+    for stage in GROUPS["gpu"]:  # in-process, or on the GPU pool's deployment
+        run_gpu_stage(stage.name, out, shards, cfg.gpu_deployments.get(stage.name), stage_config(cfg, stage.name),
                       workers=cfg.gpu_workers)
         publish_finished(out, stage.name, shards, bid)
 
-    annotated = wait_with_progress("annotate", [annotate.submit(out, i, cfg.annotate) for i in shards], bid)
-    publish_stats("annotate", dict(zip(shards, annotated, strict=True)), bid)
-    review_gate(out, shards, cfg.review, bid)
-    finals = [write_shards.submit(out, i, WriteShardsConfig(cfg.geometry.num_keypoints)) for i in shards]
-    wait_with_progress("write_shards", finals, bid)
+    for stage in GROUPS["after"]:
+        if stage is Review:  # the flow's human step: contact sheets, then a person's answer (flows/review.py)
+            review_gate(out, shards, cfg.review, bid)
+            continue
+        task = SHARD_TASKS[stage.name]
+        futures = [task.submit(out, i, stage_config(cfg, stage.name)) for i in shards]
+        publish_stats(stage.name, dict(zip(shards, wait_with_progress(stage.name, futures, bid), strict=True)), bid)
     summary = summarize(out)
     publish_summary(out, summary, bid)
     message = f"build {bid}: {summary['records']} records"

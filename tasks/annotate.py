@@ -10,7 +10,6 @@ from pydantic import SecretStr
 
 from pointvl.core.chat_client import FatalAPIError
 from pointvl.dataset.annotation_config import AnnotateConfig
-from pointvl.dataset.plan import load_plan
 from pointvl.dataset.stages.annotate import Annotate
 from pointvl.tasks.common import run_stage
 
@@ -51,10 +50,8 @@ def annotate(run_dir: str, shard_index: int, config: AnnotateConfig) -> dict:
     Keys come from the Secret blocks named in ``config`` when set, else from the environment variables
     it names. Categories are those of the run's plan.
     """
-    categories = sorted({m.category for s in load_plan(run_dir).shards for m in s.models})
     stage = Annotate(
         config,
-        categories,
         api_key=_secret(config.api_key_secret_block),
         vlm_api_key=_secret(config.vlm_api_key_secret_block),
     )

@@ -13,7 +13,7 @@ from typing import Any
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 
-from pointvl.dataset.stages.base import finished, read_stats
+from pointvl.dataset.tables import finished, read_stats
 
 UPDATE_EVERY_S = 2.0
 

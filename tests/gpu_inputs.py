@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from pointvl.core import images
-from pointvl.dataset.stages.base import write_stage_table
+from pointvl.dataset.tables import write_stage_table
 
 CATEGORIES = [("03001627", "chair"), ("02958343", "car,auto,automobile,machine,motorcar")]
 

@@ -21,9 +21,10 @@ from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.plan import load_plan
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.runner import build_in_process, plan_run
-from pointvl.dataset.stages.base import Drops, read_stage_table, read_stats, write_stage_table
+from pointvl.dataset.stages.base import Drops
 from pointvl.dataset.stages.write_shards import WriteShards, WriteShardsConfig
 from pointvl.dataset.summary import dataset_card, format_summary, summarize
+from pointvl.dataset.tables import read_stage_table, read_stats, write_stage_table
 from pointvl.fixture import FixtureManifest, write_fixture
 
 CONFIG = {"shard_size": 8, "clean": {"test_size": 0.25, "train_size": None},
@@ -221,7 +222,7 @@ def test_a_fault_of_the_run_exits_1_with_one_line(catalogue, tmp_path):
 
 def test_a_table_of_an_earlier_pointvl_is_adopted_if_it_reads_and_moved_aside_if_not(tmp_path):
     from pointvl.core import io
-    from pointvl.dataset.stages.base import finished
+    from pointvl.dataset.tables import finished
 
     run = str(tmp_path)
     folder = RunFolder.of(run)

@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pointvl.dataset.build_config import BuildConfig
+from pointvl.dataset.clean import _split_key
 from pointvl.dataset.dag import TABLE_STAGES
 from pointvl.dataset.plan import ModelEntry, PlanMismatchError, extend_plan, load_plan, make_plan
 from pointvl.dataset.runner import build_in_process
-from pointvl.dataset.stages.base import read_stats
-from pointvl.dataset.stages.clean import _split_key
+from pointvl.dataset.tables import read_stats
 
 CONFIG = {"shard_size": 8, "clean": {"test_size": 3, "train_size": None},
           "sample_points": {"num_points": 256}, "render": {"width": 48, "height": 48}}

@@ -29,8 +29,8 @@ from pointvl.core.strict_config import (
     read_file,
 )
 from pointvl.dataset.annotation_config import AnnotateConfig
+from pointvl.dataset.clean import CleanConfig
 from pointvl.dataset.handoff import HandoffConfig
-from pointvl.dataset.stages.clean import CleanConfig
 from pointvl.dataset.stages.geometry import GeometryConfig
 from pointvl.dataset.stages.kpts2d import Kpts2DConfig
 from pointvl.dataset.stages.refine import RefineConfig
@@ -38,6 +38,7 @@ from pointvl.dataset.stages.render import RenderConfig
 from pointvl.dataset.stages.review import ReviewConfig
 from pointvl.dataset.stages.sample_points import SamplePointsConfig
 from pointvl.dataset.stages.synthesize import SynthesizeConfig
+from pointvl.dataset.stages.write_shards import WriteShardsConfig
 
 
 @dataclass
@@ -84,6 +85,11 @@ class BuildConfig:
         unknown = set(self.gpu_deployments) - {"refine", "synthesize"}
         if unknown:
             raise ConfigError(f"gpu_deployments: unknown stages {sorted(unknown)}; use refine, synthesize")
+
+    @property
+    def write_shards(self) -> WriteShardsConfig:
+        """``write_shards``' config, which has no section of its own: its keypoint count is geometry's."""
+        return WriteShardsConfig(self.geometry.num_keypoints)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> BuildConfig:

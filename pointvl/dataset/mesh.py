@@ -1,4 +1,5 @@
-"""Load a ShapeNet ``model_normalized.obj`` into one coloured mesh, and colour surface points of it.
+"""Load a ShapeNet ``model_normalized.obj`` (local or remote; a shard's models one at a time) into one coloured
+mesh, and colour surface points of it.
 
 ShapeNet models mix many materials, some plain (``Kd``) and some textured (``map_Kd``), and their
 texture coordinates often tile outside ``[0, 1]``. Packing them into one trimesh ``TextureVisuals``
@@ -25,14 +26,22 @@ import io
 import logging
 import os
 import re
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import trimesh
 from numpy.typing import NDArray
 
+from pointvl.core.errors import ITEM_ERRORS
+from pointvl.core.io import local_copy
+from pointvl.dataset.plan import ModelEntry
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["MeshError", "face_colors", "load_mesh", "load_model", "normalize", "surface_colors"]
+__all__ = [
+    "MeshError", "face_colors", "load_mesh", "load_model", "load_model_file", "model_meshes", "normalize",
+    "surface_colors",
+]
 
 TEXTURE_INDEX = "texture_index"
 TEXTURE_UV = "texture_uv"
@@ -253,6 +262,28 @@ def normalize(mesh: trimesh.Trimesh, where: str = "mesh") -> trimesh.Trimesh:
 def load_model(obj_path: str) -> trimesh.Trimesh:
     """:func:`load_mesh`, then :func:`normalize`: the mesh every stage works on."""
     return normalize(load_mesh(obj_path), obj_path)
+
+
+def load_model_file(obj_path: str) -> trimesh.Trimesh:
+    """:func:`load_model` of a local or remote OBJ (a remote model folder is copied to a temporary local
+    folder first, so its materials and ``../images/`` textures come along)."""
+    with local_copy(obj_path, levels=2) as local:
+        return load_model(local)
+
+
+def model_meshes(
+    models: Sequence[ModelEntry], dropped: Callable[[str, Exception], None]
+) -> Iterator[tuple[ModelEntry, trimesh.Trimesh]]:
+    """Each model with its mesh (:func:`load_model_file`), read one at a time, so a shard of large meshes
+    never sits in memory at once; a model whose mesh cannot be used is passed to ``dropped`` as
+    ``("<synset>/<model>", error)`` and skipped (an error of the run, such as ``OSError``, is raised)."""
+    for model in models:
+        try:
+            mesh = load_model_file(model.obj_path)
+        except ITEM_ERRORS as err:
+            dropped(f"{model.synset_id}/{model.model_id}", err)
+            continue
+        yield model, mesh
 
 
 def face_colors(mesh: trimesh.Trimesh) -> NDArray[np.uint8]:

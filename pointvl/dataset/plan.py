@@ -23,7 +23,7 @@ SPLITS = ("train", "test")
 @dataclass(frozen=True)
 class ModelEntry:
     """One kept model (cleaning's result, the plan's unit). ``geometry`` is its
-    :func:`pointvl.dataset.stages.clean.geometry_hash`, so an incremental build sees a changed mesh under the
+    :func:`pointvl.dataset.clean.geometry_hash`, so an incremental build sees a changed mesh under the
     same id (empty in plans written before it was recorded)."""
 
     synset_id: str
@@ -59,6 +59,10 @@ class Shard:
 class Plan:
     shards: tuple[Shard, ...]
     fingerprint: str = field(default="")
+
+    def categories(self) -> list[str]:
+        """The benchmark's categories: those of every planned model, sorted."""
+        return sorted({m.category for s in self.shards for m in s.models})
 
     def to_json(self) -> dict:
         return {"fingerprint": self.fingerprint, "shards": [asdict(s) for s in self.shards]}

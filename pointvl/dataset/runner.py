@@ -13,8 +13,9 @@ from collections.abc import Callable
 from pointvl.core import io
 from pointvl.core.progress import Progress
 from pointvl.dataset.build_config import BuildConfig
-from pointvl.dataset.cpu_stages import CpuStagesConfig, run_cpu_shard
-from pointvl.dataset.dag import CPU_STAGES, GPU_STAGES, STAGES, make_stage
+from pointvl.dataset.clean import Clean
+from pointvl.dataset.cpu_stages import run_cpu_shard
+from pointvl.dataset.dag import GPU_STAGES, GROUPS, make_stage
 from pointvl.dataset.diffusion_pipelines import check_backends, release_pipelines
 from pointvl.dataset.executor import Executor, open_executor
 from pointvl.dataset.incremental import invalidate_stale
@@ -28,7 +29,6 @@ from pointvl.dataset.plan import (
     save_or_check_plan,
 )
 from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.clean import Clean
 from pointvl.dataset.summary import dataset_card, summarize
 
 logger = logging.getLogger(__name__)
@@ -92,10 +92,6 @@ def plan_run(
     return plan
 
 
-def cpu_config(config: BuildConfig) -> CpuStagesConfig:
-    return CpuStagesConfig(config.sample_points, config.geometry, config.render, config.kpts2d)
-
-
 def build_in_process(
     shapenet: str,
     run_dir: str,
@@ -114,14 +110,14 @@ def build_in_process(
     with open_executor(workers, dask_scheduler, shapenet, run_dir) as executor:
         plan = plan_run(shapenet, run_dir, config, incremental, executor)
         shards = [s for s in plan.shards if s.models]  # an emptied shard (incremental) has nothing to build
+        # the CPU group on the executor's workers, each mesh read once for its stages
         tracker = Progress("cpu stages:", len(shards), "shards")
-        for _ in executor.map(run_cpu_shard, [s.index for s in shards], run_dir, cpu_config(config)):
+        for _ in executor.map(run_cpu_shard, [s.index for s in shards], run_dir, config):
             tracker.advance()
-    categories = sorted({m.category for s in plan.shards for m in s.models})
-    # the CPU stages are done above, model by model; the rest in DAG order, stage by stage over the
-    # shards, as the flow does: each GPU stage's pipeline is loaded once and released before the next
-    # one loads (one pipeline on the device at a time). Review: no one to ask here, its policy decides.
-    for stage in (make_stage(s.name, config, categories) for s in STAGES if s not in CPU_STAGES):
+    # the GPU group and the stages after it, in DAG order, stage by stage over the shards, as the flow
+    # does: each GPU stage's pipeline is loaded once and released before the next one loads (one
+    # pipeline on the device at a time). Review: no one to ask here, its policy decides.
+    for stage in (make_stage(s.name, config) for s in (*GROUPS["gpu"], *GROUPS["after"])):
         for shard in shards:
             stage.run_shard(run_dir, shard.index)
         if stage.name in GPU_STAGE_NAMES:

@@ -18,8 +18,8 @@ from pointvl.core import io
 from pointvl.dataset.dag import STAGES
 from pointvl.dataset.plan import load_plan
 from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.base import finished, read_stats
 from pointvl.dataset.stages.write_shards import STAGE as WRITE_SHARDS
+from pointvl.dataset.tables import finished, read_stats
 
 
 def summarize(run_dir: str) -> dict:

@@ -7,8 +7,8 @@ from gpu_inputs import write_render_shard
 from prefect.testing.utilities import prefect_test_harness
 
 from pointvl.dataset import diffusion_pipelines
-from pointvl.dataset.stages.base import read_stage_table
 from pointvl.dataset.stages.refine import RefineConfig
+from pointvl.dataset.tables import read_stage_table
 from pointvl.flows.gpu_stages import TASKS, refine_shards, run_gpu_stage, split_round_robin, synthesize_shards
 from pointvl.testing.tiny_pipelines import tiny_refine_pipeline
 

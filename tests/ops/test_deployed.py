@@ -34,8 +34,8 @@ from pointvl.dataset.handoff import build_id
 from pointvl.dataset.plan import load_plan
 from pointvl.dataset.preview import stop_detached
 from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.base import read_stats
 from pointvl.dataset.stages.review import items, read_log
+from pointvl.dataset.tables import read_stats
 
 ROOT = Path(__file__).parents[2]
 SMALL = {"shard_size": 16, "clean.test_size": 0.25, "clean.train_size": None, "sample_points.num_points": 512,

@@ -24,8 +24,8 @@ from pointvl.dataset.handoff import build_id
 from pointvl.dataset.plan import load_plan
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.runner import plan_run
-from pointvl.dataset.stages.base import read_stats
 from pointvl.dataset.stages.review import MASK_BOX, items, read_log
+from pointvl.dataset.tables import read_stats
 
 ROOT = Path(__file__).parents[2]
 CONFIG = """

@@ -21,7 +21,7 @@ from pointvl.core.images import encode_mask, encode_rgb
 from pointvl.dataset.annotation_config import AnnotateConfig
 from pointvl.dataset.annotation_rules import smart_resize, vlm_box_to_pixels
 from pointvl.dataset.stages.annotate import Annotate
-from pointvl.dataset.stages.base import write_stage_table
+from pointvl.dataset.tables import write_stage_table
 
 KEY = "sk-test-SECRET-annotate-42"
 CATEGORIES = ["airplane", "car", "chair", "lamp", "table"]

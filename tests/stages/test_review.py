@@ -11,9 +11,7 @@ from PIL import Image
 
 from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.dag import make_stage
-from pointvl.dataset.plan import load_plan
 from pointvl.dataset.runner import build_in_process
-from pointvl.dataset.stages.base import read_stage_table, write_stage_table
 from pointvl.dataset.stages.review import (
     HELD_REASON,
     MASK_BOX,
@@ -27,6 +25,7 @@ from pointvl.dataset.stages.review import (
     policy_decisions,
     read_log,
 )
+from pointvl.dataset.tables import read_stage_table, write_stage_table
 
 CONFIG = {"shard_size": 16, "clean": {"test_size": 0.25, "train_size": None},
           "sample_points": {"num_points": 256}, "render": {"width": 64, "height": 64}}
@@ -48,8 +47,7 @@ def flag_first_item(run: str) -> None:
     flags = [True] + [False] * (table.num_rows - 1)
     flagged = table.set_column(table.schema.get_field_index("drift_flagged"), "drift_flagged", pa.array(flags))
     write_stage_table(run, "synthesize", 0, flagged, {"drift_flagged": 1})
-    categories = sorted({m.category for s in load_plan(run).shards for m in s.models})
-    make_stage("annotate", BuildConfig.from_dict(CONFIG), categories).run_shard(run, 0)
+    make_stage("annotate", BuildConfig.from_dict(CONFIG)).run_shard(run, 0)
 
 
 def test_policies_hold_only_flagged_items(run):

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.plan import load_plan
 from pointvl.dataset.runner import build_in_process
-from pointvl.dataset.stages.base import read_stage_table, read_stats, write_stage_table
+from pointvl.dataset.tables import read_stage_table, read_stats, write_stage_table
 
 CONFIG = {"shard_size": 16, "clean": {"test_size": 0.25, "train_size": None, "categories": ["mug", "car"]},
           "sample_points": {"num_points": 256}, "render": {"width": 48, "height": 48}}

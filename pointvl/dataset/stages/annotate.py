@@ -49,8 +49,10 @@ from pointvl.dataset.annotation_rules import (
     dominant_colours,
     template_annotation,
 )
+from pointvl.dataset.plan import load_plan
 from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.base import Drops, ShardOutput, Stage, finished, ran, read_stage_table
+from pointvl.dataset.stages.base import Drops, ShardOutput, Stage
+from pointvl.dataset.tables import finished, ran, read_stage_table
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +76,21 @@ SCHEMA = pa.schema([
 
 
 
-class Annotate(Stage):
-    """Stage ``annotate``: ``Annotate(config, categories).run_shard(run, shard_index)``.
+def _with_distractor(categories: list[str]) -> list[str]:
+    """The categories, sorted, with a second one when there is only one: the category question needs a distractor."""
+    categories = sorted(set(categories))
+    if len(categories) < 2:  # a one-category subset
+        extra = next(c for c in DISTRACTORS if c != categories[0])
+        logger.warning("one category (%s): the category question's distractor is %r", categories[0], extra)
+        categories = sorted([*categories, extra])
+    return categories
 
-    ``categories`` is the benchmark's category list (the category question's choices come from it).
+
+class Annotate(Stage):
+    """Stage ``annotate``: ``Annotate(config).run_shard(run, shard_index)``.
+
+    ``categories``: the benchmark's category list (the category question's choices come from it);
+    by default the categories of the run's plan.
     Keys: pass ``api_key``/``vlm_api_key`` (e.g. from a Prefect Secret block), else they are read
     from the environment variables named in the config when the first shard runs.
     """
@@ -95,15 +108,12 @@ class Annotate(Stage):
         api_key: SecretStr | None = None,
         vlm_api_key: SecretStr | None = None,
     ) -> None:
-        if not categories:
-            raise ValueError("annotate needs the benchmark's category list")
+        if categories is not None and not categories:
+            raise ValueError("annotate needs the benchmark's category list (None: the plan's)")
         super().__init__(config)
         config = self.config
-        self.categories = sorted(set(categories))
-        if len(self.categories) < 2:  # the category question needs a distractor (a one-category subset)
-            extra = next(c for c in DISTRACTORS if c != self.categories[0])
-            logger.warning("one category (%s): the category question's distractor is %r", self.categories[0], extra)
-            self.categories = sorted([*self.categories, extra])
+        self._from_plan = categories is None
+        self.categories = _with_distractor(categories) if categories is not None else []
         self._api_key = api_key
         self._vlm_api_key = vlm_api_key
         self.requests = AnnotationRequests(config, self.categories)
@@ -216,6 +226,8 @@ class Annotate(Stage):
         """
         c = self.config
         # 1. check and load inputs (before any API call)
+        if self._from_plan:
+            self.categories = _with_distractor(load_plan(run).categories())
         items, inputs = self._load(run, shard_index)
         stats: dict[str, Any] = {"backend": c.backend}
         # 2. annotate

@@ -1,23 +1,15 @@
-"""The stage contract (:class:`Stage`) and what every per-shard stage shares: the finished test, integrity, drops.
+"""The stage contract: :class:`Stage`, what a stage's shard made (:class:`ShardOutput`), its drops (:class:`Drops`).
 
-A stage writes one table per work shard, ``RUN/stages/<stage>/shard-{i:05d}.parquet``, keyed by
-``instance_id``, plus a stats JSON beside it (``instances``, ``dropped_<reason>``, ``seconds``). The stats are
-written first and the table last, so a shard is finished exactly when its table exists and checks out.
-
-Integrity. Each table records what it was made from in its Parquet metadata (``pointvl.made_from``:
-the stage, the work shard, a digest of the plan shard's instances, and the checksum of every input
-table it read); its stats record the table's own SHA-256. :func:`finished` and
-:func:`read_stage_table` verify both: a table that is truncated, altered, from another shard or plan,
-made from inputs that have changed since, or without its stats is moved to
-``RUN/superseded/<time>/`` (never deleted) with a warning naming it, and counts as not finished,
-so the stage recomputes it.
-
-The contract. Every stage is a :class:`Stage` (datatrove's ``PipelineStep`` is the model): it
-declares its ``name``, the stages whose tables it reads (``inputs``), its output ``schema`` and its
-``config_class``, and implements only :meth:`Stage.process_shard`, the work of one shard. The base
-owns the rest, the same for every stage: the finished test (a finished shard is skipped), timing,
+Every stage is a :class:`Stage` (datatrove's ``PipelineStep`` is the model): it declares its ``name``,
+the stages whose tables it reads (``inputs``), its output ``schema`` and its ``config_class``, and
+implements only :meth:`Stage.process_shard`, the work of one shard. The base owns the rest, the same
+for every stage (:meth:`Stage.run_shard`): the finished test (a finished shard is skipped), timing,
 uniform stats (``instances``: the rows written; ``dropped_<reason>``; ``seconds``), the check that
-the table has the declared schema, and writing stats first and the table last.
+the table has the declared schema, and writing stats first and the table last
+(:mod:`pointvl.dataset.tables`: the table layout and its integrity checks). Two kinds of stage implement
+less: a :class:`MeshStage` reads each model's mesh and implements only :meth:`MeshStage.model_rows`, and a
+:class:`RowStage` implements only :meth:`RowStage.rows` from its input's rows, so the CPU worker
+(:mod:`pointvl.dataset.cpu_stages`) reads each mesh once for all of them and hands on what it made.
 :data:`pointvl.dataset.dag.STAGES` declares the DAG once; ``tests/stages/test_contract.py`` holds every
 stage to the contract.
 
@@ -28,36 +20,25 @@ named reason (:class:`Drops`, used through :meth:`Drops.guard`); the shard goes 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import trimesh
 
-from pointvl.core import io
-from pointvl.core.errors import ITEM_ERRORS, InputError
-from pointvl.dataset.mesh import MeshError
-from pointvl.dataset.plan import ModelEntry, Shard, fingerprint, load_plan
+from pointvl.core.errors import ITEM_ERRORS
+from pointvl.dataset.mesh import MeshError, model_meshes
+from pointvl.dataset.plan import ModelEntry, load_plan
 from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.clean import load_model_file
+from pointvl.dataset.tables import finished, read_stage_table, read_stats, write_stage_table
 
 logger = logging.getLogger(__name__)
-
-MADE_FROM = b"pointvl.made_from"
-
-
-class StageTableError(InputError):
-    """A stage table failed its integrity check when read (the message names the file and the fix)."""
 
 
 class Drops:
@@ -78,9 +59,15 @@ class Drops:
         """Run the block for one item; an item error drops the item instead of failing the shard."""
         try:
             yield
-        except MeshError as err:
-            self.add(item, err.reason, str(err))
         except ITEM_ERRORS as err:
+            self.add_error(item, err)
+
+    def add_error(self, item: str, err: Exception) -> None:
+        """Drop ``item`` for an item error: a mesh that cannot be used gives its reason, anything else
+        ``<stage>_failed``."""
+        if isinstance(err, MeshError):
+            self.add(item, err.reason, str(err))
+        else:
             self.add(item, f"{self.stage}_failed", f"{type(err).__name__}: {err}")
 
     def check(self, total: int) -> None:
@@ -99,230 +86,6 @@ class Drops:
         return out
 
 
-def _identity(path: str) -> tuple | None:
-    """``(path, size, mtime)`` of a file, to memoize work on unchanged files (None: cannot tell)."""
-    fs, p = io.filesystem(path)
-    try:
-        info = fs.info(p)
-    except FileNotFoundError:
-        return None
-    stamp = info.get("mtime") or info.get("LastModified") or info.get("created")
-    return (path, info.get("size"), str(stamp)) if stamp is not None else None
-
-
-_sha_memo: dict[tuple, str] = {}
-_plan_memo: dict[tuple, dict[int, str]] = {}
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    """SHA-256 of a file's bytes (memoized per size and mtime within the process)."""
-    key = _identity(path)
-    if key is not None and key in _sha_memo:
-        return _sha_memo[key]
-    digest = sha256_bytes(io.read_bytes(path))
-    if key is not None:
-        _sha_memo[key] = digest
-    return digest
-
-
-def shard_digest(shard: Shard) -> str:
-    """What a shard's outputs are made for: its index, split and instances with their geometry."""
-    return fingerprint(shard.index, shard.split, shard.instance_ids(), [m.geometry for m in shard.models])
-
-
-def _plan_digest(run_dir: str, shard_index: int) -> str:
-    """The current plan's digest of shard ``shard_index``; "" without a plan (a stage run on its own)."""
-    key = _identity(RunFolder.of(run_dir).plan)
-    if key is None:
-        return ""
-    if key not in _plan_memo:
-        _plan_memo[key] = {s.index: shard_digest(s) for s in load_plan(run_dir).shards}
-    return _plan_memo[key].get(shard_index, "")
-
-
-def _stats_or_none(run_dir: str, stage: str, shard_index: int) -> dict | None:
-    try:
-        stats = io.read_json(RunFolder.of(run_dir).stage_stats(stage, shard_index))
-    except (FileNotFoundError, ValueError):  # no stats, or damaged (UnicodeDecodeError is a ValueError)
-        return None
-    return stats if isinstance(stats, dict) else None
-
-
-def recorded_sha(run_dir: str, stage: str, shard_index: int) -> str | None:
-    """The table checksum a stage's stats record (None: no stats, or stats without one)."""
-    stats = _stats_or_none(run_dir, stage, shard_index)
-    return stats.get("table_sha256") if stats is not None else None
-
-
-def _adopt(run_dir: str, stage: str, shard_index: int, stats: dict) -> str | None:
-    """A table written before tables recorded their origin: if it reads as Parquet, record its checksum
-    (so it is checked from now on) rather than pay for it again; else say why it cannot be used."""
-    folder = RunFolder.of(run_dir)
-    path = folder.stage_table(stage, shard_index)
-    data = io.read_bytes(path)
-    try:
-        meta = pq.read_metadata(pa.BufferReader(data)).metadata or {}
-    except (pa.ArrowException, OSError) as err:
-        return f"it is not a readable Parquet file ({type(err).__name__})"
-    if MADE_FROM in meta:
-        return "its stats lack the checksum it was written with"
-    io.write_json(folder.stage_stats(stage, shard_index), {**stats, "table_sha256": sha256_bytes(data)})
-    logger.info("%s: written by an earlier pointvl; its checksum is recorded now", path)
-    return None
-
-
-def write_stage_table(
-    run_dir: str, stage: str, shard_index: int, table: pa.Table, stats: dict, inputs: Sequence[str] = ()
-) -> None:
-    """Write a stage's table for one shard with what it was made from; stats first, the table last.
-
-    ``inputs``: the stages whose tables this one was computed from (their checksums are recorded, so
-    a changed input makes this table stale).
-    """
-    folder = RunFolder.of(run_dir)
-    made_from = {
-        "stage": stage,
-        "shard": shard_index,
-        "plan_shard": _plan_digest(run_dir, shard_index),
-        "inputs": {s: recorded_sha(run_dir, s, shard_index) for s in inputs},
-    }
-    meta = {**(table.schema.metadata or {}), MADE_FROM: json.dumps(made_from, sort_keys=True).encode()}
-    data = io.table_bytes(table.replace_schema_metadata(meta))
-    io.write_json(folder.stage_stats(stage, shard_index), {**stats, "table_sha256": sha256_bytes(data)})
-    io.write_bytes(folder.stage_table(stage, shard_index), data)
-
-
-def _problem(run_dir: str, stage: str, shard_index: int, data: bytes | None = None) -> str | None:
-    """Why the shard's table of ``stage`` (its bytes ``data``, else read from the file, which exists)
-    cannot be used; None when it checks out."""
-    path = RunFolder.of(run_dir).stage_table(stage, shard_index)
-    stats = _stats_or_none(run_dir, stage, shard_index)
-    if stats is None:
-        return "its stats file is missing or damaged, so its content cannot be checked"
-    want = stats.get("table_sha256")
-    if want is None:
-        return _adopt(run_dir, stage, shard_index, stats)
-    if (sha256_bytes(data) if data is not None else file_sha256(path)) != want:
-        return "its bytes do not match the checksum in its stats (truncated or altered)"
-    if data is not None:
-        meta = pq.read_schema(pa.BufferReader(data)).metadata or {}
-    else:
-        fs, p = io.filesystem(path)
-        with fs.open(p, "rb") as f:  # the footer only
-            meta = pq.read_schema(f).metadata or {}
-    if MADE_FROM not in meta:  # adopted from an earlier pointvl
-        return None
-    try:
-        made = json.loads(meta[MADE_FROM])
-    except ValueError:
-        return "its record of what it was made from is damaged"
-    if made.get("stage") != stage or made.get("shard") != shard_index:
-        return f"it was made for {made.get('stage')} shard {made.get('shard')}"
-    current = _plan_digest(run_dir, shard_index)
-    if current and made.get("plan_shard") and made["plan_shard"] != current:
-        return "it was made for other instances than the plan's shard"
-    for name, sha in (made.get("inputs") or {}).items():
-        if recorded_sha(run_dir, name, shard_index) != sha:
-            return f"its input, the {name} table, has changed since it was made"
-    return None
-
-
-def move_aside(run_dir: str, paths: Sequence[str], why: str) -> str:
-    """Move ``paths`` (those that exist) to ``RUN/superseded/<time>/`` keeping their relative paths.
-
-    Nothing is deleted: a person can inspect or restore what was moved. Returns the folder used.
-    """
-    fs, root = io.filesystem(run_dir)
-    aside = io.filesystem(RunFolder.of(run_dir).superseded_now())[1]
-    for path in paths:
-        p = io.filesystem(path)[1]
-        if fs.exists(p):
-            target = f"{aside}/{p.removeprefix(root + '/')}"
-            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            fs.mv(p, target, recursive=True)
-    rel = [io.filesystem(p)[1].removeprefix(root + "/") for p in paths]
-    logger.warning("%s: %s; moved to %s, to be recomputed", rel[0], why, aside.removeprefix(root + "/"))
-    return aside
-
-
-def finished(run_dir: str, stage: str, shard_index: int) -> bool:
-    """Whether the shard's table of ``stage`` exists and checks out; a table that does not is moved
-    aside (with a warning) and the shard counts as not finished."""
-    folder = RunFolder.of(run_dir)
-    path = folder.stage_table(stage, shard_index)
-    if not io.exists(path):
-        return False
-    problem = _problem(run_dir, stage, shard_index)
-    if problem is None:
-        return True
-    move_aside(run_dir, [path, folder.stage_stats(stage, shard_index)], problem)
-    return False
-
-
-def read_stage_table(run_dir: str, stage: str, shard_index: int) -> pa.Table:
-    """The shard's table of ``stage``, verified (raises :class:`StageTableError` when it does not check out)."""
-    path = RunFolder.of(run_dir).stage_table(stage, shard_index)
-    if not io.exists(path):
-        raise FileNotFoundError(f"{path} is missing: run the {stage} stage for shard {shard_index} first")
-    data = io.read_bytes(path)
-    problem = _problem(run_dir, stage, shard_index, data)
-    if problem is not None:
-        raise StageTableError(f"{path}: {problem}; re-run the build to recompute it")
-    table = pq.read_table(pa.BufferReader(data))
-    return table.replace_schema_metadata({k: v for k, v in (table.schema.metadata or {}).items() if k != MADE_FROM})
-
-
-def ran(run_dir: RunFolder | str, stage: str, shard_index: int) -> bool:
-    """Whether ``stage`` ran for the shard: its table exists. An optional input (synthesize, annotate, ...)
-    is left out only when it did not run; one that ran is read with :func:`read_stage_table`, so a damaged
-    table is refused, never taken for a stage that did not run."""
-    return io.exists(RunFolder.of(run_dir).stage_table(stage, shard_index))
-
-
-def read_stats(run_dir: str, stage: str, shard_index: int) -> dict:
-    return io.read_json(RunFolder.of(run_dir).stage_stats(stage, shard_index))
-
-
-MATRIX3 = pa.list_(pa.list_(pa.float32(), 3))
-"""The type of a column of ``(n, 3)`` float32 matrices (point clouds, keypoints)."""
-
-
-def matrix_column(arrays: list[np.ndarray], width: int) -> pa.Array:
-    """A list of ``(n_i, width)`` float32 arrays as ``list<fixed_size_list<float32, width>>``."""
-    lengths = [len(a) for a in arrays]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    flat = np.concatenate([np.asarray(a, dtype=np.float32).reshape(-1) for a in arrays]) if arrays else []
-    rows = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), width)
-    return pa.ListArray.from_arrays(pa.array(offsets), rows)
-
-
-def vector_column(arrays: list[np.ndarray], width: int) -> pa.Array:
-    """A list of ``(width,)`` float32 vectors as ``fixed_size_list<float32, width>``."""
-    flat = np.concatenate([np.asarray(a, dtype=np.float32).reshape(-1) for a in arrays]) if arrays else []
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), width)
-
-
-def to_numpy_matrix(value: list) -> np.ndarray:
-    """One cell of a matrix column (a list of lists) back to a float32 array."""
-    return np.asarray(value, dtype=np.float32)
-
-
-def shard_meshes(shard: Shard, stage: str, drops: Drops) -> Iterator[tuple[ModelEntry, trimesh.Trimesh]]:
-    """Each model of the shard with its normalized mesh (:func:`pointvl.dataset.stages.clean.load_model_file`: a
-    local path or a URL); a model that fails to load is dropped with its reason."""
-    for i, model in enumerate(shard.models, 1):
-        mesh = None
-        with drops.guard(f"{model.synset_id}/{model.model_id}"):
-            mesh = load_model_file(model.obj_path)
-        if mesh is not None:
-            yield model, mesh
-        logger.debug("%s %s %d/%d", stage, shard.name, i, len(shard.models))
-
-
 @dataclass
 class ShardOutput:
     """What :meth:`Stage.process_shard` made: the rows (or a table) and the stage's own stats entries."""
@@ -331,6 +94,37 @@ class ShardOutput:
     stats: dict = field(default_factory=dict)
     made_from: tuple[str, ...] | None = None
     """The input tables actually read, when a stage reads only some of its ``inputs`` (else all)."""
+
+
+@dataclass
+class ShardJob:
+    """One stage's job on one shard (:meth:`Stage.open_shard`), from the finished test to the write.
+
+    ``done``: the shard's stats once it is finished (before: it is skipped); until then the work drops
+    its failed items into ``drops``, runs under :meth:`timed` (the shard's ``seconds`` add up those
+    blocks), and :meth:`write` ends the job. :meth:`Stage.run_shard` is one such job; the CPU worker
+    holds several open at once, to read each mesh once for all of them.
+    """
+
+    stage: Stage
+    run: RunFolder
+    shard_index: int
+    done: dict | None
+    drops: Drops
+    seconds: float = 0.0
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def write(self, out: ShardOutput | list[dict]) -> dict:
+        """Write the shard's table and its stats (:meth:`Stage.write`); the stats are ``done`` from now on."""
+        self.done = self.stage.write(self.run, self.shard_index, out, self.drops, self.seconds)
+        return self.done
 
 
 class Stage(ABC):
@@ -345,19 +139,25 @@ class Stage(ABC):
         self.config = config if config is not None else self.config_class()
 
     def finished(self, run: RunFolder | str, shard_index: int) -> bool:
-        """Whether the shard's table exists and checks out (:func:`finished`)."""
+        """Whether the shard's table exists and checks out (:func:`pointvl.dataset.tables.finished`)."""
         return finished(run, self.name, shard_index)
+
+    def open_shard(self, run: RunFolder | str, shard_index: int) -> ShardJob:
+        """The shard's job: ``done`` holds its stats (``skipped``) when it is finished."""
+        done = None
+        if self.finished(run, shard_index):
+            logger.info("%s shard-%05d already finished: skipped", self.name, shard_index)
+            done = read_stats(run, self.name, shard_index) | {"skipped": True}
+        return ShardJob(self, RunFolder.of(run), shard_index, done, Drops(self.name))
 
     def run_shard(self, run: RunFolder | str, shard_index: int) -> dict:
         """Make the shard's table unless it is finished; returns the shard's stats (``skipped`` when it was)."""
-        if self.finished(run, shard_index):
-            logger.info("%s shard-%05d already finished: skipped", self.name, shard_index)
-            return read_stats(run, self.name, shard_index) | {"skipped": True}
-        start = time.perf_counter()
-        drops = Drops(self.name)
-        out = self.process_shard(RunFolder.of(run), shard_index, drops)
-        out = out if isinstance(out, ShardOutput) else ShardOutput(out)
-        return self.write(run, shard_index, out, drops, time.perf_counter() - start)
+        job = self.open_shard(run, shard_index)
+        if job.done is not None:
+            return job.done
+        with job.timed():
+            out = self.process_shard(job.run, shard_index, job.drops)
+        return job.write(out)
 
     @abstractmethod
     def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> list[dict] | ShardOutput:
@@ -378,3 +178,40 @@ class Stage(ABC):
         made_from = self.inputs if out.made_from is None else out.made_from
         write_stage_table(run, self.name, shard_index, table, stats, inputs=made_from)
         return stats
+
+
+class MeshStage(Stage):
+    """A stage that reads each model's mesh (``sample_points``, ``render``): it implements
+    :meth:`model_rows`, the rows of one model; :meth:`process_shard` reads the shard's meshes one at a time."""
+
+    @abstractmethod
+    def model_rows(self, model: ModelEntry, mesh: trimesh.Trimesh, views_per_model: int, drops: Drops) -> list[dict]:
+        """The rows of one model's views (a failure drops the model into ``drops`` and gives no rows)."""
+
+    def output(self, rows: list[dict]) -> ShardOutput:
+        """The shard's output from its models' rows (a stage adds its own stats entries here)."""
+        return ShardOutput(rows)
+
+    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> ShardOutput:
+        shard = load_plan(run).shards[shard_index]
+        rows: list[dict] = []
+        for model, mesh in model_meshes(shard.models, drops.add_error):
+            rows.extend(self.model_rows(model, mesh, shard.views_per_model, drops))
+        drops.check(len(shard.models))
+        return self.output(rows)
+
+
+class RowStage(Stage):
+    """A stage made row by row from the rows of its one input stage (``geometry`` from the clouds, ``kpts2d``
+    from the masks): it implements :meth:`rows`; :meth:`process_shard` reads the ``input_columns`` of the
+    input's table, where the CPU worker passes the rows it has just made."""
+
+    input_columns: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def rows(self, inputs: list[dict], drops: Drops) -> list[dict]:
+        """The rows made from the input's rows (an item that fails goes into ``drops``)."""
+
+    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> list[dict]:
+        (source,) = self.inputs
+        return self.rows(read_stage_table(run, source, shard_index).select(list(self.input_columns)).to_pylist(), drops)

@@ -15,17 +15,9 @@ import numpy as np
 import open3d as o3d
 import pyarrow as pa
 
+from pointvl.core.arrow import MATRIX3, matrix_column, to_numpy_matrix, vector_column
 from pointvl.core.errors import check_range
-from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.base import (
-    MATRIX3,
-    Drops,
-    Stage,
-    matrix_column,
-    read_stage_table,
-    to_numpy_matrix,
-    vector_column,
-)
+from pointvl.dataset.stages.base import Drops, RowStage
 
 
 @dataclass
@@ -42,11 +34,12 @@ class GeometryConfig:
         check_range("geometry.num_keypoints", self.num_keypoints, 1, 1024, 16)
 
 
-class Geometry(Stage):
+class Geometry(RowStage):
     """Stage ``geometry``: ``bbox3d`` and ``kpts3d`` of each instance's point cloud."""
 
     name = "geometry"
     inputs = ("sample_points",)
+    input_columns = ("instance_id", "points")
     schema = pa.schema([("instance_id", pa.string()), ("bbox3d", pa.list_(pa.float32(), 6)), ("kpts3d", MATRIX3)])
     config_class = GeometryConfig
 
@@ -60,15 +53,15 @@ class Geometry(Stage):
         kpts3d = np.asarray(pcd.farthest_point_down_sample(k).points, dtype=np.float32)
         return bbox3d, kpts3d
 
-    def rows(self, instance_ids: list[str], clouds: list[np.ndarray], drops: Drops) -> list[dict]:
-        """One row (``instance_id``, ``bbox3d``, ``kpts3d``) per instance's ``(N, 3)`` cloud; a failure
-        drops the instance into ``drops``."""
+    def rows(self, inputs: list[dict], drops: Drops) -> list[dict]:
+        """One row (``instance_id``, ``bbox3d``, ``kpts3d``) per instance's ``(N, 3)`` cloud (``points``);
+        a failure drops the instance into ``drops``."""
         rows = []
-        for iid, cloud in zip(instance_ids, clouds, strict=True):
-            with drops.guard(iid):
-                box, kp = self.run_points(cloud)
-                rows.append({"instance_id": iid, "bbox3d": box, "kpts3d": kp})
-        drops.check(len(instance_ids))
+        for row in inputs:
+            with drops.guard(row["instance_id"]):
+                box, kp = self.run_points(to_numpy_matrix(row["points"]))
+                rows.append({"instance_id": row["instance_id"], "bbox3d": box, "kpts3d": kp})
+        drops.check(len(inputs))
         return rows
 
     def to_table(self, rows: list[dict] | pa.Table) -> pa.Table:
@@ -77,9 +70,3 @@ class Geometry(Stage):
             "bbox3d": vector_column([r["bbox3d"] for r in rows], 6),
             "kpts3d": matrix_column([r["kpts3d"] for r in rows], 3),
         })
-
-    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> list[dict]:
-        """Boxes and keypoints for every instance of the shard's point table."""
-        points = read_stage_table(run, "sample_points", shard_index)
-        clouds = [to_numpy_matrix(cell) for cell in points.column("points").to_pylist()]
-        return self.rows(points.column("instance_id").to_pylist(), clouds, drops)

@@ -25,9 +25,9 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from pointvl.core import images
+from pointvl.core.arrow import matrix_column, vector_column
 from pointvl.core.errors import check_range
-from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.base import Drops, Stage, matrix_column, read_stage_table, vector_column
+from pointvl.dataset.stages.base import Drops, RowStage
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +105,12 @@ def keypoints_from_mask(mask: NDArray, k: int = 16, seed: int = 0, erode_px: int
     return chosen.astype(np.float32)
 
 
-class Kpts2D(Stage):
+class Kpts2D(RowStage):
     """Stage `kpts2d`: a render record's mask → ``bbox2d`` and ``kpts2d`` columns."""
 
     name = "kpts2d"
     inputs = ("render",)
+    input_columns = ("instance_id", "mask")
     schema = pa.schema([("instance_id", pa.string()), ("bbox2d", pa.list_(pa.float32(), 4)),
                         ("kpts2d", pa.list_(pa.list_(pa.float32(), 2)))])
     config_class = Kpts2DConfig
@@ -121,17 +122,17 @@ class Kpts2D(Stage):
         kpts = keypoints_from_mask(mask, k=cfg.k, seed=cfg.seed, erode_px=cfg.erode_px)
         return {"bbox2d": bbox_from_mask(mask), "kpts2d": kpts.tolist()}
 
-    def rows(self, renders: list[dict], drops: Drops) -> list[dict]:
+    def rows(self, inputs: list[dict], drops: Drops) -> list[dict]:
         """Box and keypoints for each render row (``instance_id``, ``mask``); an empty mask or a failure
         drops the view into ``drops``."""
         rows = []
-        for row in renders:
+        for row in inputs:
             with drops.guard(row["instance_id"]):
                 if not images.decode_mask(row["mask"]).any():
                     drops.add(row["instance_id"], "empty_mask", "the object is not in the view")
                     continue
                 rows.append({"instance_id": row["instance_id"], **self.run_mask(row["mask"])})
-        drops.check(len(renders))
+        drops.check(len(inputs))
         return rows
 
     def to_table(self, rows: list[dict] | pa.Table) -> pa.Table:
@@ -140,8 +141,3 @@ class Kpts2D(Stage):
             "bbox2d": vector_column([np.asarray(r["bbox2d"]) for r in rows], 4),
             "kpts2d": matrix_column([np.asarray(r["kpts2d"]) for r in rows], 2),
         })
-
-    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> list[dict]:
-        """Boxes and keypoints from every mask of the shard's render table."""
-        renders = read_stage_table(run, "render", shard_index).select(["instance_id", "mask"]).to_pylist()
-        return self.rows(renders, drops)

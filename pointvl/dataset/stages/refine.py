@@ -22,7 +22,7 @@ import pyarrow as pa
 from pointvl.core import images
 from pointvl.core.errors import check_range
 from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.base import Drops, ShardOutput, read_stage_table
+from pointvl.dataset.stages.base import Drops, ShardOutput
 from pointvl.dataset.stages.gpu_common import (
     GpuStage,
     GpuStageConfig,
@@ -33,6 +33,7 @@ from pointvl.dataset.stages.gpu_common import (
     run_items,
     text_inputs,
 )
+from pointvl.dataset.tables import read_stage_table
 
 logger = logging.getLogger(__name__)
 

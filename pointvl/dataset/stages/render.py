@@ -19,10 +19,9 @@ from pointvl.core import images
 from pointvl.core.errors import check_range
 from pointvl.dataset.cameras import DEFAULT_VIEWS, load_view_config, sample_cameras
 from pointvl.dataset.mesh import NORMALIZATION
-from pointvl.dataset.plan import ModelEntry, load_plan
+from pointvl.dataset.plan import ModelEntry
 from pointvl.dataset.renderers import BACKENDS, Renderer, make_renderer
-from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.base import Drops, ShardOutput, Stage, shard_meshes
+from pointvl.dataset.stages.base import Drops, MeshStage, ShardOutput
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ SCHEMA = pa.schema(
 )
 
 
-class Render(Stage):
+class Render(MeshStage):
     """Stage `render`: one model → one record per view with the render stage table columns."""
 
     name = "render"
@@ -180,18 +179,13 @@ class Render(Stage):
             )
         return rows
 
-    def model_rows(self, model: ModelEntry, mesh: trimesh.Trimesh, drops: Drops) -> list[dict]:
-        """:meth:`run_model`'s rows with the model's ids and category; a failure drops the model into ``drops``."""
+    def model_rows(self, model: ModelEntry, mesh: trimesh.Trimesh, views_per_model: int, drops: Drops) -> list[dict]:
+        """:meth:`run_model`'s rows (``config.views_per_model`` views, which the plan's ``views_per_model``
+        repeats) with the model's ids and category; a failure drops the model into ``drops``."""
         ids = {"synset_id": model.synset_id, "model_id": model.model_id, "category": model.category}
         with drops.guard(f"{model.synset_id}/{model.model_id}"):
             return [{**row, **ids} for row in self.run_model(mesh, model.synset_id, model.model_id)]
         return []
 
-    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> ShardOutput:
-        """Render every model of the shard."""
-        shard = load_plan(run).shards[shard_index]
-        rows: list[dict] = []
-        for model, mesh in shard_meshes(shard, self.name, drops):
-            rows.extend(self.model_rows(model, mesh, drops))
-        drops.check(len(shard.models))
+    def output(self, rows: list[dict]) -> ShardOutput:
         return ShardOutput(rows, {"backend": self.renderer.name})

@@ -31,7 +31,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pointvl.core import io
 from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.base import Drops, ShardOutput, Stage, finished, ran, read_stage_table
+from pointvl.dataset.stages.base import Drops, ShardOutput, Stage
+from pointvl.dataset.tables import finished, ran, read_stage_table
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import open3d as o3d
 import pyarrow as pa
 import trimesh
 
+from pointvl.core.arrow import MATRIX3, matrix_column
 from pointvl.core.errors import check_range
-from pointvl.dataset.plan import ModelEntry, instance_id, load_plan
-from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.base import MATRIX3, Drops, Stage, matrix_column, shard_meshes
+from pointvl.dataset.plan import ModelEntry, instance_id
+from pointvl.dataset.stages.base import Drops, MeshStage
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def model_seed(seed: int, model_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{model_id}".encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
-class SamplePoints(Stage):
+class SamplePoints(MeshStage):
     """Stage ``sample_points``: one point cloud per model, repeated for each of its views."""
 
     name = "sample_points"
@@ -104,12 +104,3 @@ class SamplePoints(Stage):
             "points": matrix_column([r["points"] for r in rows], 3),
             "normals": matrix_column([r["normals"] for r in rows], 3),
         })
-
-    def process_shard(self, run: RunFolder, shard_index: int, drops: Drops) -> list[dict]:
-        """Sample every model of the shard."""
-        shard = load_plan(run).shards[shard_index]
-        rows: list[dict] = []
-        for model, mesh in shard_meshes(shard, self.name, drops):
-            rows.extend(self.model_rows(model, mesh, shard.views_per_model, drops))
-        drops.check(len(shard.models))
-        return rows

@@ -27,18 +27,8 @@ from pointvl.core import io
 from pointvl.core.record import IMAGE_COLUMNS, record_schema
 from pointvl.dataset.plan import Shard, load_plan
 from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.base import (
-    Drops,
-    ShardOutput,
-    Stage,
-    file_sha256,
-    finished,
-    move_aside,
-    ran,
-    read_stage_table,
-    recorded_sha,
-    sha256_bytes,
-)
+from pointvl.dataset.stages.base import Drops, ShardOutput, Stage
+from pointvl.dataset.tables import file_sha256, finished, move_aside, ran, read_stage_table, recorded_sha, sha256_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Stage `clean`: ShapeNetCore v2 folder → the models the benchmark keeps, and why the rest went.
+"""Planning step `clean`: ShapeNetCore v2 folder → the models the benchmark keeps, and why the rest went.
 
 Paper §4.1.1: merge semantically overlapping categories (hyponyms), drop categories with poor
 generation quality, and drop broken models. Every model found on disk gets one row in the cleaning
@@ -42,7 +42,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import trimesh
 from fsspec.implementations.local import LocalFileSystem
 
 from pointvl.core import io
@@ -51,7 +50,7 @@ from pointvl.core.package_data import config_path
 from pointvl.core.progress import Progress
 from pointvl.dataset import mesh as mesh_module
 from pointvl.dataset.executor import Executor, InProcess
-from pointvl.dataset.mesh import NORMALIZATION, MeshError, load_model
+from pointvl.dataset.mesh import NORMALIZATION, MeshError, load_model_file
 from pointvl.dataset.plan import ModelEntry
 
 logger = logging.getLogger(__name__)
@@ -217,13 +216,6 @@ def model_path(shapenet_dir: str, synset: str, model: str) -> str:
     """The OBJ of a model: an absolute local path, or a URL on the input's filesystem."""
     path = io.join(shapenet_dir, synset, model, OBJ_RELPATH)
     return path if "://" in path else os.path.abspath(path)
-
-
-def load_model_file(obj_path: str) -> trimesh.Trimesh:
-    """:func:`pointvl.dataset.mesh.load_model` of a local or remote OBJ (a remote model folder is copied to a
-    temporary local folder first, so its materials and ``../images/`` textures come along)."""
-    with io.local_copy(obj_path, levels=2) as local:
-        return load_model(local)
 
 
 @functools.cache
