@@ -8,7 +8,7 @@ Every task takes a run folder and a shard index; data moves by path. Finished sh
 so re-running the same build after a failure only does what is left. Before any stage, the build
 checks that its training hand-off could start and takes the run folder's lock (one build per
 folder; a second one ends CANCELLED naming the holder). ``review`` suspends for a person in deployed
-builds (``flows/review.py``), keeping the lock; each stage publishes a ``progress-<stage>`` artifact,
+builds (``tasks/review_gate.py``), keeping the lock; each stage publishes a ``progress-<stage>`` artifact,
 and refine, synthesize, annotate and write_shards a ``stats-<stage>`` table of their shards' stats.
 The stages run in the order :data:`pointvl.dataset.dag.GROUPS` declares.
 """
@@ -33,15 +33,11 @@ from pointvl.dataset.runlock import RunFolderLocked
 from pointvl.dataset.stages.review import Review
 from pointvl.dataset.summary import summarize
 from pointvl.flows.gpu_stages import run_gpu_stage
-from pointvl.flows.locking import build_lock, mark_crashed, record_build
-from pointvl.flows.review import review_gate
-from pointvl.tasks.annotate import annotate
-from pointvl.tasks.clean import clean
-from pointvl.tasks.cpu_stages import cpu_stages
-from pointvl.tasks.handoff import start_training
-from pointvl.tasks.progress import publish_finished, publish_stats, wait_with_progress
-from pointvl.tasks.summary import publish_summary
-from pointvl.tasks.write_shards import write_shards
+from pointvl.tasks.artifacts import publish_finished, publish_stats, publish_summary, wait_with_progress
+from pointvl.tasks.build_lock import build_lock, mark_crashed, record_build
+from pointvl.tasks.review_gate import review_gate
+from pointvl.tasks.stage_tasks import annotate, clean, cpu_stages, write_shards
+from pointvl.tasks.training import start_training
 
 SHARD_TASKS = {"annotate": annotate, "write_shards": write_shards}
 """The task of each stage after the GPU group that runs shard by shard here (review is the gate)."""
@@ -110,7 +106,7 @@ def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers
         publish_finished(out, stage.name, shards, bid)
 
     for stage in GROUPS["after"]:
-        if stage is Review:  # the flow's human step: contact sheets, then a person's answer (flows/review.py)
+        if stage is Review:  # the flow's human step: contact sheets, then a person's answer (tasks/review_gate.py)
             review_gate(out, shards, cfg.review, bid)
             continue
         task = SHARD_TASKS[stage.name]

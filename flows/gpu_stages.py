@@ -38,8 +38,7 @@ from pointvl.dataset.dag import GPU_STAGES
 from pointvl.dataset.diffusion_pipelines import release_pipelines
 from pointvl.dataset.stages.refine import RefineConfig
 from pointvl.dataset.stages.synthesize import SynthesizeConfig
-from pointvl.tasks.refine import refine
-from pointvl.tasks.synthesize import synthesize
+from pointvl.tasks.stage_tasks import refine, synthesize
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from pointvl.tasks.handoff import report_to_build
-from pointvl.tasks.report import publish_report
-from pointvl.tasks.train import evaluate, train_stage, training_curves
+from pointvl.tasks.artifacts import publish_report
+from pointvl.tasks.training import evaluate, report_to_build, train_stage, training_curves
 from pointvl.train.pipeline import check_config, stage_names
 from pointvl.train.train_config import preset_config
 

@@ -19,9 +19,9 @@ from pointvl.core import io
 from pointvl.dataset import diffusion_pipelines
 from pointvl.dataset.diffusion_pipelines import WeightsMissing, load_pipeline, release_pipelines, resolve_backend
 from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.tables import read_stage_table
 from pointvl.dataset.stages.refine import Refine, RefineConfig
 from pointvl.dataset.stages.synthesize import Synthesize, SynthesizeConfig
+from pointvl.dataset.tables import read_stage_table
 from pointvl.testing.tiny_pipelines import HashPromptEncoder, save_tiny_models
 
 

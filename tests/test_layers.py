@@ -141,7 +141,7 @@ def test_the_parser_sees_every_kind_of_import():
         (4, "pointvl.grca.spans"), (6, "pointvl.train.train_config.preflight"), (8, "pointvl.dataset.plan.Shard")]
     assert list(imports("from . import x\n", "pointvl.grca", True)) == [(1, "pointvl.grca.x")]
     assert layer("pointvl") == "pointvl" and layer("pointvl.grca.parse") == "grca"
-    assert layer("pointvl.flows.build") == "flows" and layer("pointvl.tasks.clean") == "tasks"
+    assert layer("pointvl.flows.build") == "flows" and layer("pointvl.tasks.stage_tasks") == "tasks"
     assert layer("pointvl.__version__") == "pointvl" and layer("pointvl.dataset") == "dataset"
     assert layer("numpy") is None and layer("pointvlx") is None
 

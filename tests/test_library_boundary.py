@@ -52,9 +52,9 @@ def test_no_library_module_imports_the_orchestrator_even_lazily():
 
 def test_the_static_check_sees_imports_inside_functions():
     source = ("def f():\n    from pointvl.flows.build import x\n    import prefect.flows, json\n\n"
-              "import pointvl.tasks.clean\n")
+              "import pointvl.tasks.stage_tasks\n")
     assert sorted(orchestrator_imports(source)) == [(2, "pointvl.flows.build"), (3, "prefect.flows"),
-                                                    (5, "pointvl.tasks.clean")]
+                                                    (5, "pointvl.tasks.stage_tasks")]
     assert orchestrator_imports("from . import tasks\nimport pointvl.flowsx\nimport flows\n") == []
 
 

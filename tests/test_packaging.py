@@ -28,7 +28,7 @@ FIRST_PARTY = ("pointvl",)
 SHIPPED = ("pointvl", "flows", "tasks", "prompts", "schemas")  # the folders the wheel is built from
 # The modules the commands fixture, build (the flow and its tasks) and evaluate import.
 BUILD_PATH = ("pointvl.cli", "pointvl.dataset.runner", "pointvl.evaluation.scoring", "pointvl.fixture",
-              "pointvl.flows.build", "pointvl.flows.gpu_stages", "pointvl.flows.annotate")
+              "pointvl.flows.build", "pointvl.flows.gpu_stages", "pointvl.flows.annotate_shard")
 CONFIG = """
 shard_size: 64
 clean: {test_size: 0.25, train_size: null, categories: [chair, mug]}
@@ -85,7 +85,7 @@ def test_every_import_on_the_build_path_is_declared():
     assert result.returncode == 0, result.stderr[-3000:]
     files = dict(line.split("=", 1) for line in result.stdout.split())
     modules = sorted(files)
-    assert "pointvl.dataset.stages.write_shards" in modules and "pointvl.tasks.cpu_stages" in modules
+    assert "pointvl.dataset.stages.write_shards" in modules and "pointvl.tasks.stage_tasks" in modules
     core, extras = _declared()
     distributions = importlib.metadata.packages_distributions()
     undeclared = []

@@ -53,7 +53,7 @@ def _build(args: argparse.Namespace) -> int:
         )
     # 2. Run the flow: embedded Prefect unless PREFECT_API_URL points at a server; one build per folder.
     from pointvl.flows.build import build_benchmark
-    from pointvl.flows.locking import check_unlocked
+    from pointvl.tasks.build_lock import check_unlocked
 
     try:
         check_unlocked(out)

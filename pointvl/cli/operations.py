@@ -130,7 +130,7 @@ def _deployed_origin(target: str) -> tuple[uuid.UUID, uuid.UUID] | None:
     """(flow run, deployment) of the build to resume, when it ran from a deployment; None for a local one."""
     run_id = _flow_run_id(target)
     if run_id is None:
-        from pointvl.flows.locking import api_url
+        from pointvl.tasks.build_lock import api_url
 
         if not io.exists(RunFolder.of(target).last_build):
             return None
@@ -154,7 +154,7 @@ def _deployed_origin(target: str) -> tuple[uuid.UUID, uuid.UUID] | None:
 def _resume(args: argparse.Namespace) -> int:
     """A deployed build resumes as a new run of its deployment (on the workers, review gate as deployed);
     a local one resumes in this process."""
-    from pointvl.flows.locking import check_unlocked
+    from pointvl.tasks.build_lock import check_unlocked
 
     origin = _deployed_origin(args.target)
     if origin is None:

@@ -48,7 +48,7 @@ class AnnotateConfig:
             :class:`pointvl.core.chat_client.BatchPending` and a re-run picks the batch up.
         redo_failed: re-run a finished shard that has failed items (cached replies cost nothing).
         api_key_secret_block, vlm_api_key_secret_block: Prefect Secret blocks the task reads the keys
-            from (used by ``tasks/annotate.py`` only; the library reads the environment).
+            from (used by ``tasks/stage_tasks.py`` only; the library reads the environment).
     """
 
     backend: str = "offline"

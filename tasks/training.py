@@ -1,12 +1,13 @@
-"""Prefect side of the training hand-off: start the ``train`` deployment once per build, and report a
-failed training run back on the build that started it."""
+"""Prefect tasks of training: the build's hand-off (start the ``train`` deployment once per build, report a failed
+training run back on the build that started it) and the training flow's stages, thin wrappers over
+``pointvl.train.pipeline``."""
 
 from __future__ import annotations
 
 import uuid
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactCreate
@@ -15,7 +16,12 @@ from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
 from prefect.states import Completed, State
 
+from pointvl.core import io as pio
 from pointvl.dataset.handoff import HandoffConfig, build_id, record_start, started_run, train_parameters
+from pointvl.evaluation.report import plot_curves
+from pointvl.evaluation.scoring import format_table
+from pointvl.train import pipeline
+from pointvl.train.train_config import TrainConfig
 
 
 @task(name="start_training", cache_policy=NO_CACHE)
@@ -60,3 +66,41 @@ def report_to_build(flow: Flow, flow_run: FlowRun, state: State) -> None:
         build = client.read_flow_run(uuid.UUID(build_run))
         if build.state is not None and build.state.is_completed():
             client.set_flow_run_state(build.id, Completed(message=message), force=True)
+
+
+@task(name="train-stage", cache_policy=NO_CACHE, task_run_name="{stage}")
+def train_stage(config: TrainConfig, shards_dir: str, run_dir: str, stage: str, init_from: str | None) -> str:
+    """One training stage (skipped when its checkpoint exists); returns the checkpoint folder."""
+    folder = pipeline.train_stage(config, shards_dir, run_dir, stage, init_from)
+    get_run_logger().info("%s checkpoint: %s", stage, folder)
+    return folder
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(config: TrainConfig, shards_dir: str, run_dir: str, checkpoint: str, name: str) -> dict:
+    """Predict and score the test split; publishes the metrics table as an artifact."""
+    metrics = pipeline.evaluate_stage(config, shards_dir, run_dir, checkpoint)
+    create_markdown_artifact(key="train-metrics", markdown=format_table(metrics, name=name),
+                             description=f"Test metrics of {run_dir}")
+    return metrics
+
+
+@task(name="training-curves", cache_policy=NO_CACHE)
+def training_curves(run_dir: str, stages: list[str]) -> str:
+    """Plot the stages' curves to RUN/curves.png; publish the curves as a table the UI shows (every
+    k-th step, at most 40 rows a stage) with the plot's path beside it."""
+    path = plot_curves(run_dir, stages)
+    rows = []
+    for stage in stages:
+        history = pio.read_json(pio.join(run_dir, stage, "history.json"))
+        every = max(1, len(history) // 40)
+        for entry in history[::every] + ([history[-1]] if (len(history) - 1) % every else []):
+            shown = {k: v for k, v in entry.items() if k == "step" or k.startswith(("loss", "reward_"))}
+            rows.append({"stage": stage, **{k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()}})
+    create_table_artifact(key="training-curves", table=rows,
+                          description=f"Loss and mean rewards per optimizer step; plot: {path}")
+    compute = pio.join(run_dir, "compute.json")
+    if pio.exists(compute):
+        create_markdown_artifact(key="training-compute", markdown=pipeline.format_compute(pio.read_json(compute)),
+                                 description=f"What each stage of {run_dir} cost (compare the Table 3 variants)")
+    return path

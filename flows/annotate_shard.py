@@ -11,7 +11,7 @@ from prefect import flow
 
 from pointvl.core.strict_config import load
 from pointvl.dataset.annotation_config import AnnotateConfig
-from pointvl.tasks.annotate import annotate
+from pointvl.tasks.stage_tasks import annotate
 
 
 @flow(name="annotate-shard", description="LLM/VLM QA, descriptions and 2D grounding of one shard (CPU, API)")

@@ -1,6 +1,6 @@
 """Weight memory of the real GPU-stage models per offload option, **computed** from parameter counts.
 
-``python -m benchmarks.gpu_memory`` builds every component of Qwen-Image-Edit and of FLUX.1-Krea-dev +
+``python -m benchmarks.bench_gpu_memory`` builds every component of Qwen-Image-Edit and of FLUX.1-Krea-dev +
 ControlNet-Union-Pro on the meta device (no weights, no download) from the configs below, counts its
 parameters, and prints what each offload option keeps on the device in bf16
 (:class:`pointvl.dataset.gpu_memory.MemoryPlan`) as the README's markdown table. Computed, not

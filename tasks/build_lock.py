@@ -6,8 +6,7 @@
 - A holder found dead while the server still calls it RUNNING (its worker was killed) is marked
   CRASHED, as Prefect would have if its process had had the chance.
 - Each build records where it ran (``RUN/reports/last_build.json``), so ``pointvl resume RUN_DIR``
-  resumes a deployed build on its deployment and a local one locally.
-"""
+  resumes a deployed build on its deployment and a local one locally."""
 
 from __future__ import annotations
 
