@@ -245,7 +245,7 @@ def test_a_one_category_build_gets_a_distractor_for_its_category_question(tmp_pa
 def test_a_gpu_stage_item_that_fails_alone_is_dropped_and_a_device_fault_fails_the_shard(tmp_path):
     from gpu_inputs import write_render_shard
 
-    from pointvl.dataset.stages.gpu_common import GpuStage, run_items
+    from pointvl.dataset.gpu_stage import GpuStage, run_items
     from pointvl.dataset.stages.refine import RefineConfig
 
     run = str(tmp_path)

@@ -9,7 +9,7 @@ RUN/cache/annotate/                             the annotation replies
 RUN/stages/<stage>/shard-{i:05d}.parquet        a stage's table for work shard i, and beside it
                  shard-{i:05d}.stats.json       its stats (written first)
                  shard-{i:05d}.key              its incremental key (pointvl.dataset.incremental)
-                 shard-{i:05d}.items/           a GPU stage's finished items (pointvl.dataset.stages.gpu_common)
+                 shard-{i:05d}.items/           a GPU stage's finished items (pointvl.dataset.gpu_stage)
 RUN/shards/{split}-{i:05d}-of-{n:05d}.parquet   the final shards, README.md (the dataset card),
 RUN/shards/.keys/{split}-{i:05d}.key            and their incremental keys
 RUN/previews/                                   the review's contact sheets

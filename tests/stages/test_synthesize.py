@@ -9,8 +9,8 @@ from gpu_inputs import write_render_shard
 
 from pointvl.core import images, io
 from pointvl.dataset import diffusion_pipelines
+from pointvl.dataset.gpu_stage import instance_seed
 from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.gpu_common import instance_seed
 from pointvl.dataset.stages.refine import Refine, RefineConfig
 from pointvl.dataset.stages.synthesize import Synthesize, SynthesizeConfig
 from pointvl.dataset.tables import read_stage_table

@@ -6,7 +6,7 @@ The prompt is versioned text in ``prompts/refine/<version>.txt`` (negative promp
 
 Backends (see :mod:`pointvl.dataset.diffusion_pipelines`): ``diffusers`` runs ``QwenImageEditPipeline``; ``passthrough``
 carries the render forward byte for byte. Items are resumable one by one
-(:mod:`pointvl.dataset.stages.gpu_common`).
+(:mod:`pointvl.dataset.gpu_stage`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ import pyarrow as pa
 
 from pointvl.core import images
 from pointvl.core.errors import check_range
-from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.base import Drops, ShardOutput
-from pointvl.dataset.stages.gpu_common import (
+from pointvl.dataset.gpu_stage import (
     GpuStage,
     GpuStageConfig,
     encode_outputs,
@@ -33,6 +31,8 @@ from pointvl.dataset.stages.gpu_common import (
     run_items,
     text_inputs,
 )
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import Drops, ShardOutput
 from pointvl.dataset.tables import read_stage_table
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ SCHEMA = pa.schema([("instance_id", pa.string()), ("refined", pa.binary()), ("re
 @dataclass
 class RefineConfig(GpuStageConfig):
     """Qwen-Image-Edit refinement of the renders (paper §4.1.2), with the settings of
-    :class:`~pointvl.dataset.stages.gpu_common.GpuStageConfig` (backend, prompt, seed, device, batching).
+    :class:`~pointvl.dataset.gpu_stage.GpuStageConfig` (backend, prompt, seed, device, batching).
 
     Args:
         model: Hub id or local folder of the Qwen-Image-Edit pipeline (paper: Qwen-Image-Edit).

@@ -8,7 +8,7 @@ acts only in the first ``control_guidance_end`` = 80% of steps (diffusers still 
 that, at scale 0). The prompt is ``prompts/synthesize/<version>.txt`` with ``{category}`` filled.
 
 Output per instance: ``image`` (RGB PNG at the render's size), ``drift`` and ``drift_flagged``
-(:mod:`pointvl.dataset.stages.drift`, for the review gate), ``synthesize_provenance`` (JSON). Seeded per
+(:mod:`pointvl.dataset.drift`, for the review gate), ``synthesize_provenance`` (JSON). Seeded per
 instance, so a re-run reproduces the image.
 """
 
@@ -25,10 +25,8 @@ import pyarrow as pa
 
 from pointvl.core import images
 from pointvl.core.errors import check_range
-from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.base import Drops, ShardOutput
-from pointvl.dataset.stages.drift import canny_control, depth_control, drift_score
-from pointvl.dataset.stages.gpu_common import (
+from pointvl.dataset.drift import canny_control, depth_control, drift_score
+from pointvl.dataset.gpu_stage import (
     GpuStage,
     GpuStageConfig,
     encode_outputs,
@@ -38,6 +36,8 @@ from pointvl.dataset.stages.gpu_common import (
     run_items,
     text_inputs,
 )
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import Drops, ShardOutput
 from pointvl.dataset.tables import read_stage_table
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ SCHEMA = pa.schema([
 @dataclass
 class SynthesizeConfig(GpuStageConfig):
     """FLUX + ControlNet-Union-Pro synthesis from the refined renders (paper §4.1.2), with the settings
-    of :class:`~pointvl.dataset.stages.gpu_common.GpuStageConfig` (backend, prompt, seed, device, batching);
+    of :class:`~pointvl.dataset.gpu_stage.GpuStageConfig` (backend, prompt, seed, device, batching);
     ``passthrough`` carries the refined image forward.
 
     Args:

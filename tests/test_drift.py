@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from gpu_inputs import disk
 
-from pointvl.dataset.stages.drift import canny, contour, depth_control, drift_score
+from pointvl.dataset.drift import canny, contour, depth_control, drift_score
 
 
 def test_canny_finds_the_disk_outline():

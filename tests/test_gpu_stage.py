@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from pointvl.dataset.build_config import BuildConfig, ConfigError
-from pointvl.dataset.stages.gpu_common import GpuStageConfig
+from pointvl.dataset.gpu_stage import GpuStageConfig
 from pointvl.dataset.stages.refine import RefineConfig
 from pointvl.dataset.stages.synthesize import SynthesizeConfig
 
