@@ -24,6 +24,8 @@ from prefect.exceptions import Pause
 from prefect.logging import get_run_logger
 from prefect.states import Cancelled, Completed, State
 
+from pointvl.core.fence import LockLost
+from pointvl.core.interrupt import reassert as reassert_interrupt_handlers
 from pointvl.dataset.build_config import BuildConfig
 from pointvl.dataset.dag import GPU_STAGES, GROUPS, stage_config
 from pointvl.dataset.diffusion_pipelines import check_backends
@@ -75,6 +77,7 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
     ``workers`` (default: this machine's cores) or ``dask_scheduler`` (``tcp://HOST:PORT`` of a running
     Dask cluster): where clean's mesh validation and the CPU stages run (:mod:`pointvl.dataset.executor`).
     """
+    reassert_interrupt_handlers()  # `pointvl build`: Ctrl-C and SIGTERM end the build in seconds
     cfg = BuildConfig.from_parameters(config, overrides, handoff)
     if cfg.handoff.train:
         from pointvl.train.train_config import check_handoff  # imports torch: only for a build that hands off
@@ -85,7 +88,7 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
     try:
         with holding(out):
             summary, message = _build(shapenet, out, cfg, incremental, workers, dask_scheduler)
-    except RunFolderLocked as err:
+    except (RunFolderLocked, LockLost) as err:  # another build holds the folder: refused, or fenced out
         get_run_logger().error("%s", err)
         return Cancelled(message=str(err))
     return Completed(message=message, data=summary)

@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from pointvl.core.chat_client import FatalAPIError
 from pointvl.core.errors import InputError
+from pointvl.core.fence import LockLost
 from pointvl.core.progress import Progress
 from pointvl.dataset.annotation_config import AnnotateConfig
 from pointvl.dataset.build_config import BuildConfig
@@ -39,10 +40,11 @@ def run_stage(stage: Stage, run_dir: str, shard_index: int) -> dict:
 
 def retry_unless_input_error(task: Task, task_run: TaskRun, state: State) -> bool:
     """Retry faults of the run (a lost worker, a CUDA error); missing weights, a device too small for
-    the offload asked for or a bad config (:class:`~pointvl.core.errors.InputError`) will not fix themselves."""
+    the offload asked for or a bad config (:class:`~pointvl.core.errors.InputError`) will not fix themselves,
+    and a build that lost its run folder to another build writes nothing more (:class:`LockLost`)."""
     try:
         state.result()
-    except InputError:
+    except (InputError, LockLost):
         return False
     except Exception:
         return True
@@ -119,11 +121,11 @@ def _secret(block_name: str) -> SecretStr | None:
 
 
 def _retry_unless_fatal(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry transient failures (a batch still running, a dropped connection); a rejected key or model
-    or an invalid config will not fix itself."""
+    """Retry transient failures (a batch still running, a dropped connection); a rejected key or model,
+    an invalid config or a run folder taken over by another build will not fix itself."""
     try:
         state.result()
-    except (FatalAPIError, ValueError, FileNotFoundError):
+    except (FatalAPIError, ValueError, FileNotFoundError, LockLost):
         return False
     except Exception:
         return True

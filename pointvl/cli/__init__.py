@@ -40,7 +40,7 @@ def _build(args: argparse.Namespace) -> int:
     config.annotate.redo_failed |= args.redo_failed
     read_taxonomy(args.shapenet)
     Clean(config.clean).resolve_categories(read_taxonomy(args.shapenet))
-    shapenet, out = (p if "://" in p else os.path.abspath(p) for p in (args.shapenet, args.out))
+    shapenet, out = (p if io.is_url(p) else os.path.abspath(p) for p in (args.shapenet, args.out))
     check_placement(args.workers, args.dask_scheduler, shapenet, out)
     if io.exists(out) and not io.filesystem(out)[0].isdir(io.filesystem(out)[1]):
         raise InputError(f"--out {args.out} is a file; give a folder for the build")
@@ -52,15 +52,22 @@ def _build(args: argparse.Namespace) -> int:
             "--shapenet and --config to resume it, or --incremental to update it"
         )
     # 2. Run the flow: embedded Prefect unless PREFECT_API_URL points at a server; one build per folder.
+    from prefect.exceptions import CancelledRun
+
+    from pointvl.core.interrupt import on_interrupt, start_reaper
     from pointvl.flows.build import build_benchmark
     from pointvl.tasks.build_lock import check_unlocked
 
+    on_interrupt("build", "re-run the same command")
+    start_reaper()
     try:
         check_unlocked(out)
         summary = build_benchmark(shapenet=shapenet, out=out, config=config.to_dict(), incremental=args.incremental,
                                   workers=args.workers, dask_scheduler=args.dask_scheduler)
     except InputError:
         raise
+    except CancelledRun as err:  # another build holds the folder (it took it after check_unlocked): exit 2
+        raise InputError(str(err)) from None
     except Exception as err:  # a fault of the run (storage, orchestrator, a stage bug): one line, exit 1
         print(f"pointvl build: failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
               f"(the run's log above has the details; re-run the same command to resume)", file=sys.stderr)

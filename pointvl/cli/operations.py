@@ -158,12 +158,20 @@ def _resume(args: argparse.Namespace) -> int:
 
     origin = _deployed_origin(args.target)
     if origin is None:
+        from prefect.exceptions import CancelledRun
+
+        from pointvl.core.interrupt import on_interrupt, start_reaper
         from pointvl.dataset.summary import format_summary
         from pointvl.flows.build import build_benchmark
 
         params = _local_parameters(args.target)
+        on_interrupt("resume", f"run `pointvl resume {args.target}` again")
+        start_reaper()
         check_unlocked(args.target)
-        summary = build_benchmark(**params)
+        try:
+            summary = build_benchmark(**params)
+        except CancelledRun as err:  # another build holds the folder: one line, exit 2
+            raise InputError(str(err)) from None
         print(format_summary(summary))
         print(f"resumed {args.target} locally: {summary['records']} records; finished work was reused")
         return 0

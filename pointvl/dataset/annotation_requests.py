@@ -157,8 +157,10 @@ def make_clients(c: AnnotateConfig, cache: ResponseCache, api_key: SecretStr | N
         "backoff_max_s": c.backoff_max_s,
         "cache": cache,
     }
-    llm = ChatClient(c.llm_base_url, key, limiter=RateLimiter(c.requests_per_minute, c.concurrency), **common)
-    vlm = ChatClient(c.vlm_base_url, vlm_key, limiter=RateLimiter(c.requests_per_minute, c.concurrency), **common)
+    llm = ChatClient(c.llm_base_url, key, limiter=RateLimiter(c.requests_per_minute, c.concurrency),
+                     secrets=(vlm_key,), **common)
+    vlm = ChatClient(c.vlm_base_url, vlm_key, limiter=RateLimiter(c.requests_per_minute, c.concurrency),
+                     secrets=(key,), **common)
     return llm, vlm
 
 

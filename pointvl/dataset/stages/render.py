@@ -19,7 +19,7 @@ from pointvl.core import images
 from pointvl.core.errors import check_range
 from pointvl.dataset.cameras import DEFAULT_VIEWS, load_view_config, sample_cameras
 from pointvl.dataset.mesh import NORMALIZATION
-from pointvl.dataset.plan import ModelEntry
+from pointvl.dataset.plan import ModelEntry, instance_id
 from pointvl.dataset.renderers import BACKENDS, Renderer, make_renderer
 from pointvl.dataset.stages.base import Drops, MeshStage, ShardOutput
 
@@ -159,7 +159,7 @@ class Render(MeshStage):
                 )
             rows.append(
                 {
-                    "instance_id": f"{synset_id}-{model_id}-{cam.view_index}",
+                    "instance_id": instance_id(synset_id, model_id, cam.view_index),
                     "render": images.encode_rgb(out.rgb),
                     "depth": images.encode_depth(out.depth, cfg.depth_scale),
                     "mask": images.encode_mask(out.mask),
