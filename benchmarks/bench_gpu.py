@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pointvl.dataset.run_folder import RunFolder
 from pointvl.core import images, io
+from pointvl.dataset.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from pointvl.dataset.stages.annotate import AnnotateConfig
 from pointvl.core.strict_config import load
+from pointvl.dataset.stages.annotate import AnnotateConfig
 from tasks.annotate import annotate
 
 

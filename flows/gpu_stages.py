@@ -4,8 +4,9 @@
     synthesize_shards(run_dir, [i, ...])  FLUX.1-Krea-dev + ControlNet-Union-Pro over those refine shards
 
 A flow runs its shards one after another in one process, so the stage's model is loaded once for
-all of them and stays resident (:func:`pointvl.dataset.diffusion_pipelines.load_pipeline` caches per process). A flow per
-shard would reload it for every shard: a ``process`` worker runs each flow run in a fresh subprocess.
+all of them and stays resident (:func:`pointvl.dataset.diffusion_pipelines.load_pipeline` caches per
+process). A flow per shard would reload it for every shard: a ``process`` worker runs each flow run
+in a fresh subprocess.
 
 Deployment (entrypoints ``flows/gpu_stages.py:refine_shards`` and ``:synthesize_shards``, deployments
 ``refine-shards/refine`` and ``synthesize-shards/synthesize``): a ``process`` work pool with one
@@ -31,10 +32,10 @@ import time
 
 from prefect import flow
 
+from pointvl.core.strict_config import load
 from pointvl.dataset.dag import GPU_STAGES
 from pointvl.dataset.stages.refine import RefineConfig
 from pointvl.dataset.stages.synthesize import SynthesizeConfig
-from pointvl.core.strict_config import load
 from tasks.refine import refine
 from tasks.synthesize import synthesize
 

@@ -22,9 +22,9 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Crashed
 
+from pointvl.core import io
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.runlock import UNKNOWN, RunLock, describe, read_holder
-from pointvl.core import io
 
 logger = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from prefect.input import RunInput
 from prefect.states import Running
 from pydantic import BaseModel, Field, create_model
 
+from pointvl.core import io
 from pointvl.dataset.preview import PreviewServer, serve_detached, stop_detached
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.stages.review import (
@@ -43,7 +44,6 @@ from pointvl.dataset.stages.review import (
     policy_decisions,
     unreviewed,
 )
-from pointvl.core import io
 from tasks.review import apply_review, contact_sheets
 
 logger = logging.getLogger(__name__)

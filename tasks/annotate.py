@@ -8,9 +8,9 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 from pydantic import SecretStr
 
+from pointvl.core.chat_client import FatalAPIError
 from pointvl.dataset.plan import load_plan
 from pointvl.dataset.stages.annotate import Annotate, AnnotateConfig
-from pointvl.core.chat_client import FatalAPIError
 from tasks.common import run_stage
 
 

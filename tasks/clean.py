@@ -3,12 +3,12 @@ from prefect.artifacts import create_link_artifact, create_progress_artifact, up
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from pointvl.core.progress import Progress
 from pointvl.dataset.config import BuildConfig
 from pointvl.dataset.executor import Executor
 from pointvl.dataset.handoff import build_id
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.runner import plan_run
-from pointvl.core.progress import Progress
 
 
 @task(name="clean", cache_policy=NO_CACHE)

@@ -2,8 +2,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pointvl.dataset.summary import dataset_card
 from pointvl.core import io
+from pointvl.dataset.summary import dataset_card
 
 
 @task(name="publish_summary", cache_policy=NO_CACHE)

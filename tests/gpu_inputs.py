@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pointvl.dataset.stages.base import write_stage_table
 from pointvl.core import images
+from pointvl.dataset.stages.base import write_stage_table
 
 CATEGORIES = [("03001627", "chair"), ("02958343", "car,auto,automobile,machine,motorcar")]
 

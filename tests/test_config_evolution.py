@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 import pointvl
+from pointvl.core.strict_config import OPERATIONAL, ConfigError
 from pointvl.dataset.config import BuildConfig
 from pointvl.dataset.incremental import stage_keys
 from pointvl.dataset.plan import ModelEntry, Shard, fingerprint, load_plan
 from pointvl.dataset.runner import build_in_process
 from pointvl.dataset.stages.render import RenderConfig
-from pointvl.core.strict_config import OPERATIONAL, ConfigError
 
 CONFIG = {"shard_size": 8, "clean": {"test_size": 3, "train_size": None},
           "sample_points": {"num_points": 256}, "render": {"width": 48, "height": 48}}

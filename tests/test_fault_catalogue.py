@@ -220,8 +220,8 @@ def test_a_fault_of_the_run_exits_1_with_one_line(catalogue, tmp_path):
 
 
 def test_a_table_of_an_earlier_pointvl_is_adopted_if_it_reads_and_moved_aside_if_not(tmp_path):
-    from pointvl.dataset.stages.base import finished
     from pointvl.core import io
+    from pointvl.dataset.stages.base import finished
 
     run = str(tmp_path)
     folder = RunFolder.of(run)

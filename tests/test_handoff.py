@@ -1,7 +1,7 @@
+from pointvl.core import io
 from pointvl.dataset.handoff import HandoffConfig, build_id, train_parameters
 from pointvl.dataset.plan import ModelEntry, make_plan
 from pointvl.dataset.run_folder import RunFolder
-from pointvl.core import io
 
 
 def _write_plan(run_dir: str, n_models: int, geometry: str = "g") -> None:
@@ -27,8 +27,8 @@ def test_build_id_changes_with_the_models_so_training_gets_a_new_folder(tmp_path
 def test_the_preflight_refuses_a_training_job_without_its_weights_in_one_line():
     import pytest
 
-    from pointvl.dataset.handoff import check_can_start
     from pointvl.core.errors import InputError
+    from pointvl.dataset.handoff import check_can_start
 
     check_can_start(HandoffConfig(train=True, preset="tiny"))  # builds its model in code: no weights needed
     with pytest.raises(InputError) as err:

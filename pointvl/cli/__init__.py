@@ -10,10 +10,10 @@ import logging
 import os
 import sys
 
-from pointvl.dataset.run_folder import RunFolder
 from pointvl.cli.evaluation import add_eval_commands, add_predict_sources, predict_from_source
 from pointvl.cli.operations import add_ops_commands
 from pointvl.core.errors import InputError
+from pointvl.dataset.run_folder import RunFolder
 from pointvl.testing.fixture import write_fixture
 
 
@@ -28,12 +28,12 @@ def _fixture(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from pointvl.core import io
     from pointvl.dataset.config import BuildConfig
     from pointvl.dataset.executor import check_placement
     from pointvl.dataset.plan import fingerprint, load_plan
     from pointvl.dataset.stages.clean import Clean, read_taxonomy
     from pointvl.dataset.summary import format_summary
-    from pointvl.core import io
 
     # 1. Check everything cheap before Prefect starts (seconds) and before any GPU or API work.
     config = BuildConfig.from_file(args.config) if args.config else BuildConfig()

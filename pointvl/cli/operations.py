@@ -21,9 +21,9 @@ import time
 import uuid
 from typing import Any
 
-from pointvl.dataset.run_folder import RunFolder
 from pointvl.core import io
 from pointvl.core.errors import InputError
+from pointvl.dataset.run_folder import RunFolder
 
 
 def _flow_run_id(target: str) -> uuid.UUID | None:

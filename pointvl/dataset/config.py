@@ -17,16 +17,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pointvl.dataset.handoff import HandoffConfig
-from pointvl.dataset.stages.annotate import AnnotateConfig
-from pointvl.dataset.stages.clean import CleanConfig
-from pointvl.dataset.stages.geometry import GeometryConfig
-from pointvl.dataset.stages.kpts2d import Kpts2DConfig
-from pointvl.dataset.stages.refine import RefineConfig
-from pointvl.dataset.stages.render import RenderConfig
-from pointvl.dataset.stages.review import ReviewConfig
-from pointvl.dataset.stages.sample_points import SamplePointsConfig
-from pointvl.dataset.stages.synthesize import SynthesizeConfig
 from pointvl.core.errors import check_range
 from pointvl.core.strict_config import (
     OPERATIONAL,
@@ -38,6 +28,16 @@ from pointvl.core.strict_config import (
     output_values,
     read_file,
 )
+from pointvl.dataset.handoff import HandoffConfig
+from pointvl.dataset.stages.annotate import AnnotateConfig
+from pointvl.dataset.stages.clean import CleanConfig
+from pointvl.dataset.stages.geometry import GeometryConfig
+from pointvl.dataset.stages.kpts2d import Kpts2DConfig
+from pointvl.dataset.stages.refine import RefineConfig
+from pointvl.dataset.stages.render import RenderConfig
+from pointvl.dataset.stages.review import ReviewConfig
+from pointvl.dataset.stages.sample_points import SamplePointsConfig
+from pointvl.dataset.stages.synthesize import SynthesizeConfig
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import trimesh
 
+from pointvl.core.errors import ITEM_ERRORS
 from pointvl.dataset.dag import CPU_STAGES
 from pointvl.dataset.executor import worker_id
 from pointvl.dataset.mesh import MeshError
@@ -27,7 +28,6 @@ from pointvl.dataset.stages.geometry import Geometry, GeometryConfig
 from pointvl.dataset.stages.kpts2d import Kpts2D, Kpts2DConfig
 from pointvl.dataset.stages.render import Render, RenderConfig
 from pointvl.dataset.stages.sample_points import SamplePoints, SamplePointsConfig
-from pointvl.core.errors import ITEM_ERRORS
 
 STAGE_NAMES = tuple(stage.name for stage in CPU_STAGES)
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pointvl.dataset.plan import fingerprint, load_plan
-from pointvl.dataset.run_folder import RunFolder
 from pointvl.core import io
 from pointvl.core.errors import InputError
+from pointvl.dataset.plan import fingerprint, load_plan
+from pointvl.dataset.run_folder import RunFolder
 
 
 @dataclass

@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+from pointvl.core import io
 from pointvl.dataset.config import BuildConfig
 from pointvl.dataset.dag import STAGES, TABLE_STAGES
 from pointvl.dataset.plan import Plan, Shard, fingerprint
 from pointvl.dataset.run_folder import RunFolder
-from pointvl.core import io
 
 logger = logging.getLogger(__name__)
 

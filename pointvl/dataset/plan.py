@@ -13,9 +13,9 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from pointvl.dataset.run_folder import RunFolder
 from pointvl.core import io
 from pointvl.core.errors import InputError
+from pointvl.dataset.run_folder import RunFolder
 
 SPLITS = ("train", "test")
 

@@ -35,9 +35,9 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from pointvl.dataset.run_folder import RunFolder
 from pointvl.core import io
 from pointvl.core.errors import InputError
+from pointvl.dataset.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from pointvl.core import io
+from pointvl.core.progress import Progress
 from pointvl.dataset.config import BuildConfig
 from pointvl.dataset.cpu_stages import CpuStagesConfig, run_cpu_shard
 from pointvl.dataset.dag import CPU_STAGES, STAGES, make_stage
@@ -27,8 +29,6 @@ from pointvl.dataset.plan import (
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.stages.clean import Clean
 from pointvl.dataset.summary import dataset_card, summarize
-from pointvl.core import io
-from pointvl.core.progress import Progress
 
 logger = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ from collections import Counter
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pointvl.core import io
 from pointvl.dataset.dag import STAGES
 from pointvl.dataset.plan import load_plan
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.stages.base import finished, read_stats
 from pointvl.dataset.stages.write_shards import STAGE as WRITE_SHARDS
-from pointvl.core import io
 
 
 def summarize(run_dir: str) -> dict:

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 
-from pointvl.dataset.stages.annotate_rules import smart_resize
 from pointvl.core import io as pio
 from pointvl.core.chat_client import (
     CallFailed,
@@ -50,6 +49,7 @@ from pointvl.core.errors import InputError
 from pointvl.core.geometry import QuantConfig
 from pointvl.core.package_data import prompts_root
 from pointvl.core.record import image_bytes, list_shards
+from pointvl.dataset.stages.annotate_rules import smart_resize
 from pointvl.grca.parse import FIELDS, GEOMETRIC_FIELDS, parse_output
 
 logger = logging.getLogger(__name__)

@@ -15,12 +15,12 @@ import pytest
 from fake_openai import FakeOpenAI, image_sha
 from pydantic import SecretStr
 
-from pointvl.dataset.stages.annotate import Annotate, AnnotateConfig
-from pointvl.dataset.stages.annotate_rules import smart_resize, vlm_box_to_pixels
-from pointvl.dataset.stages.base import write_stage_table
 from pointvl.core import io
 from pointvl.core.chat_client import BatchPending, FatalAPIError, InvalidReply
 from pointvl.core.images import encode_mask, encode_rgb
+from pointvl.dataset.stages.annotate import Annotate, AnnotateConfig
+from pointvl.dataset.stages.annotate_rules import smart_resize, vlm_box_to_pixels
+from pointvl.dataset.stages.base import write_stage_table
 
 KEY = "sk-test-SECRET-annotate-42"
 CATEGORIES = ["airplane", "car", "chair", "lamp", "table"]

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pointvl.dataset.stages.clean import Clean, CleanConfig, read_taxonomy
 from pointvl.core.errors import InputError
+from pointvl.dataset.stages.clean import Clean, CleanConfig, read_taxonomy
 
 
 def _report(path: Path) -> dict[tuple[str, str], dict]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pointvl.core import io
 from pointvl.dataset.executor import open_executor
 from pointvl.dataset.stages.clean import Clean, CleanConfig, list_models, model_path, validate_models
-from pointvl.core import io
 
 CFG = CleanConfig(test_size=0.25, train_size=None)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pointvl.core import io
+from pointvl.core.errors import InputError
 from pointvl.dataset.config import BuildConfig
 from pointvl.dataset.dag import STAGES, make_stage
 from pointvl.dataset.plan import load_plan
@@ -21,8 +23,6 @@ from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.runner import build_in_process
 from pointvl.dataset.stages.base import read_stage_table
 from pointvl.dataset.stages.write_shards import WriteShards
-from pointvl.core import io
-from pointvl.core.errors import InputError
 
 CONFIG = {"shard_size": 4, "clean": {"test_size": 2, "train_size": 2},
           "sample_points": {"num_points": 256}, "render": {"width": 48, "height": 48}}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pointvl.dataset.stages.kpts2d import Kpts2D, Kpts2DConfig, bbox_from_mask, keypoints_from_mask
 from pointvl.core import images
 from pointvl.core.geometry import keypoint_containment
+from pointvl.dataset.stages.kpts2d import Kpts2D, Kpts2DConfig, bbox_from_mask, keypoints_from_mask
 
 
 def _inside(mask: np.ndarray, kpts: np.ndarray) -> np.ndarray:

@@ -10,12 +10,12 @@ import pytest
 import torch
 from gpu_inputs import write_render_shard
 
+from pointvl.core import images, io
 from pointvl.dataset import diffusion_pipelines
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.stages.base import read_stage_table, read_stats
 from pointvl.dataset.stages.gpu_common import instance_seed
 from pointvl.dataset.stages.refine import Refine, RefineConfig
-from pointvl.core import images, io
 from pointvl.testing.tiny_pipelines import HashPromptEncoder, save_tiny_models, tiny_refine_pipeline
 
 STEPS = 2

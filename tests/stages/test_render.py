@@ -8,6 +8,8 @@ import torch
 import trimesh
 from PIL import Image
 
+from pointvl.core import images
+from pointvl.core.geometry import camera_depth, project_points
 from pointvl.dataset.mesh import load_mesh
 from pointvl.dataset.stages.render import (
     Camera,
@@ -19,8 +21,6 @@ from pointvl.dataset.stages.render import (
     make_renderer,
     sample_cameras,
 )
-from pointvl.core import images
-from pointvl.core.geometry import camera_depth, project_points
 
 CAR, CHAIR = "02958343", "03001627"
 SIZE = 112

@@ -7,13 +7,13 @@ import json
 import pytest
 from gpu_inputs import write_render_shard
 
+from pointvl.core import images, io
 from pointvl.dataset import diffusion_pipelines
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.stages.base import read_stage_table
 from pointvl.dataset.stages.gpu_common import instance_seed
 from pointvl.dataset.stages.refine import Refine, RefineConfig
 from pointvl.dataset.stages.synthesize import Synthesize, SynthesizeConfig
-from pointvl.core import images, io
 from pointvl.testing.tiny_pipelines import HashPromptEncoder, save_tiny_models, tiny_synthesize_pipeline
 
 STEPS = 5

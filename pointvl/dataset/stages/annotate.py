@@ -40,16 +40,6 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import SecretStr
 
-from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.annotate_rules import (
-    category_choices,
-    check_annotation,
-    dominant_colours,
-    parse_grounding,
-    strict_schema,
-    template_annotation,
-)
-from pointvl.dataset.stages.base import Drops, ShardOutput, Stage, finished, ran, read_stage_table
 from pointvl.core import io
 from pointvl.core.chat_client import (
     CallFailed,
@@ -66,6 +56,16 @@ from pointvl.core.geometry import iou_2d
 from pointvl.core.images import decode_mask, decode_rgb
 from pointvl.core.package_data import prompts_root, schema_path
 from pointvl.core.strict_config import OPERATIONAL
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.annotate_rules import (
+    category_choices,
+    check_annotation,
+    dominant_colours,
+    parse_grounding,
+    strict_schema,
+    template_annotation,
+)
+from pointvl.dataset.stages.base import Drops, ShardOutput, Stage, finished, ran, read_stage_table
 
 logger = logging.getLogger(__name__)
 

@@ -44,12 +44,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import trimesh
 
+from pointvl.core import io
+from pointvl.core.errors import ITEM_ERRORS, InputError
 from pointvl.dataset.mesh import MeshError
 from pointvl.dataset.plan import ModelEntry, Shard, fingerprint, load_plan
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.stages.clean import load_model_file
-from pointvl.core import io
-from pointvl.core.errors import ITEM_ERRORS, InputError
 
 logger = logging.getLogger(__name__)
 

@@ -45,14 +45,14 @@ import pyarrow.csv as pacsv
 import trimesh
 from fsspec.implementations.local import LocalFileSystem
 
-from pointvl.dataset import mesh as mesh_module
-from pointvl.dataset.executor import Executor, InProcess
-from pointvl.dataset.mesh import NORMALIZATION, MeshError, load_model
-from pointvl.dataset.plan import ModelEntry
 from pointvl.core import io
 from pointvl.core.errors import ITEM_ERRORS, InputError
 from pointvl.core.package_data import config_path
 from pointvl.core.progress import Progress
+from pointvl.dataset import mesh as mesh_module
+from pointvl.dataset.executor import Executor, InProcess
+from pointvl.dataset.mesh import NORMALIZATION, MeshError, load_model
+from pointvl.dataset.plan import ModelEntry
 
 logger = logging.getLogger(__name__)
 

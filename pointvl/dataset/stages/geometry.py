@@ -15,6 +15,7 @@ import numpy as np
 import open3d as o3d
 import pyarrow as pa
 
+from pointvl.core.errors import check_range
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.stages.base import (
     MATRIX3,
@@ -25,7 +26,6 @@ from pointvl.dataset.stages.base import (
     to_numpy_matrix,
     vector_column,
 )
-from pointvl.core.errors import check_range
 
 
 @dataclass

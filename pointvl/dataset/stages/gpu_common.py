@@ -27,12 +27,12 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from pointvl.dataset.diffusion_pipelines import BACKENDS, load_pipeline, resolve_backend, resolve_device, resolve_dtype
-from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.base import Drops, ShardOutput, Stage
 from pointvl.core import images, io
 from pointvl.core.errors import check_range
 from pointvl.core.package_data import prompts_root
+from pointvl.dataset.diffusion_pipelines import BACKENDS, load_pipeline, resolve_backend, resolve_device, resolve_dtype
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import Drops, ShardOutput, Stage
 
 PromptEncoder = Callable[[list[str]], dict[str, Any]]
 # The errors of one item's data (an undecodable image, a bad size). Unlike the CPU stages

@@ -24,10 +24,10 @@ import pyarrow as pa
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from pointvl.dataset.run_folder import RunFolder
-from pointvl.dataset.stages.base import Drops, Stage, matrix_column, read_stage_table, vector_column
 from pointvl.core import images
 from pointvl.core.errors import check_range
+from pointvl.dataset.run_folder import RunFolder
+from pointvl.dataset.stages.base import Drops, Stage, matrix_column, read_stage_table, vector_column
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pointvl.core import images
+from pointvl.core.errors import check_range
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.stages.base import Drops, ShardOutput, read_stage_table
 from pointvl.dataset.stages.gpu_common import (
@@ -31,8 +33,6 @@ from pointvl.dataset.stages.gpu_common import (
     run_items,
     text_inputs,
 )
-from pointvl.core import images
-from pointvl.core.errors import check_range
 
 logger = logging.getLogger(__name__)
 

@@ -37,13 +37,13 @@ import pyarrow as pa
 import trimesh
 from numpy.typing import NDArray
 
+from pointvl.core import images, io
+from pointvl.core.errors import check_range
+from pointvl.core.package_data import config_path
 from pointvl.dataset.mesh import NORMALIZATION, surface_colors
 from pointvl.dataset.plan import ModelEntry, load_plan
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.stages.base import Drops, ShardOutput, Stage, shard_meshes
-from pointvl.core import images, io
-from pointvl.core.errors import check_range
-from pointvl.core.package_data import config_path
 
 logger = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from datetime import UTC, datetime
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
+from pointvl.core import io
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.stages.base import Drops, ShardOutput, Stage, finished, ran, read_stage_table
-from pointvl.core import io
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import open3d as o3d
 import pyarrow as pa
 import trimesh
 
+from pointvl.core.errors import check_range
 from pointvl.dataset.plan import ModelEntry, instance_id, load_plan
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.stages.base import MATRIX3, Drops, Stage, matrix_column, shard_meshes
-from pointvl.core.errors import check_range
 
 logger = logging.getLogger(__name__)
 

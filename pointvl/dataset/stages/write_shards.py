@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pointvl import __version__
+from pointvl.core import io
+from pointvl.core.record import IMAGE_COLUMNS, record_schema
 from pointvl.dataset.plan import Shard, load_plan
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.stages.base import (
@@ -37,8 +39,6 @@ from pointvl.dataset.stages.base import (
     recorded_sha,
     sha256_bytes,
 )
-from pointvl.core import io
-from pointvl.core.record import IMAGE_COLUMNS, record_schema
 
 logger = logging.getLogger(__name__)
 
