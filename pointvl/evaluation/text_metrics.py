@@ -15,6 +15,7 @@ corpus (brevity penalty) and no matches, and scores 0 on ROUGE and BERTScore.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -102,6 +103,11 @@ def bleu_statistics(hypotheses: Sequence[str], references: Sequence[str], order:
     return _sacrebleu()(max_ngram_order=order)._extract_corpus_statistics(list(hypotheses), [list(references)])
 
 
+@functools.lru_cache(maxsize=4)
+def _bleu(order: int) -> Any:
+    return _sacrebleu()(max_ngram_order=order)
+
+
 def bleu_from_statistics(summed: Sequence[float], order: int) -> float:
     """Corpus BLEU-``order`` in [0, 1] of summed :func:`bleu_statistics` rows."""
-    return float(_sacrebleu()(max_ngram_order=order)._compute_score_from_stats(list(summed)).score) / 100.0
+    return float(_bleu(order)._compute_score_from_stats(list(summed)).score) / 100.0

@@ -12,7 +12,7 @@ from pointvl.cli import main
 from pointvl.core.errors import InputError
 from pointvl.core.record import iter_records
 from pointvl.evaluation.predict_endpoint import EndpointConfig, predict_endpoint
-from pointvl.evaluation.scoring import evaluate, read_predictions
+from pointvl.evaluation.scoring import EvaluateConfig, evaluate, read_predictions
 
 KEY = "sk-eval-test"
 
@@ -40,7 +40,7 @@ def test_each_coordinate_convention_lands_on_the_benchmark_bins(eval_shards, tmp
         assert part["type"] == "image_url" and part["image_url"]["url"].startswith("data:image/png;base64,")
         assert first_image(body) in {r["image"] for r in records.values()}
         assert "Is it boxy? (choices: yes, no)" in prompt_text(body) and body["temperature"] == 0.0
-    m = evaluate(eval_shards, read_predictions(out))
+    m = evaluate(eval_shards, read_predictions(out), EvaluateConfig(num_keypoints=None))  # the fake writes 2
     assert m["iou2d"] > 0.93 and m["kpa2d"] == 1.0, (coords, m["iou2d"])
     assert m["n_unparsable"] == 0 and m["attribute_accuracy"] is not None
     assert m["category_accuracy"] == pytest.approx(2 / 8)  # the fake answers the first of 4 choices

@@ -83,7 +83,7 @@ def test_cli_writes_metrics_and_table(shards_dir, tmp_path, capsys):
     # issue 15: the evaluation JSON also states the optional metrics, what was not computed, the split,
     # the bins, the metric definitions and the package versions
     assert set(metrics) == set(METRIC_KEYS) | set(OPTIONAL_KEYS) | set(COUNT_KEYS) | {
-        "not_computed", "split", "bins", "definitions", "versions"}
+        "not_computed", "split", "bins", "definitions", "versions", "intervals"}
     printed = capsys.readouterr().out
     assert "| Method | IoU2D | IoU3D | KPA-2D | KPA-3D | RPC |" in printed
     assert format_table(metrics) in printed
