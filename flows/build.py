@@ -26,6 +26,7 @@ from prefect.states import Cancelled, Completed, State
 from flows.gpu_stages import run_gpu_stage
 from flows.locking import build_lock, mark_crashed, record_build
 from flows.review import review_gate
+from pointvl.core.fence import LockLost
 from pointvl.dataset.config import BuildConfig
 from pointvl.dataset.dag import GPU_STAGES
 from pointvl.dataset.executor import open_executor
@@ -81,7 +82,7 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
     try:
         with holding(out):
             summary, message = _build(shapenet, out, cfg, incremental, workers, dask_scheduler)
-    except RunFolderLocked as err:
+    except (RunFolderLocked, LockLost) as err:  # another build holds the folder: refused, or fenced out
         get_run_logger().error("%s", err)
         return Cancelled(message=str(err))
     return Completed(message=message, data=summary)

@@ -9,6 +9,7 @@ from prefect.states import State
 from pydantic import SecretStr
 
 from pointvl.core.chat_client import FatalAPIError
+from pointvl.core.fence import LockLost
 from pointvl.dataset.plan import load_plan
 from pointvl.dataset.stages.annotate import Annotate, AnnotateConfig
 from tasks.common import run_stage
@@ -24,11 +25,11 @@ def _secret(block_name: str) -> SecretStr | None:
 
 
 def _retry_unless_fatal(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry transient failures (a batch still running, a dropped connection); a rejected key or model
-    or an invalid config will not fix itself."""
+    """Retry transient failures (a batch still running, a dropped connection); a rejected key or model,
+    an invalid config or a run folder taken over by another build will not fix itself."""
     try:
         state.result()
-    except (FatalAPIError, ValueError, FileNotFoundError):
+    except (FatalAPIError, ValueError, FileNotFoundError, LockLost):
         return False
     except Exception:
         return True

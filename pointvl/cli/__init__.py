@@ -52,6 +52,8 @@ def _build(args: argparse.Namespace) -> int:
             "--shapenet and --config to resume it, or --incremental to update it"
         )
     # 2. Run the flow: embedded Prefect unless PREFECT_API_URL points at a server; one build per folder.
+    from prefect.exceptions import CancelledRun
+
     from flows.build import build_benchmark
     from flows.locking import check_unlocked
 
@@ -61,6 +63,8 @@ def _build(args: argparse.Namespace) -> int:
                                   workers=args.workers, dask_scheduler=args.dask_scheduler)
     except InputError:
         raise
+    except CancelledRun as err:  # another build holds the folder (it took it after check_unlocked): exit 2
+        raise InputError(str(err)) from None
     except Exception as err:  # a fault of the run (storage, orchestrator, a stage bug): one line, exit 1
         print(f"pointvl build: failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
               f"(the run's log above has the details; re-run the same command to resume)", file=sys.stderr)

@@ -158,12 +158,17 @@ def _resume(args: argparse.Namespace) -> int:
 
     origin = _deployed_origin(args.target)
     if origin is None:
+        from prefect.exceptions import CancelledRun
+
         from flows.build import build_benchmark
         from pointvl.dataset.summary import format_summary
 
         params = _local_parameters(args.target)
         check_unlocked(args.target)
-        summary = build_benchmark(**params)
+        try:
+            summary = build_benchmark(**params)
+        except CancelledRun as err:  # another build holds the folder: one line, exit 2
+            raise InputError(str(err)) from None
         print(format_summary(summary))
         print(f"resumed {args.target} locally: {summary['records']} records; finished work was reused")
         return 0

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 
+from pointvl.core import fence
 from pointvl.core.errors import InputError
 
 
@@ -61,6 +62,7 @@ def _atomic(path: str, write: Callable[[Any], None]) -> None:
             if isinstance(fs, LocalFileSystem):  # make the bytes durable before the rename
                 f.flush()
                 os.fsync(f.fileno())
+        fence.check(fs, p)  # a build whose lock was taken over writes nothing more
         fs.mv(tmp, p)
     finally:
         if fs.exists(tmp):
@@ -70,6 +72,13 @@ def _atomic(path: str, write: Callable[[Any], None]) -> None:
 def write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     _atomic(path, lambda f: f.write(data))
+
+
+def check_fence(path: str) -> None:
+    """Raise :class:`~pointvl.core.fence.LockLost` if ``path`` lies in a run folder whose lock this build lost
+    (for moves and deletions; every write here checks it itself)."""
+    fs, p = filesystem(path)
+    fence.check(fs, p)
 
 
 def read_bytes(path: str) -> bytes:

@@ -190,3 +190,27 @@ def test_a_run_folder_of_another_config_is_refused_and_kept(built, shapenet, tmp
     result = pointvl("build", "--shapenet", shapenet.root, "--out", str(built), "--config", str(other))
     assert result.returncode == 2 and "another input or config" in result.stderr
     assert {p: p.read_bytes() for p in _shard_files(built)} == before
+
+
+RACED_BUILD = """
+import sys
+import flows.locking
+flows.locking.check_unlocked = lambda run_dir: None  # as if the other build took the folder just after the check
+from pointvl.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_a_build_refused_by_the_lock_inside_the_flow_exits_2_with_one_line(shapenet, config_file, tmp_path):
+    from pointvl.dataset.runlock import RunLock
+
+    out = tmp_path / "run"
+    with RunLock(str(out), {"flow_run_id": "holder-run"}):
+        result = subprocess.run([sys.executable, "-c", RACED_BUILD, "build", "--shapenet", shapenet.root, "--out",
+                                 str(out), "--config", config_file], capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("pointvl build:")]
+    assert "error:" in line and "is in use by flow run holder-run" in line and "Traceback" not in result.stderr
+    assert not (out / "stages").exists()  # no stage ran
