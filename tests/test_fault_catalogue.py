@@ -276,3 +276,27 @@ def test_a_gpu_stage_item_that_fails_alone_is_dropped_and_a_device_fault_fails_t
     (tmp_path / "stages" / "refine" / "shard-00000.parquet").unlink()
     with pytest.raises(RuntimeError, match="CUDA error"):
         Edit(lost).run_shard(run, 0)
+
+
+def test_instance_ids_are_unique_by_construction(shapenet, tmp_path):
+    """Synset ``chairs`` + model ``old-1`` and synset ``chairs-old`` + model ``1`` were both ``chairs-old-1-0``."""
+    from pointvl.dataset.plan import instance_id
+
+    root = tmp_path / "shapenet"
+    chair = "03001627"
+    sources = [Path(shapenet.root) / chair / m for m in shapenet.good[chair]]
+    for (synset, model), source in zip([("chairs", "old-1"), ("chairs-old", "1"), ("chairs", "a"),
+                                        ("chairs-old", "b")], sources, strict=True):
+        shutil.copytree(source, root / synset / model)
+    (root / "taxonomy.json").write_text(json.dumps([{"synsetId": "chairs", "name": "chair"},
+                                                    {"synsetId": "chairs-old", "name": "old chair"}]))
+    assert instance_id("chairs", "old-1", 0) != instance_id("chairs-old", "1", 0) == "chairs%2Dold-1-0"
+    assert instance_id(chair, "1a2b", 3) == f"{chair}-1a2b-3"  # ShapeNet's ids are unchanged
+    run = tmp_path / "run"
+    config = {**CONFIG, "clean": {"test_size": 0.5, "train_size": None}}
+    summary = build_in_process(str(root), str(run), BuildConfig.from_dict(config))
+    ids = [r["instance_id"] for f in sorted((run / "shards").glob("*.parquet"))
+           for r in pq.read_table(f, columns=["instance_id"]).to_pylist()]
+    views = BuildConfig.from_dict(config).render.views_per_model
+    assert summary["records"] == len(ids) == len(set(ids)) == 4 * views
+    assert {"chairs-old-1-0", "chairs%2Dold-1-0"} <= set(ids)

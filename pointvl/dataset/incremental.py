@@ -67,6 +67,7 @@ def invalidate_stale(run_dir: str, plan: Plan, config: BuildConfig) -> dict[str,
             continue
         for path in finals:
             if path != f"{finals_dir}/{shard.final_name}":
+                io.check_fence(folder.final_key(shard))
                 fs.mv(path, f"{finals_dir}/{shard.final_name}")
                 logger.info("renamed %s to %s", path.rsplit("/", 1)[1], shard.final_name)
     counts = {stage: n for stage, n in superseded.items() if n}
@@ -86,6 +87,7 @@ def _refresh(key_path: str, key: str, paths: list[str], root: str, aside: str) -
     fs, _ = io.filesystem(key_path)
     present = [p for p in paths if fs.exists(p)]
     for path in present:
+        io.check_fence(key_path)
         target = f"{aside}/{path.removeprefix(root + '/')}"
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         fs.mv(path, target, recursive=True)

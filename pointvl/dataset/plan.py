@@ -76,7 +76,10 @@ class PlanMismatchError(InputError):
 
 
 def instance_id(synset_id: str, model_id: str, view_index: int) -> str:
-    return f"{synset_id}-{model_id}-{view_index}"
+    """``{synset_id}-{model_id}-{view_index}``, with ``%`` and ``-`` of the synset id written ``%25`` and
+    ``%2D``: the synset part holds no ``-``, so two models never share an id (``chairs`` + ``old-1`` and
+    ``chairs-old`` + ``1`` would both be ``chairs-old-1-0``). ShapeNet's 8-digit synset ids are unchanged."""
+    return f"{synset_id.replace('%', '%25').replace('-', '%2D')}-{model_id}-{view_index}"
 
 
 def make_plan(models: list[ModelEntry], shard_size: int, views_per_model: int, fingerprint: str) -> Plan:

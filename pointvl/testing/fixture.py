@@ -23,7 +23,7 @@ write them, which must build (``FixtureManifest.quirks``: arbitrary units, verte
 whose image is missing, UTF-16 and UTF-8-BOM/CRLF files, quads and polygons, negative indices), and
 models that must be dropped with a reason (``FixtureManifest.faults``: a stray triangle 200 units
 away, a vertex at 1e300, a NaN vertex, a line-only file, a synset folder missing from the taxonomy,
-a model folder that is a symbolic link to itself).
+a model folder that is a symbolic link to itself, two model ids equal but for case).
 """
 
 from __future__ import annotations
@@ -588,6 +588,11 @@ def _catalogue(out_dir: str, seed: int, add: Callable[..., tuple[str, _Model]], 
     ]:
         model_id, _ = add(synset, key, damage=damage)
         faults.append(Fault(synset, model_id, reason))
+
+    twins = ("Case-Twin", "case-twin")  # ids equal but for case: one file name where case is ignored
+    for key, other in zip(twins, twins[::-1], strict=True):
+        model_id, _ = add(LAMP, key, key)
+        faults.append(Fault(LAMP, model_id, "id_collision", f"{LAMP}/{other}"))
 
     stray = _model_id(seed, NOT_IN_TAXONOMY, "0")
     _write(out_dir, NOT_IN_TAXONOMY, stray, _build(CHAIR, stray, np.random.default_rng(seed)))

@@ -241,6 +241,7 @@ def move_aside(run_dir: str, paths: Sequence[str], why: str) -> str:
     for path in paths:
         p = io.filesystem(path)[1]
         if fs.exists(p):
+            io.check_fence(path)
             target = f"{aside}/{p.removeprefix(root + '/')}"
             fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             fs.mv(p, target, recursive=True)

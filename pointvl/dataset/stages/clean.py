@@ -17,6 +17,9 @@ Drop reasons:
   after merging; its label is ambiguous, so every copy is dropped.
 - ``duplicate_model``: the same model id again under a synset merged into the same category; the
   first copy (sorted by synset id) is kept.
+- ``id_collision``: two models whose instance ids differ only in case (``Chair1``, ``chair1``), one file
+  name on storage that ignores case; both are dropped (ids are otherwise unique by construction,
+  :func:`pointvl.dataset.plan.instance_id`).
 - ``duplicate_geometry``: byte-identical geometry to an earlier kept model (sorted by synset id,
   model id); dropped so a shape cannot leak across splits.
 
@@ -52,7 +55,7 @@ from pointvl.core.progress import Progress
 from pointvl.dataset import mesh as mesh_module
 from pointvl.dataset.executor import Executor, InProcess
 from pointvl.dataset.mesh import NORMALIZATION, MeshError, load_model
-from pointvl.dataset.plan import ModelEntry
+from pointvl.dataset.plan import ModelEntry, instance_id
 
 logger = logging.getLogger(__name__)
 
@@ -383,6 +386,7 @@ class Clean:
                 continue
             unique.append(copies[0])
             rows.extend(self._row(s, m, cat, "dropped", "duplicate_model") for s, m, cat, _ in copies[1:])
+        unique = self._drop_id_collisions(unique, rows)
 
         todo = []
         for synset, model, category, info in sorted(unique, key=lambda c: c[:2]):
@@ -402,6 +406,22 @@ class Clean:
                 continue
             seen[digest] = f"{synset}/{model}"
             kept.append((synset, model, category, obj, digest, note))
+        return kept
+
+    def _drop_id_collisions(self, candidates: list, rows: list[dict]) -> list:
+        """``candidates`` without those whose instance ids collide: equal but for case, which names one
+        file on storage that ignores case (ids themselves are unique by construction); all copies go."""
+        by_id: dict[str, list] = {}
+        for c in candidates:
+            by_id.setdefault(instance_id(c[0], c[1], 0).casefold(), []).append(c)
+        kept = []
+        for copies in by_id.values():
+            if len(copies) == 1:
+                kept.append(copies[0])
+                continue
+            logger.warning("%s: their instance ids collide; dropped as id_collision",
+                           ", ".join(f"{s}/{m}" for s, m, _, _ in copies))
+            rows.extend(self._row(s, m, cat, "dropped", "id_collision") for s, m, cat, _ in copies)
         return kept
 
     @staticmethod

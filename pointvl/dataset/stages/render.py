@@ -41,7 +41,7 @@ from pointvl.core import images, io
 from pointvl.core.errors import check_range
 from pointvl.core.package_data import config_path
 from pointvl.dataset.mesh import NORMALIZATION, surface_colors
-from pointvl.dataset.plan import ModelEntry, load_plan
+from pointvl.dataset.plan import ModelEntry, instance_id, load_plan
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.stages.base import Drops, ShardOutput, Stage, shard_meshes
 
@@ -493,7 +493,7 @@ class Render(Stage):
                 )
             rows.append(
                 {
-                    "instance_id": f"{synset_id}-{model_id}-{cam.view_index}",
+                    "instance_id": instance_id(synset_id, model_id, cam.view_index),
                     "render": images.encode_rgb(out.rgb),
                     "depth": images.encode_depth(out.depth, cfg.depth_scale),
                     "mask": images.encode_mask(out.mask),
