@@ -18,7 +18,8 @@ Faults (:meth:`FakeOpenAI.inject`): ``429`` (with ``retry-after-ms``), ``500``, 
 comes after ``timeout_sleep_s``), ``disconnect`` (socket closed, no reply), ``401``, ``bad_json``
 (content that is not JSON), ``schema`` (JSON that breaks the schema), ``no_json`` (prose only),
 ``text_plain`` (HTTP 200 with a ``text/plain`` body), ``null_message`` (HTTP 200,
-``choices[0].message: null``), each ``times`` times, optionally only for requests ``match`` accepts.
+``choices[0].message: null``), ``echo_key`` (a valid answer holding the key), each ``times`` times,
+optionally only for requests ``match`` accepts.
 Every request is recorded (never the key itself: only whether the Authorization header carried the
 expected one). Bounded: request bodies over 64 MB get 413, sockets time out after 30 s, handler
 threads are daemons and the server stops with the test.
@@ -280,6 +281,9 @@ class FakeOpenAI:
             return 200, self.completion(body, "I see a small object, but I will not write JSON."), {}
         if fault == "text_plain":
             return 200, "upstream proxy: service temporarily unavailable", {"Content-Type": "text/plain"}
+        if fault == "echo_key":  # a proxy that copies the Authorization header into a valid answer
+            echoed = self.brain(body).replace('"description": "', f'"description": "Bearer {self.api_key} ')
+            return 200, self.completion(body, echoed.replace('"label": "object"', f'"label": "{self.api_key}"')), {}
         if fault == "null_message":
             reply = self.completion(body, "")
             reply["choices"][0]["message"] = None

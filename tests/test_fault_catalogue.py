@@ -1,5 +1,11 @@
 """The fault catalogue: a fixture with every known fault builds, each fault costs only itself and is
-reported with its reason, and damaged run state is detected, moved aside and recomputed."""
+reported with its reason, and damaged run state is detected, moved aside and recomputed.
+
+Faults tested beside their code: the run-folder lock under races, pauses, full disks and pid reuse
+(tests/test_runlock.py), signals (tests/test_interrupt.py), `[`, `*`, `::`... in paths
+(tests/test_odd_paths.py), a key echoed by the server and a VLM outage (tests/stages/test_annotate.py),
+a shape in other formats (tests/stages/test_clean.py), a second build refused inside the flow
+(tests/flows/test_build.py)."""
 
 from __future__ import annotations
 
@@ -278,18 +284,24 @@ def test_a_gpu_stage_item_that_fails_alone_is_dropped_and_a_device_fault_fails_t
         Edit(lost).run_shard(run, 0)
 
 
-def test_instance_ids_are_unique_by_construction(shapenet, tmp_path):
-    """Synset ``chairs`` + model ``old-1`` and synset ``chairs-old`` + model ``1`` were both ``chairs-old-1-0``."""
+def test_odd_names_cost_only_themselves_and_instance_ids_are_unique_by_construction(shapenet, tmp_path):
+    """Synset ``chairs`` + model ``old-1`` and synset ``chairs-old`` + model ``1`` were both ``chairs-old-1-0``;
+    a 10 MB category name made every later ``summarize`` fail; a folder name of other bytes than UTF-8."""
     from pointvl.dataset.plan import instance_id
 
     root = tmp_path / "shapenet"
-    chair = "03001627"
+    chair, table = "03001627", "04379243"
     sources = [Path(shapenet.root) / chair / m for m in shapenet.good[chair]]
     for (synset, model), source in zip([("chairs", "old-1"), ("chairs-old", "1"), ("chairs", "a"),
                                         ("chairs-old", "b")], sources, strict=True):
         shutil.copytree(source, root / synset / model)
+    spare = Path(shapenet.root) / table / shapenet.good[table][0]
+    shutil.copytree(spare, root / "huge" / "c")
+    shutil.copytree(spare, root / "chairs" / ("m" * 201))
+    shutil.copytree(spare, root / "chairs" / os.fsdecode(b"\xff-latin1"))  # a folder name of other bytes
     (root / "taxonomy.json").write_text(json.dumps([{"synsetId": "chairs", "name": "chair"},
-                                                    {"synsetId": "chairs-old", "name": "old chair"}]))
+                                                    {"synsetId": "chairs-old", "name": "old chair"},
+                                                    {"synsetId": "huge", "name": "x" * 10_000_000}]))
     assert instance_id("chairs", "old-1", 0) != instance_id("chairs-old", "1", 0) == "chairs%2Dold-1-0"
     assert instance_id(chair, "1a2b", 3) == f"{chair}-1a2b-3"  # ShapeNet's ids are unchanged
     run = tmp_path / "run"
@@ -300,3 +312,42 @@ def test_instance_ids_are_unique_by_construction(shapenet, tmp_path):
     views = BuildConfig.from_dict(config).render.views_per_model
     assert summary["records"] == len(ids) == len(set(ids)) == 4 * views
     assert {"chairs-old-1-0", "chairs%2Dold-1-0"} <= set(ids)
+    assert summary["dropped"]["clean:name_too_long"] == 2 and summary["dropped"]["clean:name_not_utf8"] == 1
+    assert summarize(str(run))["records"] == summary["records"]  # again: summarize reads what clean wrote
+    assert (run / "reports" / "cleaning.csv").stat().st_size < 10_000
+
+
+def test_deep_nesting_and_huge_files_give_one_line_naming_the_file(catalogue, built, tmp_path):
+    from pointvl.core import io
+    from pointvl.core.errors import InputError
+    from pointvl.dataset.plan import DamagedPlanError
+    from pointvl.dataset.stages.base import finished
+    from pointvl.dataset.stages.clean import read_taxonomy
+
+    shapenet = tmp_path / "shapenet"
+    shapenet.mkdir()
+    (shapenet / "taxonomy.json").write_text("[" * 2000 + "]" * 2000)  # 4 KB: RecursionError in json
+    with pytest.raises(InputError, match=r"taxonomy .*taxonomy.json nests 2000 levels deep") as err:
+        read_taxonomy(str(shapenet))
+    assert "\n" not in str(err.value)
+    run = tmp_path / "run"
+    shutil.copytree(built[0], run)
+    stats = run / "stages" / "render" / "shard-00000.stats.json"
+    stats.write_text('{"a": ' + "[" * 2000 + "]" * 2000 + "}")
+    assert not finished(str(run), "render", 0)  # damaged stats: the stage is redone, never a traceback
+    (run / "plan.json").write_text("[" * 2000 + "]" * 2000)
+    with pytest.raises(DamagedPlanError, match="plan.json is damaged .*nests 2000 levels deep"):
+        load_plan(str(run))
+    deep, bomb = tmp_path / "deep.yaml", tmp_path / "bomb.yaml"
+    deep.write_text("a: " + "[" * 3000 + "]" * 3000)
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)))
+    for path, why in ((deep, "nests too deep"), (bomb, "expands to more than")):
+        with pytest.raises(InputError, match=why) as err:
+            BuildConfig.from_file(str(path))
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+    big = tmp_path / "big.json"
+    big.write_bytes(b'{"a": "' + b"x" * 2000 + b'"}')
+    with pytest.raises(InputError, match="larger than 1,000 bytes"):
+        io.read_json(str(big), max_bytes=1000)

@@ -19,7 +19,8 @@ through the ``openai`` SDK. What each layer does:
   restarted mid-batch polls the same batch instead of paying for a second one.
 
 API keys travel as :class:`pydantic.SecretStr`; they are never logged, cached or put in an error
-reason (:func:`redact` scrubs reasons that echo a server message).
+reason, and a reply that echoes one (a proxy that copies the Authorization header into its answer)
+is redacted before it is validated, cached or stored (:func:`redact`).
 """
 
 from __future__ import annotations
@@ -95,10 +96,15 @@ def resolve_api_key(env_var: str) -> SecretStr | None:
     return SecretStr(value) if value else None
 
 
+MIN_SECRET_CHARS = 8
+"""A shorter "key" is a placeholder (``EMPTY`` for a vLLM without auth), not a secret: redacting it would
+cut every reply that holds the word."""
+
+
 def redact(text: str, *secrets: SecretStr | None) -> str:
-    """``text`` with every secret value replaced by ``***``."""
+    """``text`` with every secret value (of at least :data:`MIN_SECRET_CHARS` characters) replaced by ``***``."""
     for s in secrets:
-        if s is not None and s.get_secret_value():
+        if s is not None and len(s.get_secret_value()) >= MIN_SECRET_CHARS:
             text = text.replace(s.get_secret_value(), "***")
     return text
 
@@ -185,6 +191,8 @@ class ChatClient:
         max_reasks: re-asks after an invalid reply before the call fails.
         backoff_initial_s, backoff_max_s: jittered exponential backoff between re-asks.
         limiter: shared rate limiter; cache: shared response cache (``None``: no cache).
+        secrets: other secrets to scrub from replies besides ``api_key`` (another endpoint's key): every
+            reply is redacted before it is validated, cached or used, whatever the server echoes.
     """
 
     def __init__(
@@ -199,9 +207,11 @@ class ChatClient:
         backoff_max_s: float = 30.0,
         limiter: RateLimiter | None = None,
         cache: ResponseCache | None = None,
+        secrets: tuple[SecretStr, ...] = (),
     ) -> None:
         openai = _openai()
         self._api_key = api_key
+        self.secrets = (api_key, *secrets)
         self._client = openai.OpenAI(
             api_key=api_key.get_secret_value(), base_url=base_url, timeout=timeout_s, max_retries=max_retries
         )
@@ -230,9 +240,9 @@ class ChatClient:
                 self._count("api_calls")
                 resp = self._client.chat.completions.create(**body)
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-            raise FatalAPIError(redact(f"{type(e).__name__}: {e}", self._api_key)) from None
+            raise FatalAPIError(redact(f"{type(e).__name__}: {e}", *self.secrets)) from None
         except openai.APIError as e:
-            raise CallFailed(redact(f"{type(e).__name__}: {e}", self._api_key)) from None
+            raise CallFailed(redact(f"{type(e).__name__}: {e}", *self.secrets)) from None
         # an HTTP 200 whose body is not a chat completion (text/plain, `message: null`, ...) is re-asked
         choices = getattr(resp, "choices", None)
         if not isinstance(choices, list) or not choices:
@@ -242,8 +252,8 @@ class ChatClient:
         if message is None or not isinstance(content, str | None):
             raise InvalidReply("the reply's first choice has no message")
         if getattr(message, "refusal", None):
-            raise InvalidReply(f"refusal: {message.refusal}")
-        return content or "", getattr(choices[0], "finish_reason", None)
+            raise InvalidReply(redact(f"refusal: {message.refusal}", *self.secrets))
+        return redact(content or "", *self.secrets), getattr(choices[0], "finish_reason", None)
 
     def complete(self, body: dict[str, Any], validate: Callable[[str], Any]) -> Completion:
         """Send ``body`` (chat-completions parameters) until ``validate(content)`` accepts the reply.
@@ -256,6 +266,7 @@ class ChatClient:
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:
+                hit = redact(hit, *self.secrets)  # an entry cached before replies were redacted
                 try:
                     value = validate(hit)
                 except ValueError as e:
@@ -276,7 +287,7 @@ class ChatClient:
                     raise InvalidReply("the reply was cut off (finish_reason 'length')")
                 value = validate(content)
             except ValueError as e:  # InvalidReply, json.JSONDecodeError, jsonschema errors wrapped by caller
-                reason = redact(str(e), self._api_key)
+                reason = redact(str(e), *self.secrets)
                 logger.info(
                     "invalid reply to %s… (attempt %d/%d): %s",
                     key[:12],
@@ -378,14 +389,14 @@ def run_batch(
                 except (KeyError, IndexError, TypeError):
                     failures[cid] = "batch reply has no message content"
                     continue
-                store(cid, content)
+                store(cid, redact(content, *client.secrets))
             else:
                 status = response.get("status_code")
-                failures[cid] = f"batch line failed: status {status}, {line.get('error')}"
+                failures[cid] = redact(f"batch line failed: status {status}, {line.get('error')}", *client.secrets)
     if batch.error_file_id:
         for line in _file_lines(client, batch.error_file_id):
             err = line.get("error") or (line.get("response") or {}).get("body", {}).get("error")
-            failures[line["custom_id"]] = redact(f"batch line failed: {err}", client._api_key)
+            failures[line["custom_id"]] = redact(f"batch line failed: {err}", *client.secrets)
     io.write_json(state_path, {**state, "finished": True, "status": batch.status})
     logger.info("batch %s %s: %d lines failed", batch_id, batch.status, len(failures))
     return failures

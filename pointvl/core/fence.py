@@ -30,8 +30,10 @@ class LockLost(RuntimeError):
 
 @functools.lru_cache(maxsize=64)
 def _spelled(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, _, paths = fsspec.get_fs_token_paths(url, storage_options={"use_listings_cache": False})
-    return fs, paths[0].rstrip("/")
+    from pointvl.core.io import filesystem  # io checks the fences of its writes
+
+    fs, path = filesystem(url)
+    return fs, path.rstrip("/")
 
 
 def _fences() -> dict[str, str]:
@@ -47,13 +49,13 @@ def _fences() -> dict[str, str]:
 
 def hold(run_dir: str, token: str) -> None:
     """Fence ``run_dir`` with ``token`` in this process and the processes it starts from now on."""
-    os.environ[ENV] = json.dumps({**_fences(), run_dir: token})
+    os.environ[ENV] = json.dumps({**_fences(), os.fspath(run_dir): token})
 
 
 def drop(run_dir: str) -> None:
     """Remove the fence of ``run_dir`` (its lock was released)."""
     fences = _fences()
-    fences.pop(run_dir, None)
+    fences.pop(os.fspath(run_dir), None)
     if fences:
         os.environ[ENV] = json.dumps(fences)
     else:

@@ -108,10 +108,10 @@ INSTRUCTION = (
 def list_shards(shards_dir: str, split: str) -> list[str]:
     """Paths of ``{split}-*-of-*.parquet`` under ``shards_dir``, sorted; InputError if there are none."""
     fs, root = pio.filesystem(shards_dir)
-    paths = sorted(fs.glob(f"{root.rstrip('/')}/{split}-*-of-*.parquet"))
+    paths = pio.ls_matching(fs, root, f"{split}-*-of-*.parquet")
     if not paths:
         raise InputError(f"no {split}-*-of-*.parquet shards under {shards_dir}; run `pointvl build` first")
-    return [fs.unstrip_protocol(p) if "://" in shards_dir else p for p in paths]
+    return [fs.unstrip_protocol(p) if pio.is_url(shards_dir) else p for p in paths]
 
 
 def iter_records(shards_dir: str, split: str) -> Iterator[dict[str, Any]]:

@@ -61,7 +61,7 @@ def invalidate_stale(run_dir: str, plan: Plan, config: BuildConfig) -> dict[str,
                        folder.stage_items(stage, shard.index)]
             paths = [io.filesystem(p)[1] for p in outputs]
             superseded[stage] += _refresh(folder.stage_key(stage, shard.index), keys[stage], paths, root, aside)
-        finals = fs.glob(f"{finals_dir}/{shard.split}-{shard.split_index:05d}-of-*.parquet")
+        finals = io.ls_matching(fs, finals_dir, f"{shard.split}-{shard.split_index:05d}-of-*.parquet")
         if _refresh(folder.final_key(shard), keys["write_shards"], finals, root, aside):
             superseded["write_shards"] += 1
             continue

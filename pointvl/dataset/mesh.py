@@ -49,13 +49,15 @@ CENTRE_TOLERANCE = 0.05
 # A mesh whose vertices reach this many times farther than the bulk (98 %) of its surface carries
 # stray faces (a triangle 200 units away): its box would shrink the object to a speck.
 STRAY_FACTOR = 5.0
+MIN_FACES = 4
+"""Fewer faces (a lone triangle, a quad) bound no object: the smallest closed surface, a tetrahedron, has 4."""
 
 
 class MeshError(ValueError):
     """A model that cannot be used; ``reason`` is a short code for the cleaning report.
 
     Codes: ``missing_file``, ``unreadable``, ``no_vertices``, ``no_faces``, ``non_finite``,
-    ``out_of_range``, ``degenerate``, ``stray_geometry``.
+    ``out_of_range``, ``degenerate``, ``too_few_faces``, ``stray_geometry``.
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -229,9 +231,13 @@ def normalize(mesh: trimesh.Trimesh, where: str = "mesh") -> trimesh.Trimesh:
     box). A mesh already normalized within ``DIAGONAL_TOLERANCE``/``CENTRE_TOLERANCE`` is kept as
     it is; any other (OBJ files from other tools come in arbitrary units) is translated and scaled
     uniformly, never rotated. ``mesh.metadata["normalization"]`` records what was done, for the
-    records' provenance. Raises :class:`MeshError` ``stray_geometry`` (see :func:`_check_stray`).
+    records' provenance. Raises :class:`MeshError` ``too_few_faces`` (fewer than :data:`MIN_FACES`) or
+    ``stray_geometry`` (see :func:`_check_stray`).
     """
     mesh.remove_unreferenced_vertices()
+    if len(mesh.faces) < MIN_FACES:
+        raise MeshError("too_few_faces", f"{where} has {len(mesh.faces)} faces, fewer than any object's surface "
+                        f"({MIN_FACES}, a tetrahedron)")
     _check_stray(mesh, where)
     lo, hi = np.asarray(mesh.bounds, dtype=np.float64)
     centre, diagonal = (lo + hi) / 2, float(np.linalg.norm(hi - lo))

@@ -44,9 +44,10 @@ def remove_temp_files(run_dir: str, min_age_s: float = 60.0) -> int:
     if not fs.exists(root):
         return 0
     now = time.time()
-    leftovers = [p for p in fs.glob(f"{root}/**/.tmp-*") if now - fs.modified(p).timestamp() >= min_age_s]
+    leftovers = [p for p in fs.find(root) if p.rsplit("/", 1)[-1].startswith(".tmp-")
+                 and now - fs.modified(p).timestamp() >= min_age_s]
     for path in leftovers:
-        fs.rm(path)
+        fs.rm_file(path)
     if leftovers:
         logger.info("removed %d temporary files left by an interrupted run", len(leftovers))
     return len(leftovers)

@@ -24,8 +24,10 @@ def summarize(run_dir: str) -> dict:
     folder = RunFolder.of(run_dir)
     plan = load_plan(run_dir)
     fs, _ = io.filesystem(run_dir)
-    with fs.open(io.filesystem(folder.cleaning_report)[1], "rb") as f:
-        report = pacsv.read_csv(f).to_pylist()
+    report_path = io.filesystem(folder.cleaning_report)[1]
+    with fs.open(report_path, "rb") as f:  # one block for the file: no row, however long, straddles two
+        block = max(1 << 20, fs.size(report_path) + 1)
+        report = pacsv.read_csv(f, read_options=pacsv.ReadOptions(block_size=block)).to_pylist()
     dropped = Counter(f"clean:{r['reason']}" for r in report if r["status"] == "dropped")
     backends: Counter[str] = Counter()
     review: Counter[str] = Counter()

@@ -133,7 +133,8 @@ def training_curves(train_run: str, path: str) -> None:
     from pointvl.train.pipeline import plot_curves
 
     fs, root = pio.filesystem(train_run)
-    stages = sorted(p.rstrip("/").rsplit("/", 2)[-2] for p in fs.glob(f"{root.rstrip('/')}/*/history.json"))
+    stages = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in pio.ls_matching(fs, root, "*")
+                    if fs.exists(f"{p.rstrip('/')}/history.json"))
     if not stages:
         raise InputError(f"{train_run} has no training stage (no */history.json); give a `pointvl train --run` folder")
     order = {"sft": 0}  # SFT first, as trained

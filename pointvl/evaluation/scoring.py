@@ -344,7 +344,7 @@ def _split_ids(shards_dir: str, split: str) -> set[str]:
 def _no_match(shards_dir: str, split: str, ids: Iterable[str]) -> InputError:
     """The error for predictions that match no record of ``split``, naming the split they belong to."""
     fs, root = pio.filesystem(shards_dir)
-    names = {p.rsplit("/", 1)[-1].split("-", 1)[0] for p in fs.glob(f"{root.rstrip('/')}/*-*-of-*.parquet")}
+    names = {p.rsplit("/", 1)[-1].split("-", 1)[0] for p in pio.ls_matching(fs, root, "*-*-of-*.parquet")}
     given = set(ids)
     for other in sorted(names - {split}):
         if given & _split_ids(shards_dir, other):

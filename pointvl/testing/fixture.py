@@ -23,7 +23,8 @@ write them, which must build (``FixtureManifest.quirks``: arbitrary units, verte
 whose image is missing, UTF-16 and UTF-8-BOM/CRLF files, quads and polygons, negative indices), and
 models that must be dropped with a reason (``FixtureManifest.faults``: a stray triangle 200 units
 away, a vertex at 1e300, a NaN vertex, a line-only file, a synset folder missing from the taxonomy,
-a model folder that is a symbolic link to itself, two model ids equal but for case).
+a model folder that is a symbolic link to itself, two model ids equal but for case, a good model's
+copy in inches, a lone triangle).
 """
 
 from __future__ import annotations
@@ -588,6 +589,14 @@ def _catalogue(out_dir: str, seed: int, add: Callable[..., tuple[str, _Model]], 
     ]:
         model_id, _ = add(synset, key, damage=damage)
         faults.append(Fault(synset, model_id, reason))
+
+    original_id, original = add(CHAIR, "converted_original")  # kept; its copy in inches is the same shape
+    copy = f"{original_id}-inches"
+    _write(out_dir, CHAIR, copy, dataclasses.replace(original, obj=_map_vertices(original.obj, lambda v: v / 0.0254)))
+    models[CHAIR].append(copy)
+    faults.append(Fault(CHAIR, copy, "duplicate_geometry", f"{CHAIR}/{original_id}"))
+    lone, _ = add(LAMP, "one_triangle", damage=lambda obj: b"v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    faults.append(Fault(LAMP, lone, "too_few_faces"))
 
     twins = ("Case-Twin", "case-twin")  # ids equal but for case: one file name where case is ignored
     for key, other in zip(twins, twins[::-1], strict=True):

@@ -303,21 +303,21 @@ def test_faults_lose_no_item_and_a_resume_pays_only_for_the_failed(
             assert KEY.encode() not in f.read_bytes()
 
 
-def test_grounding_failures_with_the_mask_box_flag_items_and_malformed_replies_are_reasked(tmp_path: Path) -> None:
+def test_grounding_failures_fail_the_item_and_malformed_replies_are_reasked(tmp_path: Path) -> None:
     run, boxes, shas = make_run(tmp_path, n=4)
     ids = list(shas)
     with FakeOpenAI(api_key=KEY) as srv:
-        # the VLM never gives a box for item 0 (bbox2d_source: mask, the default): flagged, not a crash
+        # the VLM never gives a box for item 0 (bbox2d_source: mask, the default): failed, not flagged
         srv.inject("bad_json", times=99, match=lambda b: "response_format" not in b and image_sha(b) == shas[ids[0]])
         # HTTP 200 bodies that are not chat completions: re-asked, then the item goes on
         srv.inject("text_plain", times=1, match=lambda b: image_sha(b) == shas[ids[1]])
         srv.inject("null_message", times=1, match=lambda b: image_sha(b) == shas[ids[2]])
         stats = Annotate(online(srv), CATEGORIES, api_key=SecretStr(KEY), vlm_api_key=SecretStr(KEY)).run_shard(run, 0)
     rows = {r["instance_id"]: r for r in read(run)}
-    assert stats["failed"] == 0 and stats["ok"] == 4 and stats["reasks"] >= 4
+    assert stats["failed"] == stats["failed_vlm"] == 1 and stats["ok"] == 3 and stats["reasks"] >= 4
     first = rows[ids[0]]
-    assert first["annotate_flagged"] and first["bbox2d"] == pytest.approx(boxes[ids[0]])
-    assert first["annotate_failure_reason"].startswith("vlm: invalid reply after 3 attempts")
+    assert first["annotate_status"] == "failed" and not first["annotate_flagged"]
+    assert first["annotate_failure_reason"].startswith("vlm_failed: invalid reply after 3 attempts")
     assert all(rows[i]["bbox2d_vlm"] is not None and rows[i]["annotate_failure_reason"] is None for i in ids[1:])
 
 
@@ -374,3 +374,43 @@ def test_batch_mode_resumes_across_a_restart(tmp_path: Path) -> None:
     assert sorted(r.image_sha for r in srv.chat_records() if r.kind == "ground") == sorted(shas.values())
     rows = read(run)
     assert all(json.loads(r["annotate_provenance"])["batch"] for r in rows)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_key_echoed_inside_a_valid_answer_is_never_stored(tmp_path: Path, batch: bool) -> None:
+    run, _, _ = make_run(tmp_path, n=3)
+    with FakeOpenAI(api_key=KEY) as srv:
+        srv.inject("echo_key", times=999)  # every answer, LLM and VLM, holds the Authorization header's key
+        stats = Annotate(online(srv, batch=batch), CATEGORIES, api_key=SecretStr(KEY),
+                         vlm_api_key=SecretStr(KEY)).run_shard(run, 0)
+    assert stats["ok"] == 3 and stats["failed"] == 0
+    assert all(r["description"].startswith("Bearer *** ") for r in read(run))
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert any("cache" in f.parts for f in files)
+    assert not [f for f in files if KEY.encode() in f.read_bytes()]  # no cache entry, table or stats file
+
+
+def test_redaction_spares_placeholder_keys_and_covers_every_configured_secret() -> None:
+    from pointvl.core.chat_client import redact
+
+    text = "EMPTY reply with sk-llm-0123456789 and vlm-key-9876543210"
+    assert redact(text, SecretStr("EMPTY"), SecretStr("sk-llm-0123456789"), SecretStr("vlm-key-9876543210")) \
+        == "EMPTY reply with *** and ***"
+
+
+def test_a_grounding_outage_fails_the_items_and_redo_failed_asks_only_grounding_again(tmp_path: Path) -> None:
+    run, _, _ = make_run(tmp_path, n=4)
+    grounding = lambda b: b.get("response_format") is None  # noqa: E731
+    with FakeOpenAI(api_key=KEY) as srv:
+        srv.inject("500", times=999, match=grounding)  # the VLM server is down, the LLM is fine
+        stats = Annotate(online(srv), CATEGORIES, api_key=SecretStr(KEY), vlm_api_key=SecretStr(KEY)).run_shard(run, 0)
+        rows = read(run)
+        assert stats["failed"] == stats["failed_vlm"] == 4 and stats["flagged"] == 0 and stats["ok"] == 0
+        assert all(r["annotate_failure_reason"].startswith("vlm_failed: ") and r["qa"] is not None for r in rows)
+        srv.faults.clear()  # the outage is over
+        n_before = len(srv.chat_records())
+        again = Annotate(online(srv, redo_failed=True), CATEGORIES, api_key=SecretStr(KEY),
+                         vlm_api_key=SecretStr(KEY)).run_shard(run, 0)
+        asked = srv.chat_records()[n_before:]
+    assert again["ok"] == 4 and again["failed"] == 0 and again["flagged"] == 0
+    assert len(asked) == 4 and all(r.kind != "qa" for r in asked)  # the QA replies came from the cache

@@ -122,3 +122,56 @@ def test_duplicate_or_no_synsets_in_the_taxonomy_are_refused(shapenet, tmp_path)
     assert read_taxonomy(str(_subset(shapenet, tmp_path / "b", None, [*taxonomy, taxonomy[0]])))  # same name: fine
     with pytest.raises(InputError, match="lists no synsets"):
         read_taxonomy(str(_subset(shapenet, tmp_path / "c", None, [])))
+
+
+def _write_obj(root: Path, model: str, vertices, faces) -> None:
+    import trimesh
+
+    folder = root / "chairs" / model / "models"
+    folder.mkdir(parents=True)
+    obj = trimesh.Trimesh(vertices, faces, process=False).export(file_type="obj")
+    (folder / "model_normalized.obj").write_text(obj)
+
+
+def test_a_shape_kept_in_other_formats_vertex_orders_or_units_is_one_shape(shapenet, tmp_path):
+    """Converted copies of one model (STL, PLY, OFF round trips, vertex order, millimetres) are dropped as
+    duplicate_geometry whatever their bytes; its mirror image and other shapes stay; unit cubes of two
+    packages are one shape; a lone triangle is too few faces, not stray geometry."""
+    import io
+
+    import numpy as np
+    import trimesh
+
+    from pointvl.dataset.mesh import load_mesh
+
+    root = tmp_path / "shapenet"
+    chair = "03001627"
+    source = load_mesh(str(Path(shapenet.root) / chair / shapenet.good[chair][0] / "models" / "model_normalized.obj"))
+    v, f = np.asarray(source.vertices), np.asarray(source.faces)
+    _write_obj(root, "a-original", v, f)
+    for fmt in ("stl", "ply", "off"):
+        data = trimesh.Trimesh(v, f, process=False).export(file_type=fmt)
+        again = trimesh.load(io.BytesIO(data if isinstance(data, bytes) else data.encode()), file_type=fmt,
+                             force="mesh", process=False)
+        _write_obj(root, f"b-{fmt}", np.asarray(again.vertices, dtype=np.float32), again.faces)
+    order = np.random.default_rng(0).permutation(len(v))
+    _write_obj(root, "c-shuffled", v[order], np.argsort(order)[f][:, ::-1])  # another vertex order and winding
+    _write_obj(root, "d-millimetres", v * 1000 + 5, f)
+    _write_obj(root, "e-mirror", v * [1, 1, -1], f)  # front to back (left-right it is symmetric)
+    box = trimesh.creation.box()
+    _write_obj(root, "f-cube", box.vertices, box.faces)
+    quads = ("v -1 -1 -1\nv 1 -1 -1\nv 1 1 -1\nv -1 1 -1\nv -1 -1 1\nv 1 -1 1\nv 1 1 1\nv -1 1 1\n"
+             "f 1 4 3 2\nf 5 6 7 8\nf 1 2 6 5\nf 2 3 7 6\nf 3 4 8 7\nf 4 1 5 8\n")
+    (root / "chairs" / "g-cube-quads" / "models").mkdir(parents=True)
+    (root / "chairs" / "g-cube-quads" / "models" / "model_normalized.obj").write_text(quads)
+    _write_obj(root, "h-triangle", np.eye(3), [[0, 1, 2]])
+    (root / "taxonomy.json").write_text('[{"synsetId": "chairs", "name": "chair"}]')
+
+    report_path = tmp_path / "cleaning.csv"
+    kept = Clean(CleanConfig(test_size=0.5, train_size=None)).run(str(root), str(report_path))
+    report = {m: (r["status"], r["reason"], r["note"]) for (_, m), r in _report(report_path).items()}
+    assert {e.model_id for e in kept} == {"a-original", "e-mirror", "f-cube"}
+    for copy in ("b-stl", "b-ply", "b-off", "c-shuffled", "d-millimetres"):
+        assert report[copy] == ("dropped", "duplicate_geometry", "as chairs/a-original"), copy
+    assert report["g-cube-quads"] == ("dropped", "duplicate_geometry", "as chairs/f-cube")
+    assert report["h-triangle"][:2] == ("dropped", "too_few_faces")

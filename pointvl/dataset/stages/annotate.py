@@ -11,7 +11,9 @@ at temperature 0 boxes the most prominent instance. Two backends:
   question's answer is the known category, every answer is among its choices); a VLM behind an
   OpenAI-compatible endpoint (vLLM) is asked for the box of the most prominent instance, the model
   family's coordinate convention is undone and the box clamped to the image. ``vlm_agreement`` is
-  its IoU with the mask box; below ``agreement_threshold`` the item is flagged for review.
+  its IoU with the mask box; below ``agreement_threshold`` the item is flagged for review. Only such a
+  disagreement flags an item: a grounding call that fails for good (an outage, no usable box after the
+  re-asks) fails the item (``vlm_failed``), which ``redo_failed`` asks again.
 
 Retries, re-asks, rate limiting, the response cache and the Batch API live in :mod:`pointvl.core.chat_client`.
 An item whose call fails for good is written with ``annotate_status = "failed"`` and the reason;
@@ -421,12 +423,8 @@ class Annotate(Stage):
             out["bbox2d_vlm"] = box
             out["vlm_agreement"] = iou_2d(box, item.mask_box)
             out["flagged"] = out["vlm_agreement"] < self.config.agreement_threshold
-        except CallFailed as e:
-            if self.config.bbox2d_source == "vlm":
-                out["failures"].append(f"vlm: {e.reason}")
-            else:  # the mask box is the target: without the VLM's check the item goes to review
-                out["notes"].append(f"vlm: {e.reason}")
-                out["flagged"] = True
+        except CallFailed as e:  # an outage or a model that cannot answer is a failure, never a judgement
+            out["failures"].append(f"vlm_failed: {e.reason}")
         out["bbox2d"] = item.mask_box if self.config.bbox2d_source == "mask" else out["bbox2d_vlm"]
         return out
 
@@ -448,8 +446,10 @@ class Annotate(Stage):
             "backoff_max_s": c.backoff_max_s,
             "cache": cache,
         }
-        llm = ChatClient(c.llm_base_url, key, limiter=RateLimiter(c.requests_per_minute, c.concurrency), **common)
-        vlm = ChatClient(c.vlm_base_url, vlm_key, limiter=RateLimiter(c.requests_per_minute, c.concurrency), **common)
+        llm = ChatClient(c.llm_base_url, key, limiter=RateLimiter(c.requests_per_minute, c.concurrency),
+                         secrets=(vlm_key,), **common)
+        vlm = ChatClient(c.vlm_base_url, vlm_key, limiter=RateLimiter(c.requests_per_minute, c.concurrency),
+                         secrets=(key,), **common)
         return llm, vlm
 
     def _provenance(self) -> str:
@@ -527,7 +527,8 @@ class Annotate(Stage):
         )
         for r in results:
             for f in r["failures"]:
-                stats[f"failed_{f.split(':')[0]}"] = stats.get(f"failed_{f.split(':')[0]}", 0) + 1
+                kind = f"failed_{f.split(':')[0].removesuffix('_failed')}"  # failed_qa, failed_vlm
+                stats[kind] = stats.get(kind, 0) + 1
         logger.info("annotate shard %05d: %d ok, %d failed, %d flagged", shard_index, stats["ok"], stats["failed"],
                     stats["flagged"])
         return ShardOutput(table, stats, made_from=inputs)

@@ -8,9 +8,11 @@ by model, so no model (and none of its views) is in both splits.
 Drop reasons:
 - ``category_dropped``: its category is listed under ``dropped`` in the category config.
 - ``missing_obj``: the model folder has no ``models/model_normalized.obj`` (empty or texture-only).
-- ``unreadable`` / ``no_faces`` / ``no_vertices`` / ``non_finite`` / ``out_of_range`` /
-  ``degenerate`` / ``stray_geometry``: the mesh could not be used (:class:`pointvl.dataset.mesh.MeshError`
+- ``unreadable`` / ``no_faces`` / ``no_vertices`` / ``non_finite`` / ``out_of_range`` / ``degenerate`` /
+  ``too_few_faces`` / ``stray_geometry``: the mesh could not be used (:class:`pointvl.dataset.mesh.MeshError`
   reasons; any other error of one mesh is ``unreadable`` with its message in the log).
+- ``name_too_long`` / ``name_not_utf8``: the synset id, model id or category name is longer than 200
+  characters, or a folder name is not UTF-8 (the report shows it cut and escaped).
 - ``synset_not_in_taxonomy``: the model's synset folder is not listed in ``taxonomy.json``.
 - ``broken_link``: a synset or model folder is a symbolic link that leads nowhere (or to itself).
 - ``model_in_two_categories``: the same model id sits under two synsets whose categories differ
@@ -20,8 +22,9 @@ Drop reasons:
 - ``id_collision``: two models whose instance ids differ only in case (``Chair1``, ``chair1``), one file
   name on storage that ignores case; both are dropped (ids are otherwise unique by construction,
   :func:`pointvl.dataset.plan.instance_id`).
-- ``duplicate_geometry``: byte-identical geometry to an earlier kept model (sorted by synset id,
-  model id); dropped so a shape cannot leak across splits.
+- ``duplicate_geometry``: the shape of an earlier kept model (sorted by synset id, model id), whatever
+  its file: the same :func:`shape_descriptor` within :data:`SHAPE_TOLERANCE` (converted copies, another
+  vertex order, unit cubes of two packages); dropped so a shape cannot leak across splits.
 
 Kept models that were not unit-normalized (OBJ files from other tools come in any unit) are normalized
 like ShapeNet's ``model_normalized`` (:func:`pointvl.dataset.mesh.normalize`); the report's ``note`` says so.
@@ -112,10 +115,7 @@ def read_taxonomy(shapenet_dir: str) -> dict[str, dict]:
             f"{shapenet_dir} has no taxonomy.json: point --shapenet at the ShapeNetCore.v2 folder "
             "(the one holding taxonomy.json and the <synset_id>/ folders)"
         )
-    try:
-        entries = io.read_json(path)
-    except ValueError as err:
-        raise InputError(f"{path} is not JSON: {err}") from err
+    entries = io.read_json(path, "taxonomy", max_bytes=MAX_TAXONOMY_BYTES)  # InputError naming it if unusable
     usable = isinstance(entries, list) and all(
         isinstance(e, dict) and isinstance(e.get("synsetId"), str) and isinstance(e.get("name"), str) for e in entries
     )
@@ -134,6 +134,30 @@ def read_taxonomy(shapenet_dir: str) -> dict[str, dict]:
     return taxonomy
 
 
+MAX_TAXONOMY_BYTES = 256 << 20
+"""The largest taxonomy.json read (ShapeNet's is 0.3 MB)."""
+MAX_NAME_CHARS = 200
+"""The longest synset id, model id or category name built (ShapeNet's are under 80 characters)."""
+
+
+def bad_name(name: str) -> str:
+    """The drop reason for a synset id, model id or category name the outputs cannot carry ('' when fine):
+    ``name_too_long`` past :data:`MAX_NAME_CHARS`, ``name_not_utf8`` for a folder name of other bytes."""
+    if len(name) > MAX_NAME_CHARS:
+        return "name_too_long"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "name_not_utf8"
+    return ""
+
+
+def _printable(name: str) -> str:
+    """A name as the report can hold it: cut to the limit, other bytes escaped."""
+    cut = name if len(name) <= MAX_NAME_CHARS else f"{name[:MAX_NAME_CHARS]}..."
+    return cut.encode("utf-8", "backslashreplace").decode()
+
+
 def category_name(entry: dict) -> str:
     """ShapeNet names are comma-separated synonyms ("car,auto,automobile"): the first one."""
     return entry["name"].split(",")[0].strip()
@@ -144,6 +168,46 @@ def geometry_hash(vertices: np.ndarray, faces: np.ndarray) -> str:
     h = hashlib.sha256(np.ascontiguousarray(vertices, dtype=np.float64).tobytes())
     h.update(np.ascontiguousarray(faces, dtype=np.int64).tobytes())
     return h.hexdigest()
+
+
+SHAPE_TOLERANCE = 1e-4
+"""Two meshes whose :func:`shape_descriptor` entries all differ by less than this (unit-diagonal frame) are
+one shape: conversions to float32 or 6-digit text move them by ~1e-6, distinct shapes by far more."""
+
+
+def shape_descriptor(mesh: trimesh.Trimesh) -> list[float]:
+    """What identifies a normalized mesh's shape whatever file it came from: the square root of its surface
+    area, the area-weighted centroid and second moments of its surface (exact integrals over the triangles,
+    per unit area) and its box extents, 13 numbers. The same for any vertex order, duplicated or unused
+    vertices, winding, float precision and way a polygon was split into triangles; a mirror image differs
+    (its centroid). ``∫ x xᵀ dA`` over a triangle ``a, b, c`` is ``A/12 (a aᵀ + b bᵀ + c cᵀ + s sᵀ)``, ``s = a+b+c``."""
+    tri = np.asarray(mesh.triangles, dtype=np.float64)
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    total = float(area.sum())
+    s = tri.sum(axis=1)
+    centroid = (area[:, None] * s).sum(axis=0) / (3 * total)
+    second = np.einsum("f,fki,fkj->ij", area, tri, tri) + np.einsum("f,fi,fj->ij", area, s, s)
+    upper = (second / (12 * total))[np.triu_indices(3)]
+    extents = np.asarray(mesh.bounds[1] - mesh.bounds[0], dtype=np.float64)
+    return [round(float(v), 9) for v in (np.sqrt(total), *centroid, *upper, *extents)]
+
+
+def same_shapes(descriptors: list[list[float]]) -> dict[int, int]:
+    """``{i: j}``: descriptor ``i`` is within :data:`SHAPE_TOLERANCE` of the earlier kept ``j`` (every
+    descriptor not in it is kept; the first of each group stays)."""
+    from scipy.spatial import cKDTree
+
+    if len(descriptors) < 2:
+        return {}
+    near: dict[int, list[int]] = {}
+    for i, j in cKDTree(np.asarray(descriptors)).query_pairs(SHAPE_TOLERANCE, p=np.inf):
+        near.setdefault(max(i, j), []).append(min(i, j))
+    same: dict[int, int] = {}
+    for i in sorted(near):
+        kept = [j for j in sorted(near[i]) if j not in same]
+        if kept:
+            same[i] = kept[0]
+    return same
 
 
 def _split_counts(n: int, cfg: CleanConfig) -> tuple[int, int]:
@@ -219,7 +283,7 @@ def _local_info(path: str) -> dict | None:
 def model_path(shapenet_dir: str, synset: str, model: str) -> str:
     """The OBJ of a model: an absolute local path, or a URL on the input's filesystem."""
     path = io.join(shapenet_dir, synset, model, OBJ_RELPATH)
-    return path if "://" in path else os.path.abspath(path)
+    return path if io.is_url(path) else os.path.abspath(path)
 
 
 def load_model_file(obj_path: str) -> trimesh.Trimesh:
@@ -235,8 +299,9 @@ def _loader_version() -> str:
     return hashlib.sha256(Path(mesh_module.__file__).read_bytes()).hexdigest()[:16]
 
 
-def validate_models(items: list[tuple[str, str, str]], cache_dir: str | None) -> list[tuple[str, str, str]]:
-    """``(reason, geometry hash, note)`` of each ``(obj path, file key, cache name)``; reason "" = usable.
+def validate_models(items: list[tuple[str, str, str]], cache_dir: str | None) -> list[tuple[str, str, str, list]]:
+    """``(reason, geometry hash, note, shape descriptor)`` of each ``(obj path, file key, cache name)``;
+    reason "" = usable.
 
     Runs on a worker. With ``cache_dir``, a model's result is stored as ``<cache name>.json`` and reused
     while the file key and the loader are the same, so a killed clean resumes where it stopped and a
@@ -246,24 +311,28 @@ def validate_models(items: list[tuple[str, str, str]], cache_dir: str | None) ->
     for obj, key, name in items:
         entry = io.join(cache_dir, f"{name}.json") if cache_dir else None
         if entry and io.exists(entry):
-            cached = io.read_json(entry)
-            if cached.get("key") == key and cached.get("loader") == _loader_version():
-                out.append((cached["reason"], cached["geometry"], cached["note"]))
+            try:
+                cached = io.read_json(entry, max_bytes=1 << 20)
+            except ValueError:  # a damaged cache entry: validate again
+                cached = None
+            if (isinstance(cached, dict) and cached.get("key") == key and cached.get("loader") == _loader_version()
+                    and "shape" in cached):
+                out.append((cached["reason"], cached["geometry"], cached["note"], cached["shape"]))
                 continue
         try:
             mesh = load_model_file(obj)
         except MeshError as err:
-            result = (err.reason, "", str(err))
+            result = (err.reason, "", str(err), [])
         except ITEM_ERRORS as err:  # a mesh no check foresaw: it costs only itself
             logger.warning("%s: %s: %s", name, type(err).__name__, err)
-            result = ("unreadable", "", f"{type(err).__name__}: {err}")
+            result = ("unreadable", "", f"{type(err).__name__}: {err}", [])
         else:
             norm = mesh.metadata[NORMALIZATION]
             note = f"normalized like model_normalized (scale {norm['scale']:g})" if norm["normalized"] else ""
-            result = ("", geometry_hash(mesh.vertices, mesh.faces), note)
+            result = ("", geometry_hash(mesh.vertices, mesh.faces), note, shape_descriptor(mesh))
         if entry:
             io.write_json(entry, {"key": key, "loader": _loader_version(), "reason": result[0],
-                                  "geometry": result[1], "note": result[2]})
+                                  "geometry": result[1], "note": result[2], "shape": result[3]})
         out.append(result)
     return out
 
@@ -332,9 +401,12 @@ class Clean:
                             for m, _, _ in models or [("", False, None)])
                 continue
             category = names[synset]
+            named = bad_name(synset) or bad_name(category)
             for model, broken, info in models:
                 row = {"synset_id": synset, "model_id": model, "category": category}
-                if broken:
+                if named or bad_name(model):
+                    rows.append({**row, "status": "dropped", "reason": named or bad_name(model)})
+                elif broken:
                     rows.append({**row, "status": "dropped", "reason": "broken_link"})
                 elif synset in self.dropped or self.merges.get(synset) in self.dropped:
                     rows.append({**row, "status": "dropped", "reason": "category_dropped"})
@@ -395,17 +467,21 @@ class Clean:
                 continue
             todo.append((synset, model, category, model_path(shapenet_dir, synset, model), io.file_key(info)))
         results = _validate_all(todo, executor, cache_dir, progress)
-        kept, seen = [], {}
-        for (synset, model, category, obj, _), (reason, digest, note) in zip(todo, results, strict=True):
+        usable = []
+        for (synset, model, category, obj, _), (reason, digest, note, shape) in zip(todo, results, strict=True):
             if reason:
                 rows.append({**self._row(synset, model, category, "dropped", reason), "note": note})
                 continue
-            if digest in seen:
-                rows.append(self._row(synset, model, category, "dropped", "duplicate_geometry"))
-                logger.info("%s/%s duplicates the geometry of %s", synset, model, seen[digest])
+            usable.append(((synset, model, category, obj, digest, note), shape))
+        same = same_shapes([shape for _, shape in usable])
+        kept = []
+        for i, (candidate, _) in enumerate(usable):
+            if i in same:
+                original = "/".join(usable[same[i]][0][:2])
+                rows.append({**self._row(*candidate[:3], "dropped", "duplicate_geometry"), "note": f"as {original}"})
+                logger.info("%s/%s has the shape of %s", *candidate[:2], original)
                 continue
-            seen[digest] = f"{synset}/{model}"
-            kept.append((synset, model, category, obj, digest, note))
+            kept.append(candidate)
         return kept
 
     def _drop_id_collisions(self, candidates: list, rows: list[dict]) -> list:
@@ -428,7 +504,8 @@ class Clean:
     def _write_report(rows: list[dict], path: str) -> None:
         columns = ["synset_id", "model_id", "category", "status", "reason", "split", "note"]
         rows = sorted(rows, key=lambda r: (r["synset_id"], r["model_id"]))
-        table = pa.table({c: [r.get(c, "") for r in rows] for c in columns})
+        names = ("synset_id", "model_id", "category")  # cut and escaped: every row fits a CSV reader's block
+        table = pa.table({c: [_printable(r.get(c, "")) if c in names else r.get(c, "") for r in rows] for c in columns})
         buf = pa.BufferOutputStream()
         pacsv.write_csv(table, buf)
         io.write_bytes(path, buf.getvalue().to_pybytes())
@@ -439,11 +516,11 @@ def _validate_all(
     executor: Executor,
     cache_dir: str | None,
     progress: Callable[[Progress], None] | None,
-) -> list[tuple[str, str, str]]:
+) -> list[tuple[str, str, str, list]]:
     """:func:`validate_models` over ``todo`` in chunks on the executor, results in ``todo``'s order."""
     size = max(1, min(32, len(todo) // (4 * executor.workers)))  # a few chunks per worker balance big meshes
     chunks = [[(obj, key, f"{s}/{m}") for s, m, _, obj, key in todo[i : i + size]] for i in range(0, len(todo), size)]
-    results: list[list[tuple[str, str, str]]] = [[] for _ in chunks]
+    results: list[list[tuple[str, str, str, list]]] = [[] for _ in chunks]
     tracker = Progress("clean: validated", len(todo), "models", progress)
     for i, chunk_results in executor.map(validate_models, chunks, cache_dir):
         results[i] = chunk_results

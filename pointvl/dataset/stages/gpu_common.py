@@ -209,7 +209,7 @@ def run_items(
     if len(set(ids)) != len(ids):
         raise ValueError(f"{stage} shard {shard_index:05d}: duplicate instance_id in the input table")
     fs, local = io.filesystem(folder)
-    present = {p.rsplit("/", 1)[-1] for p in fs.glob(f"{local}/*.parquet")} if fs.exists(local) else set()
+    present = {p.rsplit("/", 1)[-1] for p in io.ls_matching(fs, local, "*.parquet")}
     done = {i for i in ids if f"{i}.parquet" in present}
     todo = [row for row in inputs.to_pylist() if row["instance_id"] not in done]
     if done:
