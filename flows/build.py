@@ -26,6 +26,7 @@ from prefect.states import Cancelled, Completed, State
 from flows.gpu_stages import run_gpu_stage
 from flows.locking import build_lock, mark_crashed, record_build
 from flows.review import review_gate
+from pointvl.cli.interrupt import reassert as reassert_interrupt_handlers
 from pointvl.core.fence import LockLost
 from pointvl.dataset.config import BuildConfig
 from pointvl.dataset.dag import GPU_STAGES
@@ -76,6 +77,7 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
     ``workers`` (default: this machine's cores) or ``dask_scheduler`` (``tcp://HOST:PORT`` of a running
     Dask cluster): where clean's mesh validation and the CPU stages run (:mod:`pointvl.dataset.executor`).
     """
+    reassert_interrupt_handlers()  # `pointvl build`: Ctrl-C and SIGTERM end the build in seconds
     cfg = BuildConfig.from_parameters(config, overrides, handoff)
     if cfg.handoff.train:
         check_can_start(cfg.handoff)  # seconds, before any stage, GPU second or API call

@@ -40,7 +40,7 @@ def _build(args: argparse.Namespace) -> int:
     config.annotate.redo_failed |= args.redo_failed
     read_taxonomy(args.shapenet)
     Clean(config.clean).resolve_categories(read_taxonomy(args.shapenet))
-    shapenet, out = (p if "://" in p else os.path.abspath(p) for p in (args.shapenet, args.out))
+    shapenet, out = (p if io.is_url(p) else os.path.abspath(p) for p in (args.shapenet, args.out))
     check_placement(args.workers, args.dask_scheduler, shapenet, out)
     if io.exists(out) and not io.filesystem(out)[0].isdir(io.filesystem(out)[1]):
         raise InputError(f"--out {args.out} is a file; give a folder for the build")
@@ -56,7 +56,10 @@ def _build(args: argparse.Namespace) -> int:
 
     from flows.build import build_benchmark
     from flows.locking import check_unlocked
+    from pointvl.cli.interrupt import on_interrupt, start_reaper
 
+    on_interrupt("build", "re-run the same command")
+    start_reaper()
     try:
         check_unlocked(out)
         summary = build_benchmark(shapenet=shapenet, out=out, config=config.to_dict(), incremental=args.incremental,

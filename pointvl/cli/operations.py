@@ -161,9 +161,12 @@ def _resume(args: argparse.Namespace) -> int:
         from prefect.exceptions import CancelledRun
 
         from flows.build import build_benchmark
+        from pointvl.cli.interrupt import on_interrupt, start_reaper
         from pointvl.dataset.summary import format_summary
 
         params = _local_parameters(args.target)
+        on_interrupt("resume", f"run `pointvl resume {args.target}` again")
+        start_reaper()
         check_unlocked(args.target)
         try:
             summary = build_benchmark(**params)

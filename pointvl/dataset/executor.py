@@ -22,7 +22,10 @@ import logging
 import logging.handlers
 import multiprocessing
 import os
+import signal
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -55,9 +58,20 @@ class _ToOwnLogger(logging.Handler):
         return True
 
 
+def _exit_with(parent: int) -> None:
+    """End this worker once the build's process ``parent`` is gone (killed: nothing else would end it)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def _warm(log_queue: Any = None, level: int = logging.INFO) -> None:
     """Import what the CPU stages use once per worker, not once per shard; send its log records to
-    ``log_queue`` (the build's process logs them as its own: a dropped model's warning is not lost)."""
+    ``log_queue`` (the build's process logs them as its own: a dropped model's warning is not lost).
+    The worker ends within a second of the build's process (a SIGKILL would leave it running) and leaves
+    Ctrl-C to it."""
+    threading.Thread(target=_exit_with, args=(os.getppid(),), name="pointvl-parent-watch", daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the build stops its workers
     if log_queue is not None:
         root = logging.getLogger()
         root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
