@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 STALE_AFTER_S = float(os.environ.get("POINTVL_LOCK_STALE_S", "120"))
 """A running holder that has not refreshed its heartbeat for this long is dead (set lower in tests)."""
+HEARTBEAT_S = min(15.0, STALE_AFTER_S / 4)
+"""How often a holder refreshes its heartbeat."""
 
 
 def api_url() -> str:
@@ -63,14 +65,14 @@ def build_lock(run_dir: str) -> RunLock:
             deployment = f"{context.flow.name}/{d.name}"
     holder = {"flow_run_id": str(run.id) if run else "", "deployment": deployment,
               "deployment_id": str(run.deployment_id or "") if run else "", "api_url": api_url() if run else ""}
-    return RunLock(run_dir, holder, flow_run_state=holder_state, stale_after_s=STALE_AFTER_S)
+    return RunLock(run_dir, holder, flow_run_state=holder_state, stale_after_s=STALE_AFTER_S, heartbeat_s=HEARTBEAT_S)
 
 
 def check_unlocked(run_dir: str) -> None:
     """Refuse (one line, :class:`~pointvl.dataset.runlock.RunFolderLocked`) if a live build holds ``run_dir``; a dead
     holder the server still shows RUNNING is marked crashed here, which also frees its deployment's
     concurrency slot for the build about to start."""
-    lock = RunLock(run_dir, {}, flow_run_state=holder_state, stale_after_s=STALE_AFTER_S)
+    lock = RunLock(run_dir, {}, flow_run_state=holder_state, stale_after_s=STALE_AFTER_S, heartbeat_s=HEARTBEAT_S)
     lock.check()
     holder = read_holder(run_dir)
     if holder is not None:

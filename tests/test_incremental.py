@@ -49,7 +49,8 @@ def _records(run: Path) -> list[dict]:
 
 
 def _add_train_model(source: Path, run: Path) -> str:
-    """Copy a kept model to a new id, its mesh scaled (else it is dropped as duplicate geometry).
+    """Copy a kept model to a new id, its mesh flattened along y (a uniformly scaled copy is the same shape,
+    dropped as duplicate geometry).
 
     The id is chosen to land in train without moving any model between splits (the split takes the
     ``test_size`` smallest split keys), so only the new model's work is new.
@@ -61,8 +62,8 @@ def _add_train_model(source: Path, run: Path) -> str:
     dst = source / kept[0].synset_id / new_id
     shutil.copytree(src, dst)
     obj = dst / "models" / "model_normalized.obj"
-    lines = [f"v {' '.join(str(0.9 * float(x)) for x in line.split()[1:4])}" if line.startswith("v ") else line
-             for line in obj.read_text().splitlines()]
+    lines = [f"v {' '.join(str(s * float(x)) for s, x in zip((1, 0.9, 1), line.split()[1:4], strict=True))}"
+             if line.startswith("v ") else line for line in obj.read_text().splitlines()]
     obj.write_text("\n".join(lines) + "\n")
     return new_id
 

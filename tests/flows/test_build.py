@@ -214,3 +214,37 @@ def test_a_build_refused_by_the_lock_inside_the_flow_exits_2_with_one_line(shape
     [line] = [x for x in result.stderr.splitlines() if x.startswith("pointvl build:")]
     assert "error:" in line and "is in use by flow run holder-run" in line and "Traceback" not in result.stderr
     assert not (out / "stages").exists()  # no stage ran
+
+
+def test_a_build_that_lost_its_lock_while_stopped_stops_before_its_next_write(shapenet, config_file, tmp_path):
+    """SIGSTOP a build past the lock's staleness, let another build take the folder, SIGCONT it: it writes
+    nothing more and exits 2 with one line; the lock stays the taker's."""
+    from pointvl.dataset.runlock import RunLock, read_holder
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "POINTVL_LOCK_STALE_S": "4",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    build = subprocess.Popen([sys.executable, "-m", "pointvl.cli", "build", "--shapenet", shapenet.root, "--out",
+                              str(out), "--config", config_file], stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "stages").exists() and time.monotonic() < deadline and build.poll() is None:
+            time.sleep(0.1)
+        os.killpg(build.pid, signal.SIGSTOP)
+        time.sleep(5)  # its heartbeat goes stale
+        taker = RunLock(str(out), {}, stale_after_s=4, heartbeat_s=1).acquire()
+        assert taker.taken_over is not None and taker.taken_over["pid"] == build.pid
+        taker.keep()  # the taker holds the folder and writes nothing
+        before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "build.lock"}
+        os.killpg(build.pid, signal.SIGCONT)
+        _, err = build.communicate(timeout=300)
+    finally:
+        if build.poll() is None:
+            os.killpg(build.pid, signal.SIGKILL)
+    assert build.returncode == 2, err[-3000:]
+    [line] = [x for x in err.splitlines() if x.startswith("pointvl build:")]
+    assert "this build's lock was taken by another build" in line
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "build.lock"}
+    assert {p: t for p, t in after.items() if not p.name.startswith(".tmp-")} == before  # no write after the stop
+    assert read_holder(str(out))["token"] == taker.holder["token"]
