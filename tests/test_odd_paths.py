@@ -74,3 +74,24 @@ def test_build_increment_and_evaluate_in_folders_with_every_character(shapenet, 
                        EvaluateConfig())  # BERTScore: not computed without its weights
     test_rows = sum(pq.read_metadata(f).num_rows for f in files if f.name.startswith("test-"))
     assert metrics["n"] == n == test_rows > 0
+
+
+def test_pointvl_build_and_resume_in_a_folder_with_every_character(shapenet, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / f"out {''.join(CHARACTERS)}"
+    config = tmp_path / "c.yaml"
+    config.write_text("shard_size: 8\nclean: {test_size: 0.25, train_size: null}\nrender: {width: 48, height: 48}\n"
+                      "sample_points: {num_points: 256}\n")
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    for command in (["build", "--shapenet", shapenet.root, "--out", str(out), "--config", str(config)],
+                    ["resume", str(out)]):
+        result = subprocess.run([sys.executable, "-m", "pointvl.cli", *command], capture_output=True, text=True,
+                                env=env, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+    files = sorted((out / "shards").glob("*.parquet"))
+    assert files and not list(out.rglob(".tmp-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", out.name]  # nothing written beside it
+    assert f"resumed {out} locally" in result.stdout
