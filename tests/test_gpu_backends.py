@@ -39,7 +39,8 @@ def empty_cache():
 
 @pytest.fixture
 def small_condition_image(monkeypatch):
-    """Qwen-Image-Edit resizes its conditioning image to ~1 MP; 32x32 keeps the CPU test fast (FACTS)."""
+    """Qwen-Image-Edit resizes its conditioning image to ~1 MP; 32x32 keeps the CPU test fast
+    (docs/facts.md#diffusion-models)."""
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as qe
 
     monkeypatch.setattr(qe, "calculate_dimensions", lambda area, ratio: (32, 32, None))

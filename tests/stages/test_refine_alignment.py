@@ -59,7 +59,7 @@ def test_output_grid_equals_condition_grid(tmp_path, plus, full_vae):
 def test_edit_plus_runs_one_image_per_call_and_records_sizes(tmp_path, monkeypatch):
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
 
-    monkeypatch.setattr(edit_plus, "calculate_dimensions", lambda area, ratio: (32, 24))  # fast (FACTS)
+    monkeypatch.setattr(edit_plus, "calculate_dimensions", lambda area, ratio: (32, 24))  # fast (docs/facts.md)
     pipe = tiny_refine_pipeline(plus=True)
     calls = []
     hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(k["img_shapes"]),

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_checkpoint import QWEN_CHAT_GENERATION, write_tiny_qwen_checkpoint
 from transformers import GenerationConfig
 from transformers.generation import logits_process as lp
 
-from pointvl.testing.tiny_checkpoint import QWEN_CHAT_GENERATION, write_tiny_qwen_checkpoint
 from pointvl.train.data import Collator, ShardExamples
 from pointvl.train.generation import STOP_TOKEN, greedy_config
 from pointvl.train.grpo import rollout
