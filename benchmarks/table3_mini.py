@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from pointvl.core import io as pio
-from pointvl.evaluation.scoring import EvaluateConfig, Prediction, aggregate, output_limit, score_records
+from pointvl.evaluation.predictions import Prediction
+from pointvl.evaluation.scoring import EvaluateConfig, aggregate, output_limit, score_records
 from pointvl.evaluation.stats import bootstrap_interval, mean, paired_comparison
 from pointvl.train.data import Collator, ShardExamples
 from pointvl.train.pipeline import load, train_stage

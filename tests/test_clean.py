@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from pointvl.core.errors import InputError
-from pointvl.dataset.clean import Clean, CleanConfig, read_taxonomy
+from pointvl.dataset.clean import Clean, CleanConfig
+from pointvl.dataset.shapenet import read_taxonomy
 
 
 def _report(path: Path) -> dict[tuple[str, str], dict]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from pointvl.core import io
-from pointvl.dataset.clean import Clean, CleanConfig, list_models, model_path, validate_models
+from pointvl.dataset.clean import Clean, CleanConfig
 from pointvl.dataset.executor import open_executor
+from pointvl.dataset.shape_checks import validate_models
+from pointvl.dataset.shapenet import list_models, model_path
 
 CFG = CleanConfig(test_size=0.25, train_size=None)
 

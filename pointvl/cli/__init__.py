@@ -30,9 +30,10 @@ def _fixture(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from pointvl.core import io
     from pointvl.dataset.build_config import BuildConfig
-    from pointvl.dataset.clean import Clean, read_taxonomy
+    from pointvl.dataset.clean import Clean
     from pointvl.dataset.executor import check_placement
     from pointvl.dataset.plan import fingerprint, load_plan
+    from pointvl.dataset.shapenet import read_taxonomy
     from pointvl.dataset.summary import format_summary
 
     # 1. Check everything cheap before Prefect starts (seconds) and before any GPU or API work.

@@ -37,33 +37,27 @@ different names is refused (one of them would silently relabel the other's model
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import trimesh
-from fsspec.implementations.local import LocalFileSystem
 
 from pointvl.core import io
-from pointvl.core.errors import ITEM_ERRORS, InputError
+from pointvl.core.errors import InputError
 from pointvl.core.package_data import config_path
 from pointvl.core.progress import Progress
-from pointvl.dataset import mesh as mesh_module
 from pointvl.dataset.executor import Executor, InProcess
-from pointvl.dataset.mesh import NORMALIZATION, MeshError, load_model_file
 from pointvl.dataset.plan import ModelEntry, instance_id
+from pointvl.dataset.shape_checks import same_shapes, validate_models
+from pointvl.dataset.shapenet import bad_name, category_name, list_models, model_path, printable, read_taxonomy
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CATEGORY_CONFIG = str(config_path("categories.yaml"))
-OBJ_RELPATH = "models/model_normalized.obj"
 
 
 @dataclass
@@ -102,112 +96,22 @@ class CleanConfig:
             raise ValueError(f"clean.category_config: no such file {self.category_config!r}")
 
 
-def read_taxonomy(shapenet_dir: str) -> dict[str, dict]:
-    """``taxonomy.json`` as ``{synset_id: entry}``; raises :class:`InputError` when unusable.
-
-    ``shapenet_dir`` is a local folder or an fsspec URL (``s3://bucket/ShapeNetCore.v2``)."""
-    fs, root = io.filesystem(shapenet_dir)
-    if not fs.isdir(root):
-        raise InputError(f"ShapeNet folder not found: {shapenet_dir}")
-    path = io.join(shapenet_dir, "taxonomy.json")
-    if not io.exists(path):
-        raise InputError(
-            f"{shapenet_dir} has no taxonomy.json: point --shapenet at the ShapeNetCore.v2 folder "
-            "(the one holding taxonomy.json and the <synset_id>/ folders)"
-        )
-    entries = io.read_json(path, "taxonomy", max_bytes=MAX_TAXONOMY_BYTES)  # InputError naming it if unusable
-    usable = isinstance(entries, list) and all(
-        isinstance(e, dict) and isinstance(e.get("synsetId"), str) and isinstance(e.get("name"), str) for e in entries
-    )
-    if not usable:
-        raise InputError(f"{path} is not a ShapeNet taxonomy: expected a JSON list of {{synsetId, name, ...}} objects")
-    if not entries:
-        raise InputError(f"{path} lists no synsets: add a {{synsetId, name}} entry per category folder")
-    taxonomy: dict[str, dict] = {}
-    for e in entries:
-        first = taxonomy.setdefault(e["synsetId"], e)
-        if category_name(first) != category_name(e):
-            raise InputError(
-                f"{path} lists synset {e['synsetId']} twice, as {first['name']!r} and {e['name']!r}: "
-                "keep one entry per synsetId"
-            )
-    return taxonomy
 
 
-MAX_TAXONOMY_BYTES = 256 << 20
-"""The largest taxonomy.json read (ShapeNet's is 0.3 MB)."""
-MAX_NAME_CHARS = 200
-"""The longest synset id, model id or category name built (ShapeNet's are under 80 characters)."""
 
 
-def bad_name(name: str) -> str:
-    """The drop reason for a synset id, model id or category name the outputs cannot carry ('' when fine):
-    ``name_too_long`` past :data:`MAX_NAME_CHARS`, ``name_not_utf8`` for a folder name of other bytes."""
-    if len(name) > MAX_NAME_CHARS:
-        return "name_too_long"
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return "name_not_utf8"
-    return ""
 
 
-def _printable(name: str) -> str:
-    """A name as the report can hold it: cut to the limit, other bytes escaped."""
-    cut = name if len(name) <= MAX_NAME_CHARS else f"{name[:MAX_NAME_CHARS]}..."
-    return cut.encode("utf-8", "backslashreplace").decode()
 
 
-def category_name(entry: dict) -> str:
-    """ShapeNet names are comma-separated synonyms ("car,auto,automobile"): the first one."""
-    return entry["name"].split(",")[0].strip()
 
 
-def geometry_hash(vertices: np.ndarray, faces: np.ndarray) -> str:
-    """Hash of the exact geometry (vertex coordinates and face indices), ignoring materials."""
-    h = hashlib.sha256(np.ascontiguousarray(vertices, dtype=np.float64).tobytes())
-    h.update(np.ascontiguousarray(faces, dtype=np.int64).tobytes())
-    return h.hexdigest()
 
 
-SHAPE_TOLERANCE = 1e-4
-"""Two meshes whose :func:`shape_descriptor` entries all differ by less than this (unit-diagonal frame) are
-one shape: conversions to float32 or 6-digit text move them by ~1e-6, distinct shapes by far more."""
 
 
-def shape_descriptor(mesh: trimesh.Trimesh) -> list[float]:
-    """What identifies a normalized mesh's shape whatever file it came from: the square root of its surface
-    area, the area-weighted centroid and second moments of its surface (exact integrals over the triangles,
-    per unit area) and its box extents, 13 numbers. The same for any vertex order, duplicated or unused
-    vertices, winding, float precision and way a polygon was split into triangles; a mirror image differs
-    (its centroid). ``∫ x xᵀ dA`` over a triangle ``a, b, c`` is ``A/12 (a aᵀ + b bᵀ + c cᵀ + s sᵀ)``, ``s = a+b+c``."""
-    tri = np.asarray(mesh.triangles, dtype=np.float64)
-    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-    total = float(area.sum())
-    s = tri.sum(axis=1)
-    centroid = (area[:, None] * s).sum(axis=0) / (3 * total)
-    second = np.einsum("f,fki,fkj->ij", area, tri, tri) + np.einsum("f,fi,fj->ij", area, s, s)
-    upper = (second / (12 * total))[np.triu_indices(3)]
-    extents = np.asarray(mesh.bounds[1] - mesh.bounds[0], dtype=np.float64)
-    return [round(float(v), 9) for v in (np.sqrt(total), *centroid, *upper, *extents)]
 
 
-def same_shapes(descriptors: list[list[float]]) -> dict[int, int]:
-    """``{i: j}``: descriptor ``i`` is within :data:`SHAPE_TOLERANCE` of the earlier kept ``j`` (every
-    descriptor not in it is kept; the first of each group stays)."""
-    from scipy.spatial import cKDTree
-
-    if len(descriptors) < 2:
-        return {}
-    near: dict[int, list[int]] = {}
-    for i, j in cKDTree(np.asarray(descriptors)).query_pairs(SHAPE_TOLERANCE, p=np.inf):
-        near.setdefault(max(i, j), []).append(min(i, j))
-    same: dict[int, int] = {}
-    for i in sorted(near):
-        kept = [j for j in sorted(near[i]) if j not in same]
-        if kept:
-            same[i] = kept[0]
-    return same
 
 
 def _split_counts(n: int, cfg: CleanConfig) -> tuple[int, int]:
@@ -226,108 +130,18 @@ def _split_counts(n: int, cfg: CleanConfig) -> tuple[int, int]:
     return n_train, n_test
 
 
-def _folders(folder: Path) -> list[tuple[str, bool]]:
-    """The sub-folders of ``folder``, sorted, each with whether it is a link that leads nowhere.
-
-    Plain files are not models and are left out; a symbolic link to itself or to nothing is kept,
-    so it gets a report row instead of vanishing.
-    """
-    out = []
-    for entry in os.scandir(folder):
-        if entry.is_symlink() and not os.path.exists(entry.path):
-            out.append((entry.name, True))
-        elif entry.is_dir():
-            out.append((entry.name, False))
-    return sorted(out)
 
 
-ModelListing = tuple[str, bool, dict | None]  # model folder, broken link, its OBJ's info (None: no OBJ)
 
 
-def list_models(shapenet_dir: str) -> Iterator[tuple[str, bool, list[ModelListing]]]:
-    """Per synset folder (sorted): whether it is a broken link, and its model folders (sorted), each with
-    whether it is a broken link and its OBJ's fsspec info (size, mtime or ETag; ``None``: no OBJ).
-
-    Listing only, no file is read. On object storage one recursive listing per synset folder (a few
-    paged LIST calls, not a request per model); object stores have no links.
-    """
-    fs, root = io.filesystem(shapenet_dir)
-    if isinstance(fs, LocalFileSystem):
-        for synset, broken in _folders(Path(root)):
-            models = [] if broken else [
-                (model, gone, None if gone else _local_info(os.path.join(root, synset, model, OBJ_RELPATH)))
-                for model, gone in _folders(Path(root) / synset)
-            ]
-            yield synset, broken, models
-        return
-    for synset in sorted(e["name"].rsplit("/", 1)[-1] for e in fs.ls(root, detail=True) if e["type"] == "directory"):
-        base = f"{root}/{synset}/"
-        found: dict[str, dict | None] = {}
-        for path, info in fs.find(base, withdirs=True, detail=True).items():
-            rel = path.removeprefix(base)
-            if "/" not in rel and info["type"] == "directory":
-                found.setdefault(rel, None)
-            elif rel.count("/") == OBJ_RELPATH.count("/") + 1 and rel.endswith("/" + OBJ_RELPATH):
-                found[rel.split("/", 1)[0]] = info
-        yield synset, False, [(model, False, info) for model, info in sorted(found.items())]
 
 
-def _local_info(path: str) -> dict | None:
-    """Size and mtime of a local file (None: no such file)."""
-    if not os.path.isfile(path):
-        return None
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime": st.st_mtime}
 
 
-def model_path(shapenet_dir: str, synset: str, model: str) -> str:
-    """The OBJ of a model: an absolute local path, or a URL on the input's filesystem."""
-    path = io.join(shapenet_dir, synset, model, OBJ_RELPATH)
-    return path if io.is_url(path) else os.path.abspath(path)
 
 
-@functools.cache
-def _loader_version() -> str:
-    """The mesh loader's source: a changed loader (new checks) invalidates cached validations."""
-    return hashlib.sha256(Path(mesh_module.__file__).read_bytes()).hexdigest()[:16]
 
 
-def validate_models(items: list[tuple[str, str, str]], cache_dir: str | None) -> list[tuple[str, str, str, list]]:
-    """``(reason, geometry hash, note, shape descriptor)`` of each ``(obj path, file key, cache name)``;
-    reason "" = usable.
-
-    Runs on a worker. With ``cache_dir``, a model's result is stored as ``<cache name>.json`` and reused
-    while the file key and the loader are the same, so a killed clean resumes where it stopped and a
-    re-clean only loads new or changed models.
-    """
-    out = []
-    for obj, key, name in items:
-        entry = io.join(cache_dir, f"{name}.json") if cache_dir else None
-        if entry and io.exists(entry):
-            try:
-                cached = io.read_json(entry, max_bytes=1 << 20)
-            except ValueError:  # a damaged cache entry: validate again
-                cached = None
-            if (isinstance(cached, dict) and cached.get("key") == key and cached.get("loader") == _loader_version()
-                    and "shape" in cached):
-                out.append((cached["reason"], cached["geometry"], cached["note"], cached["shape"]))
-                continue
-        try:
-            mesh = load_model_file(obj)
-        except MeshError as err:
-            result = (err.reason, "", str(err), [])
-        except ITEM_ERRORS as err:  # a mesh no check foresaw: it costs only itself
-            logger.warning("%s: %s: %s", name, type(err).__name__, err)
-            result = ("unreadable", "", f"{type(err).__name__}: {err}", [])
-        else:
-            norm = mesh.metadata[NORMALIZATION]
-            note = f"normalized like model_normalized (scale {norm['scale']:g})" if norm["normalized"] else ""
-            result = ("", geometry_hash(mesh.vertices, mesh.faces), note, shape_descriptor(mesh))
-        if entry:
-            io.write_json(entry, {"key": key, "loader": _loader_version(), "reason": result[0],
-                                  "geometry": result[1], "note": result[2], "shape": result[3]})
-        out.append(result)
-    return out
 
 
 def _split_key(seed: int, model_id: str) -> str:
@@ -498,7 +312,7 @@ class Clean:
         columns = ["synset_id", "model_id", "category", "status", "reason", "split", "note"]
         rows = sorted(rows, key=lambda r: (r["synset_id"], r["model_id"]))
         names = ("synset_id", "model_id", "category")  # cut and escaped: every row fits a CSV reader's block
-        table = pa.table({c: [_printable(r.get(c, "")) if c in names else r.get(c, "") for r in rows] for c in columns})
+        table = pa.table({c: [printable(r.get(c, "")) if c in names else r.get(c, "") for r in rows] for c in columns})
         buf = pa.BufferOutputStream()
         pacsv.write_csv(table, buf)
         io.write_bytes(path, buf.getvalue().to_pybytes())

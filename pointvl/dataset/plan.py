@@ -23,7 +23,7 @@ SPLITS = ("train", "test")
 @dataclass(frozen=True)
 class ModelEntry:
     """One kept model (cleaning's result, the plan's unit). ``geometry`` is its
-    :func:`pointvl.dataset.clean.geometry_hash`, so an incremental build sees a changed mesh under the
+    :func:`pointvl.dataset.shape_checks.geometry_hash`, so an incremental build sees a changed mesh under the
     same id (empty in plans written before it was recorded)."""
 
     synset_id: str

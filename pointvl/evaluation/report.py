@@ -28,14 +28,8 @@ from typing import Any
 from pointvl.core import io as pio
 from pointvl.core.errors import InputError
 from pointvl.core.extras import require
-from pointvl.evaluation.scoring import (
-    EvaluateConfig,
-    RecordScore,
-    read_predictions,
-    record_statistics,
-    score_records,
-    summarize,
-)
+from pointvl.evaluation.predictions import read_predictions
+from pointvl.evaluation.scoring import EvaluateConfig, RecordScore, record_statistics, score_records, summarize
 from pointvl.evaluation.stats import paired_comparison
 
 logger = logging.getLogger(__name__)

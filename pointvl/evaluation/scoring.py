@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -60,10 +59,10 @@ from pointvl.core.errors import InputError
 from pointvl.core.record import iter_records, list_shards, record_camera, record_target
 from pointvl.core.spatial import QuantConfig
 from pointvl.evaluation import text_metrics as tm
+from pointvl.evaluation.predictions import Prediction, read_predictions
 from pointvl.evaluation.stats import RESAMPLES, Statistic, bootstrap_interval, mean, ratio, resample_counts
-from pointvl.grca.parse import FIELDS, parse_output
+from pointvl.grca.parse import FIELDS
 from pointvl.grca.verify import MAX_DEPTH, MAX_OUTPUT_CHARS, output_limit, verify
-from pointvl.grca.verify import nesting_depth as nesting_depth  # the limits live in the verifier
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +76,6 @@ METRIC_KEYS: tuple[str, ...] = GEOMETRY_KEYS + ("category_accuracy", "qa_accurac
 """Metrics that always hold a number in [0, 1]."""
 COUNT_KEYS: tuple[str, ...] = ("n", "n_unparsable", "n_over_limit", "n_missing", "n_attribute_questions")
 _REWARD_OF = {"iou2d": "bbox2d", "iou3d": "bbox3d", "kpa2d": "kpts2d", "kpa3d": "kpts3d", "rpc": "rpc"}
-_ID = re.compile(r'"instance_id"\s*:\s*"((?:[^"\\]++|\\.)*+)"')
 
 DEFINITIONS: dict[str, str] = {
     "iou2d": "IoU of the de-quantized predicted bbox2d with the target (pixels)",
@@ -135,98 +133,12 @@ class EvaluateConfig:
             )
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """One prediction line: the output text, optional attribute answers, and a limit it broke (if any)."""
-
-    output: str
-    attribute_answers: tuple[str, ...] | None = None
-    over_limit: str | None = None
 
 
-def _prediction(row: dict[str, Any], where: str) -> Prediction:
-    output = row["output"]
-    if isinstance(output, dict):
-        try:
-            output = json.dumps(output, ensure_ascii=False)
-        except RecursionError:  # nested about as deep as the JSON reader goes: far over MAX_DEPTH
-            return Prediction("", None, f"the output object nests deeper than {MAX_DEPTH} levels")
-    elif not isinstance(output, str):
-        raise InputError(f"{where}: output must be the model's text or its JSON object, got {type(output).__name__}")
-    answers = row.get("attribute_answers")
-    if answers is not None and not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
-        raise InputError(f"{where}: attribute_answers must be a list of strings")
-    return Prediction(output, tuple(answers) if answers is not None else None, output_limit(output))
 
 
-def _answer(pred: Prediction) -> str:
-    if pred.over_limit:
-        return ""
-    field = parse_output(pred.output)["answer"]
-    return field.value if field.valid else ""
 
 
-def read_predictions(path: str) -> dict[str, Prediction]:
-    """``{instance_id: Prediction}`` from a JSONL file; a repeated id keeps its last line (one warning).
-
-    A line with ``qa_index`` k > 0 answers the record's attribute question k with its output's
-    ``answer`` (one line per QA pair, as ``pointvl predict`` writes for a checkpoint); those answers
-    become the record's ``attribute_answers`` unless its main line gives them."""
-    fs, p = pio.filesystem(path)
-    if not fs.isfile(p):
-        raise InputError(f"predictions file not found: {path}")
-    out: dict[str, Prediction] = {}
-    attribute: defaultdict[str, dict[int, str]] = defaultdict(dict)
-    seen: set[tuple[str, int]] = set()
-    duplicates: list[str] = []
-    with fs.open(p, "rb") as f:
-        for k, raw in enumerate(f, 1):
-            where = f"{path} line {k}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise InputError(f"{where} is not UTF-8 ({err.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{where} is not JSON ({err.msg})") from err
-            except RecursionError:  # the line nests deeper than the JSON reader goes
-                found = _ID.search(line[:4096])
-                if found is None:
-                    raise InputError(f"{where} nests too deep to read and names no instance_id") from None
-                try:
-                    row = {"instance_id": json.loads(f'"{found.group(1)}"'), "output": ""}
-                except json.JSONDecodeError:
-                    raise InputError(f"{where} nests too deep to read; its instance_id is not a JSON string") from None
-                over = f"the line nests too deep for the JSON reader (the limit is {MAX_DEPTH} levels)"
-            else:
-                over = None
-            if not isinstance(row, dict) or "instance_id" not in row or "output" not in row:
-                raise InputError(f"{where}: expected {{\"instance_id\": ..., \"output\": ...}}")
-            iid = str(row["instance_id"])
-            qa_index = row.get("qa_index", 0)
-            if not isinstance(qa_index, int) or isinstance(qa_index, bool) or qa_index < 0:
-                raise InputError(f"{where}: qa_index must be a non-negative integer, got {qa_index!r}")
-            if (iid, qa_index) in seen:
-                duplicates.append(iid)
-            seen.add((iid, qa_index))
-            pred = _prediction(row, where)
-            if qa_index:  # a line of its own per attribute question (`pointvl predict` of a checkpoint)
-                attribute[iid][qa_index] = _answer(pred)
-                continue
-            out[iid] = Prediction(pred.output, pred.attribute_answers, over) if over else pred
-    for iid, answers in attribute.items():
-        if iid in out and out[iid].attribute_answers is None:
-            given = tuple(answers.get(k, "") for k in range(1, max(answers) + 1))
-            out[iid] = Prediction(out[iid].output, given, out[iid].over_limit)
-    if not out:
-        raise InputError(f"{path} holds no predictions (the file is empty)")
-    if duplicates:
-        logger.warning("%s: %d lines repeat an earlier instance_id (the last line is used), e.g. %s",
-                       path, len(duplicates), sorted(set(duplicates))[:3])
-    return out
 
 
 @dataclass

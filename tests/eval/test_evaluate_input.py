@@ -13,6 +13,7 @@ from pointvl.core import io as pio
 from pointvl.core.errors import InputError
 from pointvl.core.record import iter_records, target_text
 from pointvl.core.spatial import QuantConfig
+from pointvl.evaluation.predictions import read_predictions
 from pointvl.evaluation.scoring import (
     MAX_DEPTH,
     MAX_OUTPUT_CHARS,
@@ -21,7 +22,6 @@ from pointvl.evaluation.scoring import (
     evaluate,
     nesting_depth,
     output_limit,
-    read_predictions,
     run,
 )
 

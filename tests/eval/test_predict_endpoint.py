@@ -12,7 +12,8 @@ from pointvl.cli import main
 from pointvl.core.errors import InputError
 from pointvl.core.record import iter_records
 from pointvl.evaluation.predict_endpoint import EndpointConfig, predict_endpoint
-from pointvl.evaluation.scoring import EvaluateConfig, evaluate, read_predictions
+from pointvl.evaluation.predictions import read_predictions
+from pointvl.evaluation.scoring import EvaluateConfig, evaluate
 
 KEY = "sk-eval-test"
 

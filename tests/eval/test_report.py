@@ -12,8 +12,9 @@ from pointvl.cli import main
 from pointvl.core import io as pio
 from pointvl.core.errors import InputError
 from pointvl.evaluation.predict_reference import write_reference
+from pointvl.evaluation.predictions import read_predictions
 from pointvl.evaluation.report import parse_runs, report, tables
-from pointvl.evaluation.scoring import evaluate, read_predictions
+from pointvl.evaluation.scoring import evaluate
 
 
 @pytest.fixture(scope="module")

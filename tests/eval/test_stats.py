@@ -11,8 +11,9 @@ from pointvl.core import io as pio
 from pointvl.core.errors import InputError
 from pointvl.core.record import iter_records, target_text
 from pointvl.evaluation.predict_reference import write_reference
+from pointvl.evaluation.predictions import read_predictions
 from pointvl.evaluation.report import report
-from pointvl.evaluation.scoring import EvaluateConfig, aggregate, read_predictions, record_statistics, score_records
+from pointvl.evaluation.scoring import EvaluateConfig, aggregate, record_statistics, score_records
 from pointvl.evaluation.stats import bootstrap_interval, mean, paired_comparison, resample_counts
 
 

@@ -7,15 +7,8 @@ from pointvl.cli import main
 from pointvl.core import io as pio
 from pointvl.core.record import iter_records, target_text
 from pointvl.core.spatial import QuantConfig
-from pointvl.evaluation.scoring import (
-    COUNT_KEYS,
-    METRIC_KEYS,
-    OPTIONAL_KEYS,
-    EvaluateConfig,
-    evaluate,
-    format_table,
-    read_predictions,
-)
+from pointvl.evaluation.predictions import read_predictions
+from pointvl.evaluation.scoring import COUNT_KEYS, METRIC_KEYS, OPTIONAL_KEYS, EvaluateConfig, evaluate, format_table
 
 
 def _write_predictions(path, rows):
