@@ -2,7 +2,8 @@
 
 A stage names a backend in its config:
 
-- ``diffusers``: the real pipeline (``QwenImageEditPipeline``, ``FluxControlNetPipeline``).
+- ``diffusers``: the real pipeline (``QwenImageEditPipeline`` or ``QwenImageEditPlusPipeline`` as the
+  checkpoint names it, ``FluxControlNetPipeline``).
 - ``passthrough``: no weights; the input image is carried forward unchanged.
 - ``auto``: ``diffusers`` when CUDA and the weights are present on this machine, ``passthrough``
   otherwise; the choice and its reason are logged. ``auto`` never downloads: to fetch weights, name
@@ -161,10 +162,37 @@ def _absent_components(model: str) -> dict[str, None]:
     return {k: None for k, v in entries.items() if isinstance(v, list) and v == [None, None]}
 
 
+REFINE_PIPELINES = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+"""The classes refine runs, named by a checkpoint's ``model_index.json`` ``_class_name``."""
+
+
+def pipeline_class(model: str, allowed: tuple[str, ...] = REFINE_PIPELINES) -> type:
+    """The diffusers pipeline class that ``model`` (a folder or Hub id) names in its ``model_index.json``.
+
+    Qwen/Qwen-Image-Edit is a ``QwenImageEditPipeline``; -2509 and -2511 are ``QwenImageEditPlusPipeline``
+    (another prompt template and condition sizes). diffusers loads a checkpoint into whichever class is
+    asked for, without a warning, so the class is read from the checkpoint. A class not in ``allowed``
+    raises a one-line ``ValueError``.
+    """
+    import diffusers
+
+    try:
+        index = diffusers.DiffusionPipeline.load_config(model)
+    except OSError as err:
+        raise ValueError(f"{model} has no readable model_index.json ({str(err).splitlines()[0]}); "
+                         "point the config at a diffusers pipeline folder or Hub repo") from None
+    name = index.get("_class_name")
+    if name not in allowed:
+        raise ValueError(f"{model} is a {name} checkpoint (model_index.json _class_name); this stage runs "
+                         f"{' or '.join(allowed)}: use e.g. Qwen/Qwen-Image-Edit or Qwen/Qwen-Image-Edit-2509")
+    return getattr(diffusers, name)
+
+
 def load_pipeline(stage: Stage, config: ModelConfig) -> Any:
     """The diffusers pipeline for ``stage``, loaded once per process and reused.
 
-    ``refine``: ``QwenImageEditPipeline.from_pretrained(config.model)``.
+    ``refine``: the checkpoint's own class (:func:`pipeline_class`: ``QwenImageEditPipeline`` or
+    ``QwenImageEditPlusPipeline``) ``.from_pretrained(config.model)``.
     ``synthesize``: ``FluxControlNetPipeline.from_pretrained(config.model)`` with the Union ControlNet
     ``config.controlnet_model`` wrapped in a ``FluxMultiControlNetModel`` (one net, several control
     images and modes: the Union-Pro multi-control usage).
@@ -180,9 +208,7 @@ def load_pipeline(stage: Stage, config: ModelConfig) -> Any:
     torch_dtype = getattr(torch, dtype)
     absent = _absent_components(config.model)
     if stage == "refine":
-        from diffusers import QwenImageEditPipeline
-
-        pipe = QwenImageEditPipeline.from_pretrained(config.model, dtype=torch_dtype, **absent)
+        pipe = pipeline_class(config.model).from_pretrained(config.model, dtype=torch_dtype, **absent)
     elif stage == "synthesize":
         from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxMultiControlNetModel
 

@@ -30,6 +30,7 @@ def summarize(run_dir: str) -> dict:
     backends: Counter[str] = Counter()
     review: Counter[str] = Counter()
     failed: Counter[str] = Counter()  # annotation failures by kind (qa, vlm), over finished shards
+    misaligned = 0  # refine's alignment gate, flagged or dropped (stats "align_flagged")
     for shard in plan.shards:
         for stage in (s.name for s in STAGES):
             if stage == WRITE_SHARDS:  # a final shard's stats exist once it was written
@@ -41,6 +42,8 @@ def summarize(run_dir: str) -> dict:
             if stage == "review":
                 review.update({k: stats.get(k, 0) for k in ("approved", "rejected", "held")})
                 dropped.update({f"review:{k}": stats[k] for k in ("rejected", "held") if stats.get(k)})
+            if stage == "refine":
+                misaligned += stats.get("align_flagged", 0)
             if stage == "annotate":
                 failed.update({k.removeprefix("failed_"): v for k, v in stats.items() if k.startswith("failed_")})
                 failed["items"] += stats.get("failed", 0)
@@ -80,6 +83,7 @@ def summarize(run_dir: str) -> dict:
         "per_split_category": {f"{s}/{c}": n for (s, c), n in sorted(counts.items())},
         "dropped": dict(sorted(dropped.items())),
         "flagged": flagged,
+        "refine_misaligned": misaligned,
         "annotate_failed": {"items": failed.pop("items", 0), **dict(sorted(failed.items())), "retry": retry},
         "review": {"approved": review["approved"], "rejected": review["rejected"], "held": review["held"]},
         "backends": dict(sorted(backends.items())),
@@ -95,6 +99,7 @@ def format_summary(summary: dict) -> str:
     lines.append("dropped (stage:reason):")
     lines += [f"  {key:<40} {n}" for key, n in summary["dropped"].items()] or ["  none"]
     lines.append(annotate_failed_line(summary))
+    lines.append(alignment_line(summary))
     lines.append(f"flagged for review: {summary['flagged']}; review: {summary['review']['approved']} approved, "
                  f"{summary['review']['rejected']} rejected, {summary['review']['held']} held "
                  "(RUN/reports/review_log.jsonl)")
@@ -111,6 +116,14 @@ def annotate_failed_line(summary: dict) -> str:
     kinds = ", ".join(f"{k} {v}" for k, v in failed.items() if k not in ("items", "retry"))
     return (f"annotation failed: {failed['items']} items ({kinds}), left out of the shards; "
             f"retry them (cached replies cost nothing): {failed['retry']}")
+
+
+def alignment_line(summary: dict) -> str:
+    """How many refined images the alignment gate found misaligned with their render."""
+    n = summary["refine_misaligned"]
+    dropped = summary["dropped"].get("refine:misaligned", 0)
+    return (f"refined images misaligned with the render (refine's alignment gate): {n}"
+            + (f", {dropped} dropped" if dropped else f"{', flagged for review' if n else ''}"))
 
 
 def dataset_card(summary: dict) -> str:
@@ -155,4 +168,6 @@ Dropped during the build (stage:reason):
 {drops}
 
 {annotate_failed_line(summary)}.
+
+{alignment_line(summary)}.
 """

@@ -52,12 +52,14 @@ class HashPromptEncoder:
         return out
 
 
-def tiny_refine_pipeline(seed: int = 0) -> Any:
-    """A ``QwenImageEditPipeline`` with a 2-layer transformer and a 4-channel VAE (scale factor 4)."""
+def tiny_refine_pipeline(seed: int = 0, plus: bool = False) -> Any:
+    """A ``QwenImageEditPipeline`` (``plus``: ``QwenImageEditPlusPipeline``, the -2509/-2511 class) with a
+    2-layer transformer and a 4-channel VAE (scale factor 4)."""
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
         QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
         QwenImageTransformer2DModel,
     )
 
@@ -72,7 +74,7 @@ def tiny_refine_pipeline(seed: int = 0) -> Any:
         base_dim=z * 6, z_dim=z, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
         latents_mean=[0.0] * z, latents_std=[1.0] * z,
     )
-    pipe = QwenImageEditPipeline(
+    pipe = (QwenImageEditPlusPipeline if plus else QwenImageEditPipeline)(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
         processor=None, transformer=transformer,
     )
@@ -80,8 +82,9 @@ def tiny_refine_pipeline(seed: int = 0) -> Any:
     return pipe
 
 
-def tiny_flux_parts(seed: int = 0) -> tuple[Any, Any]:
-    """``(FluxPipeline without text encoders, Union-style FluxControlNetModel with 10 modes)``."""
+def tiny_flux_parts(seed: int = 0, union: bool = True) -> tuple[Any, Any]:
+    """``(FluxPipeline without text encoders, FluxControlNetModel)``: Union-Pro style with 10 modes, or
+    (``union=False``) without modes, as ControlNet-Union-Pro-2.0."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -97,7 +100,7 @@ def tiny_flux_parts(seed: int = 0) -> tuple[Any, Any]:
         axes_dims_rope=[4, 4, 8], guidance_embeds=True,
     )
     transformer = FluxTransformer2DModel(**common)
-    controlnet = FluxControlNetModel(**common, num_mode=10)
+    controlnet = FluxControlNetModel(**common, num_mode=10 if union else None)
     vae = AutoencoderKL(
         sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
         latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
@@ -110,11 +113,12 @@ def tiny_flux_parts(seed: int = 0) -> tuple[Any, Any]:
     return base, controlnet
 
 
-def tiny_synthesize_pipeline(seed: int = 0) -> Any:
-    """A ``FluxControlNetPipeline`` (1+1 layers) with the Union ControlNet in a ``FluxMultiControlNetModel``."""
+def tiny_synthesize_pipeline(seed: int = 0, union: bool = True) -> Any:
+    """A ``FluxControlNetPipeline`` (1+1 layers) with the ControlNet (:func:`tiny_flux_parts`) in a
+    ``FluxMultiControlNetModel``."""
     from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
 
-    base, controlnet = tiny_flux_parts(seed)
+    base, controlnet = tiny_flux_parts(seed, union)
     pipe = FluxControlNetPipeline(
         scheduler=base.scheduler, vae=base.vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
         tokenizer_2=None, transformer=base.transformer, controlnet=FluxMultiControlNetModel([controlnet]),
@@ -123,14 +127,15 @@ def tiny_synthesize_pipeline(seed: int = 0) -> Any:
     return pipe
 
 
-def save_tiny_models(folder: str, seed: int = 0) -> dict[str, str]:
-    """Save the tiny models as local model folders, laid out like the Hub repos the configs name.
+def save_tiny_models(folder: str, seed: int = 0, plus: bool = False, union: bool = True) -> dict[str, str]:
+    """Save the tiny models as local model folders, laid out like the Hub repos the configs name
+    (``plus``: an Edit-Plus refine checkpoint; ``union=False``: a ControlNet without modes).
 
     Returns ``{"refine": ..., "synthesize": ..., "controlnet": ...}`` folder paths.
     """
     paths = {k: f"{folder.rstrip('/')}/{k}" for k in ("refine", "synthesize", "controlnet")}
-    tiny_refine_pipeline(seed).save_pretrained(paths["refine"])
-    base, controlnet = tiny_flux_parts(seed)
+    tiny_refine_pipeline(seed, plus).save_pretrained(paths["refine"])
+    base, controlnet = tiny_flux_parts(seed, union)
     base.save_pretrained(paths["synthesize"])
     controlnet.save_pretrained(paths["controlnet"])
     return paths

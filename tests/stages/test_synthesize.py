@@ -101,6 +101,23 @@ def test_model_loaded_once_per_process(tmp_path):
     diffusion_pipelines.clear_cache()
 
 
+@pytest.mark.parametrize("union", [True, False])
+def test_control_mode_only_for_a_controlnet_with_modes(tmp_path, union):
+    """Union-Pro has modes; Union-Pro-2.0 (saved without ``num_mode``) has none and gets none."""
+    paths = save_tiny_models(str(tmp_path / "models"), union=union)
+    diffusion_pipelines.clear_cache()
+    cfg = tiny_config(model=paths["synthesize"], controlnet_model=paths["controlnet"], num_inference_steps=2)
+    run = str(tmp_path / "run")
+    prepared_run(run, n=1)
+    stage = Synthesize(cfg, encode_prompt=HashPromptEncoder("synthesize"))
+    stage.run_shard(run, 0)
+    net = diffusion_pipelines.load_pipeline("synthesize", cfg).controlnet.nets[0]
+    diffusion_pipelines.clear_cache()
+    assert net.union is union
+    prov = json.loads(read_stage_table(run, "synthesize", 0).column("synthesize_provenance")[0].as_py())
+    assert prov["control_mode"] == ([2, 0] if union else None)  # depth, canny; or what was applied: none
+
+
 def test_resume_skips_finished_items(tmp_path):
     run = str(tmp_path)
     folder = RunFolder.of(run)

@@ -132,9 +132,10 @@ def _inputs(run_dir: str, shard_index: int) -> tuple[dict[str, dict], dict[str, 
 def _item(iid: str, others: dict[str, dict[str, dict]]) -> Item:
     synth = others["synthesize"].get(iid) or {}
     annotate = others["annotate"].get(iid) or {}
+    refine = others["refine"].get(iid) or {}  # align_flagged: refine's alignment gate (absent in older runs)
     return Item(
         instance_id=iid,
-        flagged=bool(synth.get("drift_flagged") or annotate.get("annotate_flagged")),
+        flagged=bool(synth.get("drift_flagged") or annotate.get("annotate_flagged") or refine.get("align_flagged")),
         drift=synth.get("drift"),
         vlm_agreement=annotate.get("vlm_agreement"),
     )

@@ -63,9 +63,10 @@ class SynthesizeConfig(GpuStageConfig):
     Args:
         model: Hub id or local folder of the base FLUX pipeline (paper: FLUX.1-Krea-dev).
         controlnet_model: Hub id or local folder of the Union ControlNet (paper: ControlNet-Union-Pro;
-            its modes: canny 0, tile 1, depth 2, blur 3, pose 4, gray 5, low quality 6).
+            its modes: canny 0, tile 1, depth 2, blur 3, pose 4, gray 5, low quality 6; Union-Pro-2.0 has
+            no modes and gets none).
         controls: control images, any of ``depth`` (from the render's depth) and ``canny`` (edges of
-            the refined image); ``control_mode`` is set from these.
+            the refined image); ``control_mode`` is set from these when the ControlNet has modes.
         conditioning_scales: ControlNet scale per control, same order (not in the paper).
         control_guidance_end: fraction of steps with control (paper: first 80% -> 0.8).
         num_inference_steps: denoising steps (not in the paper; FLUX.1-Krea-dev's card: 28).
@@ -118,6 +119,13 @@ class SynthesizeConfig(GpuStageConfig):
         return {"model": self.model, "controlnet": self.controlnet_model}
 
 
+def control_modes(pipe: Any, controls: tuple[str, ...]) -> list[int] | None:
+    """The Union mode ids the ControlNet gets, one per control; ``None`` for a ControlNet without modes
+    (ControlNet-Union-Pro-2.0: diffusers' ``FluxControlNetModel`` sets ``union = num_mode is not None``
+    and a net that is not a union takes no mode)."""
+    return [CONTROL_MODES[c] for c in controls] if pipe.controlnet.nets[0].union else None
+
+
 def category_name(category: str) -> str:
     """ShapeNet names list synonyms (``"car,auto,automobile"``): the prompt uses the first."""
     return category.split(",")[0].strip()
@@ -150,7 +158,6 @@ class Synthesize(GpuStage):
         # 2. load the model once per process (resident across shards)
         settings = {
             "controls": list(cfg.controls),
-            "control_mode": [CONTROL_MODES[c] for c in cfg.controls],
             "conditioning_scales": list(cfg.conditioning_scales),
             "control_guidance_end": cfg.control_guidance_end,
             "num_inference_steps": cfg.num_inference_steps,
@@ -160,6 +167,8 @@ class Synthesize(GpuStage):
         backend, pipe, base = prepare(STAGE, cfg, self.pipeline, self.encode_prompt, settings)
         if pipe is not None and len(pipe.controlnet.nets) != 1:
             raise ValueError("expected one Union ControlNet inside FluxMultiControlNetModel")
+        if pipe is not None:  # the modes actually applied: none for a ControlNet without modes
+            base["control_mode"] = control_modes(pipe, cfg.controls)
         base |= {"prompt_version": version, "drift_threshold": cfg.drift_threshold}
         self.model_seconds = 0.0
 
@@ -223,7 +232,7 @@ class Synthesize(GpuStage):
         t0 = time.perf_counter()
         result = pipe(
             control_image=[ci if n > 1 else ci[0] for ci in control_image],
-            control_mode=[CONTROL_MODES[c] for c in cfg.controls],
+            control_mode=control_modes(pipe, cfg.controls),
             controlnet_conditioning_scale=list(cfg.conditioning_scales),
             control_guidance_start=[0.0] * k,
             control_guidance_end=[cfg.control_guidance_end] * k,  # one per control, or the zip drops controls

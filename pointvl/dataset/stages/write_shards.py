@@ -165,7 +165,8 @@ class WriteShards(Stage):
                 "bbox2d_vlm": annotate["bbox2d_vlm"] if annotate else None,
                 "vlm_agreement": annotate["vlm_agreement"] if annotate else None,
                 "drift": synth["drift"] if synth else None,
-                "flagged": bool((synth and synth["drift_flagged"]) or (annotate and annotate["annotate_flagged"])),
+                "flagged": bool((synth and synth["drift_flagged"]) or (annotate and annotate["annotate_flagged"])
+                                or (refine and refine.get("align_flagged"))),  # absent in older runs' tables
                 "provenance": json.dumps(provenance, sort_keys=True),
             })
         return records
