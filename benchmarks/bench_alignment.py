@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from pointvl.dataset.stages.alignment import alignment
 from pointvl.dataset.stages.refine import RefineConfig
+from pointvl.testing.fixture import FixtureManifest
 
 Rgb = NDArray[np.uint8]
 
@@ -94,22 +95,25 @@ def zoom(rgb: Rgb, scale: float) -> Rgb:
                                                      Image.Resampling.BICUBIC, fillcolor=fill))
 
 
-def fixture_renders(side: int = 512, views: int = 3, every: int = 1) -> list[tuple[str, Rgb, NDArray[np.bool_]]]:
-    """``(instance_id, rgb, mask)`` of the fixture's good models, ``views`` views each (every ``every``-th)."""
+def fixture_renders(side: int = 512, views: int = 3, every: int = 1,
+                    manifest: FixtureManifest | None = None) -> list[tuple[str, Rgb, NDArray[np.bool_]]]:
+    """``(instance_id, rgb, mask)`` of the fixture's good models (``manifest``, else a fresh fixture),
+    ``views`` views each, every ``every``-th."""
     from pointvl.core import images
     from pointvl.dataset.mesh import load_model
     from pointvl.dataset.stages.render import Render, RenderConfig
     from pointvl.testing.fixture import write_fixture
 
-    with tempfile.TemporaryDirectory() as root:
-        manifest = write_fixture(root, seed=0)
-        render = Render(RenderConfig(width=side, height=side, views_per_model=views, backend="open3d"))
-        out = []
-        for synset, ids in manifest.good.items():
-            for model_id in ids:
-                mesh = load_model(f"{root}/{synset}/{model_id}/models/model_normalized.obj")
-                for row in render.run_model(mesh, synset, model_id):
-                    out.append((row["instance_id"], images.decode_rgb(row["render"]), images.decode_mask(row["mask"])))
+    if manifest is None:
+        with tempfile.TemporaryDirectory() as root:
+            return fixture_renders(side, views, every, write_fixture(root, seed=0))
+    render = Render(RenderConfig(width=side, height=side, views_per_model=views, backend="open3d"))
+    out = []
+    for synset, ids in manifest.good.items():
+        for model_id in ids:
+            mesh = load_model(f"{manifest.root}/{synset}/{model_id}/models/model_normalized.obj")
+            for row in render.run_model(mesh, synset, model_id):
+                out.append((row["instance_id"], images.decode_rgb(row["render"]), images.decode_mask(row["mask"])))
     return out[::every]
 
 

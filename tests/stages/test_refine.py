@@ -39,7 +39,9 @@ def test_passthrough_carries_the_render_forward(tmp_path):
     stats = Refine(RefineConfig(backend="passthrough")).run_shard(run, 0)
     table = read_stage_table(run, "refine", 0)
     renders = read_stage_table(run, "render", 0)
-    assert table.column_names == ["instance_id", "refined", "refine_provenance"]
+    assert table.column_names == ["instance_id", "refined", "align_iou", "align_shift_px", "align_scale",
+                                  "align_flagged", "refine_provenance"]
+    assert not any(table.column("align_flagged").to_pylist()) and stats["align_flagged"] == 0  # its own mask
     assert table.column("instance_id").to_pylist() == ids
     assert table.column("refined").to_pylist() == renders.column("render").to_pylist()
     prov = json.loads(table.column("refine_provenance")[0].as_py())

@@ -11,9 +11,10 @@ and compares it with the render mask:
   Specks are removed (3x3 opening) and holes under 1 % of the foreground's area filled (a highlight
   in the background colour; a mug handle's opening is a real hole and stays).
 - **IoU** of that foreground with the mask, as it lies: a gross change (another shape, extra objects).
-- **shift and scale** (:func:`register`): the zoom about the image centre (1/1.15 to 1.15) and then
-  the shift (up to 16 px, sub-pixel) that overlay the foreground best on the mask. An aligned refine
-  scores shift ~0 and scale 1; a rigid shift of ``d`` px scores ``d``; a 1.1x zoom scores ~1.1.
+- **shift and scale** (:func:`register`): the zoom about the mask's centroid (1/1.15 to 1.15) and
+  then the shift (up to 16 px, sub-pixel) that overlay the foreground best on the mask. An aligned
+  refine scores shift ~0 and scale 1; a rigid shift of ``d`` px scores ``d``; a 1.1x zoom about any
+  point scores ~1.1 (and the centroid's move as shift).
   Unlike a centroid shift or an area ratio, these are not moved by a part lost to the background
   colour (it lowers the overlap of every nearby move alike): on the fixture's renders, a recoloured
   part moved the centroid by up to 11 px while the registered shift stayed under 0.1 px.
@@ -63,8 +64,8 @@ def foreground(rgb: NDArray[np.uint8], mask: NDArray[np.bool_], tolerance: float
 
 
 def _scaled(mask: NDArray[np.float32], scale: float) -> NDArray[np.float32]:
-    """``mask`` scaled by ``scale`` about the image centre (bilinear)."""
-    centre = (np.array(mask.shape) - 1) / 2.0
+    """``mask`` scaled by ``scale`` about its centroid (bilinear)."""
+    centre = np.array(ndimage.center_of_mass(mask))
     return ndimage.affine_transform(mask, np.full(2, 1.0 / scale), offset=centre * (1 - 1.0 / scale), order=1)
 
 
@@ -92,8 +93,9 @@ def _peak(score: NDArray[np.float64]) -> tuple[float, float]:
 
 def register(fg: NDArray[np.bool_], mask: NDArray[np.bool_], max_shift: int = 16,
              scales: NDArray[np.float64] = SCALES) -> tuple[float, float, float]:
-    """The move of ``fg`` (a scale about the image centre, then a shift) that overlays it best on
-    ``mask``: ``(shift in px, scale, the soft IoU there)``.
+    """The move of ``fg`` (a scale about the mask's centroid, then a shift) that overlays it best on
+    ``mask``: ``(shift in px, scale, the soft IoU there)``. Scaling about the object, not the image
+    centre, keeps a small error of the scale out of the shift.
 
     The scale is searched at a working size of at most 256 px a side, the shift at full size for the
     best scale, to a sub-pixel peak. Parts missing from ``fg`` lower the overlap of every nearby move

@@ -89,7 +89,7 @@ class RefineConfig(GpuStageConfig):
     num_inference_steps: int = 50
     true_cfg_scale: float = 4.0
     align_iou_min: float = 0.5
-    align_shift_max_px: float = 1.0
+    align_shift_max_px: float = 1.25
     align_scale_max: float = 1.05
     align_tolerance: float = 0.1
     align_policy: str = "flag"
@@ -102,8 +102,8 @@ class RefineConfig(GpuStageConfig):
         if self.true_cfg_scale < 0:
             raise ValueError(f"refine.true_cfg_scale must be >= 0 (<= 1 disables CFG), got {self.true_cfg_scale}")
         if not 0.0 <= self.align_iou_min <= 1.0 or self.align_shift_max_px < 0 or self.align_scale_max < 1:
-            raise ValueError("refine needs align_iou_min in [0, 1] (default 0.5), align_shift_max_px >= 0 (default 1) "
-                             f"and align_scale_max >= 1 (default 1.05), got {self.align_iou_min}, "
+            raise ValueError("refine needs align_iou_min in [0, 1] (default 0.5), align_shift_max_px >= 0 "
+                             f"(default 1.25) and align_scale_max >= 1 (default 1.05), got {self.align_iou_min}, "
                              f"{self.align_shift_max_px}, {self.align_scale_max}")
         if not 0.0 < self.align_tolerance < 1.0:
             raise ValueError(f"refine.align_tolerance must be in (0, 1) (default 0.1), got {self.align_tolerance}")
