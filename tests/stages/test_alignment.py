@@ -69,3 +69,11 @@ def test_config_checks_the_gate():
         RefineConfig(align_policy="ignore")
     with pytest.raises(ValueError, match="align_scale_max >= 1"):
         RefineConfig(align_scale_max=0.9)
+
+
+def test_the_summary_and_card_line():
+    from pointvl.dataset.summary import alignment_line
+
+    assert alignment_line({"refine_misaligned": 0, "dropped": {}}).endswith("alignment gate): 0")
+    assert alignment_line({"refine_misaligned": 3, "dropped": {}}).endswith(": 3, flagged for review")
+    assert alignment_line({"refine_misaligned": 2, "dropped": {"refine:misaligned": 2}}).endswith(": 2, 2 dropped")
