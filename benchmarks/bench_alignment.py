@@ -145,13 +145,14 @@ def rates(renders: list[tuple[str, Rgb, NDArray[np.bool_]]], edits: tuple[str, .
     return result
 
 
-def run(side: int = 512, views: int = 3, every: int = 1) -> dict:
+def run(side: int = 512, views: int = 3, every: int = 3, seed: int = 1) -> dict:
+    """The README's figures: 36 of the fixture's 108 views at 512², seed 1 (~8 min on 2 loaded cores)."""
     renders = fixture_renders(side, views, every)
     cfg = RefineConfig()
     return {"side": side, "renders": len(renders), "align_iou_min": cfg.align_iou_min,
             "align_shift_max_px": cfg.align_shift_max_px, "align_scale_max": cfg.align_scale_max,
             "align_tolerance": cfg.align_tolerance,
-            "rates": rates(renders, config=cfg)}
+            "rates": rates(renders, config=cfg, seed=seed)}
 
 
 if __name__ == "__main__":
