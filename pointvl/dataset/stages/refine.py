@@ -64,7 +64,8 @@ class RefineConfig(GpuStageConfig):
     :class:`~pointvl.dataset.stages.gpu_common.GpuStageConfig` (backend, prompt, seed, device, batching).
 
     Args:
-        model: Hub id or local folder of the Qwen-Image-Edit pipeline (paper: Qwen-Image-Edit).
+        model: Hub id or local folder of the Qwen-Image-Edit pipeline (paper: Qwen-Image-Edit; -2509/-2511
+            load as QwenImageEditPlusPipeline, the class their model_index.json names).
         num_inference_steps: denoising steps (not in the paper; the model card's 50).
         true_cfg_scale: true classifier-free guidance scale; CFG runs only when > 1, with the negative
             prompt (not in the paper; the model card's 4.0).
@@ -72,7 +73,7 @@ class RefineConfig(GpuStageConfig):
             or pose drift", §4.1.2, made automatic; :mod:`pointvl.dataset.stages.alignment`): an item
             whose refined foreground has an IoU with the render mask below this is misaligned: a gross
             change (another shape, extra objects); kept low because a part recoloured close to the
-            background also lowers it (measured down to 0.65 on aligned edits); zooms and shifts are
+            background also lowers it (measured down to 0.64 on aligned edits); zooms and shifts are
             caught by the two thresholds below.
         align_shift_max_px: an item whose foreground is best overlaid on the mask by a shift longer than
             this (render pixels) is misaligned; the shift replaces a centroid shift, which a part lost to
