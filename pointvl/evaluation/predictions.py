@@ -30,6 +30,15 @@ class Prediction:
     over_limit: str | None = None
 
 
+MAX_LINE_BYTES = 16 << 20
+"""A prediction line longer than this is not parsed (its output scores 0): no model writes 16 MB per record."""
+
+
+def _text(value: str) -> str:
+    """``value`` with lone surrogates (valid JSON escapes, ``"\\ud800"``, but not encodable) replaced by ``?``."""
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
 def _prediction(row: dict[str, Any], where: str) -> Prediction:
     output = row["output"]
     if isinstance(output, dict):
@@ -42,7 +51,8 @@ def _prediction(row: dict[str, Any], where: str) -> Prediction:
     answers = row.get("attribute_answers")
     if answers is not None and not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
         raise InputError(f"{where}: attribute_answers must be a list of strings")
-    return Prediction(output, tuple(answers) if answers is not None else None, output_limit(output))
+    output = _text(output)
+    return Prediction(output, tuple(_text(a) for a in answers) if answers is not None else None, output_limit(output))
 
 
 def _answer(pred: Prediction) -> str:
@@ -68,30 +78,36 @@ def read_predictions(path: str) -> dict[str, Prediction]:
     with fs.open(p, "rb") as f:
         for k, raw in enumerate(f, 1):
             where = f"{path} line {k}"
-            try:
-                line = raw.decode("utf-8")
+            try:  # a byte-order mark (Windows editors) is no part of the first line's JSON
+                line = raw.decode("utf-8-sig" if k == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 raise InputError(f"{where} is not UTF-8 ({err.reason})") from None
             if not line.strip():
                 continue
+            over = None
             try:
+                if len(raw) > MAX_LINE_BYTES:
+                    raise RecursionError  # not parsed: read its id alone, as for a line nested too deep
                 row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{where} is not JSON ({err.msg})") from err
-            except RecursionError:  # the line nests deeper than the JSON reader goes
+            except RecursionError:  # over the size limit, or nested deeper than the JSON reader goes
                 found = _ID.search(line[:4096])
                 if found is None:
-                    raise InputError(f"{where} nests too deep to read and names no instance_id") from None
+                    raise InputError(f"{where} is too large or nests too deep to read and names no "
+                                     "instance_id") from None
                 try:
                     row = {"instance_id": json.loads(f'"{found.group(1)}"'), "output": ""}
-                except json.JSONDecodeError:
-                    raise InputError(f"{where} nests too deep to read; its instance_id is not a JSON string") from None
-                over = f"the line nests too deep for the JSON reader (the limit is {MAX_DEPTH} levels)"
-            else:
-                over = None
+                except ValueError:
+                    raise InputError(f"{where} is too large or nests too deep to read; its instance_id is not a "
+                                     "JSON string") from None
+                over = (f"the line is over {MAX_LINE_BYTES} bytes" if len(raw) > MAX_LINE_BYTES else
+                        f"the line nests too deep for the JSON reader (the limit is {MAX_DEPTH} levels)")
+            except ValueError as err:  # not JSON, or an integer of more digits than Python converts
+                raise InputError(f"{where} is not JSON ({getattr(err, 'msg', str(err).splitlines()[0])})") from None
             if not isinstance(row, dict) or "instance_id" not in row or "output" not in row:
                 raise InputError(f"{where}: expected {{\"instance_id\": ..., \"output\": ...}}")
-            iid = str(row["instance_id"])
+            if not isinstance(row["instance_id"], str | int) or isinstance(row["instance_id"], bool):
+                raise InputError(f"{where}: instance_id must be a string, got {type(row['instance_id']).__name__}")
+            iid = _text(str(row["instance_id"]))
             qa_index = row.get("qa_index", 0)
             if not isinstance(qa_index, int) or isinstance(qa_index, bool) or qa_index < 0:
                 raise InputError(f"{where}: qa_index must be a non-negative integer, got {qa_index!r}")

@@ -14,16 +14,8 @@ from pointvl.core.errors import InputError
 from pointvl.core.record import iter_records, target_text
 from pointvl.core.spatial import QuantConfig
 from pointvl.evaluation.predictions import read_predictions
-from pointvl.evaluation.scoring import (
-    MAX_DEPTH,
-    MAX_OUTPUT_CHARS,
-    METRIC_KEYS,
-    EvaluateConfig,
-    evaluate,
-    nesting_depth,
-    output_limit,
-    run,
-)
+from pointvl.evaluation.scoring import METRIC_KEYS, EvaluateConfig, evaluate, run
+from pointvl.grca.verify import MAX_DEPTH, MAX_OUTPUT_CHARS, nesting_depth, output_limit
 
 
 def _lines(path, rows) -> str:
