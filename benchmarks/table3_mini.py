@@ -203,7 +203,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=112, help="image side in pixels")
     parser.add_argument("--sft-steps", type=int, default=600)
     parser.add_argument("--grpo-steps", type=int, default=60)
-    parser.add_argument("--max-new-tokens", type=int, default=700)
+    parser.add_argument("--max-new-tokens", type=int, default=900,
+                        help="generation budget (the fixture's canonical outputs: 749-774 tiny-tokenizer tokens)")
     parser.add_argument("--eval-records", type=int, default=None, help="score only the first N test records")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
