@@ -324,7 +324,7 @@ def test_deep_nesting_and_huge_files_give_one_line_naming_the_file(catalogue, bu
     from pointvl.core.errors import InputError
     from pointvl.dataset.plan import DamagedPlanError
     from pointvl.dataset.stages.base import finished
-    from pointvl.dataset.stages.clean import read_taxonomy
+    from pointvl.dataset.shapenet import read_taxonomy
 
     shapenet = tmp_path / "shapenet"
     shapenet.mkdir()

@@ -44,7 +44,8 @@ def test_the_warning_names_what_passed_through(passed, head):
     summary = {"run_dir": "RUN", "shards_dir": "RUN/shards", "shard_files": ["a"], "shards_planned": 1, "records": 4,
                "per_split": {"train": 4}, "per_split_category": {"train/chair": 4}, "dropped": {}, "flagged": 0,
                "annotate_failed": {"items": 0, "retry": "pointvl build ..."},
-               "review": {"approved": 0, "rejected": 0, "held": 0}, "backends": {}, "passthrough": passed}
+               "review": {"approved": 0, "rejected": 0, "held": 0}, "backends": {}, "passthrough": passed,
+               "refine_misaligned": 0}
     text, body = format_summary(summary).splitlines(), _body(dataset_card(summary))
     if head is None:
         assert passthrough_line(summary) is None
