@@ -29,16 +29,20 @@ STOP_WAIT_S = 3.0
 
 def stop_children(wait_s: float = STOP_WAIT_S) -> None:
     """Terminate every descendant of this process, kill those still running after ``wait_s``."""
-    children = psutil.Process().children(recursive=True)
-    for child in children:
+    _stop(psutil.Process().children(recursive=True), wait_s)
+
+
+def _stop(processes: list[psutil.Process], wait_s: float) -> None:
+    """Terminate ``processes``, then kill those still running after ``wait_s``."""
+    for process in processes:
         try:
-            child.terminate()
+            process.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(children, timeout=wait_s)
-    for child in alive:
+    _, alive = psutil.wait_procs(processes, timeout=wait_s)
+    for process in alive:
         try:
-            child.kill()
+            process.kill()
         except psutil.NoSuchProcess:
             pass
 
@@ -110,16 +114,10 @@ def reap(pid: int, interval_s: float = 0.5) -> None:
         try:
             child = psutil.Process(child_pid)
             if child.create_time() == created:  # not a later process that reuses the pid
-                child.terminate()
                 left.append(child)
         except psutil.NoSuchProcess:
             continue
-    _, alive = psutil.wait_procs(left, timeout=STOP_WAIT_S)
-    for child in alive:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _stop(left, STOP_WAIT_S)
 
 
 if __name__ == "__main__":
