@@ -400,9 +400,9 @@ def check_deepspeed_launch(config: TrainConfig) -> None:
     - ``use_cpu: true`` turns DeepSpeed off in accelerate 1.15 (``state.py`` 974: ``... == "true" and not
       cpu``): the run would be plain data-parallel. ``zero3_cpu.yaml`` runs ZeRO-3 without CUDA.
     - ``zero3_init_flag: true``: every stage builds the policy whole and the engine partitions it
-      (:func:`pointvl.train.sft.whole_parameters`), so the flag would have no effect.
+      (:func:`pointvl.train.stage_setup.whole_parameters`), so the flag would have no effect.
     - ``gradient_clipping``: one source of truth, the stage's ``max_grad_norm``, which the engine is given
-      (:func:`pointvl.train.sft.make_accelerator`); a DeepSpeed config or ``--gradient_clipping`` giving
+      (:func:`pointvl.train.stage_setup.make_accelerator`); a DeepSpeed config or ``--gradient_clipping`` giving
       another value is refused (``"auto"`` leaves it to the train config).
     """
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
