@@ -85,7 +85,37 @@ class ModelConfig:
 
 
 @dataclass
-class SFTConfig:
+class StageConfig:
+    """The fields every training stage has (:class:`SFTConfig`, :class:`GRPOTrainConfig`), with their checks.
+
+    A stage states its own ``epochs``, ``learning_rate`` and ``save_steps`` defaults; the others are shared.
+    :func:`pointvl.train.stage_setup.start_stage` reads ``seed`` and ``learning_rate``,
+    :func:`pointvl.train.stage_setup.make_accelerator` is given ``max_grad_norm``.
+
+    Attributes:
+        epochs: passes over the train split.
+        learning_rate: (peak) AdamW learning rate.
+        save_steps: write ``checkpoint-<step>/`` every this many optimizer steps (and at the end).
+        max_grad_norm: gradient clipping (1.0; DeepSpeed's ``gradient_clipping`` under a DeepSpeed launch).
+        max_steps: stop after this many optimizer steps (None: the epochs decide).
+        save_total_limit: keep this many most recent checkpoints (None: all).
+        seed: data order seed (and the stage's own use of it: initialisation, sampling).
+    """
+
+    epochs: float
+    learning_rate: float
+    save_steps: int
+    max_grad_norm: float = 1.0
+    max_steps: int | None = None
+    save_total_limit: int | None = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_saving(type(self).__name__, self.save_steps, self.save_total_limit)
+
+
+@dataclass
+class SFTConfig(StageConfig):
     """Stage 1, the structural warm-up (§3.2, §4.2): cross-entropy on the answer tokens only.
 
     Attributes:
@@ -113,16 +143,12 @@ class SFTConfig:
     min_lr_ratio: float = 0.1
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_steps: int | None = None
     max_samples: int | None = None
     schedule: str = "cosine"
     save_steps: int = 500
-    save_total_limit: int | None = 2
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_saving("SFTConfig", self.save_steps, self.save_total_limit)
+        super().__post_init__()  # save_steps, save_total_limit
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"SFTConfig.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.batch_size % self.per_device_batch_size:
@@ -135,7 +161,7 @@ class SFTConfig:
 
 
 @dataclass
-class GRPOTrainConfig:
+class GRPOTrainConfig(StageConfig):
     """Stage 2, routed GRPO (§3.3-3.5, §4.2).
 
     Attributes:
@@ -181,14 +207,10 @@ class GRPOTrainConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 1024
-    max_grad_norm: float = 1.0
-    max_steps: int | None = None
     logprob_chunk: int = 256
     rollout_engine: str = "hf"
     save_steps: int = 50
-    save_total_limit: int | None = 2
     grca: GRCAConfig = field(default_factory=GRCAConfig)
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ("broadcast", "grca", "grca_rpc"):
@@ -209,7 +231,7 @@ class GRPOTrainConfig:
             raise ValueError("GRPOTrainConfig needs temperature > 0, top_p in (0, 1] and top_k >= 0 (0: no top-k)")
         if min(self.prompts_per_step, self.logprob_chunk, self.max_new_tokens) < 1:
             raise ValueError("GRPOTrainConfig.prompts_per_step, logprob_chunk and max_new_tokens must be >= 1")
-        _check_saving("GRPOTrainConfig", self.save_steps, self.save_total_limit)
+        super().__post_init__()  # save_steps, save_total_limit
 
 
 def _check_saving(name: str, save_steps: int, save_total_limit: int | None) -> None:
