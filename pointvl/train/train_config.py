@@ -21,6 +21,7 @@ from pointvl.core.spatial import QuantConfig
 from pointvl.core.strict_config import ConfigError, check, load, merge, nest, read_file
 from pointvl.grca import GRCAConfig
 from pointvl.train.point_bert import PointBertConfig, check_point_dims, read_checkpoint
+from pointvl.train.variants import GRPO_MODES, PRESET_NAMES, VARIANTS
 
 if TYPE_CHECKING:
     from pointvl.dataset.handoff import HandoffConfig
@@ -29,12 +30,8 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("checkpoint", "tiny", "3b")
 ROLLOUT_ENGINES = ("hf", "vllm")
-GRPO_MODES = ("broadcast", "grca", "grca_rpc")
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 """``pointvl.grca.loss.LOSS_TYPES``, named here without importing torch (a test keeps the two equal)."""
-VARIANTS = ("sft", "sft_budget_matched", *GRPO_MODES)
-"""The rows of the paper's Table 3: SFT alone, SFT continued for the RL budget, GRPO with one broadcast
-reward, GRCA without RPC, GRCA + RPC."""
 
 
 @dataclass
@@ -213,7 +210,7 @@ class GRPOTrainConfig(StageConfig):
     grca: GRCAConfig = field(default_factory=GRCAConfig)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("broadcast", "grca", "grca_rpc"):
+        if self.mode not in GRPO_MODES:
             raise ValueError(f"GRPOTrainConfig.mode must be broadcast, grca or grca_rpc, got {self.mode!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(
@@ -262,7 +259,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"TrainConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.variant in ("broadcast", "grca", "grca_rpc") and self.grpo.mode != self.variant:
+        if self.variant in GRPO_MODES and self.grpo.mode != self.variant:
             raise ValueError(f"variant {self.variant!r} runs GRPO in that mode: set grpo.mode={self.variant!r}")
         if self.grpo.grca.quant != self.model.quant:
             raise ValueError("grpo.grca.quant must equal model.quant: rewards must read the bins the model writes")
@@ -275,14 +272,14 @@ def paper_preset(variant: str = "grca_rpc") -> TrainConfig:
     """The paper's setup (§4.2) for one Table 3 row. Point-BERT's weights must be given
     (``model.point_bert.checkpoint``) or random weights asked for (``model.point_bert.random_init``); the
     encoder takes xyz + rgb (``point_dims=6``), as PointLLM's ``point_bert_v1.2.pt`` does."""
-    mode = variant if variant in ("broadcast", "grca", "grca_rpc") else "grca_rpc"
+    mode = variant if variant in GRPO_MODES else "grca_rpc"
     return TrainConfig(variant=variant, model=ModelConfig(point_bert=PointBertConfig(point_dims=6)),
                        grpo=GRPOTrainConfig(mode=mode))
 
 
 def tiny_preset(variant: str = "grca_rpc") -> TrainConfig:
     """A CPU-sized run of the same flow: tiny random model, short schedules (``make train-demo``)."""
-    mode = variant if variant in ("broadcast", "grca", "grca_rpc") else "grca_rpc"
+    mode = variant if variant in GRPO_MODES else "grca_rpc"
     return TrainConfig(
         variant=variant,
         model=ModelConfig(
@@ -304,7 +301,7 @@ def tiny_preset(variant: str = "grca_rpc") -> TrainConfig:
     )
 
 
-PRESETS = {"paper": paper_preset, "tiny": tiny_preset}
+PRESETS = dict(zip(PRESET_NAMES, (paper_preset, tiny_preset), strict=True))
 
 
 def preset_config(preset: str, variant: str, overrides: dict | None) -> TrainConfig:
