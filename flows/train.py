@@ -16,6 +16,7 @@ from pointvl.tasks.artifacts import publish_report
 from pointvl.tasks.training import evaluate, report_to_build, train_stage, training_curves
 from pointvl.train.pipeline import check_config, stage_names
 from pointvl.train.train_config import preset_config
+from pointvl.train.variants import PRESET_NAMES
 
 
 @flow(name="train-pointvl", description="SFT warm-up → routed GRPO (GRCA + RPC) → evaluation on shards",
@@ -47,7 +48,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Run the training flow (embedded Prefect).")
     parser.add_argument("--shards", required=True)
     parser.add_argument("--run", required=True)
-    parser.add_argument("--preset", default="paper", choices=["paper", "tiny"])
+    parser.add_argument("--preset", default="paper", choices=PRESET_NAMES)
     parser.add_argument("--variant", default="grca_rpc")
     parser.add_argument("--config", help="a TrainConfig YAML/JSON (overrides the preset)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override (repeatable)")

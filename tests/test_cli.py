@@ -43,3 +43,20 @@ def test_orchestrator_errors_get_one_line_and_a_hint_other_errors_keep_their_tra
     except httpx.TransportError as err:
         assert "make server" in orchestrator_hint(err)
     assert orchestrator_hint(KeyError("a bug")) is None
+
+
+def test_train_choices_come_from_the_configs_and_parsing_imports_no_torch():
+    """``--preset`` and ``--variant`` list the configs' names (pointvl.train.variants), read without torch."""
+    code = (
+        "import sys, argparse\n"
+        "from pointvl.cli import build_parser\n"
+        "parser = build_parser()\n"
+        "args = parser.parse_args(['train', '--shards', 's', '--run', 'r', '--preset', 'tiny', '--variant', 'grca'])\n"
+        "train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices['train']\n"
+        "print(sorted(tuple(a.choices) for a in train._actions if a.dest in ('preset', 'variant')))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    from pointvl.train.train_config import PRESETS, VARIANTS
+
+    assert out.stdout.splitlines() == [str(sorted([tuple(PRESETS), VARIANTS])), "False"]

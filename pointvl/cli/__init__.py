@@ -15,6 +15,7 @@ from pointvl.cli.operations import add_ops_commands
 from pointvl.core.errors import InputError
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.fixture import write_fixture
+from pointvl.train.variants import PRESET_NAMES, VARIANTS
 
 
 def _fixture(args: argparse.Namespace) -> int:
@@ -143,7 +144,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _add_train_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=["paper", "tiny"], default="paper")
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="paper")
     parser.add_argument("--config", help="a TrainConfig YAML/JSON (a run's config.json, or some of its fields)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override one TrainConfig field by its dotted path, e.g. sft.max_steps=6 or "
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_config_args(train)
     train.add_argument(
         "--variant", default="grca_rpc",
-        choices=["sft", "sft_budget_matched", "broadcast", "grca", "grca_rpc"], help="the Table 3 row",
+        choices=VARIANTS, help="the Table 3 row",
     )
     train.set_defaults(command_handler=_train)
     add_ops_commands(commands)

@@ -55,10 +55,10 @@ from pointvl.grca import (
     score_group,
 )
 from pointvl.train import checkpoint as ckpt
-from pointvl.train.data import Collator, Example, ShardExamples
+from pointvl.train.data import Example
 from pointvl.train.generation import sampling_config, stop_token_id
 from pointvl.train.model import PointVL3D
-from pointvl.train.sft import make_accelerator, num_processes, resume, trainer_state
+from pointvl.train.stage_setup import make_accelerator, num_processes, start_stage, trainer_state
 from pointvl.train.train_config import GRPOTrainConfig
 
 logger = logging.getLogger(__name__)
@@ -217,30 +217,22 @@ def run_grpo(
     prompt ``p`` goes to rank ``p % processes`` and is sampled with seed ``(seed, p)``, so the samples and
     the averaged gradient do not depend on the process count.
     """
-    # 1. data, optimizer, resume
+    # 1. the batch relations, the accelerator; data, optimizer, resume as every stage (stage_setup.start_stage)
     processes = num_processes()
     if config.prompts_per_step % processes:
         raise ValueError(f"GRPOTrainConfig.prompts_per_step ({config.prompts_per_step}) must be a multiple of "
                          f"the process count ({processes})")
     per_rank = config.prompts_per_step // processes
     acc = make_accelerator(per_rank, 1, config.max_grad_norm)
-    mcfg = model.config
-    if mcfg.quant != config.grca.quant:
+    if model.config.quant != config.grca.quant:
         raise ValueError("GRPOTrainConfig.grca.quant must equal ModelConfig.quant (the bins the model writes)")
-    examples = ShardExamples(shards_dir, "train", mcfg.num_points, mcfg.quant, shuffle=True, seed=config.seed)
-    n = len(examples)
-    total = total_steps(n, config)
-    collate = Collator(tokenizer, image_processor, model.num_point_tokens, with_targets=False)
-    folder = resume(acc, model, stage_dir)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant (paper: none stated)
-    model, optimizer = acc.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
-    step, history = 0, []
-    if folder is not None:
-        state = ckpt.load_training_state(acc, model, optimizer, scheduler, folder)
-        step, history = state["global_step"], state["log_history"]
+    stage = start_stage(acc, model, tokenizer, image_processor, shards_dir, config, stage_dir,
+                        steps=lambda n: total_steps(n, config), with_targets=False, weight_decay=0.0,
+                        # constant (paper: none stated)
+                        schedule=lambda optimizer, _: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
+    model, optimizer, scheduler, params = stage.model, stage.optimizer, stage.scheduler, stage.params
+    examples, collate, n, total, step, history = (stage.examples, stage.collate, stage.n, stage.total, stage.step,
+                                                  stage.history)
 
     # 2. loop
     rank, q = acc.process_index, config.prompts_per_step

@@ -43,7 +43,8 @@ from pointvl.train.data import ShardExamples
 from pointvl.train.grpo import run_grpo, trained_samples
 from pointvl.train.model import build_image_processor, build_model, build_tokenizer
 from pointvl.train.predict import predict
-from pointvl.train.sft import distributed_state, num_processes, run_sft, whole_parameters
+from pointvl.train.sft import run_sft
+from pointvl.train.stage_setup import distributed_state, num_processes, whole_parameters
 from pointvl.train.train_config import SFTConfig, TrainConfig, preflight
 
 logger = logging.getLogger(__name__)

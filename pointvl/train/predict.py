@@ -37,7 +37,7 @@ def predict(
     batch_size: int = 8,
 ) -> int:
     """Greedy outputs for ``split`` of ``shards_dir`` written to ``out_path`` (JSONL); returns the line count."""
-    from pointvl.train.sft import distributed_state
+    from pointvl.train.stage_setup import distributed_state
 
     state = distributed_state()
     cfg = model.config

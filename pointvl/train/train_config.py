@@ -21,6 +21,7 @@ from pointvl.core.spatial import QuantConfig
 from pointvl.core.strict_config import ConfigError, check, load, merge, nest, read_file
 from pointvl.grca import GRCAConfig
 from pointvl.train.point_bert import PointBertConfig, check_point_dims, read_checkpoint
+from pointvl.train.variants import GRPO_MODES, PRESET_NAMES, VARIANTS
 
 if TYPE_CHECKING:
     from pointvl.dataset.handoff import HandoffConfig
@@ -29,12 +30,8 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("checkpoint", "tiny", "3b")
 ROLLOUT_ENGINES = ("hf", "vllm")
-GRPO_MODES = ("broadcast", "grca", "grca_rpc")
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 """``pointvl.grca.loss.LOSS_TYPES``, named here without importing torch (a test keeps the two equal)."""
-VARIANTS = ("sft", "sft_budget_matched", *GRPO_MODES)
-"""The rows of the paper's Table 3: SFT alone, SFT continued for the RL budget, GRPO with one broadcast
-reward, GRCA without RPC, GRCA + RPC."""
 
 
 @dataclass
@@ -85,7 +82,37 @@ class ModelConfig:
 
 
 @dataclass
-class SFTConfig:
+class StageConfig:
+    """The fields every training stage has (:class:`SFTConfig`, :class:`GRPOTrainConfig`), with their checks.
+
+    A stage states its own ``epochs``, ``learning_rate`` and ``save_steps`` defaults; the others are shared.
+    :func:`pointvl.train.stage_setup.start_stage` reads ``seed`` and ``learning_rate``,
+    :func:`pointvl.train.stage_setup.make_accelerator` is given ``max_grad_norm``.
+
+    Attributes:
+        epochs: passes over the train split.
+        learning_rate: (peak) AdamW learning rate.
+        save_steps: write ``checkpoint-<step>/`` every this many optimizer steps (and at the end).
+        max_grad_norm: gradient clipping (1.0; DeepSpeed's ``gradient_clipping`` under a DeepSpeed launch).
+        max_steps: stop after this many optimizer steps (None: the epochs decide).
+        save_total_limit: keep this many most recent checkpoints (None: all).
+        seed: data order seed (and the stage's own use of it: initialisation, sampling).
+    """
+
+    epochs: float
+    learning_rate: float
+    save_steps: int
+    max_grad_norm: float = 1.0
+    max_steps: int | None = None
+    save_total_limit: int | None = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_saving(type(self).__name__, self.save_steps, self.save_total_limit)
+
+
+@dataclass
+class SFTConfig(StageConfig):
     """Stage 1, the structural warm-up (§3.2, §4.2): cross-entropy on the answer tokens only.
 
     Attributes:
@@ -113,16 +140,12 @@ class SFTConfig:
     min_lr_ratio: float = 0.1
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_steps: int | None = None
     max_samples: int | None = None
     schedule: str = "cosine"
     save_steps: int = 500
-    save_total_limit: int | None = 2
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_saving("SFTConfig", self.save_steps, self.save_total_limit)
+        super().__post_init__()  # save_steps, save_total_limit
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"SFTConfig.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.batch_size % self.per_device_batch_size:
@@ -135,7 +158,7 @@ class SFTConfig:
 
 
 @dataclass
-class GRPOTrainConfig:
+class GRPOTrainConfig(StageConfig):
     """Stage 2, routed GRPO (§3.3-3.5, §4.2).
 
     Attributes:
@@ -181,17 +204,13 @@ class GRPOTrainConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 1024
-    max_grad_norm: float = 1.0
-    max_steps: int | None = None
     logprob_chunk: int = 256
     rollout_engine: str = "hf"
     save_steps: int = 50
-    save_total_limit: int | None = 2
     grca: GRCAConfig = field(default_factory=GRCAConfig)
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in ("broadcast", "grca", "grca_rpc"):
+        if self.mode not in GRPO_MODES:
             raise ValueError(f"GRPOTrainConfig.mode must be broadcast, grca or grca_rpc, got {self.mode!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(
@@ -209,7 +228,7 @@ class GRPOTrainConfig:
             raise ValueError("GRPOTrainConfig needs temperature > 0, top_p in (0, 1] and top_k >= 0 (0: no top-k)")
         if min(self.prompts_per_step, self.logprob_chunk, self.max_new_tokens) < 1:
             raise ValueError("GRPOTrainConfig.prompts_per_step, logprob_chunk and max_new_tokens must be >= 1")
-        _check_saving("GRPOTrainConfig", self.save_steps, self.save_total_limit)
+        super().__post_init__()  # save_steps, save_total_limit
 
 
 def _check_saving(name: str, save_steps: int, save_total_limit: int | None) -> None:
@@ -240,7 +259,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"TrainConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.variant in ("broadcast", "grca", "grca_rpc") and self.grpo.mode != self.variant:
+        if self.variant in GRPO_MODES and self.grpo.mode != self.variant:
             raise ValueError(f"variant {self.variant!r} runs GRPO in that mode: set grpo.mode={self.variant!r}")
         if self.grpo.grca.quant != self.model.quant:
             raise ValueError("grpo.grca.quant must equal model.quant: rewards must read the bins the model writes")
@@ -253,14 +272,14 @@ def paper_preset(variant: str = "grca_rpc") -> TrainConfig:
     """The paper's setup (§4.2) for one Table 3 row. Point-BERT's weights must be given
     (``model.point_bert.checkpoint``) or random weights asked for (``model.point_bert.random_init``); the
     encoder takes xyz + rgb (``point_dims=6``), as PointLLM's ``point_bert_v1.2.pt`` does."""
-    mode = variant if variant in ("broadcast", "grca", "grca_rpc") else "grca_rpc"
+    mode = variant if variant in GRPO_MODES else "grca_rpc"
     return TrainConfig(variant=variant, model=ModelConfig(point_bert=PointBertConfig(point_dims=6)),
                        grpo=GRPOTrainConfig(mode=mode))
 
 
 def tiny_preset(variant: str = "grca_rpc") -> TrainConfig:
     """A CPU-sized run of the same flow: tiny random model, short schedules (``make train-demo``)."""
-    mode = variant if variant in ("broadcast", "grca", "grca_rpc") else "grca_rpc"
+    mode = variant if variant in GRPO_MODES else "grca_rpc"
     return TrainConfig(
         variant=variant,
         model=ModelConfig(
@@ -282,7 +301,7 @@ def tiny_preset(variant: str = "grca_rpc") -> TrainConfig:
     )
 
 
-PRESETS = {"paper": paper_preset, "tiny": tiny_preset}
+PRESETS = dict(zip(PRESET_NAMES, (paper_preset, tiny_preset), strict=True))
 
 
 def preset_config(preset: str, variant: str, overrides: dict | None) -> TrainConfig:
@@ -400,9 +419,9 @@ def check_deepspeed_launch(config: TrainConfig) -> None:
     - ``use_cpu: true`` turns DeepSpeed off in accelerate 1.15 (``state.py`` 974: ``... == "true" and not
       cpu``): the run would be plain data-parallel. ``zero3_cpu.yaml`` runs ZeRO-3 without CUDA.
     - ``zero3_init_flag: true``: every stage builds the policy whole and the engine partitions it
-      (:func:`pointvl.train.sft.whole_parameters`), so the flag would have no effect.
+      (:func:`pointvl.train.stage_setup.whole_parameters`), so the flag would have no effect.
     - ``gradient_clipping``: one source of truth, the stage's ``max_grad_norm``, which the engine is given
-      (:func:`pointvl.train.sft.make_accelerator`); a DeepSpeed config or ``--gradient_clipping`` giving
+      (:func:`pointvl.train.stage_setup.make_accelerator`); a DeepSpeed config or ``--gradient_clipping`` giving
       another value is refused (``"auto"`` leaves it to the train config).
     """
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from pointvl.train.grpo import run_grpo
 from pointvl.train.pipeline import load
-from pointvl.train.sft import distributed_state, run_sft
+from pointvl.train.sft import run_sft
+from pointvl.train.stage_setup import distributed_state
 from pointvl.train.train_config import parse_overrides, preset_config
 
 shards, stage_dir, out, stage, *pairs = sys.argv[1:]

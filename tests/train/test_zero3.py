@@ -123,10 +123,10 @@ def test_checkpoint_architecture_under_zero3_on_two_cpu_processes_equals_one_pro
 
 
 def test_whole_parameters_lifts_the_zero3_registration_and_restores_it():
-    """What a DeepSpeed Accelerator leaves registered for the process (sft.whole_parameters' docstring)."""
+    """What a DeepSpeed Accelerator leaves registered for the process (stage_setup.whole_parameters' docstring)."""
     from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
-    from pointvl.train.sft import whole_parameters
+    from pointvl.train.stage_setup import whole_parameters
 
     registered = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
     try:
