@@ -323,8 +323,8 @@ def test_deep_nesting_and_huge_files_give_one_line_naming_the_file(catalogue, bu
     from pointvl.core import io
     from pointvl.core.errors import InputError
     from pointvl.dataset.plan import DamagedPlanError
-    from pointvl.dataset.stages.base import finished
     from pointvl.dataset.shapenet import read_taxonomy
+    from pointvl.dataset.stages.base import finished
 
     shapenet = tmp_path / "shapenet"
     shapenet.mkdir()

@@ -195,7 +195,8 @@ def test_a_run_folder_of_another_config_is_refused_and_kept(built, shapenet, tmp
 RACED_BUILD = """
 import sys
 import pointvl.tasks.build_lock
-pointvl.tasks.build_lock.check_unlocked = lambda run_dir: None  # as if the other build took the folder just after the check
+# as if the other build took the folder just after the check
+pointvl.tasks.build_lock.check_unlocked = lambda run_dir: None
 from pointvl.cli import main
 raise SystemExit(main(sys.argv[1:]))
 """
