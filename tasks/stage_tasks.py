@@ -3,6 +3,8 @@ the library's stages with the retries, logging and artifacts that suit each. A f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prefect import Task, task
 from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -38,17 +40,24 @@ def run_stage(stage: Stage, run_dir: str, shard_index: int) -> dict:
     return stats
 
 
-def retry_unless_input_error(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry faults of the run (a lost worker, a CUDA error); missing weights, a device too small for
-    the offload asked for or a bad config (:class:`~pointvl.core.errors.InputError`) will not fix themselves,
-    and a build that lost its run folder to another build writes nothing more (:class:`LockLost`)."""
-    try:
-        state.result()
-    except (InputError, LockLost):
-        return False
-    except Exception:
+def retry_unless(*permanent: type[Exception]) -> Callable[[Task, TaskRun, State], bool]:
+    """A task's retry condition: retry a failure unless it is one of ``permanent``, which will not fix itself."""
+
+    def condition(task: Task, task_run: TaskRun, state: State) -> bool:
+        try:
+            state.result()
+        except permanent:
+            return False
+        except Exception:
+            return True
         return True
-    return True
+
+    return condition
+
+
+# Faults of the run (a lost worker, a CUDA error) are retried; missing weights, a device too small for the
+# offload asked for or a bad config (InputError) are not, nor a build that lost its run folder (LockLost).
+retry_unless_input_error = retry_unless(InputError, LockLost)
 
 
 @task(name="clean", cache_policy=NO_CACHE)
@@ -120,16 +129,9 @@ def _secret(block_name: str) -> SecretStr | None:
     return SecretStr(str(Secret.load(block_name).get()))
 
 
-def _retry_unless_fatal(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry transient failures (a batch still running, a dropped connection); a rejected key or model,
-    an invalid config or a run folder taken over by another build will not fix itself."""
-    try:
-        state.result()
-    except (FatalAPIError, ValueError, FileNotFoundError, LockLost):
-        return False
-    except Exception:
-        return True
-    return True
+# A batch still running or a dropped connection is retried; a rejected key or model, an invalid config or a
+# run folder taken over by another build is not.
+_retry_unless_fatal = retry_unless(FatalAPIError, ValueError, FileNotFoundError, LockLost)
 
 
 @task(
