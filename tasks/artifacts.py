@@ -6,6 +6,8 @@ when the stage ends), and a stage's shard stats are one table, not an artifact p
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from typing import Any
 
@@ -26,6 +28,14 @@ from pointvl.dataset.tables import finished, read_stats
 from pointvl.evaluation.report import report
 
 UPDATE_EVERY_S = 2.0
+
+
+def artifact_key(kind: str, run_dir: str, build_id: str) -> str:
+    """``<kind>-<run folder tag>-<build id>``: unique per run folder (two folders built with one config share
+    a build id) and ending in the build id. Prefect keys allow lowercase letters, digits and dashes only."""
+    where = run_dir if io.is_url(run_dir) else os.path.realpath(run_dir)
+    tag = hashlib.sha256(where.rstrip("/").encode()).hexdigest()[:6]
+    return f"{kind.replace('_', '-').lower()}-{tag}-{build_id}"
 
 
 def _key(kind: str, stage: str, build_id: str) -> str:
