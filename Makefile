@@ -104,7 +104,7 @@ deploy: $(STAMP)
 	$(PREFECT) --no-prompt deploy --all
 
 worker-cpu: $(STAMP)
-	PREFECT_LOGGING_EXTRA_LOGGERS=pointvl $(PREFECT) worker start --pool cpu
+	exec env --default-signal=INT PREFECT_LOGGING_EXTRA_LOGGERS=pointvl $(PREFECT) worker start --pool cpu
 
 worker-gpu: $(STAMP)
 	CUDA_VISIBLE_DEVICES=$(GPU) PREFECT_LOGGING_EXTRA_LOGGERS=pointvl \

@@ -179,9 +179,11 @@ def _resume(args: argparse.Namespace) -> int:
     from prefect.deployments import run_deployment
 
     with get_client(sync_client=True) as client:
+        out = client.read_flow_run(origin[0]).parameters["out"]
+    check_unlocked(out)  # may mark the old run crashed: its state is read after this, not before
+    with get_client(sync_client=True) as client:
         old = client.read_flow_run(origin[0])
         deployment = client.read_deployment(origin[1])
-    check_unlocked(old.parameters["out"])
     run = run_deployment(name=origin[1], parameters=old.parameters, timeout=0, as_subflow=False,
                          flow_run_name=f"resume-{old.name}", tags=["resume"])
     print(f"resumed {old.parameters['out']} as flow run {run.id} of deployment {deployment.name} on its workers "

@@ -281,6 +281,7 @@ def test_a_killed_worker_is_resumed_on_the_deployment_without_redoing_finished_s
     d.start_worker()
     resume = d.cli(sys.executable, "-m", "pointvl.cli", "resume", str(out))
     assert resume.returncode == 0 and "on its workers" in resume.stdout, resume.stdout + resume.stderr
+    assert ", Crashed)" in resume.stdout, resume.stdout  # the state resume set, not the stale "Running"
     new_id = re.search(r"flow run ([0-9a-f-]{36})", resume.stdout).group(1)
     d.wait_state(new_id, ("COMPLETED",), timeout=300)
     assert {p: m for p, m in _stage_files(out).items() if p in finished} == finished  # nothing finished redone
