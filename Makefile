@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	@command -v apt-get >/dev/null && ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && \
 		{ (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) || \
 		  echo "chromium not installed: the UI screenshot test will be skipped"; } || true
+	@# PostgreSQL: the operations tests run a production-like Prefect server on it (skipped without it).
+	@command -v apt-get >/dev/null && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		{ (apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql) || \
+		  echo "postgresql not installed: the PostgreSQL operations tests will be skipped"; } || true
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all,dev]'
@@ -103,9 +107,12 @@ deploy: $(STAMP)
 	$(PREFECT) work-pool create gpu --type process --overwrite
 	$(PREFECT) --no-prompt deploy --all
 
+# `exec`: make's SIGTERM reaches the worker itself (not a shell that dies and leaves it running). SIGINT at its
+# default: Prefect's worker turns SIGTERM into SIGINT (prefect/utilities/processutils/__init__.py:596 at 3.8.8),
+# which a worker started from a background job inherits ignored, and would then never stop.
 worker-cpu: $(STAMP)
 	exec env --default-signal=INT PREFECT_LOGGING_EXTRA_LOGGERS=pointvl $(PREFECT) worker start --pool cpu
 
 worker-gpu: $(STAMP)
-	CUDA_VISIBLE_DEVICES=$(GPU) PREFECT_LOGGING_EXTRA_LOGGERS=pointvl \
+	exec env --default-signal=INT CUDA_VISIBLE_DEVICES=$(GPU) PREFECT_LOGGING_EXTRA_LOGGERS=pointvl \
 		$(PREFECT) worker start --pool gpu --work-queue gpu --limit 1 --name gpu-$(GPU)
