@@ -109,10 +109,14 @@ deploy: $(STAMP)
 
 # `exec`: make's SIGTERM reaches the worker itself (not a shell that dies and leaves it running). SIGINT at its
 # default: Prefect's worker turns SIGTERM into SIGINT (prefect/utilities/processutils/__init__.py:596 at 3.8.8),
-# which a worker started from a background job inherits ignored, and would then never stop.
+# which a worker started from a background job inherits ignored, and would then never stop. Beside the worker,
+# `pointvl cancel-watch` ends runs that stay Cancelling after a server outage (README "Workers and
+# cancellation"); it exits with the worker.
 worker-cpu: $(STAMP)
+	$(PY) -m pointvl.cli cancel-watch --pool cpu & \
 	exec env --default-signal=INT PREFECT_LOGGING_EXTRA_LOGGERS=pointvl $(PREFECT) worker start --pool cpu
 
 worker-gpu: $(STAMP)
+	$(PY) -m pointvl.cli cancel-watch --pool gpu & \
 	exec env --default-signal=INT CUDA_VISIBLE_DEVICES=$(GPU) PREFECT_LOGGING_EXTRA_LOGGERS=pointvl \
 		$(PREFECT) worker start --pool gpu --work-queue gpu --limit 1 --name gpu-$(GPU)

@@ -8,6 +8,8 @@
   A build that ran from a deployment (``RUN/reports/last_build.json`` says so) resumes as a new run of
   that deployment, on its workers and with its review gate; a local build resumes in this process.
 - ``pointvl preview RUN_DIR`` serves ``RUN_DIR/previews`` (the contact sheets) until Ctrl-C.
+- ``pointvl cancel-watch --pool POOL`` runs beside a worker (``make worker-*``) and ends the runs that stay
+  Cancelling after a server outage (:mod:`pointvl.cli.cancel_watch`).
 
 Prefect is imported inside the commands that talk to the server, as in ``pointvl build``.
 """
@@ -21,6 +23,7 @@ import time
 import uuid
 from typing import Any
 
+from pointvl.cli.cancel_watch import add_cancel_watch_command
 from pointvl.core import io
 from pointvl.core.errors import InputError
 from pointvl.dataset.run_folder import RunFolder
@@ -204,7 +207,7 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def add_ops_commands(commands: Any) -> None:
-    """Add ``review``, ``resume`` and ``preview`` to the ``pointvl`` subcommands."""
+    """Add ``review``, ``resume``, ``preview`` and ``cancel-watch`` to the ``pointvl`` subcommands."""
     review = commands.add_parser("review", help="answer the review form of a build paused for review")
     review.add_argument("target", metavar="RUN_DIR|FLOW_RUN_ID", help="the run folder, or the paused flow run's id")
     review.add_argument("--approve-all", action="store_true", help="approve every item under review")
@@ -224,3 +227,5 @@ def add_ops_commands(commands: Any) -> None:
     preview.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     preview.add_argument("--port", type=int, default=8765, help="port (default 8765, 0 = any free one)")
     preview.set_defaults(command_handler=_preview)
+
+    add_cancel_watch_command(commands)
