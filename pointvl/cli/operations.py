@@ -9,7 +9,7 @@
   that deployment, on its workers and with its review gate; a local build resumes in this process.
 - ``pointvl preview RUN_DIR`` serves ``RUN_DIR/previews`` (the contact sheets) until Ctrl-C.
 - ``pointvl cancel-watch --pool POOL`` runs beside a worker (``make worker-*``) and ends the runs that stay
-  Cancelling after a server outage (:mod:`pointvl.cli.cancel_watch`).
+  Cancelling after a server outage (:mod:`pointvl.tasks.cancel_watch`).
 
 Prefect is imported inside the commands that talk to the server, as in ``pointvl build``.
 """
@@ -23,7 +23,6 @@ import time
 import uuid
 from typing import Any
 
-from pointvl.cli.cancel_watch import add_cancel_watch_command
 from pointvl.core import io
 from pointvl.core.errors import InputError
 from pointvl.dataset.run_folder import RunFolder
@@ -194,6 +193,16 @@ def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cancel_watch(args: argparse.Namespace) -> int:
+    import logging
+
+    from pointvl.tasks.cancel_watch import watch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s - %(message)s")
+    watch(args.pool, args.interval_s, args.grace_s, args.kill_after_s)
+    return 0
+
+
 def _preview(args: argparse.Namespace) -> int:
     from pointvl.dataset.preview import PreviewServer
 
@@ -228,4 +237,12 @@ def add_ops_commands(commands: Any) -> None:
     preview.add_argument("--port", type=int, default=8765, help="port (default 8765, 0 = any free one)")
     preview.set_defaults(command_handler=_preview)
 
-    add_cancel_watch_command(commands)
+    watch = commands.add_parser(
+        "cancel-watch", help="beside a worker: end its pool's runs that stay Cancelling after a server outage")
+    watch.add_argument("--pool", required=True, help="the work pool of the worker this watch runs beside")
+    watch.add_argument("--interval-s", type=float, default=10, help="seconds between two passes (default 10)")
+    watch.add_argument("--grace-s", type=float, default=30,
+                       help="how long a run may stay Cancelling before the watch acts (default 30)")
+    watch.add_argument("--kill-after-s", type=float, default=30,
+                       help="SIGKILL a run's processes this long after SIGTERM (default 30)")
+    watch.set_defaults(command_handler=_cancel_watch)

@@ -141,3 +141,20 @@ def test_cancellation_after_a_server_restart(prefect_server_postgres, restart_se
               f"the other one (grace 30 s, passes every 10 s)")
     finally:
         worker.stop()
+
+
+def test_the_watch_takes_a_pid_for_a_run_only_when_its_environment_names_that_run():
+    """A pid of another host, or a reused one, is never stopped (the server's infrastructure_pid is a bare pid)."""
+    import uuid
+
+    from pointvl.tasks.cancel_watch import _runs_process
+
+    run, other = uuid.uuid4(), uuid.uuid4()
+    proc = subprocess.Popen(["sleep", "60"], env={**os.environ, "PREFECT__FLOW_RUN_ID": str(run)})
+    try:
+        assert _runs_process(proc.pid, run) and not _runs_process(proc.pid, other)
+        assert not _runs_process(os.getpid(), run)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not _runs_process(proc.pid, run)

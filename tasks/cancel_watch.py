@@ -1,4 +1,4 @@
-"""``pointvl cancel-watch --pool POOL``: ends the runs of POOL that stay *Cancelling* on this host.
+"""Ending the runs of a work pool that stay *Cancelling* on this host (``pointvl cancel-watch --pool POOL``).
 
 Why. Prefect 3.8.8's process worker watches each flow run it starts for cancellation with an observer of
 its own (a websocket, then polling when that fails). A server outage longer than ~30 s kills that observer
@@ -19,14 +19,25 @@ interval, forever. The watch exits within a second of the worker (its parent) ex
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import threading
 import time
 import uuid
-from typing import Any
+from datetime import UTC, datetime
+
+import httpx
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    WorkPoolFilter,
+    WorkPoolFilterName,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.states import Cancelled
 
 logger = logging.getLogger(__name__)
 
@@ -59,19 +70,6 @@ def _stop(pid: int, run_id: uuid.UUID, kill_after_s: float) -> None:
 
 def cancel_stuck_runs(pool: str, grace_s: float, kill_after_s: float) -> list[uuid.UUID]:
     """One pass: stop and mark *Cancelled* the runs of ``pool`` stuck *Cancelling* on this host; their ids."""
-    from datetime import UTC, datetime
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-        WorkPoolFilter,
-        WorkPoolFilterName,
-    )
-    from prefect.client.schemas.objects import StateType
-    from prefect.states import Cancelled
-
     stopped = []
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
@@ -96,8 +94,6 @@ def cancel_stuck_runs(pool: str, grace_s: float, kill_after_s: float) -> list[uu
 
 def watch(pool: str, interval_s: float = 10, grace_s: float = 30, kill_after_s: float = 30) -> None:
     """Run :func:`cancel_stuck_runs` every ``interval_s`` until this process's parent (the worker) exits."""
-    import httpx
-
     parent = os.getppid()
     busy = threading.Lock()
 
@@ -115,22 +111,3 @@ def watch(pool: str, interval_s: float = 10, grace_s: float = 30, kill_after_s: 
             threading.Thread(target=one_pass, daemon=True).start()
             next_pass = time.monotonic() + interval_s
         time.sleep(1)
-
-
-def _cancel_watch(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s - %(message)s")
-    watch(args.pool, args.interval_s, args.grace_s, args.kill_after_s)
-    return 0
-
-
-def add_cancel_watch_command(commands: Any) -> None:
-    """Add ``cancel-watch`` to the ``pointvl`` subcommands."""
-    command = commands.add_parser(
-        "cancel-watch", help="beside a worker: end its pool's runs that stay Cancelling after a server outage")
-    command.add_argument("--pool", required=True, help="the work pool of the worker this watch runs beside")
-    command.add_argument("--interval-s", type=float, default=10, help="seconds between two passes (default 10)")
-    command.add_argument("--grace-s", type=float, default=30,
-                         help="how long a run may stay Cancelling before the watch acts (default 30)")
-    command.add_argument("--kill-after-s", type=float, default=30,
-                         help="SIGKILL a run's processes this long after SIGTERM (default 30)")
-    command.set_defaults(command_handler=_cancel_watch)
