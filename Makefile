@@ -35,7 +35,8 @@ demo: $(STAMP)
 # Two pytest-xdist workers, each with its own Prefect home (tests/conftest.py): much of the suite's time is
 # waiting (servers starting, processes killed and resumed), which the other worker fills. The operations
 # tests then run alone: their Prefect server's SQLite stalls for tens of seconds when another test takes
-# both cores (a production server uses PostgreSQL).
+# both cores. The deployed-operations tests run on a PostgreSQL-backed server, as production does
+# (tests/ops/conftest.py; skipped without Debian's postgresql, which `make setup` installs).
 test: $(STAMP)
 	$(PY) -m ruff check pointvl tasks flows prompts schemas benchmarks tests setup.py
 	$(PY) -m pytest -q -x -n 2 -m "not slow" --ignore=tests/ops tests
