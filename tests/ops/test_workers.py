@@ -152,6 +152,8 @@ def test_the_watch_takes_a_pid_for_a_run_only_when_its_environment_names_that_ru
     run, other = uuid.uuid4(), uuid.uuid4()
     proc = subprocess.Popen(["sleep", "60"], env={**os.environ, "PREFECT__FLOW_RUN_ID": str(run)})
     try:
+        while Path(f"/proc/{proc.pid}/cmdline").read_bytes() != b"sleep\x0060\x00":  # until the child has exec'd
+            time.sleep(0.01)
         assert _runs_process(proc.pid, run) and not _runs_process(proc.pid, other)
         assert not _runs_process(os.getpid(), run)
     finally:
