@@ -58,7 +58,10 @@ def _runs_process(pid: int, run_id: uuid.UUID) -> bool:
 def _stop(pid: int, run_id: uuid.UUID, kill_after_s: float) -> None:
     for sig, wait_s in ((signal.SIGTERM, kill_after_s), (signal.SIGKILL, 10.0)):
         try:
-            os.killpg(pid, sig)
+            if os.getpgid(pid) == pid:  # the flow process leads its own group: its children go with it
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + wait_s
