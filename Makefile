@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	@command -v apt-get >/dev/null && ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && \
 		{ (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) || \
 		  echo "chromium not installed: the UI screenshot test will be skipped"; } || true
+	@# PostgreSQL: the operations tests run a production-like Prefect server on it (skipped without it).
+	@command -v apt-get >/dev/null && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		{ (apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql) || \
+		  echo "postgresql not installed: the PostgreSQL operations tests will be skipped"; } || true
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all,dev]'
@@ -31,7 +35,8 @@ demo: $(STAMP)
 # Two pytest-xdist workers, each with its own Prefect home (tests/conftest.py): much of the suite's time is
 # waiting (servers starting, processes killed and resumed), which the other worker fills. The operations
 # tests then run alone: their Prefect server's SQLite stalls for tens of seconds when another test takes
-# both cores (a production server uses PostgreSQL).
+# both cores. The deployed-operations tests run on a PostgreSQL-backed server, as production does
+# (tests/ops/conftest.py; skipped without Debian's postgresql, which `make setup` installs).
 test: $(STAMP)
 	$(PY) -m ruff check pointvl tasks flows prompts schemas benchmarks tests setup.py
 	$(PY) -m pytest -q -x -n 2 -m "not slow" --ignore=tests/ops tests
@@ -103,9 +108,16 @@ deploy: $(STAMP)
 	$(PREFECT) work-pool create gpu --type process --overwrite
 	$(PREFECT) --no-prompt deploy --all
 
+# `exec`: make's SIGTERM reaches the worker itself (not a shell that dies and leaves it running). SIGINT at its
+# default: Prefect's worker turns SIGTERM into SIGINT (prefect/utilities/processutils/__init__.py:596 at 3.8.8),
+# which a worker started from a background job inherits ignored, and would then never stop. Beside the worker,
+# `pointvl cancel-watch` ends runs that stay Cancelling after a server outage (README "Workers and
+# cancellation"); it exits with the worker.
 worker-cpu: $(STAMP)
-	PREFECT_LOGGING_EXTRA_LOGGERS=pointvl $(PREFECT) worker start --pool cpu
+	$(PY) -m pointvl.cli cancel-watch --pool cpu & \
+	exec env --default-signal=INT PREFECT_LOGGING_EXTRA_LOGGERS=pointvl $(PREFECT) worker start --pool cpu
 
 worker-gpu: $(STAMP)
-	CUDA_VISIBLE_DEVICES=$(GPU) PREFECT_LOGGING_EXTRA_LOGGERS=pointvl \
+	$(PY) -m pointvl.cli cancel-watch --pool gpu & \
+	exec env --default-signal=INT CUDA_VISIBLE_DEVICES=$(GPU) PREFECT_LOGGING_EXTRA_LOGGERS=pointvl \
 		$(PREFECT) worker start --pool gpu --work-queue gpu --limit 1 --name gpu-$(GPU)

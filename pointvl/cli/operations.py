@@ -8,6 +8,8 @@
   A build that ran from a deployment (``RUN/reports/last_build.json`` says so) resumes as a new run of
   that deployment, on its workers and with its review gate; a local build resumes in this process.
 - ``pointvl preview RUN_DIR`` serves ``RUN_DIR/previews`` (the contact sheets) until Ctrl-C.
+- ``pointvl cancel-watch --pool POOL`` runs beside a worker (``make worker-*``) and ends the runs that stay
+  Cancelling after a server outage (:mod:`pointvl.tasks.cancel_watch`).
 
 Prefect is imported inside the commands that talk to the server, as in ``pointvl build``.
 """
@@ -179,13 +181,25 @@ def _resume(args: argparse.Namespace) -> int:
     from prefect.deployments import run_deployment
 
     with get_client(sync_client=True) as client:
+        out = client.read_flow_run(origin[0]).parameters["out"]
+    check_unlocked(out)  # may mark the old run crashed: its state is read after this, not before
+    with get_client(sync_client=True) as client:
         old = client.read_flow_run(origin[0])
         deployment = client.read_deployment(origin[1])
-    check_unlocked(old.parameters["out"])
     run = run_deployment(name=origin[1], parameters=old.parameters, timeout=0, as_subflow=False,
                          flow_run_name=f"resume-{old.name}", tags=["resume"])
     print(f"resumed {old.parameters['out']} as flow run {run.id} of deployment {deployment.name} on its workers "
           f"(from {old.name}, {old.state.name if old.state else 'unknown'}); finished work is reused")
+    return 0
+
+
+def _cancel_watch(args: argparse.Namespace) -> int:
+    import logging
+
+    from pointvl.tasks.cancel_watch import watch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s - %(message)s")
+    watch(args.pool, args.interval_s, args.grace_s, args.kill_after_s)
     return 0
 
 
@@ -202,7 +216,7 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def add_ops_commands(commands: Any) -> None:
-    """Add ``review``, ``resume`` and ``preview`` to the ``pointvl`` subcommands."""
+    """Add ``review``, ``resume``, ``preview`` and ``cancel-watch`` to the ``pointvl`` subcommands."""
     review = commands.add_parser("review", help="answer the review form of a build paused for review")
     review.add_argument("target", metavar="RUN_DIR|FLOW_RUN_ID", help="the run folder, or the paused flow run's id")
     review.add_argument("--approve-all", action="store_true", help="approve every item under review")
@@ -222,3 +236,13 @@ def add_ops_commands(commands: Any) -> None:
     preview.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     preview.add_argument("--port", type=int, default=8765, help="port (default 8765, 0 = any free one)")
     preview.set_defaults(command_handler=_preview)
+
+    watch = commands.add_parser(
+        "cancel-watch", help="beside a worker: end its pool's runs that stay Cancelling after a server outage")
+    watch.add_argument("--pool", required=True, help="the work pool of the worker this watch runs beside")
+    watch.add_argument("--interval-s", type=float, default=10, help="seconds between two passes (default 10)")
+    watch.add_argument("--grace-s", type=float, default=30,
+                       help="how long a run may stay Cancelling before the watch acts (default 30)")
+    watch.add_argument("--kill-after-s", type=float, default=30,
+                       help="SIGKILL a run's processes this long after SIGTERM (default 30)")
+    watch.set_defaults(command_handler=_cancel_watch)
