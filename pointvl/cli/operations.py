@@ -220,15 +220,17 @@ def _preview(args: argparse.Namespace) -> int:
     try:
         server = PreviewServer(folder.previews, host, port, base_url, exact=True).start()
     except OSError as err:
-        raise InputError(f"cannot serve on {host}:{port}, the address the review's artifacts name ({err.strerror}): "
-                         "stop what uses it, or give --port (the artifacts' links will not follow)") from None
-    with server:
+        named = ", the address the review's artifacts name" if args.port is None else ""
+        raise InputError(f"cannot serve on {host}:{port}{named} ({err.strerror}): stop what uses it, or give "
+                         "--port (the artifacts' links will not follow)") from None
+    try:
         print(f"serving {folder.previews} at {server.url} (Ctrl-C stops)", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            return 0
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
 
 
 _TEMPLATE = re.compile(r"\{\{\s*\$(\w+)\s*\}\}")

@@ -175,3 +175,63 @@ def test_make_deploy_refuses_a_hand_off_that_could_not_start_here_and_creates_no
     assert len(refusal) == 1 and "POINTVL_TRAIN_PRESET=tiny" in refusal[0] and "Qwen/Qwen2.5-VL-3B" in refusal[0]
     assert "Traceback" not in made.stderr
     assert API.post(f"{o.api}/deployments/filter", json={}).json() == before
+
+
+def _preview(run_dir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pointvl.cli", "preview", str(run_dir), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_pointvl_preview_serves_the_sheets_again_at_the_address_the_review_artifacts_name(tmp_path, free_port):
+    """The review gate's detached preview server (what its image artifacts link to) stops when the review is
+    answered; ``pointvl preview RUN`` then serves the same URLs, and says so in one line when it cannot."""
+    import httpx
+
+    from pointvl.dataset.preview import serve_detached, stop_detached
+    from pointvl.dataset.run_folder import RunFolder
+
+    run = tmp_path / "run"
+    folder = RunFolder.of(str(run))
+    sheet = b"\x89PNG contact sheet"
+    (run / "previews").mkdir(parents=True)
+    (run / "reports").mkdir()
+    (run / "previews" / "review-shard-00000.png").write_bytes(sheet)
+    # the run's config asks for another port: the address actually served (and linked) is what counts
+    (run / "config.json").write_text(json.dumps({"review": {"preview_host": "127.0.0.1", "preview_port": 1}}))
+    base = serve_detached(folder.previews, folder.preview_server, folder.log("preview.log"), port=free_port())
+    url = f"{base}/review-shard-00000.png"  # the artifact's image_url
+    assert httpx.get(url, timeout=10).content == sheet
+    stop_detached(folder.preview_server)  # the review was answered
+    deadline = time.monotonic() + 10
+    while True:  # the server process exits on SIGTERM
+        try:
+            httpx.get(url, timeout=2)
+        except httpx.TransportError:
+            break
+        assert time.monotonic() < deadline, "the preview server did not stop"
+        time.sleep(0.2)
+
+    server = _preview(run)
+    try:
+        assert server.stdout.readline().strip() == f"serving {folder.previews} at {base} (Ctrl-C stops)"
+        assert httpx.get(url, timeout=10).content == sheet
+        again = subprocess.run([sys.executable, "-m", "pointvl.cli", "preview", str(run)], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and again.stdout.strip().endswith(f"already served at {base} (the review's "
+                                                                       "preview server)"), again.stdout
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+    # Another program holds the port: serving elsewhere would break the links, so it refuses in one line.
+    import socket
+
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+        holder.listen()
+        refused = subprocess.run([sys.executable, "-m", "pointvl.cli", "preview", str(run)], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith(f"pointvl preview: error: cannot serve on 127.0.0.1:{base.rsplit(':', 1)[1]}, "
+                                     "the address the review's artifacts name")
