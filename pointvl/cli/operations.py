@@ -23,12 +23,15 @@ import os
 import re
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pointvl.core import io
 from pointvl.core.errors import InputError
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.train.variants import PRESET_NAMES
+
+if TYPE_CHECKING:
+    from pointvl.dataset.handoff import HandoffConfig
 
 
 def _flow_run_id(target: str) -> uuid.UUID | None:
@@ -236,7 +239,7 @@ def _preview(args: argparse.Namespace) -> int:
 _TEMPLATE = re.compile(r"\{\{\s*\$(\w+)\s*\}\}")
 
 
-def _deployed_handoffs(path: str) -> dict[str, dict]:
+def _deployed_handoffs(path: str) -> dict[str, HandoffConfig]:
     """Each build deployment's hand-off in ``path`` (a prefect.yaml) as ``prefect deploy`` would create it: the
     ``{{ $VAR }}`` templates filled from the environment, ``handoff`` and ``overrides`` merged as the flow does."""
     from pointvl.dataset.build_config import BuildConfig
