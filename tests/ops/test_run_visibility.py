@@ -55,6 +55,12 @@ class Ops:
         self.workers.append(subprocess.Popen([self.prefect, "worker", "start", *args], env=self.env, cwd=ROOT,
                                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
+    def make_deploy(self, **env: str) -> subprocess.CompletedProcess:
+        """`make deploy` with this interpreter's venv, taken as set up (-o: no pip install from a test)."""
+        venv = sys.prefix
+        return self.cli("make", "-s", "-o", f"{venv}/.installed", "deploy", f"VENV={venv}",
+                        f"PREFECT_API_URL={self.api}", timeout=300, **env)
+
     def run(self, run_id: str) -> dict:
         return API.get(f"{self.api}/flow_runs/{run_id}").json()
 
@@ -96,7 +102,7 @@ class Ops:
 @pytest.fixture
 def ops(prefect_server, shapenet, tmp_path):
     o = Ops(prefect_server, shapenet.root, tmp_path)
-    made = o.cli("make", "-s", "deploy", f"PREFECT_API_URL={o.api}", timeout=300)
+    made = o.make_deploy()
     assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
     try:
         yield o
@@ -169,7 +175,7 @@ def test_make_deploy_refuses_a_hand_off_that_could_not_start_here_and_creates_no
                                                                                      tmp_path):
     o = Ops(prefect_server, shapenet.root, tmp_path)
     before = API.post(f"{o.api}/deployments/filter", json={}).json()
-    made = o.cli("make", "-s", "deploy", f"PREFECT_API_URL={o.api}", POINTVL_TRAIN_PRESET="paper")
+    made = o.make_deploy(POINTVL_TRAIN_PRESET="paper")
     assert made.returncode != 0
     refusal = [line for line in made.stderr.splitlines() if line.startswith("pointvl preflight: error:")]
     assert len(refusal) == 1 and "POINTVL_TRAIN_PRESET=tiny" in refusal[0] and "Qwen/Qwen2.5-VL-3B" in refusal[0]
