@@ -103,7 +103,10 @@ server: $(STAMP)
 	PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED=events,flow_runs \
 		$(PREFECT) server start --host $(PREFECT_HOST) --port $(PREFECT_PORT)
 
+# The deployed builds hand off to training (POINTVL_TRAIN_PRESET): refused here, in one line naming the fix, when
+# that training job could not start on this machine (e.g. its weights are absent), rather than failing every run.
 deploy: $(STAMP)
+	@$(PY) -m pointvl.cli preflight --deployments prefect.yaml
 	$(PREFECT) work-pool create cpu --type process --overwrite
 	$(PREFECT) work-pool create gpu --type process --overwrite
 	$(PREFECT) --no-prompt deploy --all

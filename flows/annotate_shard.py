@@ -11,9 +11,11 @@ from prefect import flow
 
 from pointvl.core.strict_config import load
 from pointvl.dataset.annotation_config import AnnotateConfig
+from pointvl.tasks.run_logs import send_library_logs
 from pointvl.tasks.stage_tasks import annotate
 
 
 @flow(name="annotate-shard", description="LLM/VLM QA, descriptions and 2D grounding of one shard (CPU, API)")
 def annotate_shard(run_dir: str, shard_index: int, config: dict | None = None) -> dict:
+    send_library_logs()
     return annotate(run_dir, shard_index, load(AnnotateConfig, config, "annotate"))

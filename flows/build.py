@@ -8,8 +8,9 @@ Every task takes a run folder and a shard index; data moves by path. Finished sh
 so re-running the same build after a failure only does what is left. Before any stage, the build
 checks that its training hand-off could start and takes the run folder's lock (one build per
 folder; a second one ends CANCELLED naming the holder). ``review`` suspends for a person in deployed
-builds (``tasks/review_gate.py``), keeping the lock; each stage publishes a ``progress-<stage>`` artifact,
-and refine, synthesize, annotate and write_shards a ``stats-<stage>`` table of their shards' stats.
+builds (``tasks/review_gate.py``), keeping the lock; each stage publishes a ``progress-<stage>-…`` artifact,
+and refine, synthesize, annotate and write_shards a ``stats-<stage>-…`` table of their shards' stats (keys:
+:func:`pointvl.tasks.artifacts.artifact_key`).
 The stages run in the order :data:`pointvl.dataset.dag.GROUPS` declares.
 """
 
@@ -22,8 +23,9 @@ from prefect import flow
 from prefect.context import get_run_context
 from prefect.exceptions import Pause
 from prefect.logging import get_run_logger
-from prefect.states import Cancelled, Completed, State
+from prefect.states import Cancelled, Completed, Failed, State
 
+from pointvl.core.errors import InputError
 from pointvl.core.fence import LockLost
 from pointvl.core.interrupt import reassert as reassert_interrupt_handlers
 from pointvl.dataset.build_config import BuildConfig
@@ -38,6 +40,7 @@ from pointvl.flows.gpu_stages import run_gpu_stage
 from pointvl.tasks.artifacts import publish_finished, publish_stats, publish_summary, wait_with_progress
 from pointvl.tasks.build_lock import build_lock, mark_crashed, record_build
 from pointvl.tasks.review_gate import review_gate
+from pointvl.tasks.run_logs import send_library_logs
 from pointvl.tasks.stage_tasks import annotate, clean, cpu_stages, write_shards
 from pointvl.tasks.training import start_training
 
@@ -78,13 +81,20 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
     Dask cluster): where clean's mesh validation and the CPU stages run (:mod:`pointvl.dataset.executor`).
     """
     reassert_interrupt_handlers()  # `pointvl build`: Ctrl-C and SIGTERM end the build in seconds
+    send_library_logs()
     cfg = BuildConfig.from_parameters(config, overrides, handoff)
-    if cfg.handoff.train:
-        from pointvl.train.train_config import check_handoff  # imports torch: only for a build that hands off
+    try:
+        if cfg.handoff.train:
+            from pointvl.train.train_config import check_handoff  # imports torch: only for a build that hands off
 
-        check_handoff(cfg.handoff)  # seconds, before any stage, GPU second or API call
-    # GPU stages run here (not on a deployment): their weights are checked now, not after the CPU stages
-    check_backends({s.name: getattr(cfg, s.name) for s in GPU_STAGES if s.name not in cfg.gpu_deployments})
+            check_handoff(cfg.handoff)  # seconds, before any stage, GPU second or API call
+        # GPU stages run here (not on a deployment): their weights are checked now, not after the CPU stages
+        check_backends({s.name: getattr(cfg, s.name) for s in GPU_STAGES if s.name not in cfg.gpu_deployments})
+    except InputError as err:
+        # A refusal, not a fault: the run fails with the one line as its state message, shown once in its log
+        # ("Finished in state Failed(...)"), no traceback; raising would log it twice with tracebacks. The
+        # error is the state's data, so a local caller (`pointvl build`) gets the InputError back.
+        return Failed(message=str(err), data=err)
     try:
         with holding(out):
             summary, message = _build(shapenet, out, cfg, incremental, workers, dask_scheduler)
@@ -101,7 +111,7 @@ def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers
         bid = build_id(out)
         # the CPU group (sample_points ─► geometry, render ─► kpts2d), each mesh read once for all four
         cpu = [cpu_stages.submit(out, i, cfg, executor) for i in shards]
-        wait_with_progress("cpu_stages", cpu, bid)  # a failed CPU stage stops the build here, before any GPU time
+        wait_with_progress("cpu_stages", cpu, out, bid)  # a failed CPU stage stops the build here, before any GPU time
 
     for stage in GROUPS["gpu"]:  # in-process, or on the GPU pool's deployment
         run_gpu_stage(stage.name, out, shards, cfg.gpu_deployments.get(stage.name), stage_config(cfg, stage.name),
@@ -114,7 +124,8 @@ def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers
             continue
         task = SHARD_TASKS[stage.name]
         futures = [task.submit(out, i, stage_config(cfg, stage.name)) for i in shards]
-        publish_stats(stage.name, dict(zip(shards, wait_with_progress(stage.name, futures, bid), strict=True)), bid)
+        done = wait_with_progress(stage.name, futures, out, bid)
+        publish_stats(stage.name, dict(zip(shards, done, strict=True)), out, bid)
     summary = summarize(out)
     publish_summary(out, summary, bid)
     message = f"build {bid}: {summary['records']} records"

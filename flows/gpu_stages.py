@@ -38,6 +38,7 @@ from pointvl.dataset.dag import GPU_STAGES
 from pointvl.dataset.diffusion_pipelines import release_pipelines
 from pointvl.dataset.stages.refine import RefineConfig
 from pointvl.dataset.stages.synthesize import SynthesizeConfig
+from pointvl.tasks.run_logs import send_library_logs
 from pointvl.tasks.stage_tasks import refine, synthesize
 
 logger = logging.getLogger(__name__)
@@ -63,11 +64,13 @@ def _run_shards(
 
 @flow(name="refine-shards", description="Qwen-Image-Edit refinement of render shards (GPU)")
 def refine_shards(run_dir: str, shard_indices: list[int], config: dict | None = None) -> list[dict]:
+    send_library_logs()
     return _run_shards("refine", run_dir, shard_indices, load(RefineConfig, config, "refine"))
 
 
 @flow(name="synthesize-shards", description="FLUX + ControlNet-Union-Pro synthesis of refined shards (GPU)")
 def synthesize_shards(run_dir: str, shard_indices: list[int], config: dict | None = None) -> list[dict]:
+    send_library_logs()
     return _run_shards("synthesize", run_dir, shard_indices, load(SynthesizeConfig, config, "synthesize"))
 
 

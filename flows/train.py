@@ -13,7 +13,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from pointvl.tasks.artifacts import publish_report
-from pointvl.tasks.training import evaluate, report_to_build, train_stage, training_curves
+from pointvl.tasks.run_logs import send_library_logs
+from pointvl.tasks.training import evaluate, report_to_build, shards_build_id, train_stage, training_curves
 from pointvl.train.pipeline import check_config, stage_names
 from pointvl.train.train_config import preset_config
 from pointvl.train.variants import PRESET_NAMES
@@ -26,8 +27,11 @@ def train(shards: str, run_dir: str, preset: str = "paper", variant: str = "grca
     """Train one Table 3 variant on ``shards`` into ``run_dir`` and return its test metrics.
 
     ``build_id`` and ``build_flow_run_id`` name the benchmark build the shards came from (set by the
-    build's hand-off); a failure is reported on that build's run.
+    build's hand-off); a failure is reported on that build's run. Artifact keys end in the build id
+    (:func:`pointvl.tasks.training.shards_build_id` when none is given); ``train-progress-…`` follows the steps.
     """
+    send_library_logs()
+    bid = build_id or shards_build_id(shards)  # every artifact key ends in it
     if build_id:
         get_run_logger().info("training on build %s (%s)", build_id, shards)
     cfg = preset_config(preset, variant, config)
@@ -35,10 +39,10 @@ def train(shards: str, run_dir: str, preset: str = "paper", variant: str = "grca
     stages = stage_names(cfg)
     checkpoint = None
     for stage in stages:
-        checkpoint = train_stage(cfg, shards, run_dir, stage, checkpoint)
-    metrics = evaluate(cfg, shards, run_dir, checkpoint, name=variant)
-    training_curves(run_dir, stages)
-    publish_report(shards, run_dir, variant)
+        checkpoint = train_stage(cfg, shards, run_dir, stage, checkpoint, bid)
+    metrics = evaluate(cfg, shards, run_dir, checkpoint, variant, bid)
+    training_curves(run_dir, stages, bid)
+    publish_report(shards, run_dir, variant, bid)
     return metrics
 
 

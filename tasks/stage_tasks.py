@@ -29,6 +29,7 @@ from pointvl.dataset.stages.base import Stage
 from pointvl.dataset.stages.refine import Refine, RefineConfig
 from pointvl.dataset.stages.synthesize import Synthesize, SynthesizeConfig
 from pointvl.dataset.stages.write_shards import WriteShards, WriteShardsConfig
+from pointvl.tasks.artifacts import artifact_key
 
 
 def run_stage(stage: Stage, run_dir: str, shard_index: int) -> dict:
@@ -72,21 +73,25 @@ def clean(
     ``incremental``: extend the run folder's plan to the current input and config, and move outputs
     made for another config or model list aside (:func:`pointvl.dataset.runner.plan_run`).
 
-    The mesh validation runs on ``executor``'s workers; its i/n, rate and ETA are the progress
-    artifact ``progress-clean`` (the build id, which other keys carry, comes from the plan made here).
+    The mesh validation runs on ``executor``'s workers; its i/n, rate and ETA are a progress artifact of the
+    task run while it goes (keyless: the build id comes from the plan made here), then the keyed
+    ``progress-clean-<run folder tag>-<build id>`` with the last line.
     """
-    artifact = None
+    live, last = None, "clean: plan exists, cleaning skipped"
 
     def publish(p: Progress) -> None:
-        nonlocal artifact
+        nonlocal live, last
         percent = 100.0 * p.done / p.total if p.total else 100.0
-        if artifact is None:
-            artifact = create_progress_artifact(percent, key="progress-clean", description=p.line())
+        last = p.line()
+        if live is None:
+            live = create_progress_artifact(percent, description=last)
         else:
-            update_progress_artifact(artifact, percent, description=p.line())
+            update_progress_artifact(live, percent, description=last)
 
     plan = plan_run(shapenet, run_dir, config, incremental, executor, publish)
-    create_link_artifact(key=f"cleaning-report-{build_id(run_dir)}", link=RunFolder.of(run_dir).cleaning_report,
+    bid = build_id(run_dir)
+    create_progress_artifact(100.0, key=artifact_key("progress-clean", run_dir, bid), description=last)
+    create_link_artifact(key=artifact_key("cleaning-report", run_dir, bid), link=RunFolder.of(run_dir).cleaning_report,
                          description="Kept and dropped models, with reasons")
     get_run_logger().info("%d shards planned", len(plan.shards))
     return [s.index for s in plan.shards if s.models]

@@ -51,3 +51,36 @@ def test_a_training_run_is_recorded_once_per_build(tmp_path):
     assert started_run(run, bid) == "flow-run-1"
     _write_plan(run, 4)  # new models: a new build id, whose training has not started
     assert started_run(run, build_id(run)) is None
+
+
+def test_pointvl_preflight_checks_each_build_deployment_as_prefect_deploy_would_make_it(tmp_path, monkeypatch,
+                                                                                         capsys):
+    from pointvl.cli import main
+
+    deployments = tmp_path / "prefect.yaml"
+    deployments.write_text("""
+# {{ $NOT_NEEDED }} in a comment is not a template
+definitions:
+  handoff: &handoff {train: true, preset: "{{ $POINTVL_TRAIN_PRESET }}", variant: grca_rpc, overrides: {}}
+deployments:
+  - {name: scheduled, entrypoint: "flows/build.py:build_benchmark", parameters: {handoff: *handoff, overrides: {}}}
+  - {name: no-handoff, entrypoint: "flows/build.py:build_benchmark",
+     parameters: {handoff: *handoff, overrides: {handoff.train: false}}}
+  - {name: train, entrypoint: "flows/train.py:train"}
+""")
+    monkeypatch.setenv("POINTVL_TRAIN_PRESET", "tiny")
+    assert main(["preflight", "--deployments", str(deployments)]) == 0
+    assert capsys.readouterr().out.strip() == "training hand-off can start here: scheduled (tiny, grca_rpc)"
+
+    monkeypatch.setenv("POINTVL_TRAIN_PRESET", "paper")  # the default: its weights are not on this machine
+    assert main(["preflight", "--deployments", str(deployments)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pointvl preflight: error: the training hand-off of scheduled (preset 'paper') cannot "
+                          "start on this machine: model.checkpoint 'Qwen/Qwen2.5-VL-3B-Instruct' is neither")
+    assert "\n" not in err and err.endswith("deploy with POINTVL_TRAIN_PRESET=tiny, or set handoff.train: false in "
+                                            f"{deployments}")
+
+    monkeypatch.delenv("POINTVL_TRAIN_PRESET")
+    assert main(["preflight", "--deployments", str(deployments)]) == 2
+    assert capsys.readouterr().err.strip() == (f"pointvl preflight: error: {deployments} needs $POINTVL_TRAIN_PRESET "
+                                               "in the environment (make deploy sets it)")

@@ -10,6 +10,10 @@
 - ``pointvl preview RUN_DIR`` serves ``RUN_DIR/previews`` (the contact sheets) until Ctrl-C.
 - ``pointvl cancel-watch --pool POOL`` runs beside a worker (``make worker-*``) and ends the runs that stay
   Cancelling after a server outage (:mod:`pointvl.tasks.cancel_watch`).
+- ``pointvl preview RUN_DIR`` serves ``RUN_DIR/previews`` (the contact sheets) until Ctrl-C, at the address the
+  review's artifacts name (``RUN/reports/preview_server.json``), so they show again after the review.
+- ``pointvl preflight [--deployments prefect.yaml | --preset P ...]`` checks, before ``prefect deploy``, that the
+  training hand-off of every build deployment could start on this machine (``make deploy`` runs it).
 
 Prefect is imported inside the commands that talk to the server, as in ``pointvl build``.
 """
@@ -19,13 +23,18 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import re
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pointvl.core import io
 from pointvl.core.errors import InputError
 from pointvl.dataset.run_folder import RunFolder
+from pointvl.train.variants import PRESET_NAMES
+
+if TYPE_CHECKING:
+    from pointvl.dataset.handoff import HandoffConfig
 
 
 def _flow_run_id(target: str) -> uuid.UUID | None:
@@ -203,20 +212,107 @@ def _cancel_watch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preview(args: argparse.Namespace) -> int:
-    from pointvl.dataset.preview import PreviewServer
+def _preview_address(run_dir: str, host: str | None, port: int | None) -> tuple[str, int, str]:
+    """(host, port, base URL) to serve ``run_dir``'s previews at: what ``--host``/``--port`` say, else the address
+    the review's artifacts name (the detached server's record, kept after it stops), else the run's
+    ``review.preview_host``/``preview_port`` (or 127.0.0.1:8765)."""
+    folder = RunFolder.of(run_dir)
+    recorded = io.read_json(folder.preview_server) if io.exists(folder.preview_server) else {}
+    config = io.read_json(folder.config).get("review", {}) if io.exists(folder.config) else {}
+    host = host or recorded.get("host") or config.get("preview_host", "127.0.0.1")
+    port = port if port is not None else recorded.get("port", config.get("preview_port", 8765))
+    same = (host, port) == (recorded.get("host"), recorded.get("port"))
+    return host, port, recorded.get("url", "") if same else ""
 
-    with PreviewServer(RunFolder.of(os.path.abspath(args.run_dir)).previews, args.host, args.port) as server:
-        print(f"serving {RunFolder.of(args.run_dir).previews} at {server.url} (Ctrl-C stops)")
+
+def _preview(args: argparse.Namespace) -> int:
+    from pointvl.dataset.preview import PreviewServer, detached_url
+
+    run_dir = os.path.abspath(args.run_dir)
+    folder = RunFolder.of(run_dir)
+    if (url := detached_url(folder.preview_server)) is not None:
+        print(f"{folder.previews} is already served at {url} (the review's preview server)")
+        return 0
+    host, port, base_url = _preview_address(run_dir, args.host, args.port)
+    # exact=True: a port in use is an error here, since a free one would not be the URL the artifacts name
+    try:
+        server = PreviewServer(folder.previews, host, port, base_url, exact=True).start()
+    except OSError as err:
+        named = ", the address the review's artifacts name" if args.port is None else ""
+        raise InputError(f"cannot serve on {host}:{port}{named} ({err.strerror}): stop what uses it, or give "
+                         "--port (the artifacts' links will not follow)") from None
+    try:
+        print(f"serving {folder.previews} at {server.url} (Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
+_TEMPLATE = re.compile(r"\{\{\s*\$(\w+)\s*\}\}")
+
+
+def _deployed_handoffs(path: str) -> dict[str, HandoffConfig]:
+    """Each build deployment's hand-off in ``path`` (a prefect.yaml) as ``prefect deploy`` would create it: the
+    ``{{ $VAR }}`` templates filled from the environment, ``handoff`` and ``overrides`` merged as the flow does."""
+    from pointvl.dataset.build_config import BuildConfig
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        if not isinstance(value, str):
+            return value
+        for name in _TEMPLATE.findall(value):
+            if name not in os.environ:
+                raise InputError(f"{path} needs ${name} in the environment (make deploy sets it)")
+        return _TEMPLATE.sub(lambda m: os.environ[m.group(1)], value)
+
+    data = fill(io.read_yaml(path, "deployment file"))
+    handoffs = {}
+    for deployment in data.get("deployments") or []:
+        params = deployment.get("parameters") or {}
+        if deployment.get("entrypoint", "").endswith(":build_benchmark") and "handoff" in params:
+            try:
+                config = BuildConfig.from_parameters(params.get("config"), params.get("overrides"), params["handoff"])
+            except ValueError as err:
+                raise InputError(f"{path}: deployment {deployment['name']}: {err}") from None
+            handoffs[deployment["name"]] = config.handoff
+    return handoffs
+
+
+def _preflight(args: argparse.Namespace) -> int:
+    """Refuse (one line naming the fix) a deployment whose build could never hand off to training here."""
+    from pointvl.dataset.handoff import HandoffConfig
+    from pointvl.train.train_config import parse_overrides, preflight, preset_config
+
+    if args.deployments:
+        handoffs = _deployed_handoffs(args.deployments)
+        fix = (f"put the weights on this machine (handoff.overrides in {args.deployments}), deploy with "
+               f"POINTVL_TRAIN_PRESET=tiny, or set handoff.train: false in {args.deployments}")
+    else:
+        handoffs = {"--preset": HandoffConfig(train=True, preset=args.preset, variant=args.variant,
+                                              overrides=parse_overrides(args.set))}
+        fix = "put the weights on this machine, give them with --set, or use --preset tiny"
+    checked = []
+    for name, handoff in handoffs.items():
+        if not handoff.train:
+            continue
         try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            return 0
+            preflight(preset_config(handoff.preset, handoff.variant, handoff.overrides))
+        except (TypeError, ValueError) as err:  # InputError and ConfigError are ValueErrors
+            raise InputError(f"the training hand-off of {name} (preset {handoff.preset!r}) cannot start on this "
+                             f"machine: {err}. Fix: {fix}") from None
+        checked.append(f"{name} ({handoff.preset}, {handoff.variant})")
+    print(f"training hand-off can start here: {', '.join(checked)}" if checked else "no training hand-off to check")
+    return 0
 
 
 def add_ops_commands(commands: Any) -> None:
-    """Add ``review``, ``resume``, ``preview`` and ``cancel-watch`` to the ``pointvl`` subcommands."""
+    """Add ``review``, ``resume``, ``preview``, ``preflight`` and ``cancel-watch`` to the ``pointvl`` subcommands."""
     review = commands.add_parser("review", help="answer the review form of a build paused for review")
     review.add_argument("target", metavar="RUN_DIR|FLOW_RUN_ID", help="the run folder, or the paused flow run's id")
     review.add_argument("--approve-all", action="store_true", help="approve every item under review")
@@ -233,8 +329,10 @@ def add_ops_commands(commands: Any) -> None:
 
     preview = commands.add_parser("preview", help="serve RUN_DIR/previews (the contact sheets) over HTTP")
     preview.add_argument("run_dir", metavar="RUN_DIR")
-    preview.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    preview.add_argument("--port", type=int, default=8765, help="port (default 8765, 0 = any free one)")
+    preview.add_argument("--host", help="address to bind (default: the one the review's artifacts name, else "
+                         "review.preview_host)")
+    preview.add_argument("--port", type=int, help="port (default: the one the review's artifacts name, else "
+                         "review.preview_port; 0 = any free one)")
     preview.set_defaults(command_handler=_preview)
 
     watch = commands.add_parser(
@@ -246,3 +344,13 @@ def add_ops_commands(commands: Any) -> None:
     watch.add_argument("--kill-after-s", type=float, default=30,
                        help="SIGKILL a run's processes this long after SIGTERM (default 30)")
     watch.set_defaults(command_handler=_cancel_watch)
+    preflight = commands.add_parser(
+        "preflight", help="check that the training hand-off could start here (make deploy runs it before deploying)")
+    preflight.add_argument("--deployments", metavar="PREFECT_YAML",
+                           help="check every build deployment's handoff in this prefect.yaml, its {{ $VAR }} "
+                                "from the environment (as prefect deploy fills them)")
+    preflight.add_argument("--preset", choices=PRESET_NAMES, default="paper", help="without --deployments: the preset")
+    preflight.add_argument("--variant", default="grca_rpc", help="without --deployments: the Table 3 variant")
+    preflight.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="without --deployments: a TrainConfig override by dotted path (repeatable)")
+    preflight.set_defaults(command_handler=_preflight)

@@ -47,13 +47,17 @@ class PreviewServer:
         host: the address to bind; ``127.0.0.1`` keeps it on this machine.
         port: the port, 0 for any free one (see :attr:`port` after start).
         base_url: the URL browsers use to reach it (default ``http://{host}:{port}``).
+        exact: a ``port`` in use is an error (``OSError``) instead of falling back to a free port: for serving
+            again at an address that links already name (``pointvl preview RUN``).
     """
 
-    def __init__(self, folder: str, host: str = "127.0.0.1", port: int = 0, base_url: str = "") -> None:
+    def __init__(self, folder: str, host: str = "127.0.0.1", port: int = 0, base_url: str = "",
+                 exact: bool = False) -> None:
         if "://" in folder:
             raise ValueError(f"can only serve a local folder, got {folder}; sync previews/ to a web bucket instead")
         self.folder = Path(folder)
         self.host, self.requested_port, self.base_url = host, port, base_url.rstrip("/")
+        self.exact = exact
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -76,7 +80,7 @@ class PreviewServer:
         try:
             self._server = ThreadingHTTPServer((self.host, self.requested_port), handler)
         except OSError as err:
-            if err.errno != errno.EADDRINUSE or not self.requested_port:
+            if err.errno != errno.EADDRINUSE or not self.requested_port or self.exact:
                 raise
             logger.warning("preview port %d is in use (another build's previews?); serving on a free port",
                            self.requested_port)
@@ -145,13 +149,22 @@ def serve_detached(folder: str, state_path: str, log_path: str, host: str = "127
 
 
 def stop_detached(state_path: str) -> None:
-    """Stop the detached server recorded in ``state_path`` (nothing if none runs)."""
+    """Stop the detached server recorded in ``state_path`` (nothing if none runs).
+
+    The record stays, without the pid: the review's artifacts name its address, and ``pointvl preview RUN``
+    serves there again so that they show after the review."""
     try:
         state = json.loads(Path(state_path).read_text())
-        os.kill(int(state["pid"]), signal.SIGTERM)
-    except (OSError, ValueError, KeyError):
-        pass
-    Path(state_path).unlink(missing_ok=True)
+    except (OSError, ValueError):
+        return
+    if "pid" in state:
+        try:
+            os.kill(int(state.pop("pid")), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+        tmp = f"{state_path}.tmp-{os.getpid()}"
+        Path(tmp).write_text(json.dumps(state))
+        os.replace(tmp, state_path)
 
 
 def _main(folder: str, state_path: str, host: str, port: str, base_url: str) -> None:

@@ -58,7 +58,7 @@ from pointvl.train import checkpoint as ckpt
 from pointvl.train.data import Example
 from pointvl.train.generation import sampling_config, stop_token_id
 from pointvl.train.model import PointVL3D
-from pointvl.train.stage_setup import make_accelerator, num_processes, start_stage, trainer_state
+from pointvl.train.stage_setup import StepCallback, make_accelerator, num_processes, start_stage, trainer_state
 from pointvl.train.train_config import GRPOTrainConfig
 
 logger = logging.getLogger(__name__)
@@ -208,10 +208,11 @@ def trained_samples(num_prompts: int, config: GRPOTrainConfig) -> int:
 
 def run_grpo(
     model: PointVL3D, tokenizer: Any, image_processor: Any, shards_dir: str, config: GRPOTrainConfig,
-    stage_dir: str | None = None,
+    stage_dir: str | None = None, on_step: StepCallback | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on the train split; returns one row of statistics per optimizer step (the
-    whole run's). With ``stage_dir``: checkpoints every ``save_steps`` and resume from the latest.
+    whole run's). With ``stage_dir``: checkpoints every ``save_steps`` and resume from the latest;
+    ``on_step(step, total, row)`` after each step (progress for whoever runs it).
 
     Step ``s`` trains on the prompts at stream positions ``[s * Q, (s + 1) * Q)`` (``Q = prompts_per_step``);
     prompt ``p`` goes to rank ``p % processes`` and is sampled with seed ``(seed, p)``, so the samples and
@@ -300,6 +301,8 @@ def run_grpo(
                     row["reward_format"], row["reward_bbox3d"], row["seconds"], row["seconds_generate"],
                     100 * row["truncated"], 100 * row["unparsable"], 100 * row["clip_fraction"],
                     " ".join(f"{f} {row[f'zero_spread_{f}']:.2f}" for f in DIAGNOSED_FIELDS))
+        if on_step is not None:
+            on_step(step, total, row)
         if row["truncated"] > TRUNCATION_WARNING:
             logger.warning("grpo %d/%d: %.0f%% of the completions were cut at max_new_tokens=%d (over %.0f%%): "
                            "their fields are missing and score 0; raise grpo.max_new_tokens", step, total,

@@ -44,7 +44,7 @@ from pointvl.train.grpo import run_grpo, trained_samples
 from pointvl.train.model import build_image_processor, build_model, build_tokenizer
 from pointvl.train.predict import predict
 from pointvl.train.sft import run_sft
-from pointvl.train.stage_setup import distributed_state, num_processes, whole_parameters
+from pointvl.train.stage_setup import StepCallback, distributed_state, num_processes, whole_parameters
 from pointvl.train.train_config import SFTConfig, TrainConfig, preflight
 
 logger = logging.getLogger(__name__)
@@ -115,20 +115,22 @@ def format_compute(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def train_stage(config: TrainConfig, shards_dir: str, run_dir: str, stage: str, init_from: str | None) -> str:
-    """Run (or resume) one training stage unless finished; returns its last checkpoint folder."""
+def train_stage(config: TrainConfig, shards_dir: str, run_dir: str, stage: str, init_from: str | None,
+                on_step: StepCallback | None = None) -> str:
+    """Run (or resume) one training stage unless finished; returns its last checkpoint folder. ``on_step(step,
+    total, row)`` is called after each optimizer step with its ``history.json`` row (the flow publishes it)."""
     folder = pio.join(run_dir, stage)
     if pio.exists(pio.join(folder, "history.json")):
         logger.info("%s: finished, skipped", stage)
         return ckpt.latest_checkpoint(folder)
     tokenizer, images, model = load(config, init_from)
     if stage == "sft":
-        history = run_sft(model, tokenizer, images, shards_dir, config.sft, folder)
+        history = run_sft(model, tokenizer, images, shards_dir, config.sft, folder, on_step)
     elif stage == "sft_budget_matched":
         n = len(ShardExamples(shards_dir, "train", config.model.num_points, config.model.quant, shuffle=False))
-        history = run_sft(model, tokenizer, images, shards_dir, budget_matched_sft(config, n), folder)
+        history = run_sft(model, tokenizer, images, shards_dir, budget_matched_sft(config, n), folder, on_step)
     else:
-        history = run_grpo(model, tokenizer, images, shards_dir, config.grpo, folder)
+        history = run_grpo(model, tokenizer, images, shards_dir, config.grpo, folder, on_step)
     if is_main_process():
         compute_path = pio.join(run_dir, "compute.json")
         rows = [r for r in (pio.read_json(compute_path) if pio.exists(compute_path) else []) if r["stage"] != stage]

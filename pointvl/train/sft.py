@@ -29,7 +29,7 @@ import torch
 
 from pointvl.train import checkpoint as ckpt
 from pointvl.train.model import PointVL3D
-from pointvl.train.stage_setup import make_accelerator, num_processes, start_stage, trainer_state
+from pointvl.train.stage_setup import StepCallback, make_accelerator, num_processes, start_stage, trainer_state
 from pointvl.train.train_config import SFTConfig
 
 logger = logging.getLogger(__name__)
@@ -59,9 +59,11 @@ def run_sft(
     shards_dir: str,
     config: SFTConfig,
     stage_dir: str | None = None,
+    on_step: StepCallback | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on the train split; returns one ``{step, loss, learning_rate, ...}`` per
-    optimizer step (the whole run's, a resumed one included). With ``stage_dir``: checkpoints and resume."""
+    optimizer step (the whole run's, a resumed one included). With ``stage_dir``: checkpoints and resume;
+    ``on_step(step, total, row)`` after each step (progress for whoever runs it)."""
     # 1. the batch relations and the accelerator
     processes = num_processes()
     per_step = config.per_device_batch_size * processes
@@ -108,6 +110,8 @@ def run_sft(
                "seconds": time.perf_counter() - start}
         history.append(row)
         logger.info("sft %d/%d loss %.4f lr %.2e", step, total, row["loss"], lr)
+        if on_step is not None:
+            on_step(step, total, row)
         if stage_dir and (step % config.save_steps == 0 or step == total):
             ckpt.save_checkpoint(acc, model, optimizer, scheduler, tokenizer, stage_dir,
                                  trainer_state(step, total, history, step * config.batch_size, config, n),

@@ -25,6 +25,9 @@ from pointvl.train.model import PointVL3D
 
 logger = logging.getLogger(__name__)
 
+StepCallback = Callable[[int, int, dict[str, float]], None]
+"""``on_step(step, total, row)`` of a training loop: after each optimizer step, with its ``history.json`` row."""
+
 
 def make_accelerator(gradient_accumulation_steps: int, micro_batch_size: int, max_grad_norm: float) -> Any:
     """The Accelerator of a stage. Under DeepSpeed the engine is told the micro-batch (no DataLoader here) and

@@ -36,6 +36,7 @@ from pointvl.dataset.preview import stop_detached
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.stages.review import items, read_log
 from pointvl.dataset.tables import read_stats
+from pointvl.tasks.artifacts import artifact_key
 
 ROOT = Path(__file__).parents[2]
 SMALL = {"shard_size": 16, "clean.test_size": 0.25, "clean.train_size": None, "sample_points.num_points": 512,
@@ -227,7 +228,8 @@ def test_the_cron_fires_the_review_waits_suspended_and_one_build_holds_the_folde
     assert "training run" in done["state"]["message"]
     # the annotate stage's stats are one table artifact of the run, a row per shard as in the run folder
     tables = API.post(f"{d.api}/artifacts/filter", json={"artifacts": {
-        "key": {"any_": [f"stats-annotate-{build_id(str(out))}"]}, "flow_run_id": {"any_": [first["id"]]}}}).json()
+        "key": {"any_": [artifact_key("stats-annotate", str(out), build_id(str(out)))]},
+        "flow_run_id": {"any_": [first["id"]]}}}).json()
     assert tables and all(
         [(r["shard"], r["instances"], r["ok"]) for r in json.loads(t["data"])]
         == [(i, read_stats(str(out), "annotate", i)["instances"], read_stats(str(out), "annotate", i)["ok"])
@@ -329,7 +331,8 @@ def test_a_failed_training_run_is_reported_on_the_build_that_started_it(prefect_
     run = API.get(f"{api}/flow_runs/{build_run}").json()
     assert run["state_type"] == "COMPLETED" and "failed" in run["state"]["message"]
     artifacts = API.post(f"{api}/artifacts/filter", json={"artifacts": {
-        "key": {"any_": ["training-failed-abc123abc123"]}, "flow_run_id": {"any_": [build_run]}}}).json()
+        "key": {"any_": [artifact_key("training-failed", str(tmp_path), "abc123abc123")]},  # the build of the shards
+        "flow_run_id": {"any_": [build_run]}}}).json()
     assert len(artifacts) == 1 and "Training failed" in artifacts[0]["data"]
 
 

@@ -36,7 +36,10 @@ def test_train_flow_publishes_metrics_and_curves(short_shards_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"iou2d", "kpa3d", "rpc", "n"} <= set(out["metrics"])
-    assert {"train-metrics", "training-curves", "eval-report"} <= set(out["artifacts"])
+    from pointvl.tasks.artifacts import artifact_key
+
+    kinds = ("train-metrics", "training-curves", "eval-report", "train-progress")
+    assert {artifact_key(kind, run, "b123") for kind in kinds} <= set(out["artifacts"])
     assert os.path.exists(os.path.join(run, "report", "report.md"))
     assert os.path.exists(os.path.join(run, "curves.png"))
     assert os.path.exists(os.path.join(run, "grpo_grca", "checkpoint-1", "model.safetensors"))
