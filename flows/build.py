@@ -27,22 +27,36 @@ from prefect.states import Cancelled, Completed, State
 from pointvl.core.fence import LockLost
 from pointvl.core.interrupt import reassert as reassert_interrupt_handlers
 from pointvl.dataset.build_config import BuildConfig
-from pointvl.dataset.dag import GPU_STAGES, GROUPS, stage_config
+from pointvl.dataset.dag import CPU_STAGES, GPU_STAGES, GROUPS, stage_config
 from pointvl.dataset.diffusion_pipelines import check_backends
 from pointvl.dataset.executor import open_executor
 from pointvl.dataset.handoff import build_id
+from pointvl.dataset.plan import load_plan
 from pointvl.dataset.runlock import RunFolderLocked
+from pointvl.dataset.stages.base import Stage
 from pointvl.dataset.stages.review import Review
+from pointvl.dataset.stages.write_shards import WriteShards
 from pointvl.dataset.summary import summarize
+from pointvl.dataset.tables import finished, read_stats
 from pointvl.flows.gpu_stages import run_gpu_stage
 from pointvl.tasks.artifacts import publish_finished, publish_stats, publish_summary, wait_with_progress
 from pointvl.tasks.build_lock import build_lock, mark_crashed, record_build
-from pointvl.tasks.review_gate import review_gate
+from pointvl.tasks.review_gate import reentering_review, review_gate
 from pointvl.tasks.stage_tasks import annotate, clean, cpu_stages, write_shards
 from pointvl.tasks.training import start_training
 
 SHARD_TASKS = {"annotate": annotate, "write_shards": write_shards}
 """The task of each stage after the GPU group that runs shard by shard here (review is the gate)."""
+
+
+def planned_shards(out: str) -> list[int]:
+    """The shards of the run folder's plan that have models (what ``clean`` returned when it made it)."""
+    return [s.index for s in load_plan(out).shards if s.models]
+
+
+def unfinished(out: str, stages: tuple[type[Stage], ...], shards: list[int]) -> list[int]:
+    """The shards where any of ``stages`` has no verified final table (finished = the final file checks out)."""
+    return [i for i in shards if not all(finished(out, stage.name, i) for stage in stages)]
 
 
 @contextmanager
@@ -96,12 +110,20 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
 
 def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers: int | None,
            dask_scheduler: str | None) -> tuple[dict, str]:
-    with open_executor(workers, dask_scheduler, shapenet, out) as executor:
-        shards = clean(shapenet, out, cfg, incremental, executor)
-        bid = build_id(out)
-        # the CPU group (sample_points ─► geometry, render ─► kpts2d), each mesh read once for all four
-        cpu = [cpu_stages.submit(out, i, cfg, executor) for i in shards]
-        wait_with_progress("cpu_stages", cpu, bid)  # a failed CPU stage stops the build here, before any GPU time
+    # A run re-entering after a review answer made its plan and stages itself: no re-cleaning, and only
+    # stages whose final verified file is missing run (seconds from the answer to the next page).
+    shards = planned_shards(out) if reentering_review(out) else None
+    cpu_todo = None if shards is None else unfinished(out, CPU_STAGES, shards)
+    if shards is None or cpu_todo:
+        with open_executor(workers, dask_scheduler, shapenet, out) as executor:
+            if shards is None:
+                shards = clean(shapenet, out, cfg, incremental, executor)
+                cpu_todo = shards  # each shard's finished stages are skipped on the worker
+            bid = build_id(out)
+            # the CPU group (sample_points ─► geometry, render ─► kpts2d), each mesh read once for all four
+            cpu = [cpu_stages.submit(out, i, cfg, executor) for i in cpu_todo]
+            wait_with_progress("cpu_stages", cpu, bid)  # a failed CPU stage stops the build here, before any GPU time
+    bid = build_id(out)
 
     for stage in GROUPS["gpu"]:  # in-process, or on the GPU pool's deployment
         run_gpu_stage(stage.name, out, shards, cfg.gpu_deployments.get(stage.name), stage_config(cfg, stage.name),
@@ -112,9 +134,12 @@ def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers
         if stage is Review:  # the flow's human step: contact sheets, then a person's answer (tasks/review_gate.py)
             review_gate(out, shards, cfg.review, bid)
             continue
-        task = SHARD_TASKS[stage.name]
-        futures = [task.submit(out, i, stage_config(cfg, stage.name)) for i in shards]
-        publish_stats(stage.name, dict(zip(shards, wait_with_progress(stage.name, futures, bid), strict=True)), bid)
+        # write_shards judges "up to date" itself (a newer review table rewrites a final shard); annotate's
+        # finished shards are not even submitted
+        todo = shards if stage is WriteShards else unfinished(out, (stage,), shards)
+        futures = [SHARD_TASKS[stage.name].submit(out, i, stage_config(cfg, stage.name)) for i in todo]
+        done = dict(zip(todo, wait_with_progress(stage.name, futures, bid), strict=True))
+        publish_stats(stage.name, {i: done[i] if i in done else read_stats(out, stage.name, i) for i in shards}, bid)
     summary = summarize(out)
     publish_summary(out, summary, bid)
     message = f"build {bid}: {summary['records']} records"

@@ -38,6 +38,7 @@ from pointvl.dataset.dag import GPU_STAGES
 from pointvl.dataset.diffusion_pipelines import release_pipelines
 from pointvl.dataset.stages.refine import RefineConfig
 from pointvl.dataset.stages.synthesize import SynthesizeConfig
+from pointvl.dataset.tables import finished
 from pointvl.tasks.stage_tasks import refine, synthesize
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ def run_gpu_stage(
     """Run ``stage`` over the shards: as deployment flow runs when ``deployment`` names one, else in-process.
 
     With a deployment, the shards are split round-robin into ``workers`` flow runs (one per GPU
-    worker, so each worker loads the model once for its whole share). Returns the per-shard stats
+    worker, so each worker loads the model once for its whole share); shards already finished start no
+    flow run. Returns the per-shard stats
     (``None`` for deployment runs, whose results stay on the worker; the stats files are in the run
     folder). Raises if any shard's run did not complete.
     """
@@ -115,8 +117,13 @@ def run_gpu_stage(
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
+    # finished = the final verified table exists: a re-entered build sends no finished shard back to the pool
+    todo = [i for i in shard_indices if not finished(run_dir, stage, i)]
+    if not todo:
+        logger.info("%s: all %d shards finished, no flow run started", stage, len(shard_indices))
+        return [None] * len(shard_indices)
     params = dataclasses.asdict(config)
-    chunks = split_round_robin(shard_indices, workers)
+    chunks = split_round_robin(todo, workers)
     runs = [
         run_deployment(
             name=deployment,
@@ -126,7 +133,7 @@ def run_gpu_stage(
         )
         for chunk in chunks
     ]
-    logger.info("%s: started %d flow runs over %d shards on deployment %s", stage, len(runs), len(shard_indices),
+    logger.info("%s: started %d flow runs over %d shards on deployment %s", stage, len(runs), len(todo),
                 deployment)
     pending = {r.id: chunk for r, chunk in zip(runs, chunks, strict=True)}
     failed = []
