@@ -77,18 +77,16 @@ class RejectedItem(BaseModel):
 
 
 class ReviewInput(RunInput):
-    """One page's form: approve the page, or list its rejected items (everything else on it is approved);
-    ``approve_rest`` also approves every item of the build not reviewed yet and ends the review."""
+    """One page's form: the items to leave out (everything else on the page is approved), who answers,
+    and whether to approve the rest of the build. Few fields on purpose: the UI's resume dialog gives
+    the description (the sheet) only the height the fields leave (~7 px at 1400x1000 with seven)."""
 
-    approve_all: bool = Field(default=False, description="approve every item of this page")
-    approve_rest: bool = Field(default=False, description=(
-        "also approve every item of the build not reviewed yet (this page's rejections still apply): "
-        "ends the review"))
-    rejected: list[RejectedItem] = Field(default_factory=list, description="items to leave out, with a reason")
-    reviewer: str = Field(default="", description="your name (kept in the review log and the records)")
+    approve_rest: bool = Field(default=False, description="and approve all items not reviewed yet (ends the review)")
+    reviewer: str = Field(default="", description="your name, for the review log")
     reject: list[str] = Field(default_factory=list, description="items to leave out")
-    reject_reason: str = Field(default="rejected in review", description="the reason for the items in reject")
-    source: str = Field(default="prefect form", description="where the answer came from (pointvl review sets cli)")
+    reject_reason: str = Field(default="rejected in review", description="why (for the items under reject)")
+    rejected: list[RejectedItem] = Field(default_factory=list, description="or: items with a reason each")
+    source: str = Field(default="prefect form", description="pointvl review sets cli")
 
 
 def review_form(ids: list[str]) -> type[ReviewInput]:
@@ -299,8 +297,6 @@ def _record(run_dir: str, shard: int, page: int, ids: list[str], answer: ReviewI
     rejected = {r.instance_id: r.reason for r in answer.rejected}
     for iid in answer.reject:
         rejected.setdefault(iid, answer.reject_reason)
-    if answer.approve_all and rejected:
-        raise ValueError("answer either approve_all or a list of rejected items, not both")
     save_page_answer(run_dir, shard, page, ids, rejected, answer.reviewer, at, answer.source)
 
 
@@ -368,20 +364,17 @@ def _description(shard: int, page: int, page_items: list, url: str, config: Revi
     flagged = [it.instance_id for it in page_items if it.flagged]
     lines = [f"**Your last answer was refused: {error}**", ""] if error else []
     lines += [
-        f"# Review page {p['answered'] + 1} of {p['pages']}",
-        f"Shard {shard:05d}, page {page + 1}: {len(page_items)} items, {len(flagged)} flagged "
-        f"({', '.join(f'`{x}`' for x in flagged) or 'none'}). So far {p['reviewed']} of {p['items']} items "
-        f"reviewed, {p['rejected']} rejected.",
-        "",
-        f"**[Open this page's sheet at full size]({url})** (a new tab; the form shows it scaled).",
-        "",
-        "Each row: render | refined | photoreal; green box = mask, red box = the VLM's; flagged items have a "
-        "red frame and come first. Pick the items to leave out under *reject* (or list them with a reason "
-        "each under *rejected*), or tick *approve all*: everything on this page not listed is approved. "
-        "*approve rest* also approves every item of the build not reviewed yet. Without an answer in "
-        f"{config.timeout_s} s the policy `{config.timeout_policy}` applies to the pages not answered.",
+        f"**Page {p['answered'] + 1} of {p['pages']}** (shard {shard:05d} page {page + 1}: {len(page_items)} items, "
+        f"{len(flagged)} flagged) · {p['reviewed']} of {p['items']} reviewed, {p['rejected']} rejected · "
+        f"[open the sheet at full size]({url})",
         "",
         f"![shard {shard:05d} page {page + 1}]({url})",
+        "",
+        f"Flagged (red frame, first): {', '.join(f'`{x}`' for x in flagged) or 'none'}. Each row: render | refined "
+        "| photoreal; green box = mask, red box = the VLM's. Pick the items to leave out under *reject* (or "
+        "list them with a reason each under *rejected*) and give your name: everything else on this page is "
+        "approved. *Approve rest* also approves every item of the build not reviewed yet. Without an answer "
+        f"in {config.timeout_s} s the policy `{config.timeout_policy}` applies to the pages not answered.",
     ]
     return "\n".join(lines)
 

@@ -79,8 +79,7 @@ def _review(args: argparse.Namespace) -> int:
     from prefect.flow_runs import NotPausedError, resume_flow_run
 
     run_input = {
-        "approve_all": args.approve_all,
-        "approve_rest": args.approve_all,  # the CLI's --approve-all ends the review, as it always did
+        "approve_rest": args.approve_all,  # --approve-all ends the review (this page and the rest), as it always did
         "rejected": [{"instance_id": i, "reason": r} for i, r in rejected.items()],
         "reviewer": args.reviewer,
         "source": "cli",
