@@ -43,7 +43,6 @@ from pointvl.tasks.artifacts import publish_finished, publish_stats, publish_sum
 from pointvl.tasks.build_lock import build_lock, mark_crashed, record_build
 from pointvl.tasks.review_gate import reentering_review, review_gate
 from pointvl.tasks.stage_tasks import annotate, clean, cpu_stages, write_shards
-from pointvl.tasks.training import start_training
 
 SHARD_TASKS = {"annotate": annotate, "write_shards": write_shards}
 """The task of each stage after the GPU group that runs shard by shard here (review is the gate)."""
@@ -144,6 +143,8 @@ def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers
     publish_summary(out, summary, bid)
     message = f"build {bid}: {summary['records']} records"
     if cfg.handoff.train:
+        from pointvl.tasks.training import start_training  # imports torch: a re-entry after review starts faster
+
         training = start_training(out, cfg.handoff, str(get_run_context().flow_run.id))
         message += f"; training run {training}"
     return summary, message

@@ -38,7 +38,7 @@ from pointvl.dataset.dag import GPU_STAGES
 from pointvl.dataset.diffusion_pipelines import release_pipelines
 from pointvl.dataset.stages.refine import RefineConfig
 from pointvl.dataset.stages.synthesize import SynthesizeConfig
-from pointvl.dataset.tables import finished
+from pointvl.dataset.tables import finished, read_stats
 from pointvl.tasks.stage_tasks import refine, synthesize
 
 logger = logging.getLogger(__name__)
@@ -105,20 +105,24 @@ def run_gpu_stage(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if isinstance(config, dict | None):
         config = load(CONFIGS[stage], config, stage)  # validate here, before any GPU job starts
+    # finished = the final verified table exists: a re-entered build runs no task and sends no flow run for it
+    done = {i for i in shard_indices if finished(run_dir, stage, i)}
+    todo = [i for i in shard_indices if i not in done]
     if not deployment:
         # one shard after another (one GPU, one job), as tasks of the calling flow: a sub-flow would
         # only add orchestration time; the calling process's model cache spans all the shards, and
         # the pipeline leaves the device when they are done (the next stage's has it to itself)
+        if not todo:
+            return [read_stats(run_dir, stage, i) | {"skipped": True} for i in shard_indices]
         try:
-            return [TASKS[stage](run_dir, i, config) for i in shard_indices]
+            made = {i: TASKS[stage](run_dir, i, config) for i in todo}
         finally:
             release_pipelines()
+        return [made[i] if i in made else read_stats(run_dir, stage, i) | {"skipped": True} for i in shard_indices]
 
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    # finished = the final verified table exists: a re-entered build sends no finished shard back to the pool
-    todo = [i for i in shard_indices if not finished(run_dir, stage, i)]
     if not todo:
         logger.info("%s: all %d shards finished, no flow run started", stage, len(shard_indices))
         return [None] * len(shard_indices)
