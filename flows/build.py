@@ -92,12 +92,15 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
     """
     reassert_interrupt_handlers()  # `pointvl build`: Ctrl-C and SIGTERM end the build in seconds
     cfg = BuildConfig.from_parameters(config, overrides, handoff)
-    if cfg.handoff.train:
+    # A run re-entering after a review answer checked both when it started (and its GPU stages are done):
+    # skipping them here saves seconds of every answer (they import torch)
+    if cfg.handoff.train and not reentering_review(out):
         from pointvl.train.train_config import check_handoff  # imports torch: only for a build that hands off
 
         check_handoff(cfg.handoff)  # seconds, before any stage, GPU second or API call
-    # GPU stages run here (not on a deployment): their weights are checked now, not after the CPU stages
-    check_backends({s.name: getattr(cfg, s.name) for s in GPU_STAGES if s.name not in cfg.gpu_deployments})
+    if not reentering_review(out):
+        # GPU stages run here (not on a deployment): their weights are checked now, not after the CPU stages
+        check_backends({s.name: getattr(cfg, s.name) for s in GPU_STAGES if s.name not in cfg.gpu_deployments})
     try:
         with holding(out):
             summary, message = _build(shapenet, out, cfg, incremental, workers, dask_scheduler)
