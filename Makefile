@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-all bench bench-scale bench-exploits table3-mini lint train-demo eval-demo server deploy worker-cpu worker-gpu clean
+.PHONY: setup demo test test-all bench bench-scale bench-review bench-exploits table3-mini lint train-demo eval-demo server deploy worker-cpu worker-gpu clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,11 @@ bench: $(STAMP)
 # ~500 ShapeNet-like models (long-tailed face counts) with 1 and 2 workers; RSS at 48 vs 480 models.
 bench-scale: $(STAMP)
 	$(PY) -m benchmarks.bench_scale --models $(or $(MODELS),480)
+
+# A deployed ~1,000-item build (64² renders) reviewed page by page through the API: form and sheet sizes per
+# page, answer -> next page seconds, and the extrapolation to the paper's 12,347 items (benchmarks/bench_review.py).
+bench-review: $(STAMP)
+	$(PY) -m benchmarks.bench_review $(if $(VIEWS),--views $(VIEWS))
 
 # What degenerate outputs earn under the training rewards and under `pointvl evaluate` (README "Can the rewards
 # be gamed?"), on a built benchmark's shards (default: the demo's).

@@ -29,23 +29,36 @@ from pointvl.core.errors import InputError
 from pointvl.core.fence import LockLost
 from pointvl.core.interrupt import reassert as reassert_interrupt_handlers
 from pointvl.dataset.build_config import BuildConfig
-from pointvl.dataset.dag import GPU_STAGES, GROUPS, stage_config
+from pointvl.dataset.dag import CPU_STAGES, GPU_STAGES, GROUPS, stage_config
 from pointvl.dataset.diffusion_pipelines import check_backends
 from pointvl.dataset.executor import open_executor
 from pointvl.dataset.handoff import build_id
+from pointvl.dataset.plan import load_plan
 from pointvl.dataset.runlock import RunFolderLocked
+from pointvl.dataset.stages.base import Stage
 from pointvl.dataset.stages.review import Review
+from pointvl.dataset.stages.write_shards import WriteShards
 from pointvl.dataset.summary import summarize
+from pointvl.dataset.tables import finished, read_stats
 from pointvl.flows.gpu_stages import run_gpu_stage
 from pointvl.tasks.artifacts import publish_finished, publish_stats, publish_summary, wait_with_progress
 from pointvl.tasks.build_lock import build_lock, mark_crashed, record_build
-from pointvl.tasks.review_gate import review_gate
+from pointvl.tasks.review_gate import reentering_review, review_gate
 from pointvl.tasks.run_logs import send_library_logs
 from pointvl.tasks.stage_tasks import annotate, clean, cpu_stages, write_shards
-from pointvl.tasks.training import start_training
 
 SHARD_TASKS = {"annotate": annotate, "write_shards": write_shards}
 """The task of each stage after the GPU group that runs shard by shard here (review is the gate)."""
+
+
+def planned_shards(out: str) -> list[int]:
+    """The shards of the run folder's plan that have models (what ``clean`` returned when it made it)."""
+    return [s.index for s in load_plan(out).shards if s.models]
+
+
+def unfinished(out: str, stages: tuple[type[Stage], ...], shards: list[int]) -> list[int]:
+    """The shards where any of ``stages`` has no verified final table (finished = the final file checks out)."""
+    return [i for i in shards if not all(finished(out, stage.name, i) for stage in stages)]
 
 
 @contextmanager
@@ -83,13 +96,17 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
     reassert_interrupt_handlers()  # `pointvl build`: Ctrl-C and SIGTERM end the build in seconds
     send_library_logs()
     cfg = BuildConfig.from_parameters(config, overrides, handoff)
+    reentering = reentering_review(out)
     try:
-        if cfg.handoff.train:
+        # A run re-entering after a review answer checked both when it started (and its GPU stages are done):
+        # skipping them here saves seconds of every answer (they import torch)
+        if cfg.handoff.train and not reentering:
             from pointvl.train.train_config import check_handoff  # imports torch: only for a build that hands off
 
             check_handoff(cfg.handoff)  # seconds, before any stage, GPU second or API call
-        # GPU stages run here (not on a deployment): their weights are checked now, not after the CPU stages
-        check_backends({s.name: getattr(cfg, s.name) for s in GPU_STAGES if s.name not in cfg.gpu_deployments})
+        if not reentering:
+            # GPU stages run here (not on a deployment): their weights are checked now, not after the CPU stages
+            check_backends({s.name: getattr(cfg, s.name) for s in GPU_STAGES if s.name not in cfg.gpu_deployments})
     except InputError as err:
         # A refusal, not a fault: the run fails with the one line as its state message, shown once in its log
         # ("Finished in state Failed(...)"), no traceback; raising would log it twice with tracebacks. The
@@ -106,12 +123,20 @@ def build_benchmark(shapenet: str, out: str, config: dict | None = None, increme
 
 def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers: int | None,
            dask_scheduler: str | None) -> tuple[dict, str]:
-    with open_executor(workers, dask_scheduler, shapenet, out) as executor:
-        shards = clean(shapenet, out, cfg, incremental, executor)
-        bid = build_id(out)
-        # the CPU group (sample_points ─► geometry, render ─► kpts2d), each mesh read once for all four
-        cpu = [cpu_stages.submit(out, i, cfg, executor) for i in shards]
-        wait_with_progress("cpu_stages", cpu, out, bid)  # a failed CPU stage stops the build here, before any GPU time
+    # A run re-entering after a review answer made its plan and stages itself: no re-cleaning, and only
+    # stages whose final verified file is missing run (seconds from the answer to the next page).
+    shards = planned_shards(out) if reentering_review(out) else None
+    cpu_todo = None if shards is None else unfinished(out, CPU_STAGES, shards)
+    if shards is None or cpu_todo:
+        with open_executor(workers, dask_scheduler, shapenet, out) as executor:
+            if shards is None:
+                shards = clean(shapenet, out, cfg, incremental, executor)
+                cpu_todo = shards  # each shard's finished stages are skipped on the worker
+            bid = build_id(out)
+            # the CPU group (sample_points ─► geometry, render ─► kpts2d), each mesh read once for all four
+            cpu = [cpu_stages.submit(out, i, cfg, executor) for i in cpu_todo]
+            wait_with_progress("cpu_stages", cpu, out, bid)  # a failed CPU stage stops the build before any GPU time
+    bid = build_id(out)
 
     for stage in GROUPS["gpu"]:  # in-process, or on the GPU pool's deployment
         run_gpu_stage(stage.name, out, shards, cfg.gpu_deployments.get(stage.name), stage_config(cfg, stage.name),
@@ -122,14 +147,19 @@ def _build(shapenet: str, out: str, cfg: BuildConfig, incremental: bool, workers
         if stage is Review:  # the flow's human step: contact sheets, then a person's answer (tasks/review_gate.py)
             review_gate(out, shards, cfg.review, bid)
             continue
-        task = SHARD_TASKS[stage.name]
-        futures = [task.submit(out, i, stage_config(cfg, stage.name)) for i in shards]
-        done = wait_with_progress(stage.name, futures, out, bid)
-        publish_stats(stage.name, dict(zip(shards, done, strict=True)), out, bid)
+        # write_shards judges "up to date" itself (a newer review table rewrites a final shard); annotate's
+        # finished shards are not even submitted
+        todo = shards if stage is WriteShards else unfinished(out, (stage,), shards)
+        futures = [SHARD_TASKS[stage.name].submit(out, i, stage_config(cfg, stage.name)) for i in todo]
+        done = dict(zip(todo, wait_with_progress(stage.name, futures, out, bid), strict=True))
+        stats = {i: done[i] if i in done else read_stats(out, stage.name, i) for i in shards}
+        publish_stats(stage.name, stats, out, bid)
     summary = summarize(out)
     publish_summary(out, summary, bid)
     message = f"build {bid}: {summary['records']} records"
     if cfg.handoff.train:
+        from pointvl.tasks.training import start_training  # imports torch: a re-entry after review starts faster
+
         training = start_training(out, cfg.handoff, str(get_run_context().flow_run.id))
         message += f"; training run {training}"
     return summary, message

@@ -38,6 +38,7 @@ from pointvl.dataset.dag import GPU_STAGES
 from pointvl.dataset.diffusion_pipelines import release_pipelines
 from pointvl.dataset.stages.refine import RefineConfig
 from pointvl.dataset.stages.synthesize import SynthesizeConfig
+from pointvl.dataset.tables import finished, read_stats
 from pointvl.tasks.run_logs import send_library_logs
 from pointvl.tasks.stage_tasks import refine, synthesize
 
@@ -96,7 +97,8 @@ def run_gpu_stage(
     """Run ``stage`` over the shards: as deployment flow runs when ``deployment`` names one, else in-process.
 
     With a deployment, the shards are split round-robin into ``workers`` flow runs (one per GPU
-    worker, so each worker loads the model once for its whole share). Returns the per-shard stats
+    worker, so each worker loads the model once for its whole share); shards already finished start no
+    flow run. Returns the per-shard stats
     (``None`` for deployment runs, whose results stay on the worker; the stats files are in the run
     folder). Raises if any shard's run did not complete.
     """
@@ -106,20 +108,29 @@ def run_gpu_stage(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if isinstance(config, dict | None):
         config = load(CONFIGS[stage], config, stage)  # validate here, before any GPU job starts
+    # finished = the final verified table exists: a re-entered build runs no task and sends no flow run for it
+    done = {i for i in shard_indices if finished(run_dir, stage, i)}
+    todo = [i for i in shard_indices if i not in done]
     if not deployment:
         # one shard after another (one GPU, one job), as tasks of the calling flow: a sub-flow would
         # only add orchestration time; the calling process's model cache spans all the shards, and
         # the pipeline leaves the device when they are done (the next stage's has it to itself)
+        if not todo:
+            return [read_stats(run_dir, stage, i) | {"skipped": True} for i in shard_indices]
         try:
-            return [TASKS[stage](run_dir, i, config) for i in shard_indices]
+            made = {i: TASKS[stage](run_dir, i, config) for i in todo}
         finally:
             release_pipelines()
+        return [made[i] if i in made else read_stats(run_dir, stage, i) | {"skipped": True} for i in shard_indices]
 
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
+    if not todo:
+        logger.info("%s: all %d shards finished, no flow run started", stage, len(shard_indices))
+        return [None] * len(shard_indices)
     params = dataclasses.asdict(config)
-    chunks = split_round_robin(shard_indices, workers)
+    chunks = split_round_robin(todo, workers)
     runs = [
         run_deployment(
             name=deployment,
@@ -129,7 +140,7 @@ def run_gpu_stage(
         )
         for chunk in chunks
     ]
-    logger.info("%s: started %d flow runs over %d shards on deployment %s", stage, len(runs), len(shard_indices),
+    logger.info("%s: started %d flow runs over %d shards on deployment %s", stage, len(runs), len(todo),
                 deployment)
     pending = {r.id: chunk for r, chunk in zip(runs, chunks, strict=True)}
     failed = []

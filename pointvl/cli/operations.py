@@ -63,8 +63,6 @@ def _parse_rejections(values: list[str]) -> dict[str, str]:
 
 
 def _review(args: argparse.Namespace) -> int:
-    from pointvl.dataset.stages.review import form_decisions, items
-
     rejected = _parse_rejections(args.reject)
     run_id = _flow_run_id(args.target)
     if run_id is None and not io.exists(RunFolder.of(args.target).review_pending):
@@ -72,24 +70,27 @@ def _review(args: argparse.Namespace) -> int:
     if run_id is None:
         pending = _pending(args.target)
         run_id = uuid.UUID(pending["flow_run_id"])
+        page = pending.get("page")
+        if page is None or "ids" not in page:
+            raise InputError(f"the review of {args.target} has not shown its first page yet; try again in a moment")
         if not args.approve_all and not rejected:
-            for shard in pending["shards"]:
-                print(f"shard {shard:05d}: {pending['sheets'][str(shard)]}")
-                for item in items(args.target, shard):
-                    print(f"  {item.instance_id}{'  FLAGGED' if item.flagged else ''}")
-            print(f"answer with: pointvl review {args.target} --approve-all | --reject ID:REASON ...")
+            print(f"shard {page['shard']:05d} page {page['page'] + 1}: {page['sheet']}")
+            for iid in page["ids"]:
+                print(f"  {iid}")
+            print(f"answer with: pointvl review {args.target} --approve-all (this page and the rest) | "
+                  "--reject ID:REASON ... (ids of this page)")
             return 0
-        try:  # check the ids here, before the paused build sees them
-            form_decisions(args.target, pending["shards"], args.approve_all, rejected, args.reviewer, "cli")
-        except ValueError as err:
-            raise InputError(str(err)) from err
+        unknown = sorted(set(rejected) - set(page["ids"]))  # checked here, before the paused build sees them
+        if unknown:
+            raise InputError(f"rejected ids {unknown} are not on the page under review (shard {page['shard']:05d} "
+                             f"page {page['page'] + 1}); run pointvl review {args.target} to list its ids")
     elif not args.approve_all and not rejected:
         raise InputError("give --approve-all or at least one --reject ID:REASON")
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import NotPausedError, resume_flow_run
 
     run_input = {
-        "approve_all": args.approve_all,
+        "approve_rest": args.approve_all,  # --approve-all ends the review (this page and the rest), as it always did
         "rejected": [{"instance_id": i, "reason": r} for i, r in rejected.items()],
         "reviewer": args.reviewer,
         "source": "cli",

@@ -12,7 +12,8 @@ RUN/stages/<stage>/shard-{i:05d}.parquet        a stage's table for work shard i
                  shard-{i:05d}.items/           a GPU stage's finished items (pointvl.dataset.gpu_stage)
 RUN/shards/{split}-{i:05d}-of-{n:05d}.parquet   the final shards, README.md (the dataset card),
 RUN/shards/.keys/{split}-{i:05d}.key            and their incremental keys
-RUN/previews/                                   the review's contact sheets
+RUN/previews/                                   the review's contact sheets (one per review page)
+RUN/reports/review_pages/                       the review's answers, one file per page answered
 RUN/reports/                                    cleaning.csv, review_log.jsonl, review_pending.json,
                                                 last_build.json, handoff.json, preview_server.json
 RUN/logs/                                       logs of helper processes (the preview server)

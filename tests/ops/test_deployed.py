@@ -183,10 +183,12 @@ def test_the_cron_fires_the_review_waits_suspended_and_one_build_holds_the_folde
     assert lock["flow_run_id"] == first["id"] and lock["deployment"] == "build-benchmark/scheduled"
     pending = json.loads((out / "reports" / "review_pending.json").read_text())
 
-    # 3. The sheets stay served with no build process alive, legible at the UI's size.
-    sheet = httpx.get(pending["sheets"]["0"], timeout=10)
-    assert sheet.status_code == 200 and sheet.content == (out / "previews" / "review-shard-00000.png").read_bytes()
-    assert Image.open(BytesIO(sheet.content)).size[0] <= 1600
+    # 3. The page's sheet stays served with no build process alive, one column wide (legible in the form).
+    page = pending["page"]
+    sheet = httpx.get(page["sheet"], timeout=10)
+    assert sheet.status_code == 200
+    assert sheet.content == (out / "previews" / "review-shard-00000-page-000.png").read_bytes()
+    assert Image.open(BytesIO(sheet.content)).size[0] <= 600
 
     # 4. A second build of the same folder (on-demand shares POINTVL_OUT) is refused, naming the holder.
     before = _stage_files(out)
@@ -201,16 +203,18 @@ def test_the_cron_fires_the_review_waits_suspended_and_one_build_holds_the_folde
     # 5. The review outlives the lease window (no process, no lease to lose) and stays answerable.
     time.sleep(max(0.0, 35 - (time.monotonic() - suspended_at)))
     assert d.run(first["id"])["state_type"] == "PAUSED"
-    inputs = API.post(f"{d.api}/flow_runs/{first['id']}/input/filter", json={"prefix": "suspended"}).json()
-    schema = next(json.loads(i["value"]) for i in inputs if i["key"].endswith("-schema"))
+    inputs = API.post(f"{d.api}/flow_runs/{first['id']}/input/filter",
+                      json={"prefix": f"suspended-{page['key']}-schema"}).json()
+    schema = json.loads(inputs[0]["value"])
     all_ids = [it.instance_id for i in pending["shards"] for it in items(str(out), i)]
-    assert sorted(schema["properties"]["reject"]["items"]["enum"]) == sorted(all_ids)  # choices, no copying
+    assert schema["properties"]["reject"]["items"]["enum"] == page["ids"]  # the page's ids as choices, no copying
 
-    # 6. The reviewer picks an item in the form (what the UI sends) and the run re-enters and completes.
-    rejected = all_ids[1]
+    # 6. The reviewer picks an item of the page in the form (what the UI sends) and approves the rest of the
+    # build in the same answer; the run re-enters and completes.
+    rejected = page["ids"][1]
     answered_at = time.monotonic()
     resume = API.post(f"{d.api}/flow_runs/{first['id']}/resume", json={"run_input": {
-        "reject": [rejected], "reject_reason": "wrong pose", "reviewer": "ana"}})
+        "reject": [rejected], "reject_reason": "wrong pose", "reviewer": "ana", "approve_rest": True}})
     assert resume.status_code < 300 and resume.json()["status"] == "ACCEPT", resume.text
     done = d.wait_state(first["id"], ("COMPLETED",), timeout=300)
     resume_s = time.monotonic() - answered_at
@@ -223,7 +227,7 @@ def test_the_cron_fires_the_review_waits_suspended_and_one_build_holds_the_folde
     assert not (out / "build.lock").exists() and not (out / "reports" / "review_pending.json").exists()
     assert API.get(f"{d.api}/flow_runs/{pending['timeout_run_id']}").status_code == 404  # follow-up dropped
     with pytest.raises(httpx.TransportError):
-        httpx.get(pending["sheets"]["0"], timeout=3)  # the preview server went with the review
+        httpx.get(page["sheet"], timeout=3)  # the preview server went with the review
     assert "review:rejected" in (out / "shards" / "README.md").read_text()
     assert "training run" in done["state"]["message"]
     # the annotate stage's stats are one table artifact of the run, a row per shard as in the run folder

@@ -26,6 +26,7 @@ from pointvl.dataset.run_folder import RunFolder
 from pointvl.dataset.runner import plan_run
 from pointvl.dataset.stages.review import MASK_BOX, items, read_log
 from pointvl.dataset.tables import read_stats
+from pointvl.tasks.artifacts import artifact_key
 
 ROOT = Path(__file__).parents[2]
 CONFIG = """
@@ -75,18 +76,21 @@ def test_build_pauses_for_review_and_the_rejected_item_never_reaches_the_shards(
         _wait_for(lambda: API.get(f"{api}/flow_runs/{run_id}").json()["state"]["type"] == "PAUSED", build, log, 60)
 
         # The preview server returns the contact sheet the build wrote.
-        url = pending["sheets"]["0"]
+        _wait_for(lambda: "page" in json.loads(pending_file.read_text()), build, log, 60)
+        page = json.loads(pending_file.read_text())["page"]
+        url = page["sheet"]
         response = httpx.get(url, timeout=10)
         assert response.status_code == 200 and response.headers["content-type"] == "image/png"
-        assert response.content == (out / "previews" / "review-shard-00000.png").read_bytes()
+        assert response.content == (out / "previews" / "review-shard-00000-page-000.png").read_bytes()
         assert Image.open(BytesIO(response.content)).size[0] > 3 * 160
 
         # ... shown as an image artifact of this run and in the form's description.
-        key = f"review-{build_id(str(out))}-shard-00000"  # keyed per build: another build's sheets stay listed
+        key = artifact_key("review-shard-00000-page-000", str(out), build_id(str(out)))  # per folder and build
         artifacts = API.post(f"{api}/artifacts/filter", json={
             "artifacts": {"key": {"any_": [key]}, "flow_run_id": {"any_": [run_id]}}}).json()
         assert [(a["type"], a["data"]) for a in artifacts] == [("image", url)]
-        inputs = API.post(f"{api}/flow_runs/{run_id}/input/filter", json={"prefix": "paused", "limit": 20}).json()
+        inputs = API.post(f"{api}/flow_runs/{run_id}/input/filter",
+                          json={"prefix": f"paused-{page['key']}-", "limit": 20}).json()
         description = next(json.loads(i["value"]) for i in inputs if i["key"].endswith("-description"))
         assert f"]({url})" in description
 
@@ -108,6 +112,11 @@ def test_build_pauses_for_review_and_the_rejected_item_never_reaches_the_shards(
              "--reviewer", "alice"], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
         )
         assert answer.returncode == 0, answer.stderr
+        # ... then the next page (shard 1) comes; `--approve-all` approves it and the rest of the build.
+        _wait_for(lambda: json.loads(pending_file.read_text())["page"]["key"] != page["key"], build, log, 120)
+        rest = subprocess.run([sys.executable, "-m", "pointvl.cli", "review", str(out), "--approve-all", "--reviewer",
+                               "alice"], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert rest.returncode == 0, rest.stderr
         assert build.wait(timeout=240) == 0, log.read_text()[-3000:]
     finally:
         if build.poll() is None:

@@ -120,3 +120,39 @@ def test_held_items_stay_out_of_the_shards_until_a_person_approves_them(shapenet
     assert held_items(out, [0, 1]) == {}
     assert read_log(out)[-1] | {"decided_at": ""} == read_log(out)[-1] | {
         "instance_id": first, "decision": "approved", "reviewer": "ana", "decided_at": ""}
+
+
+def test_pages_split_a_shard_flagged_first_and_answers_are_kept_per_page(run):
+    from pointvl.dataset.stages.review import (
+        page_answers,
+        page_sheet,
+        paged_decisions,
+        policy_rest,
+        save_page_answer,
+        shard_pages,
+    )
+
+    pages = shard_pages(run, 0, 5)
+    ids = [it.instance_id for page in pages for it in page]
+    assert [len(p) for p in pages] == [5] * (len(ids) // 5) + ([len(ids) % 5] if len(ids) % 5 else [])
+    assert pages[0][0].flagged and sorted(ids) == sorted(it.instance_id for it in items(run, 0))
+    sheet = Image.open(BytesIO(page_sheet(run, 0, 1, ReviewConfig(page_size=5))))
+    assert sheet.width == 3 * 160 + 2 * 6 + 12  # one column: the resume form shows it at >= 0.75 scale
+    assert paged_decisions(run, 0, 5, None) is None  # nothing answered yet
+
+    first = [it.instance_id for it in pages[0]]
+    with pytest.raises(ValueError, match="not on this page"):
+        save_page_answer(run, 0, 0, first, {ids[-1]: "x"}, "ana", "2026-01-01T00:00:00+00:00", "cli")
+    save_page_answer(run, 0, 0, first, {first[1]: "blurry"}, "ana", "2026-01-01T00:00:00+00:00", "prefect form")
+    assert list(page_answers(run, 0, pages)) == [0]
+    assert page_answers(run, 0, shard_pages(run, 0, 4)) == {}  # an answer for other items does not count
+    rows = {r["instance_id"]: r for r in paged_decisions(run, 0, 5, policy_rest("accept_unflagged", "timeout"))}
+    assert (rows[first[1]]["decision"], rows[first[1]]["decided_at"]) == ("rejected", "2026-01-01T00:00:00+00:00")
+    assert rows[first[0]]["decision"] == "approved" and rows[first[0]]["reviewer"] == "ana"  # flagged, answered
+    assert {r["reviewer"] for i, r in rows.items() if i not in first} == {"policy:accept_unflagged"}
+    for j, page in enumerate(pages[1:], 1):
+        save_page_answer(run, 0, j, [it.instance_id for it in page], {}, "bo", "2026-01-02T00:00:00+00:00", "cli")
+    done = paged_decisions(run, 0, 5, None)
+    assert len(done) == len(ids) and [r["instance_id"] for r in done if r["decision"] == "rejected"] == [first[1]]
+    with pytest.raises(ValueError, match="page_size"):
+        ReviewConfig(page_size=0)

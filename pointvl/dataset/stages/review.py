@@ -71,7 +71,13 @@ class ReviewConfig:
         preview_base_url: the URL reviewers' browsers use for that server (default
             ``http://{preview_host}:{port}``); set it when they reach the machine by another name.
         thumb_px: side of each panel of a triptych in the contact sheet.
-        sheet_columns: triptychs per row of a contact sheet.
+        sheet_columns: triptychs per row of a contact sheet. One column keeps a page's sheet 504 px
+            wide, within the resume form's description at 1400x1000, so its 16 px ids show at >= 12 px
+            (``tests/ops/test_review_pages.py`` measures it in Chromium); two columns shrink them to ~7 px.
+        page_size: items per review page: a page is one form, with its own sheet and every id of the
+            page as a choice. A shard is split into pages of at most this many items (its flagged
+            items first), so a page never spans two shards and a shard's review table is written as
+            soon as its last page is answered.
     """
 
     gate: str = "auto"
@@ -82,7 +88,8 @@ class ReviewConfig:
     preview_port: int = 8765
     preview_base_url: str = ""
     thumb_px: int = 160
-    sheet_columns: int = 2
+    sheet_columns: int = 1
+    page_size: int = 24
 
     def __post_init__(self) -> None:
         if self.gate not in GATES:
@@ -95,6 +102,8 @@ class ReviewConfig:
             raise ValueError(f"review.preview_port must be in [0, 65535] (0 = any free port), got {self.preview_port}")
         if self.thumb_px < 32 or self.sheet_columns < 1:
             raise ValueError("review.thumb_px must be >= 32 and review.sheet_columns >= 1")
+        if not 1 <= self.page_size <= 1000:
+            raise ValueError(f"review.page_size must be in [1, 1000] items per form, got {self.page_size}")
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,37 @@ def contact_sheet(run_dir: str, shard_index: int, config: ReviewConfig) -> bytes
     """The shard's contact sheet as PNG bytes (flagged items first, then render order)."""
     render, others = _inputs(run_dir, shard_index)
     rows = sorted((_item(iid, others) for iid in render), key=lambda it: not it.flagged)
+    return _draw(rows, render, others, f"shard {shard_index:05d}", config)
+
+
+def shard_pages(run_dir: str, shard_index: int, page_size: int) -> list[list[Item]]:
+    """The shard's review pages: its items, flagged first (then render order), in runs of ``page_size``.
+    A function of the shard's tables only, so a page means the same items in every process and day."""
+    rows = sorted(items(run_dir, shard_index), key=lambda it: not it.flagged)
+    return [rows[k:k + page_size] for k in range(0, len(rows), page_size)]
+
+
+def page_sheet_name(shard_index: int, page: int) -> str:
+    return f"review-shard-{shard_index:05d}-page-{page:03d}.png"
+
+
+def page_sheet(run_dir: str, shard_index: int, page: int, config: ReviewConfig) -> bytes:
+    """The contact sheet of one review page as PNG bytes."""
+    render, others = _inputs(run_dir, shard_index)
+    pages = shard_pages(run_dir, shard_index, config.page_size)
+    return _draw(pages[page], render, others, f"shard {shard_index:05d} page {page + 1}/{len(pages)}", config)
+
+
+def write_page_sheet(run_dir: str, shard_index: int, page: int, config: ReviewConfig) -> tuple[str, int]:
+    """Write ``RUN/previews/review-shard-{i:05d}-page-{j:03d}.png``; returns its path and size in bytes."""
+    path = io.join(RunFolder.of(run_dir).previews, page_sheet_name(shard_index, page))
+    data = page_sheet(run_dir, shard_index, page, config)
+    io.write_bytes(path, data)
+    return path, len(data)
+
+
+def _draw(rows: list[Item], render: dict[str, dict], others: dict[str, dict[str, dict]], title: str,
+          config: ReviewConfig) -> bytes:
     # Text at 16 px (the default bitmap font is ~7 px): ids stay readable where the UI scales the sheet down.
     font = ImageFont.load_default(size=16)
     t, pad, caption = config.thumb_px, 6, 44
@@ -162,9 +202,9 @@ def contact_sheet(run_dir: str, shard_index: int, config: ReviewConfig) -> bytes
     sheet = Image.new("RGB", (cols * (cell_w + pad) + pad, header + n_rows * (cell_h + pad)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     n_flagged = sum(it.flagged for it in rows)
-    draw.text((pad, 4), f"shard {shard_index:05d}: {len(rows)} items, {n_flagged} flagged (red frame, listed first)",
+    draw.text((pad, 4), f"{title}: {len(rows)} items, {n_flagged} flagged (first)",
               fill=(0, 0, 0), font=font)
-    draw.text((pad, 26), "render | refined | photoreal;  box: green = mask, red = VLM", fill=(0, 0, 0), font=font)
+    draw.text((pad, 26), "render | refined | photoreal; green = mask, red = VLM", fill=(0, 0, 0), font=font)
     for n, item in enumerate(rows):
         x0 = pad + (n % cols) * (cell_w + pad)
         y0 = header + (n // cols) * (cell_h + pad)
@@ -188,7 +228,7 @@ def contact_sheet(run_dir: str, shard_index: int, config: ReviewConfig) -> bytes
         drift = "n/a" if item.drift is None else f"{item.drift:.2f}"
         iou = "n/a" if item.vlm_agreement is None else f"{item.vlm_agreement:.2f}"
         draw.text((x0, y0 + t + 3), item.instance_id, fill=(0, 0, 0), font=font)
-        draw.text((x0, y0 + t + 23), f"drift {drift}   VLM/mask IoU {iou}" + ("   FLAGGED" if item.flagged else ""),
+        draw.text((x0, y0 + t + 23), f"drift {drift}  VLM/mask IoU {iou}" + ("  FLAGGED" if item.flagged else ""),
                   fill=VLM_BOX if item.flagged else (60, 60, 60), font=font)
     buf = _io.BytesIO()
     sheet.save(buf, format="PNG")
@@ -205,6 +245,70 @@ def write_contact_sheets(run_dir: str, shard_indices: list[int], config: ReviewC
         paths.append(path)
     logger.info("review: wrote %d contact sheets under %s", len(paths), folder.previews)
     return paths
+
+
+def _page_answer_path(run_dir: str, shard_index: int, page: int) -> str:
+    return RunFolder.of(run_dir).path("reports", "review_pages", f"shard-{shard_index:05d}-page-{page:03d}.json")
+
+
+def save_page_answer(run_dir: str, shard_index: int, page: int, ids: list[str], rejected: dict[str, str],
+                     reviewer: str, decided_at: str, source: str) -> None:
+    """Keep a page's answer in ``RUN/reports/review_pages/`` (written whole or not at all): it outlives the
+    flow run, server restarts and days, until the shard's review table is written from it."""
+    if not reviewer.strip():
+        raise ValueError("a review needs the reviewer's name")
+    unknown = sorted(set(rejected) - set(ids))
+    if unknown:
+        raise ValueError(f"rejected ids {unknown} are not on this page (shard {shard_index:05d}, page {page + 1}); "
+                         "pick ids from the page's sheet")
+    io.write_json(_page_answer_path(run_dir, shard_index, page), {
+        "shard_index": shard_index, "page": page, "ids": ids, "rejected": rejected, "reviewer": reviewer,
+        "decided_at": decided_at, "source": source})
+
+
+def page_answers(run_dir: str, shard_index: int, pages: list[list[Item]]) -> dict[int, dict]:
+    """The answered pages of a shard (page → answer); an answer kept for other items (the shard was
+    recomputed since) does not count."""
+    out = {}
+    for j, page in enumerate(pages):
+        path = _page_answer_path(run_dir, shard_index, j)
+        if io.exists(path):
+            answer = io.read_json(path, "review page answer")
+            if answer["ids"] == [it.instance_id for it in page]:
+                out[j] = answer
+    return out
+
+
+def paged_decisions(run_dir: str, shard_index: int, page_size: int, rest: dict | None) -> list[dict] | None:
+    """The shard's decisions from its answered pages; the items of unanswered pages take ``rest``
+    (``decision, reason, reviewer, decided_at, source``) when given, else the shard is not decided
+    yet (``None``)."""
+    pages = shard_pages(run_dir, shard_index, page_size)
+    answers = page_answers(run_dir, shard_index, pages)
+    if rest is None and len(answers) < len(pages):
+        return None
+    rows = []
+    for j, page in enumerate(pages):
+        answer = answers.get(j)
+        for item in page:
+            if answer is None:
+                row = dict(rest)  # type: ignore[arg-type]
+                if row.pop("hold_flagged", False) and item.flagged:
+                    row.update(decision="held", reason=HELD_REASON)
+            else:
+                reason = answer["rejected"].get(item.instance_id)
+                row = {"decision": "rejected" if reason is not None else "approved", "reason": reason or "",
+                       "reviewer": answer["reviewer"], "decided_at": answer["decided_at"], "source": answer["source"]}
+            rows.append({"instance_id": item.instance_id, "flagged": item.flagged, **row})
+    return rows
+
+
+def policy_rest(policy: str, why: str) -> dict:
+    """``rest`` for :func:`paged_decisions` from the timeout policy (``why``: ``timeout`` or ``gate off``)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown review policy {policy!r}; use one of {POLICIES}")
+    return {"decision": "approved", "reason": "", "reviewer": f"policy:{policy}", "decided_at": now_iso(),
+            "source": why, "hold_flagged": policy == "accept_unflagged"}
 
 
 def now_iso() -> str:
