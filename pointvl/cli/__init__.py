@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from pointvl.cli.evaluation import add_eval_commands, add_predict_sources, predict_from_source
 from pointvl.cli.operations import add_ops_commands
@@ -16,6 +17,9 @@ from pointvl.core.errors import InputError
 from pointvl.dataset.run_folder import RunFolder
 from pointvl.fixture import write_fixture
 from pointvl.train.variants import PRESET_NAMES, VARIANTS
+
+RANK_EXIT_DELAY_S = 30.0
+"""Under a launch, how long a rank other than 0 waits before exiting on a refusal (rank 0 prints it)."""
 
 
 def _fixture(args: argparse.Namespace) -> int:
@@ -242,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.command_handler(args)
     except InputError as err:  # input and config errors: one line, no traceback; once under a launch (rank 0)
         if os.environ.get("RANK", "0") == "0":
-            print(f"pointvl {args.command}: error: {err}", file=sys.stderr)
+            print(f"pointvl {args.command}: error: {err}", file=sys.stderr, flush=True)
+        else:
+            # torch's elastic agent SIGTERMs every rank once one exits: the other ranks leave rank 0 the
+            # time to print the line (the agent ends them when rank 0 exits; the sleep is only a bound)
+            time.sleep(RANK_EXIT_DELAY_S)
         return 2
     except Exception as err:
         hint = orchestrator_hint(err)
