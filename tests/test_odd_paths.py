@@ -76,6 +76,7 @@ def test_build_increment_and_evaluate_in_folders_with_every_character(shapenet, 
     assert metrics["n"] == n == test_rows > 0
 
 
+@pytest.mark.slow  # make test: the folder with every character builds, increments and evaluates (above)
 def test_pointvl_build_and_resume_in_a_folder_with_every_character(shapenet, tmp_path):
     import subprocess
     import sys

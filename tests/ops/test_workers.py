@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from prefect_api import API
 
 ROOT = Path(__file__).parents[2]
@@ -116,6 +117,7 @@ def test_make_worker_stops_on_sigterm_within_10_s_with_its_flow_run(prefect_serv
         worker.stop()
 
 
+@pytest.mark.slow  # ~2 min (the server stays down 60 s); make test: the PostgreSQL server in test_deployed.py
 def test_cancellation_after_a_server_restart(prefect_server_postgres, restart_server, tmp_path):
     server = prefect_server_postgres
     worker = Worker(server, tmp_path)

@@ -101,25 +101,22 @@ def test_grpo_diagnostics_report_truncation(trained, short_shards_dir, caplog):
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
-def test_grpo_update_moves_each_token_along_its_advantage(trained, short_shards_dir, loss_type):
+def test_grpo_update_moves_each_token_along_its_advantage(short_shards_dir, loss_type):
     """The plumbing of a GRPO step (completion log-probs, padded per-token advantages, mask, loss) points the
-    right way: after one small SGD step, tokens given advantage +1 gain log-probability and tokens given -1
-    lose it, within one completion (routed credit) and between completions; padding past a completion's end
-    moves nothing it is credited for."""
+    right way: after one small SGD step, sum(A * delta log p) > 0 (to first order it is lr * |gradient|^2), and
+    tokens given advantage +1 gain more log-probability than tokens given -1, within one completion (routed
+    credit) and between completions; padding past a completion's end carries no credit. The direction holds
+    for any weights: the untrained policy, so that this test does not wait for the module's SFT."""
     from pointvl.grca.loss import pad_token_advantages, routed_grpo_loss
-    from pointvl.train.generation import sampling_config
     from pointvl.train.grpo import completion_logps
 
-    tok, images, model, _, _ = trained
-    _, _, policy = _policy()
-    policy.load_state_dict(model.state_dict())
+    tok, images, policy = _policy()
     example = next(iter(ShardExamples(short_shards_dir, "train", CFG.model.num_points, CFG.model.quant,
                                       shuffle=False)))
     inputs = Collator(tok, images, policy.num_point_tokens, with_targets=False)([example])
-    torch.manual_seed(0)
-    policy.eval()
-    with torch.no_grad():
-        ids = policy.generate(**inputs, generation_config=sampling_config(tok, 40, 4, 1.0, 1.0, 0))
+    # four completions: slices of the record's canonical answer (varied characters, as a policy would write)
+    text = tok(example.target, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([text[i * 10: i * 10 + 40] for i in range(4)])
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[3, 20:] = False  # a shorter completion: its padding carries no credit
     half = ids.shape[1] // 2
@@ -130,14 +127,14 @@ def test_grpo_update_moves_each_token_along_its_advantage(trained, short_shards_
     logp = completion_logps(policy, inputs, ids, mask)
     loss = routed_grpo_loss(logp, logp.detach(), adv, mask, loss_type=loss_type, max_completion_length=40,
                             num_items=float(mask.sum()))
-    optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.05)
+    optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.01)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
     with torch.no_grad():
         delta = completion_logps(policy, inputs, ids, mask) - before
     up, down = delta[(adv > 0) & mask], delta[(adv < 0) & mask]
-    assert up.mean() > 0 > down.mean(), (up.mean(), down.mean())
+    assert up.mean() > down.mean(), (up.mean(), down.mean())
     assert delta[0, :half].mean() > delta[0, half:].mean()  # routed within one completion
     assert delta[2].mean() > delta[1].mean()  # between completions
     assert (adv * delta)[mask].sum() > 0
