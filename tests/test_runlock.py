@@ -126,6 +126,7 @@ def _race(runs, barrier, results):
         else:
             lock.keep()  # leave the lock, so the test sees whose it is
             results.put((run, "won", lock.holder["token"]))
+    barrier.wait()  # no racer exits (its lock goes stale) before every racer has raced the last round
 
 
 def test_racing_take_overs_of_a_stale_lock_have_exactly_one_winner(tmp_path):
@@ -224,3 +225,23 @@ def test_a_build_that_lost_its_lock_while_stopped_writes_nothing_more(tmp_path):
     finally:
         build.kill()
     assert not [p for p in (tmp_path / "run" / "stages").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_killed_holder_not_yet_reaped_is_dead():
+    """A SIGKILLed build stays a zombie until its parent (for an orphan: init) reaps it; kill(pid, 0) still
+    succeeds then, yet the holder is gone and `pointvl resume` must not be refused by it."""
+    from pointvl.dataset.runlock import holder_alive, process_start
+
+    child = subprocess.Popen(["sleep", "60"])
+    holder = {"host": socket.gethostname(), "pid": child.pid, "pid_start": process_start(child.pid),
+              "heartbeat": time.time()}
+    assert holder_alive(holder, "RUNNING", stale_after_s=120)
+    os.kill(child.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[-1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    try:
+        assert not holder_alive(holder, "RUNNING", stale_after_s=120)  # not reaped: a zombie, still listed
+    finally:
+        child.wait()

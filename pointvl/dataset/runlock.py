@@ -144,13 +144,20 @@ def read_holder(run_dir: str) -> dict[str, Any] | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs. A zombie does not: a killed process stays one until its parent reaps it, which
+    for an orphan is the machine's init (seen taking seconds in a VM), yet ``kill(pid, 0)`` succeeds on it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[-1].split()[:1]  # field 3, after the name (which may hold ")")
+    except OSError:
+        return True  # no /proc: kill(pid, 0) is all there is
+    return state != [b"Z"]
 
 
 def _process_gone(holder: dict[str, Any]) -> bool:
