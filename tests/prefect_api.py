@@ -7,7 +7,11 @@ request again is safe. The UI's user would click again; Prefect's clients retry 
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -24,3 +28,13 @@ class _RetryUnavailable(httpx.HTTPTransport):
 
 
 API = httpx.Client(transport=_RetryUnavailable(), timeout=60)  # Prefect's client's default timeout
+
+
+def run_deployment(cli: Callable[..., subprocess.CompletedProcess], prefect: str, name: str, **params: object) -> str:
+    """`prefect deployment run NAME --param k=<json>` through the test's ``cli`` (its env and cwd); the run's id."""
+    args = [prefect, "deployment", "run", name]
+    for key, value in params.items():
+        args += ["--param", f"{key}={json.dumps(value)}"]
+    result = cli(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1)

@@ -28,7 +28,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from prefect_api import API
+from prefect_api import API, run_deployment
 
 from pointvl.dataset.handoff import build_id
 from pointvl.dataset.plan import load_plan
@@ -101,12 +101,7 @@ class Deployed:
         return "\n".join(entry["message"][:500] for entry in logs[-30:]) + "\n--- worker:\n" + worker
 
     def run_on_demand(self, **params: object) -> str:
-        args = [self.prefect, "deployment", "run", "build-benchmark/on-demand"]
-        for key, value in params.items():
-            args += ["--param", f"{key}={json.dumps(value)}"]
-        result = self.cli(*args)
-        assert result.returncode == 0, result.stdout + result.stderr
-        return re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1)
+        return run_deployment(self.cli, self.prefect, "build-benchmark/on-demand", **params)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from prefect_api import API
+from prefect_api import API, run_deployment
 
 from pointvl.dataset.handoff import build_id
 from pointvl.tasks.artifacts import artifact_key
@@ -91,12 +91,7 @@ class Ops:
         return path.read_text()[-3000:] if path.exists() else ""
 
     def run_on_demand(self, **params: object) -> str:
-        args = [self.prefect, "deployment", "run", "build-benchmark/on-demand"]
-        for key, value in params.items():
-            args += ["--param", f"{key}={json.dumps(value)}"]
-        result = self.cli(*args)
-        assert result.returncode == 0, result.stdout + result.stderr
-        return re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1)
+        return run_deployment(self.cli, self.prefect, "build-benchmark/on-demand", **params)
 
 
 @pytest.fixture
