@@ -66,7 +66,8 @@ bench-exploits: $(STAMP)
 	$(PY) -m benchmarks.bench_exploits --shards $(or $(SHARDS),$(DEMO_DIR)/build/shards)
 
 # A Table-3 miniature: the pipeline's own benchmark from the fixture shapes, the tiny policy SFT -> each
-# variant, 3 seeds, held-out evaluation with intervals (benchmarks/table3_mini.py; resumes when re-run).
+# variant, 3 seeds, held-out evaluation with intervals (benchmarks/table3_mini.py; resumes when re-run;
+# 37 min on an idle 2-core CPU).
 table3-mini: $(STAMP)
 	$(PY) -m benchmarks.table3_mini --out $(or $(T3_DIR),table3_mini_out)
 

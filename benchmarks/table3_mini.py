@@ -3,17 +3,21 @@
 1. **Benchmark**: the project's own build (``pointvl.dataset.runner.build_in_process``, offline backends) on
    the procedural mini ShapeNet (``pointvl fixture``: ~36 good models, 9 categories) with
    ``--views`` views per model at ``--size`` pixels: a few hundred instances, a quarter of the models
-   held out as the test split. ``--keypoints`` (4) keypoints per record, built and required by the
-   rewards and the metric alike: with the paper's 16 the character-level tiny policy must write ~770
+   held out as the test split (72 records). ``--keypoints`` (4) keypoints per record, built and required
+   by the rewards and the metric alike: with the paper's 16 the character-level tiny policy must write ~770
    tokens per answer, and 600 SFT steps left it writing broken JSON (every GRPO group zero-spread).
 2. **Training**, per seed: the tiny policy (``tiny_preset``) trained by SFT once, then from that SFT
    checkpoint each second stage of Table 3: SFT budget-matched, GRPO broadcast, GRCA, GRCA + RPC
-   (``pointvl.train.pipeline.train_stage``, all in one run folder per seed).
+   (``pointvl.train.pipeline.train_stage``). GRPO: 4 prompts x 8 rollouts a step at temperature 0.5, AdamW
+   1e-4, 60 steps (one prompt x 4 rollouts a step did not move the held-out reward: noise; at temperature 1
+   half the SFT policy's samples are broken JSON). ``--workers`` stages run at once, one thread each.
 3. **Evaluation** on the held-out split (the category question's prompt of each record, greedy), scored by
    ``pointvl evaluate``'s code; the mean field reward of a record is the mean of IoU2D, IoU3D, KPA-2D, KPA-3D.
 4. **Table**: every metric per variant, the mean over seeds and records with a 95 % bootstrap interval
    over the pooled (seed, record) pairs; each variant's mean field reward minus its SFT start, paired over
-   the same (seed, record) pairs (interval and permutation p-value); the learning curves (``curves.png``).
+   the same (seed, record) pairs (interval and permutation p-value); the GRPO modes compared pairwise, with
+   the records an interval excluding 0 would need at the measured difference; the learning curves
+   (``curves.png``).
 
 ``python -m benchmarks.table3_mini --out DIR [--seeds 0 1 2] [--grpo-steps 60] [--sft-steps 3000] ...``
 writes ``DIR/table3.md``, ``DIR/table3.json`` and ``DIR/curves.png``; every stage resumes (a finished stage,
@@ -37,6 +41,7 @@ from pointvl.core import io as pio
 from pointvl.evaluation.predictions import Prediction
 from pointvl.evaluation.scoring import EvaluateConfig, aggregate, output_limit, score_records
 from pointvl.evaluation.stats import bootstrap_interval, mean, paired_comparison
+from pointvl.train import checkpoint as ckpt
 from pointvl.train.data import Collator, ShardExamples
 from pointvl.train.generation import greedy_config
 from pointvl.train.pipeline import load, train_stage
@@ -80,6 +85,8 @@ def config_for(variant: str, seed: int, args: argparse.Namespace) -> TrainConfig
         cfg,
         sft=dataclasses.replace(cfg.sft, max_steps=args.sft_steps, seed=seed),
         grpo=dataclasses.replace(cfg.grpo, max_steps=args.grpo_steps, seed=seed, max_new_tokens=args.max_new_tokens,
+                                 prompts_per_step=args.prompts_per_step, num_generations=args.generations,
+                                 learning_rate=args.grpo_lr, temperature=args.temperature,
                                  save_steps=max(args.grpo_steps, 1),
                                  grca=dataclasses.replace(cfg.grpo.grca, num_keypoints=args.keypoints)),
         eval_max_new_tokens=args.max_new_tokens,
@@ -107,15 +114,46 @@ def predict_categories(checkpoint: str, config: TrainConfig, shards: str, out_pa
     pio.write_bytes(out_path, ("\n".join(lines) + "\n").encode())
 
 
-def train_seed(shards: str, run: str, seed: int, args: argparse.Namespace) -> dict[str, str]:
-    """Every variant's last checkpoint for one seed (SFT once, the other stages from its checkpoint)."""
-    base = config_for("sft", seed, args)
-    sft = train_stage(base, shards, run, "sft", None)
-    out = {"sft": sft}
-    for variant in VARIANTS[1:]:
-        cfg = config_for(variant, seed, args)
-        out[variant] = train_stage(cfg, shards, run, STAGE[variant], sft)
-    return out
+def stage_job(shards: str, seed_dir: str, seed: int, variant: str, args: argparse.Namespace) -> None:
+    """Train one variant of one seed and predict the held-out split with it (``SEED_DIR/eval/<variant>.jsonl``);
+    a finished stage or prediction is skipped on a re-run.
+
+    SFT runs in ``SEED_DIR``; every other variant starts from its last checkpoint in a run folder of its own
+    (``SEED_DIR/<variant>``), so that stages running at once never write the same ``compute.json``."""
+    cfg = config_for(variant, seed, args)
+    if variant == "sft":
+        checkpoint = train_stage(cfg, shards, seed_dir, "sft", None)
+    else:
+        sft = ckpt.latest_checkpoint(pio.join(seed_dir, "sft"))
+        checkpoint = train_stage(cfg, shards, pio.join(seed_dir, variant), STAGE[variant], sft)
+    predict_categories(checkpoint, cfg, shards, pio.join(seed_dir, "eval", f"{variant}.jsonl"), args.eval_records)
+
+
+def _worker_setup() -> None:
+    # one intra-op thread per worker: two single-threaded tiny-model runs on 2 cores take about as long each
+    # as one run with 2 threads (generation is per-token Python overhead, not arithmetic)
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def train_all(shards: str, args: argparse.Namespace) -> None:
+    """Every (seed, variant) stage on ``args.workers`` processes: each seed's SFT first, then, as soon as it is
+    done, that seed's four second stages (SFT of the other seeds keeps its place in the queue)."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    seed_dirs = {seed: pio.join(args.out, f"seed{seed}") for seed in args.seeds}
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=_worker_setup) as pool:
+        pending = {pool.submit(stage_job, shards, seed_dirs[s], s, "sft", args): (s, "sft") for s in args.seeds}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                seed, variant = pending.pop(future)
+                future.result()  # a failed stage stops the benchmark with its own error
+                logger.info("seed %d %s done", seed, variant)
+                if variant == "sft":
+                    for v in VARIANTS[1:]:
+                        pending[pool.submit(stage_job, shards, seed_dirs[seed], seed, v, args)] = (seed, v)
 
 
 def field_rewards(rows: list[Any]) -> np.ndarray:
@@ -123,38 +161,55 @@ def field_rewards(rows: list[Any]) -> np.ndarray:
     return np.array([np.mean([r.scores[k] for k in GEOMETRY[:4]]) for r in rows])
 
 
+def scored_rows(shards: str, path: str, keypoints: int) -> list[Any]:
+    """``pointvl evaluate``'s per-record scores of one prediction file (the records it predicted)."""
+    preds = {}
+    for line in pio.read_bytes(path).decode().splitlines():
+        row = json.loads(line)
+        preds[row["instance_id"]] = Prediction(row["output"], None, output_limit(row["output"]))
+    scoring = EvaluateConfig(num_keypoints=keypoints)  # the rewards' count (config_for)
+    return [r for r in score_records(shards, preds, scoring) if r.status != "missing"]
+
+
+def records_needed(comparison: dict[str, Any], n: int) -> int | None:
+    """Paired records for an interval of this half-width-to-difference ratio to exclude 0 (the half-width
+    shrinks as 1/sqrt(n)); None when the difference is 0."""
+    lo, hi = comparison["interval"]
+    d = comparison["difference"]
+    return None if d == 0 else int(np.ceil(n * ((hi - lo) / 2 / abs(d)) ** 2))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     shards = build(args.out, args.views, args.size, args.keypoints)
     logger.info("benchmark built in %.0f s: %s", time.perf_counter() - t0, shards)
+    train_all(shards, args)
     scored: dict[str, list] = {v: [] for v in VARIANTS}
-    for seed in args.seeds:
-        run_dir = pio.join(args.out, f"seed{seed}")
-        checkpoints = train_seed(shards, run_dir, seed, args)
-        for variant, checkpoint in checkpoints.items():
-            path = pio.join(run_dir, "eval", f"{variant}.jsonl")
-            cfg = config_for(variant, seed, args)
-            predict_categories(checkpoint, cfg, shards, path, args.eval_records)
-            preds = {}
-            for line in pio.read_bytes(path).decode().splitlines():
-                row = json.loads(line)
-                preds[row["instance_id"]] = Prediction(row["output"], None, output_limit(row["output"]))
-            scoring = EvaluateConfig(num_keypoints=args.keypoints)  # the rewards' count (config_for)
-            rows = [r for r in score_records(shards, preds, scoring) if r.status != "missing"]
+    per_seed: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for seed in args.seeds:  # the same records in the same order for every variant: comparisons pair them
+        for variant in VARIANTS:
+            rows = scored_rows(shards, pio.join(args.out, f"seed{seed}", "eval", f"{variant}.jsonl"), args.keypoints)
             scored[variant] += rows
-        logger.info("seed %d done (%.0f s)", seed, time.perf_counter() - t0)
-    result: dict[str, Any] = {"seconds": time.perf_counter() - t0, "seeds": list(args.seeds), "variants": {}}
-    sft_start = field_rewards(scored["sft"])
+            per_seed[variant].append(float(field_rewards(rows).mean()))
+    # seconds: this invocation's wall time (a resumed run skips what is finished)
+    result: dict[str, Any] = {"seconds": time.perf_counter() - t0, "seeds": list(args.seeds),
+                              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "variants": {},
+                              "between_modes": {}, "per_seed": per_seed}
+    rewards = {v: mean(field_rewards(rows)) for v, rows in scored.items()}
     for variant, rows in scored.items():
         metrics, _ = aggregate(rows, False)
         entry = {k: [metrics[k], bootstrap_interval(mean(np.array([r.scores[k] for r in rows])))] for k in GEOMETRY}
-        fr = field_rewards(rows)
-        entry["field_reward"] = [float(fr.mean()), bootstrap_interval(mean(fr))]
+        entry["field_reward"] = [float(rewards[variant]()), bootstrap_interval(rewards[variant])]
         entry["n"] = len(rows)
         entry["unparsable"] = sum(r.status == "unparsable" for r in rows)
         if variant != "sft":
-            entry["vs_sft"] = paired_comparison(mean(fr), mean(sft_start))
+            entry["vs_sft"] = paired_comparison(rewards[variant], rewards["sft"])
         result["variants"][variant] = entry
+    for a, b in (("grca", "broadcast"), ("grca_rpc", "broadcast"), ("grca_rpc", "grca"), ("broadcast",
+                                                                                          "sft_budget_matched")):
+        comparison = paired_comparison(rewards[a], rewards[b])
+        comparison["records_needed"] = records_needed(comparison, len(scored[a]))
+        result["between_modes"][f"{a} - {b}"] = comparison
     pio.write_json(pio.join(args.out, "table3.json"), result)
     pio.write_bytes(pio.join(args.out, "table3.md"), markdown(result).encode())
     curves([pio.join(args.out, f"seed{s}") for s in args.seeds], pio.join(args.out, "curves.png"))
@@ -168,36 +223,60 @@ def markdown(result: dict[str, Any]) -> str:
     def cell(v: list) -> str:
         return f"{v[0]:.3f} [{v[1][0]:.3f}, {v[1][1]:.3f}]"
 
+    def diff(c: dict) -> str:
+        return f"{c['difference']:+.3f} [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}]"
+
     for variant, e in result["variants"].items():
         vs = e.get("vs_sft")
         lines.append("| " + " | ".join([
-            variant, *(cell(e[k]) for k in GEOMETRY), cell(e["field_reward"]),
-            f"{vs['difference']:+.3f} [{vs['interval'][0]:+.3f}, {vs['interval'][1]:+.3f}]" if vs else "–",
+            variant, *(cell(e[k]) for k in GEOMETRY), cell(e["field_reward"]), diff(vs) if vs else "–",
             f"{vs['p_value']:.3f}" if vs else "–", str(e["n"])]) + " |")
+    lines += ["", "| Comparison (mean field reward, paired) | difference [95 % interval] | p | records for an interval "
+              "excluding 0 at this difference |", "|---|---|---|---|"]
+    for name, c in result["between_modes"].items():
+        lines.append(f"| {name} | {diff(c)} | {c['p_value']:.3f} | {c['records_needed']} |")
+    seeds = result["seeds"]
+    sft = result["per_seed"]["sft"]
+    lines += ["", "| Mean field reward per seed (minus SFT's) | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "|---|" + "---|" * len(seeds)]
+    for variant, values in result["per_seed"].items():
+        cells = [f"{v:.3f}" if variant == "sft" else f"{v:.3f} ({v - b:+.3f})"
+                 for v, b in zip(values, sft, strict=True)]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def curves(run_dirs: list[str], path: str) -> None:
-    """GRPO's mean field reward per step (each mode, every seed) and SFT's loss."""
+def moving_average(values: list[float], window: int) -> np.ndarray:
+    v = np.asarray(values, np.float64)
+    return np.array([v[max(0, i - window + 1): i + 1].mean() for i in range(len(v))])
+
+
+def curves(seed_dirs: list[str], path: str) -> None:
+    """SFT's loss per seed and, per GRPO mode, the rollouts' mean field reward per step (mean over seeds,
+    moving average of 5 steps; thin lines: each seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for run_dir in run_dirs:
-        seed = os.path.basename(run_dir.rstrip("/"))
-        sft = pio.read_json(pio.join(run_dir, "sft", "history.json"))
-        axes[0].plot([r["step"] for r in sft], [r["loss"] for r in sft], label=seed)
-        for mode in ("broadcast", "grca", "grca_rpc"):
-            h = pio.read_json(pio.join(run_dir, f"grpo_{mode}", "history.json"))
-            reward = [np.mean([r[f"reward_{f}"] for f in ("bbox2d", "bbox3d", "kpts2d", "kpts3d")]) for r in h]
-            axes[1].plot([r["step"] for r in h], reward, label=f"{mode} {seed}")
+    for seed_dir in seed_dirs:
+        sft = pio.read_json(pio.join(seed_dir, "sft", "history.json"))
+        axes[0].plot([r["step"] for r in sft], [r["loss"] for r in sft], label=os.path.basename(seed_dir.rstrip("/")))
+    for mode, color in (("broadcast", "tab:blue"), ("grca", "tab:orange"), ("grca_rpc", "tab:green")):
+        per_seed = []
+        for seed_dir in seed_dirs:
+            h = pio.read_json(pio.join(seed_dir, mode, f"grpo_{mode}", "history.json"))
+            per_seed.append([np.mean([r[f"reward_{f}"] for f in ("bbox2d", "bbox3d", "kpts2d", "kpts3d")]) for r in h])
+            axes[1].plot(range(1, len(h) + 1), moving_average(per_seed[-1], 5), color=color, alpha=0.25, lw=0.8)
+        steps = min(len(r) for r in per_seed)
+        axes[1].plot(range(1, steps + 1), moving_average(np.mean([r[:steps] for r in per_seed], axis=0), 5),
+                     color=color, label=mode)
     axes[0].set_title("SFT loss")
-    axes[1].set_title("GRPO: mean field reward of the rollouts")
+    axes[1].set_title("GRPO: rollouts' mean field reward (5-step mean)")
     for ax in axes:
         ax.set_xlabel("optimizer step")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -214,6 +293,12 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=3000,
                         help="300 steps (4 keypoints) still write broken JSON; ~0.09 s a step on an idle 2-core CPU")
     parser.add_argument("--grpo-steps", type=int, default=60)
+    parser.add_argument("--prompts-per-step", type=int, default=4, help="GRPO prompts per optimizer step")
+    parser.add_argument("--generations", type=int, default=8, help="GRPO group size G")
+    parser.add_argument("--grpo-lr", type=float, default=1e-4, help="GRPO AdamW rate (1e-3 collapsed the policy)")
+    parser.add_argument("--temperature", type=float, default=0.5,
+                        help="rollouts' temperature (at 1, half of the SFT policy's samples are broken JSON)")
+    parser.add_argument("--workers", type=int, default=2, help="stages trained at once, one thread each")
     parser.add_argument("--max-new-tokens", type=int, default=600,
                         help="generation budget (canonical outputs with 4 keypoints: ~430 tiny-tokenizer tokens)")
     parser.add_argument("--eval-records", type=int, default=None, help="score only the first N test records")

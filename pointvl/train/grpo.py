@@ -151,10 +151,12 @@ def rollout(
 
 
 def completion_logps(
-    model: PointVL3D, inputs: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, chunk: int = 256
+    model: PointVL3D, inputs: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, chunk: int = 256,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Log-probabilities (G, T) of the completion tokens ``ids`` after the prompt in ``inputs`` (selective,
-    ``chunk`` tokens at a time: no (G, T, vocab) float32 tensor)."""
+    ``chunk`` tokens at a time: no (G, T, vocab) float32 tensor) under the policy at ``temperature``: the
+    distribution the rollouts were sampled from, so the trained ratio is that of the sampled tokens."""
     g = ids.shape[0]
     rep = {
         "input_ids": torch.cat([inputs["input_ids"].expand(g, -1), ids], dim=1),
@@ -163,7 +165,7 @@ def completion_logps(
         "pixel_values": inputs["pixel_values"].repeat(g, 1),
         "image_grid_thw": inputs["image_grid_thw"].repeat(g, 1),
     }
-    return model(**rep, logps_of=ids, logps_chunk=chunk)
+    return model(**rep, logps_of=ids, logps_chunk=chunk, logps_temperature=temperature)
 
 
 def group_diagnostics(score: Any, ids: torch.Tensor, eos_id: int) -> dict[str, float]:
@@ -268,7 +270,7 @@ def run_grpo(
                                  "sum").item()
         for inputs, ids, mask, score in groups:
             with acc.accumulate(model):
-                logp = completion_logps(model, inputs, ids, mask, config.logprob_chunk)
+                logp = completion_logps(model, inputs, ids, mask, config.logprob_chunk, config.temperature)
                 adv = pad_token_advantages(score.token_advantages, ids.shape[1]).to(logp.device)
                 # backward averages over the q = processes x per_rank groups: num_items is the step's tokens / q
                 loss = routed_grpo_loss(logp, logp.detach(), adv, mask, clip_eps=config.clip_eps,

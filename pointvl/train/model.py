@@ -128,10 +128,13 @@ class PointVL3D(nn.Module):
         logits_to_keep: int = 0,
         logps_of: torch.Tensor | None = None,
         logps_chunk: int = 256,
+        logps_temperature: float = 1.0,
     ) -> Any:
         """The language model's output; with ``logps_of`` (B, T), the log-probabilities (B, T) of those
         tokens as the last T tokens of ``input_ids`` instead (:func:`selective_logps`: no (B, T, vocab)
-        float32 tensor is made). Both run through ``forward``, so DDP/FSDP hooks see them."""
+        float32 tensor is made) under the distribution :meth:`generate` samples from at ``logps_temperature``
+        (logits divided by it, the point tokens suppressed). Both run through ``forward``, so DDP/FSDP hooks
+        see them."""
         # positions from this batch's mask, not the rope deltas a previous generate cached (another batch size)
         self.lm.model.rope_deltas = None
         with self.autocast(input_ids.device):
@@ -142,7 +145,8 @@ class PointVL3D(nn.Module):
                 )
             t = logps_of.shape[1]
             hidden = self.lm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-            return selective_logps(self.lm.lm_head, hidden[:, -t - 1 : -1], logps_of, logps_chunk)
+            return selective_logps(self.lm.lm_head, hidden[:, -t - 1 : -1], logps_of, logps_chunk, logps_temperature,
+                                   tuple(self.point_token_ids))
 
     @torch.no_grad()
     def generate(
@@ -166,19 +170,33 @@ class PointVL3D(nn.Module):
             return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config)
 
 
-def _chunk_logps(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
+def _chunk_logps(
+    head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, temperature: float, suppressed: tuple[int, ...]
+) -> torch.Tensor:
+    logits = head(hidden).float() / temperature
+    if suppressed:
+        logits = logits.index_fill(-1, torch.tensor(suppressed, device=logits.device), float("-inf"))
     return logits.gather(-1, ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def selective_logps(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``log_softmax(head(hidden))`` at ``ids`` (B, T), ``chunk`` tokens at a time; each chunk's logits are
-    recomputed in backward (activation checkpointing), so at most ``chunk x vocab`` float32 logits exist."""
+def selective_logps(
+    head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, chunk: int, temperature: float = 1.0,
+    suppressed: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """``log_softmax(head(hidden) / temperature)`` at ``ids`` (B, T), ``chunk`` tokens at a time; each chunk's
+    logits are recomputed in backward (activation checkpointing), so at most ``chunk x vocab`` float32 logits exist.
+
+    ``temperature``: the log-probabilities of the distribution ``generate`` samples at that temperature (its
+    ``TemperatureLogitsWarper`` divides the logits); TRL 1.16 does the same (``trl/trainer/utils.py`` line 703).
+    ``suppressed``: token ids ``generate`` never picks (its ``SuppressTokensLogitsProcessor`` sets their logits
+    to -inf), left out of the normalisation likewise.
+    """
     from torch.utils.checkpoint import checkpoint
 
     flat_h, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)
     parts = [
-        checkpoint(_chunk_logps, head, flat_h[i : i + chunk], flat_ids[i : i + chunk], use_reentrant=False)
+        checkpoint(_chunk_logps, head, flat_h[i : i + chunk], flat_ids[i : i + chunk], temperature, suppressed,
+                   use_reentrant=False)
         for i in range(0, len(flat_ids), chunk)
     ]
     return torch.cat(parts).reshape(ids.shape)

@@ -175,9 +175,11 @@ class GRPOTrainConfig(StageConfig):
             sequences: the paper's eq. 16, default), ``"dapo"`` (token mean over the optimizer step's
             completions, TRL's default) or ``"dr_grpo"`` (sum over tokens / (sequences x max_new_tokens)).
         beta: KL weight to the reference policy (0: no reference model).
-        temperature, top_p, top_k: sampling of the rollouts (1.0, 1.0, 0): the policy's own distribution, so
-            the samples are those whose log-probabilities are trained (``top_k`` 0 and ``top_p`` 1 disable those
-            filters; nothing comes from the checkpoint's ``generation_config.json``: :mod:`pointvl.train.generation`).
+        temperature, top_p, top_k: sampling of the rollouts (1.0, 1.0, 0). The trained log-probabilities are
+            those of the logits divided by ``temperature`` (as TRL): the distribution the samples come from. Keep
+            ``top_k`` 0 and ``top_p`` 1 (they disable those filters) for the samples to be exactly that
+            distribution's. Nothing comes from the checkpoint's ``generation_config.json``
+            (:mod:`pointvl.train.generation`).
         max_new_tokens: generation budget per sample (1024; the canonical output is ~600 tokens).
         max_grad_norm: gradient clipping (1.0).
         max_steps: stop after this many optimizer steps (None: one pass).

@@ -138,3 +138,31 @@ def test_grpo_update_moves_each_token_along_its_advantage(short_shards_dir, loss
     assert delta[0, :half].mean() > delta[0, half:].mean()  # routed within one completion
     assert delta[2].mean() > delta[1].mean()  # between completions
     assert (adv * delta)[mask].sum() > 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_trained_logps_are_those_generate_sampled_from(short_shards_dir, temperature):
+    """GRPO's ratio must be of the distribution the rollouts came from: ``generate`` samples from the logits
+    divided by the temperature (its ``TemperatureLogitsWarper``), so the trained log-probabilities divide them
+    too (TRL 1.16 alike). Compared with ``generate``'s own processed scores of the sampled tokens."""
+    from pointvl.train.generation import sampling_config
+    from pointvl.train.grpo import completion_lengths, completion_logps
+
+    tok, images, policy = _policy()
+    policy.eval()
+    example = next(iter(ShardExamples(short_shards_dir, "train", CFG.model.num_points, CFG.model.quant,
+                                      shuffle=False)))
+    inputs = Collator(tok, images, policy.num_point_tokens, with_targets=False)([example])
+    sampling = sampling_config(tok, 24, 3, temperature, 1.0, 0)
+    sampling.return_dict_in_generate, sampling.output_scores = True, True
+    torch.manual_seed(0)
+    out = policy.generate(**inputs, generation_config=sampling)
+    ids = out.sequences
+    mask = torch.arange(ids.shape[1])[None] < completion_lengths(ids, tok.convert_tokens_to_ids("<|im_end|>"))[:, None]
+    sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+    with torch.no_grad():
+        trained = completion_logps(policy, inputs, ids, mask, temperature=temperature)
+        untempered = completion_logps(policy, inputs, ids, mask)
+    assert torch.allclose(trained[mask], sampled[mask], atol=1e-4)
+    if temperature != 1.0:
+        assert not torch.allclose(untempered[mask], sampled[mask], atol=1e-2)
