@@ -125,7 +125,7 @@ def run_mode(dtype: str) -> dict[str, float]:
         model.train()
         from pointvl.grca import pad_token_advantages, routed_grpo_loss
 
-        logp = completion_logps(model, prompt, ids, mask, grpo.logprob_chunk)
+        logp = completion_logps(model, prompt, ids, mask, grpo.logprob_chunk, grpo.temperature)
         adv = pad_token_advantages(score.token_advantages, ids.shape[1]).to(device)
         routed_grpo_loss(logp, logp.detach(), adv, mask).backward()
         optimizer.step()

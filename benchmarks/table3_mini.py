@@ -38,8 +38,9 @@ import numpy as np
 import torch
 
 from pointvl.core import io as pio
-from pointvl.evaluation.predictions import Prediction
-from pointvl.evaluation.scoring import EvaluateConfig, aggregate, output_limit, score_records
+from pointvl.core.errors import InputError
+from pointvl.evaluation.predictions import read_predictions
+from pointvl.evaluation.scoring import EvaluateConfig, RecordScore, aggregate, intervals, score_records
 from pointvl.evaluation.stats import bootstrap_interval, mean, paired_comparison
 from pointvl.train import checkpoint as ckpt
 from pointvl.train.data import Collator, ShardExamples
@@ -125,6 +126,8 @@ def stage_job(shards: str, seed_dir: str, seed: int, variant: str, args: argpars
         checkpoint = train_stage(cfg, shards, seed_dir, "sft", None)
     else:
         sft = ckpt.latest_checkpoint(pio.join(seed_dir, "sft"))
+        if sft is None:
+            raise InputError(f"{seed_dir}/sft has no checkpoint: the seed's SFT must finish before {variant}")
         checkpoint = train_stage(cfg, shards, pio.join(seed_dir, variant), STAGE[variant], sft)
     predict_categories(checkpoint, cfg, shards, pio.join(seed_dir, "eval", f"{variant}.jsonl"), args.eval_records)
 
@@ -149,56 +152,84 @@ def train_all(shards: str, args: argparse.Namespace) -> None:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 seed, variant = pending.pop(future)
-                future.result()  # a failed stage stops the benchmark with its own error
+                if future.exception() is not None:  # a failed stage stops the benchmark with its own error,
+                    pool.shutdown(cancel_futures=True)  # without first running every queued stage
+                    raise future.exception()
                 logger.info("seed %d %s done", seed, variant)
                 if variant == "sft":
                     for v in VARIANTS[1:]:
                         pending[pool.submit(stage_job, shards, seed_dirs[seed], seed, v, args)] = (seed, v)
 
 
-def field_rewards(rows: list[Any]) -> np.ndarray:
+def field_rewards(rows: list[RecordScore]) -> np.ndarray:
     """Per-record mean field reward (IoU2D, IoU3D, KPA-2D, KPA-3D)."""
     return np.array([np.mean([r.scores[k] for k in GEOMETRY[:4]]) for r in rows])
 
 
-def scored_rows(shards: str, path: str, keypoints: int) -> list[Any]:
+def scored_rows(shards: str, path: str, scoring: EvaluateConfig) -> list[RecordScore]:
     """``pointvl evaluate``'s per-record scores of one prediction file (the records it predicted)."""
-    preds = {}
-    for line in pio.read_bytes(path).decode().splitlines():
-        row = json.loads(line)
-        preds[row["instance_id"]] = Prediction(row["output"], None, output_limit(row["output"]))
-    scoring = EvaluateConfig(num_keypoints=keypoints)  # the rewards' count (config_for)
-    return [r for r in score_records(shards, preds, scoring) if r.status != "missing"]
+    return [r for r in score_records(shards, read_predictions(path), scoring) if r.status != "missing"]
 
 
 def records_needed(comparison: dict[str, Any], n: int) -> int | None:
-    """Paired records for an interval of this half-width-to-difference ratio to exclude 0 (the half-width
-    shrinks as 1/sqrt(n)); None when the difference is 0."""
+    """Paired (seed, record) pairs for an interval of this half-width-to-difference ratio to exclude 0 (the
+    half-width shrinks as 1/sqrt(n)); None when the difference is 0. It resamples records, not seeds, so it
+    ignores the variation between seeds (the per-seed table shows it)."""
     lo, hi = comparison["interval"]
     d = comparison["difference"]
     return None if d == 0 else int(np.ceil(n * ((hi - lo) / 2 / abs(d)) ** 2))
 
 
+def check_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings (``OUT/settings.json``, written by the first run): a re-run resumes only with the
+    same ones, since finished stages are reused as they are."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "workers")}
+    path = pio.join(args.out, "settings.json")
+    if pio.exists(path):
+        before = pio.read_json(path)
+        changed = sorted(k for k in settings if k != "seeds" and before.get(k) != settings[k])
+        if changed:
+            was = ", ".join(f"{k}={before.get(k)}" for k in changed)
+            raise InputError(f"{args.out} was run with other settings ({was}): its finished stages would be "
+                             "reused; use another --out")
+    pio.write_json(path, settings)
+    return settings
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
+    args.seeds = sorted(set(args.seeds))
+    settings = check_settings(args)
     shards = build(args.out, args.views, args.size, args.keypoints)
     logger.info("benchmark built in %.0f s: %s", time.perf_counter() - t0, shards)
     train_all(shards, args)
-    scored: dict[str, list] = {v: [] for v in VARIANTS}
+    grca = config_for("grca_rpc", 0, args).grpo.grca  # the rewards' verifier options, so metric = reward
+    scoring = EvaluateConfig(quant=grca.quant, num_keypoints=grca.num_keypoints, keypoint_spread=grca.keypoint_spread)
+    scored: dict[str, list[RecordScore]] = {v: [] for v in VARIANTS}
     per_seed: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for seed in args.seeds:  # the same records in the same order for every variant: comparisons pair them
+    stage_seconds = 0.0
+    for seed in args.seeds:
+        seed_dir = pio.join(args.out, f"seed{seed}")
+        ids = None
         for variant in VARIANTS:
-            rows = scored_rows(shards, pio.join(args.out, f"seed{seed}", "eval", f"{variant}.jsonl"), args.keypoints)
+            rows = scored_rows(shards, pio.join(seed_dir, "eval", f"{variant}.jsonl"), scoring)
+            if ids is None:
+                ids = [r.instance_id for r in rows]
+            if [r.instance_id for r in rows] != ids:  # comparisons pair the k-th rows of two variants
+                raise InputError(f"{seed_dir}/eval/{variant}.jsonl predicts other records than sft.jsonl")
             scored[variant] += rows
             per_seed[variant].append(float(field_rewards(rows).mean()))
-    # seconds: this invocation's wall time (a resumed run skips what is finished)
-    result: dict[str, Any] = {"seconds": time.perf_counter() - t0, "seeds": list(args.seeds),
-                              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "variants": {},
-                              "between_modes": {}, "per_seed": per_seed}
+            run_dir = seed_dir if variant == "sft" else pio.join(seed_dir, variant)
+            stage_seconds += sum(r["seconds"] for r in pio.read_json(pio.join(run_dir, "compute.json")))
+    result: dict[str, Any] = {
+        "seconds": time.perf_counter() - t0,  # this invocation's wall time (a resumed run skips what is finished)
+        "stage_seconds": stage_seconds,  # every stage's training time, summed (its compute.json)
+        "seeds": list(args.seeds), "settings": settings, "variants": {}, "between_modes": {}, "per_seed": per_seed}
     rewards = {v: mean(field_rewards(rows)) for v, rows in scored.items()}
     for variant, rows in scored.items():
         metrics, _ = aggregate(rows, False)
-        entry = {k: [metrics[k], bootstrap_interval(mean(np.array([r.scores[k] for r in rows])))] for k in GEOMETRY}
+        bounds = intervals(rows, False)
+        entry = {k: [metrics[k], bounds[k]] for k in GEOMETRY}
         entry["field_reward"] = [float(rewards[variant]()), bootstrap_interval(rewards[variant])]
         entry["n"] = len(rows)
         entry["unparsable"] = sum(r.status == "unparsable" for r in rows)
@@ -231,8 +262,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([
             variant, *(cell(e[k]) for k in GEOMETRY), cell(e["field_reward"]), diff(vs) if vs else "–",
             f"{vs['p_value']:.3f}" if vs else "–", str(e["n"])]) + " |")
-    lines += ["", "| Comparison (mean field reward, paired) | difference [95 % interval] | p | records for an interval "
-              "excluding 0 at this difference |", "|---|---|---|---|"]
+    lines += ["", "| Comparison (mean field reward, paired) | difference [95 % interval] | p | (seed, record) pairs "
+              "for an interval excluding 0 at this difference |", "|---|---|---|---|"]
     for name, c in result["between_modes"].items():
         lines.append(f"| {name} | {diff(c)} | {c['p_value']:.3f} | {c['records_needed']} |")
     seeds = result["seeds"]
@@ -246,7 +277,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def moving_average(values: list[float], window: int) -> np.ndarray:
+def moving_average(values: list[float] | np.ndarray, window: int) -> np.ndarray:
     v = np.asarray(values, np.float64)
     return np.array([v[max(0, i - window + 1): i + 1].mean() for i in range(len(v))])
 
@@ -304,7 +335,10 @@ def main() -> None:
     parser.add_argument("--eval-records", type=int, default=None, help="score only the first N test records")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    result = run(args)
+    try:
+        result = run(args)
+    except InputError as err:
+        raise SystemExit(f"table3_mini: {err}") from None
     print(markdown(result))
     print(f"{result['seconds']:.0f} s")
 

@@ -151,8 +151,8 @@ def rollout(
 
 
 def completion_logps(
-    model: PointVL3D, inputs: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, chunk: int = 256,
-    temperature: float = 1.0,
+    model: PointVL3D, inputs: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, chunk: int,
+    temperature: float,
 ) -> torch.Tensor:
     """Log-probabilities (G, T) of the completion tokens ``ids`` after the prompt in ``inputs`` (selective,
     ``chunk`` tokens at a time: no (G, T, vocab) float32 tensor) under the policy at ``temperature``: the

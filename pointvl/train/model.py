@@ -173,9 +173,10 @@ class PointVL3D(nn.Module):
 def _chunk_logps(
     head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, temperature: float, suppressed: tuple[int, ...]
 ) -> torch.Tensor:
-    logits = head(hidden).float() / temperature
+    # in place: one chunk x vocab float32 tensor (neither op's backward needs the values it overwrites)
+    logits = head(hidden).float().div_(temperature)
     if suppressed:
-        logits = logits.index_fill(-1, torch.tensor(suppressed, device=logits.device), float("-inf"))
+        logits.index_fill_(-1, torch.tensor(suppressed, device=logits.device), float("-inf"))
     return logits.gather(-1, ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 

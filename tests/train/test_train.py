@@ -123,8 +123,8 @@ def test_grpo_update_moves_each_token_along_its_advantage(short_shards_dir, loss
     advantages = [[1.0] * half + [-1.0] * (ids.shape[1] - half), [-1.0] * ids.shape[1], [1.0] * ids.shape[1],
                   [1.0] * 20]
     adv = pad_token_advantages(advantages, ids.shape[1])
-    before = completion_logps(policy, inputs, ids, mask).detach()
-    logp = completion_logps(policy, inputs, ids, mask)
+    before = completion_logps(policy, inputs, ids, mask, 256, 1.0).detach()
+    logp = completion_logps(policy, inputs, ids, mask, 256, 1.0)
     loss = routed_grpo_loss(logp, logp.detach(), adv, mask, loss_type=loss_type, max_completion_length=40,
                             num_items=float(mask.sum()))
     optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.01)
@@ -132,7 +132,7 @@ def test_grpo_update_moves_each_token_along_its_advantage(short_shards_dir, loss
     loss.backward()
     optimizer.step()
     with torch.no_grad():
-        delta = completion_logps(policy, inputs, ids, mask) - before
+        delta = completion_logps(policy, inputs, ids, mask, 256, 1.0) - before
     up, down = delta[(adv > 0) & mask], delta[(adv < 0) & mask]
     assert up.mean() > down.mean(), (up.mean(), down.mean())
     assert delta[0, :half].mean() > delta[0, half:].mean()  # routed within one completion
@@ -161,8 +161,8 @@ def test_trained_logps_are_those_generate_sampled_from(short_shards_dir, tempera
     mask = torch.arange(ids.shape[1])[None] < completion_lengths(ids, tok.convert_tokens_to_ids("<|im_end|>"))[:, None]
     sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
     with torch.no_grad():
-        trained = completion_logps(policy, inputs, ids, mask, temperature=temperature)
-        untempered = completion_logps(policy, inputs, ids, mask)
+        trained = completion_logps(policy, inputs, ids, mask, 256, temperature)
+        untempered = completion_logps(policy, inputs, ids, mask, 256, 1.0)
     assert torch.allclose(trained[mask], sampled[mask], atol=1e-4)
     if temperature != 1.0:
         assert not torch.allclose(untempered[mask], sampled[mask], atol=1e-2)
