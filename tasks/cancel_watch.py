@@ -39,6 +39,8 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.states import Cancelled
 
+from pointvl.dataset.runlock import pid_alive
+
 logger = logging.getLogger(__name__)
 
 
@@ -48,11 +50,9 @@ def _runs_process(pid: int, run_id: uuid.UUID) -> bool:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
             environ = f.read().split(b"\0")
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            zombie = f.read().rpartition(b")")[2].split()[0] == b"Z"
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return False
-    return not zombie and f"PREFECT__FLOW_RUN_ID={run_id}".encode() in environ
+    return pid_alive(pid) and f"PREFECT__FLOW_RUN_ID={run_id}".encode() in environ
 
 
 def _stop(pid: int, run_id: uuid.UUID, kill_after_s: float) -> None:

@@ -7,7 +7,6 @@
   and config: finished shards of every stage, and finished items of a GPU shard, are reused.
   A build that ran from a deployment (``RUN/reports/last_build.json`` says so) resumes as a new run of
   that deployment, on its workers and with its review gate; a local build resumes in this process.
-- ``pointvl preview RUN_DIR`` serves ``RUN_DIR/previews`` (the contact sheets) until Ctrl-C.
 - ``pointvl cancel-watch --pool POOL`` runs beside a worker (``make worker-*``) and ends the runs that stay
   Cancelling after a server outage (:mod:`pointvl.tasks.cancel_watch`).
 - ``pointvl preview RUN_DIR`` serves ``RUN_DIR/previews`` (the contact sheets) until Ctrl-C, at the address the

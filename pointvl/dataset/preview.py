@@ -31,6 +31,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 
+from pointvl.core import io
+
 logger = logging.getLogger(__name__)
 
 
@@ -162,16 +164,12 @@ def stop_detached(state_path: str) -> None:
             os.kill(int(state.pop("pid")), signal.SIGTERM)
         except (OSError, ValueError):
             pass
-        tmp = f"{state_path}.tmp-{os.getpid()}"
-        Path(tmp).write_text(json.dumps(state))
-        os.replace(tmp, state_path)
+        io.write_json(state_path, state)
 
 
 def _main(folder: str, state_path: str, host: str, port: str, base_url: str) -> None:
     server = PreviewServer(folder, host, int(port), base_url).start()
-    tmp = f"{state_path}.tmp-{os.getpid()}"
-    Path(tmp).write_text(json.dumps({"pid": os.getpid(), "host": host, "port": server.port, "url": server.url}))
-    os.replace(tmp, state_path)
+    io.write_json(state_path, {"pid": os.getpid(), "host": host, "port": server.port, "url": server.url})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
         time.sleep(3600)

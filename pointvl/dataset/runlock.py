@@ -97,16 +97,21 @@ def boot_id() -> str | None:
         return None
 
 
-def process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, ``/proc/PID/stat`` field 22); None where
-    there is no such process or no ``/proc``."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """``/proc/PID/stat`` from field 3 (the state) on; None where there is no such process or no ``/proc``."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    fields = stat.rsplit(b")", 1)[-1].split()  # the name (field 2) may hold spaces and brackets
-    return fields[19].decode() if len(fields) > 19 else None
+    return stat.rsplit(b")", 1)[-1].split()  # the name (field 2) may hold spaces and brackets
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/PID/stat`` field 22); None where
+    there is no such process or no ``/proc``."""
+    fields = _stat_fields(pid)
+    return fields[19].decode() if fields is not None and len(fields) > 19 else None
 
 
 def _parse_holder(data: bytes) -> dict[str, Any]:
@@ -143,7 +148,7 @@ def read_holder(run_dir: str) -> dict[str, Any] | None:
     return holder
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether ``pid`` runs. A zombie does not: a killed process stays one until its parent reaps it, which
     for an orphan is the machine's init (seen taking seconds in a VM), yet ``kill(pid, 0)`` succeeds on it."""
     try:
@@ -152,12 +157,8 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[-1].split()[:1]  # field 3, after the name (which may hold ")")
-    except OSError:
-        return True  # no /proc: kill(pid, 0) is all there is
-    return state != [b"Z"]
+    fields = _stat_fields(pid)
+    return fields is None or fields[:1] != [b"Z"]  # no /proc: kill(pid, 0) is all there is
 
 
 def _process_gone(holder: dict[str, Any]) -> bool:
@@ -165,7 +166,7 @@ def _process_gone(holder: dict[str, Any]) -> bool:
     if holder.get("boot_id") and boot_id() and holder["boot_id"] != boot_id():
         return True
     pid = holder.get("pid")
-    if not isinstance(pid, int) or pid <= 0 or not _pid_alive(pid):
+    if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid):
         return True
     started = process_start(pid)
     return bool(holder.get("pid_start")) and started is not None and started != holder["pid_start"]
